@@ -1,0 +1,123 @@
+//! `kiln bench`: kernels on the GPU against the CPU reference.
+
+use super::Args;
+use kiln::gpu::{DType, median};
+use kiln::kernels::matmul::{Matmul, MatmulVariant};
+use kiln::ops::{Layout, MatmulSpec};
+use kiln::{Error, Result};
+use rand::{RngExt, SeedableRng};
+use std::time::Instant;
+
+#[derive(clap::Subcommand, Debug)]
+pub enum BenchCommand {
+    /// C = op(A)·op(B): GFLOP/s of the GPU kernel and of the CPU reference.
+    Matmul(MatmulArgs),
+}
+
+#[derive(clap::Args, Debug)]
+pub struct MatmulArgs {
+    /// M = N = K (overridden per dimension by --m, --n, --k).
+    #[arg(long, default_value_t = 1024)]
+    size: usize,
+    /// Rows of C.
+    #[arg(long)]
+    m: Option<usize>,
+    /// Columns of C.
+    #[arg(long)]
+    n: Option<usize>,
+    /// Shared dimension.
+    #[arg(long)]
+    k: Option<usize>,
+    /// Operand layout: nn (C = A·B), nt (Y = X·Wᵀ), tn (dW = dYᵀ·X), tt.
+    #[arg(long, default_value = "nn")]
+    layout: Layout,
+    /// Kernel variant: auto (measured per shape), tiled, tiled_vec4, rows or rows_subgroup.
+    #[arg(long, default_value = "auto")]
+    variant: String,
+    /// Timed GPU runs (after one warm-up run).
+    #[arg(long, default_value_t = 5)]
+    runs: usize,
+    /// Print one JSON line instead of a sentence.
+    #[arg(long)]
+    json: bool,
+}
+
+pub fn run(args: &Args, cmd: &BenchCommand) -> Result<()> {
+    match cmd {
+        BenchCommand::Matmul(m) => matmul(args, m),
+    }
+}
+
+fn matmul(args: &Args, a: &MatmulArgs) -> Result<()> {
+    let (m, n, k) = (a.m.unwrap_or(a.size), a.n.unwrap_or(a.size), a.k.unwrap_or(a.size));
+    if a.runs == 0 {
+        return Err(Error::invalid("--runs", 0, "at least one timed run is needed"));
+    }
+    let gpu = args.open_gpu()?;
+    let precision = gpu.precision();
+    let spec = MatmulSpec::new(a.layout, m, n, k);
+    spec.validate(spec.a_len(), spec.b_len(), None, spec.c_len())?;
+
+    let mut rng = rand::rngs::StdRng::seed_from_u64(0);
+    let mut random = |len: usize| -> Vec<f32> { (0..len).map(|_| rng.random_range(-1.0..1.0)).collect() };
+    let (ha, hb) = (random(spec.a_len()), random(spec.b_len()));
+    let dtype = DType::from(precision);
+    let ga = gpu.upload("bench a", &[ha.len()], dtype, &ha)?;
+    let gb = gpu.upload("bench b", &[hb.len()], dtype, &hb)?;
+    let gc = gpu.zeros("bench c", &[spec.c_len()], dtype)?;
+    let mm = match a.variant.as_str() {
+        "auto" => Matmul::new(&gpu, &gc, &ga, &gb, None, &spec)?,
+        name => {
+            let variant = MatmulVariant::ALL
+                .into_iter()
+                .find(|v| v.name() == name)
+                .ok_or_else(|| Error::invalid("--variant", name, "expected auto, tiled, tiled_vec4, rows or rows_subgroup"))?;
+            Matmul::with_variant(&gpu, variant, &gc, &ga, &gb, None, &spec)?
+        }
+    };
+    let gpu_s = median(&gpu.time_runs("bench matmul", 1, a.runs, |p| mm.record(p))?);
+
+    // The CPU reference: repeat small products so the median means something, run big ones once.
+    let mut hc = vec![0.0f32; spec.c_len()];
+    let mut cpu_times = Vec::new();
+    let cpu_start = Instant::now();
+    while cpu_times.len() < 3 && (cpu_times.is_empty() || cpu_start.elapsed().as_secs_f64() < 2.0) {
+        let t = Instant::now();
+        kiln::cpu::matmul::matmul(&mut hc, &ha, &hb, None, &spec)?;
+        cpu_times.push(t.elapsed().as_secs_f64());
+    }
+    let cpu_s = median(&cpu_times);
+
+    let gflops = |s: f64| spec.flops() / s / 1e9;
+    let adapter = &gpu.capabilities().adapter.name;
+    if a.json {
+        let line = serde_json::json!({
+            "op": "matmul",
+            "m": m,
+            "n": n,
+            "k": k,
+            "layout": a.layout.name(),
+            "precision": precision.name(),
+            "variant": mm.variant().name(),
+            "gpu_gflops": round2(gflops(gpu_s)),
+            "cpu_ref_gflops": round2(gflops(cpu_s)),
+            "gpu_ms": round2(gpu_s * 1e3),
+            "adapter": adapter,
+        });
+        println!("{line}");
+    } else {
+        println!(
+            "matmul {m}x{n}x{k} {} {precision} [{}] on {adapter}: GPU {:.2} GFLOP/s ({:.2} ms), CPU reference {:.2} GFLOP/s",
+            a.layout.name(),
+            mm.variant().name(),
+            gflops(gpu_s),
+            gpu_s * 1e3,
+            gflops(cpu_s)
+        );
+    }
+    Ok(())
+}
+
+fn round2(x: f64) -> f64 {
+    (x * 100.0).round() / 100.0
+}

@@ -1,0 +1,47 @@
+//! Command-line parsing and the subcommands.
+
+mod bench;
+mod info;
+
+use clap::{Parser, Subcommand};
+use kiln::{Gpu, GpuOptions, PrecisionChoice, Result};
+
+/// Train, fine-tune and sample small language models on any GPU through WGSL compute shaders.
+#[derive(Parser, Debug)]
+#[command(name = "kiln", version, about)]
+pub struct Args {
+    /// Adapter to use: an index from `kiln info` or part of its name (default: best hardware adapter).
+    #[arg(long, global = true, env = "KILN_ADAPTER")]
+    adapter: Option<String>,
+    /// Storage precision: auto (f16 where SHADER_F16 is granted), f16 or f32.
+    #[arg(long, global = true, default_value = "auto")]
+    precision: PrecisionChoice,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand, Debug)]
+enum Command {
+    /// List every adapter, the one kiln picks, and the features and limits granted.
+    Info(info::InfoArgs),
+    /// Time kernels on the GPU against the CPU reference.
+    #[command(subcommand)]
+    Bench(bench::BenchCommand),
+}
+
+impl Args {
+    fn open_gpu(&self) -> Result<Gpu> {
+        Gpu::with_options(&GpuOptions {
+            adapter: self.adapter.clone(),
+            precision: self.precision,
+        })
+    }
+}
+
+/// Runs the parsed command.
+pub fn run(args: Args) -> Result<()> {
+    match &args.command {
+        Command::Info(a) => info::run(&args, a),
+        Command::Bench(b) => bench::run(&args, b),
+    }
+}

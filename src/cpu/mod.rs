@@ -1,0 +1,7 @@
+//! The CPU reference: every op in plain, commented f32 Rust.
+//!
+//! These functions are the oracle the GPU kernels are tested against and the baseline the
+//! benchmarks compare with. They favour being obviously right over being fast. Names and argument
+//! order match the GPU wrappers in [`crate::kernels`]: outputs first, then inputs, then the shape.
+
+pub mod matmul;

@@ -1,0 +1,120 @@
+//! The one error type of the library. Every message says what went wrong and, where there is one,
+//! what to do about it: these strings reach users of the `kiln` command unchanged.
+
+use std::fmt;
+
+/// Result with kiln's [`Error`].
+pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+/// Everything that can go wrong in kiln.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// No GPU adapter (hardware or software) could be found.
+    #[error(
+        "no GPU adapter found (wgpu looked on: {backends}).\n\
+         Install a GPU driver with Vulkan, Metal or DX12 support, or on Debian/Ubuntu the software \
+         Vulkan driver:\n    apt-get update && apt-get install -y mesa-vulkan-drivers libvulkan1"
+    )]
+    NoAdapter {
+        /// The backends that were searched.
+        backends: String,
+    },
+    /// The adapter the user asked for (by name or index) does not exist.
+    #[error("no adapter matches {wanted:?}; adapters found:\n{available}\nPass an index or part of a name from this list (--adapter or KILN_ADAPTER).")]
+    AdapterNotFound {
+        /// What the user asked for.
+        wanted: String,
+        /// One line per adapter found.
+        available: String,
+    },
+    /// `request_device` failed.
+    #[error("could not open a device on adapter {adapter:?}: {source}")]
+    RequestDevice {
+        /// Adapter name.
+        adapter: String,
+        /// The wgpu error.
+        source: wgpu::RequestDeviceError,
+    },
+    /// A shape, size or argument that does not fit the op.
+    #[error("{op}: {message}")]
+    Shape {
+        /// The op that was called.
+        op: &'static str,
+        /// What did not fit, with the shapes involved.
+        message: String,
+    },
+    /// A buffer larger than the adapter allows.
+    #[error(
+        "{what} needs a buffer of {bytes} bytes but this adapter allows at most {limit} bytes \
+         (max_buffer_size / max_storage_buffer_binding_size); use smaller shapes or a GPU with larger limits"
+    )]
+    BufferTooLarge {
+        /// What the buffer was for.
+        what: String,
+        /// Bytes requested.
+        bytes: u64,
+        /// The adapter's limit.
+        limit: u64,
+    },
+    /// A WGSL source did not compile or validate.
+    #[error("shader {name}: {message}")]
+    Shader {
+        /// Kernel family and entry point.
+        name: String,
+        /// naga's message with line numbers.
+        message: String,
+    },
+    /// wgpu reported a validation or out-of-memory error.
+    #[error("GPU error during {during}: {message}")]
+    Gpu {
+        /// What kiln was doing.
+        during: String,
+        /// wgpu's message.
+        message: String,
+    },
+    /// Reading a buffer back from the device failed.
+    #[error("reading back {what} failed: {message}")]
+    Readback {
+        /// The buffer.
+        what: String,
+        /// Why.
+        message: String,
+    },
+    /// A user-supplied value is out of range.
+    #[error("invalid {key} = {value}: {rule}")]
+    Invalid {
+        /// Setting or argument name.
+        key: String,
+        /// The value given.
+        value: String,
+        /// The rule it broke.
+        rule: String,
+    },
+    /// A file could not be read or written.
+    #[error("{path}: {source}")]
+    Io {
+        /// The file.
+        path: String,
+        /// The OS error.
+        source: std::io::Error,
+    },
+}
+
+impl Error {
+    /// Shorthand for [`Error::Shape`].
+    pub fn shape(op: &'static str, message: impl fmt::Display) -> Self {
+        Error::Shape {
+            op,
+            message: message.to_string(),
+        }
+    }
+
+    /// Shorthand for [`Error::Invalid`].
+    pub fn invalid(key: impl Into<String>, value: impl fmt::Display, rule: impl Into<String>) -> Self {
+        Error::Invalid {
+            key: key.into(),
+            value: value.to_string(),
+            rule: rule.into(),
+        }
+    }
+}

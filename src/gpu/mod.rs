@@ -1,0 +1,255 @@
+//! The GPU runtime: adapter choice, the device, tensors, the pipeline cache and error capture.
+
+mod adapter;
+mod capabilities;
+mod pipeline;
+mod tensor;
+mod timing;
+
+pub use adapter::AdapterSummary;
+pub use capabilities::Capabilities;
+pub use pipeline::{PipelineKey, Specialisation};
+pub use tensor::{DType, GpuTensor};
+pub use timing::median;
+
+use crate::precision::{Precision, PrecisionChoice};
+use crate::{Error, Result};
+use std::sync::{Arc, Mutex};
+
+/// How to open the GPU.
+#[derive(Clone, Debug, Default)]
+pub struct GpuOptions {
+    /// Adapter index or part of its name; `None` reads `KILN_ADAPTER`, then picks the best one.
+    pub adapter: Option<String>,
+    /// Storage precision; `Auto` uses f16 where `SHADER_F16` is granted.
+    pub precision: PrecisionChoice,
+}
+
+/// An opened device with everything kiln keeps per device.
+pub struct Gpu {
+    pub(crate) device: wgpu::Device,
+    pub(crate) queue: wgpu::Queue,
+    caps: Capabilities,
+    pipelines: pipeline::PipelineCache,
+    errors: Arc<Mutex<Vec<String>>>,
+    pub(crate) tuning: crate::kernels::tune::TuneCache,
+}
+
+/// Every adapter wgpu can see on this machine, in the order `--adapter INDEX` uses.
+pub fn list_adapters() -> Vec<AdapterSummary> {
+    let instance = adapter::instance();
+    adapter::enumerate(&instance)
+        .iter()
+        .enumerate()
+        .map(|(i, a)| AdapterSummary::new(i, &a.get_info()))
+        .collect()
+}
+
+impl Gpu {
+    /// Opens the default adapter (or the one `KILN_ADAPTER` names) with automatic precision.
+    pub fn new() -> Result<Self> {
+        Self::with_options(&GpuOptions::default())
+    }
+
+    /// Opens a device as `options` say. Requests `SHADER_F16`, `SUBGROUP` and `TIMESTAMP_QUERY`
+    /// where the adapter has them and the adapter's own limits.
+    pub fn with_options(options: &GpuOptions) -> Result<Self> {
+        let instance = adapter::instance();
+        let adapters = adapter::enumerate(&instance);
+        let wanted = options
+            .adapter
+            .clone()
+            .or_else(|| std::env::var("KILN_ADAPTER").ok());
+        let index = adapter::choose(&adapters, wanted.as_deref())?;
+        let adapter = &adapters[index];
+        let info = adapter.get_info();
+        let summary = AdapterSummary::new(index, &info);
+        if summary.software {
+            log::warn!(
+                "using software adapter {} ({}): expect CPU speeds, not GPU speeds",
+                summary.name,
+                summary.backend
+            );
+        } else {
+            log::info!("using adapter {}", summary.line());
+        }
+
+        let available = adapter.features();
+        let wanted_features = wgpu::Features::SHADER_F16
+            | wgpu::Features::SUBGROUP
+            | wgpu::Features::TIMESTAMP_QUERY
+            | wgpu::Features::TIMESTAMP_QUERY_INSIDE_PASSES
+            | wgpu::Features::TIMESTAMP_QUERY_INSIDE_ENCODERS;
+        let features = available & wanted_features;
+        let limits = adapter.limits();
+        let (device, queue) = pollster::block_on(adapter.request_device(&wgpu::DeviceDescriptor {
+            label: Some("kiln device"),
+            required_features: features,
+            required_limits: limits.clone(),
+            experimental_features: wgpu::ExperimentalFeatures::disabled(),
+            memory_hints: wgpu::MemoryHints::Performance,
+            trace: wgpu::Trace::Off,
+        }))
+        .map_err(|source| Error::RequestDevice {
+            adapter: info.name.clone(),
+            source,
+        })?;
+
+        let shader_f16 = features.contains(wgpu::Features::SHADER_F16);
+        let precision = match options.precision {
+            PrecisionChoice::Auto if shader_f16 => Precision::F16,
+            PrecisionChoice::Auto | PrecisionChoice::F32 => Precision::F32,
+            PrecisionChoice::F16 if shader_f16 => Precision::F16,
+            PrecisionChoice::F16 => {
+                return Err(Error::invalid(
+                    "precision",
+                    "f16",
+                    format!(
+                        "adapter {} does not grant SHADER_F16; use precision auto or f32",
+                        info.name
+                    ),
+                ));
+            }
+        };
+        let caps = Capabilities {
+            adapter: summary,
+            shader_f16,
+            subgroup: features.contains(wgpu::Features::SUBGROUP),
+            subgroup_size: (info.subgroup_min_size, info.subgroup_max_size),
+            timestamp_query: features.contains(wgpu::Features::TIMESTAMP_QUERY),
+            timestamp_inside_passes: features
+                .contains(wgpu::Features::TIMESTAMP_QUERY_INSIDE_PASSES),
+            timestamp_period_ns: queue.get_timestamp_period(),
+            limits,
+            precision,
+        };
+
+        // wgpu's default handler panics on a validation error; kiln turns them into `Error::Gpu`
+        // at the next `check` so that no panic reaches a user.
+        let errors = Arc::new(Mutex::new(Vec::new()));
+        let sink = errors.clone();
+        device.on_uncaptured_error(Arc::new(move |e: wgpu::Error| {
+            log::error!("wgpu: {e}");
+            if let Ok(mut v) = sink.lock() {
+                v.push(e.to_string());
+            }
+        }));
+
+        Ok(Gpu {
+            device,
+            queue,
+            caps,
+            pipelines: pipeline::PipelineCache::default(),
+            errors,
+            tuning: Default::default(),
+        })
+    }
+
+    /// What was granted.
+    pub fn capabilities(&self) -> &Capabilities {
+        &self.caps
+    }
+
+    /// Storage precision in use on this device.
+    pub fn precision(&self) -> Precision {
+        self.caps.precision
+    }
+
+    /// The underlying wgpu device, for callers that record their own work.
+    pub fn device(&self) -> &wgpu::Device {
+        &self.device
+    }
+
+    /// The underlying wgpu queue.
+    pub fn queue(&self) -> &wgpu::Queue {
+        &self.queue
+    }
+
+    /// Returns the first GPU error reported since the last check, naming what kiln was doing.
+    pub fn check(&self, during: &str) -> Result<()> {
+        let mut errors = self.errors.lock().unwrap_or_else(|p| p.into_inner());
+        if errors.is_empty() {
+            return Ok(());
+        }
+        let message = errors.join("\n");
+        errors.clear();
+        Err(Error::Gpu {
+            during: during.to_string(),
+            message,
+        })
+    }
+
+    /// Blocks until all submitted work has finished.
+    pub fn wait(&self) -> Result<()> {
+        self.device
+            .poll(wgpu::PollType::wait_indefinitely())
+            .map_err(|e| Error::Gpu {
+                during: "waiting for the device".into(),
+                message: e.to_string(),
+            })?;
+        self.check("GPU work")
+    }
+
+    /// Records work into a fresh encoder through `f`, submits it, and returns without waiting.
+    pub fn submit(&self, label: &str, f: impl FnOnce(&mut wgpu::CommandEncoder)) -> Result<()> {
+        let mut encoder = self
+            .device
+            .create_command_encoder(&wgpu::CommandEncoderDescriptor { label: Some(label) });
+        f(&mut encoder);
+        self.queue.submit([encoder.finish()]);
+        self.check(label)
+    }
+
+    /// Runs `f` inside a single compute pass, submits, and returns without waiting.
+    pub fn run_pass(&self, label: &str, f: impl FnOnce(&mut wgpu::ComputePass<'_>)) -> Result<()> {
+        self.submit(label, |encoder| {
+            let mut pass = encoder.begin_compute_pass(&wgpu::ComputePassDescriptor {
+                label: Some(label),
+                timestamp_writes: None,
+            });
+            f(&mut pass);
+        })
+    }
+
+    /// The cached compute pipeline for `key`, compiling it on first use.
+    pub fn pipeline(&self, key: &PipelineKey) -> Result<Arc<wgpu::ComputePipeline>> {
+        self.pipelines.get_or_create(self, key)
+    }
+
+    /// Number of pipelines compiled so far (for tests of the cache).
+    pub fn pipelines_compiled(&self) -> usize {
+        self.pipelines.len()
+    }
+
+    /// Creates a uniform buffer holding `value`.
+    pub fn uniform<P: bytemuck::Pod>(&self, label: &str, value: &P) -> wgpu::Buffer {
+        use wgpu::util::DeviceExt;
+        self.device
+            .create_buffer_init(&wgpu::util::BufferInitDescriptor {
+                label: Some(label),
+                contents: bytemuck::bytes_of(value),
+                usage: wgpu::BufferUsages::UNIFORM | wgpu::BufferUsages::COPY_DST,
+            })
+    }
+
+    /// A bind group for `pipeline`'s group 0 binding each `(binding, buffer)` pair.
+    pub fn bind_group(
+        &self,
+        label: &str,
+        pipeline: &wgpu::ComputePipeline,
+        buffers: &[(u32, &wgpu::Buffer)],
+    ) -> wgpu::BindGroup {
+        let entries: Vec<wgpu::BindGroupEntry<'_>> = buffers
+            .iter()
+            .map(|&(binding, b)| wgpu::BindGroupEntry {
+                binding,
+                resource: b.as_entire_binding(),
+            })
+            .collect();
+        self.device.create_bind_group(&wgpu::BindGroupDescriptor {
+            label: Some(label),
+            layout: &pipeline.get_bind_group_layout(0),
+            entries: &entries,
+        })
+    }
+}

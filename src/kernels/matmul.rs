@@ -1,0 +1,277 @@
+//! The matmul family (shaders/matmul.wgsl): every product of a linear layer and of attention.
+
+use super::{common_precision, groups};
+use crate::gpu::{Gpu, GpuTensor, PipelineKey, Specialisation};
+use crate::ops::MatmulSpec;
+use crate::{Error, Result};
+use std::sync::Arc;
+
+/// A kernel variant of the family. All compute the same thing; which is fastest depends on the
+/// adapter and the shape, so [`Matmul::new`] picks by measurement (see [`super::tune`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum MatmulVariant {
+    /// Workgroup-memory tiles (64×64×16) with a 4×4 register block, scalar global loads.
+    Tiled,
+    /// As `Tiled` with vec4 global loads; needs 4-aligned contiguous extents (see [`vec4_ok`]).
+    TiledVec4,
+    /// No workgroup memory: 32 rows per invocation read straight from global memory.
+    Rows,
+    /// As `Rows`, with A loaded cooperatively and broadcast by subgroup shuffles (needs SUBGROUP).
+    RowsSubgroup,
+}
+
+impl MatmulVariant {
+    /// Every variant.
+    pub const ALL: [MatmulVariant; 4] = [
+        MatmulVariant::Tiled,
+        MatmulVariant::TiledVec4,
+        MatmulVariant::Rows,
+        MatmulVariant::RowsSubgroup,
+    ];
+
+    /// Name used in logs, benchmarks and the tuning cache.
+    pub fn name(self) -> &'static str {
+        match self {
+            MatmulVariant::Tiled => "tiled",
+            MatmulVariant::TiledVec4 => "tiled_vec4",
+            MatmulVariant::Rows => "rows",
+            MatmulVariant::RowsSubgroup => "rows_subgroup",
+        }
+    }
+
+    fn module(self) -> &'static str {
+        match self {
+            MatmulVariant::RowsSubgroup => "matmul_subgroup",
+            _ => "matmul",
+        }
+    }
+
+    fn entry(self) -> &'static str {
+        match self {
+            MatmulVariant::Tiled => "matmul_tiled",
+            MatmulVariant::TiledVec4 => "matmul_tiled_vec4",
+            MatmulVariant::Rows => "matmul_rows",
+            MatmulVariant::RowsSubgroup => "matmul_rows_subgroup",
+        }
+    }
+
+    /// Whether this variant can run `spec` on `gpu`.
+    pub fn supports(self, gpu: &Gpu, spec: &MatmulSpec) -> bool {
+        match self {
+            MatmulVariant::TiledVec4 => vec4_ok(spec),
+            MatmulVariant::RowsSubgroup => gpu.capabilities().subgroup,
+            _ => true,
+        }
+    }
+}
+
+/// Tile of C per workgroup of the tiled variants (the shader's defaults, set explicitly here so
+/// the dispatch maths and the shader cannot drift apart).
+const TILE_M: usize = 64;
+const TILE_N: usize = 64;
+const TILE_K: usize = 16;
+/// Rows per invocation of `matmul_rows` (a WGSL `const`: it sizes a register array).
+const ROWS: usize = 32;
+const ROWS_WG_X: usize = 64;
+
+/// True when every vec4 the vectorised kernel loads lies inside one row of one matrix.
+pub fn vec4_ok(spec: &MatmulSpec) -> bool {
+    let a_extent = if spec.layout.trans_a() { spec.m } else { spec.k };
+    let b_extent = if spec.layout.trans_b() { spec.k } else { spec.n };
+    let aligned = |x: usize| x % 4 == 0;
+    [a_extent, spec.a.ld, spec.a.offset, spec.a.outer, spec.a.inner].into_iter().all(aligned)
+        && [b_extent, spec.b.ld, spec.b.offset, spec.b.outer, spec.b.inner].into_iter().all(aligned)
+}
+
+/// The uniform block `Dims` of the shader.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, bytemuck::Pod, bytemuck::Zeroable)]
+struct Dims {
+    m: u32,
+    n: u32,
+    k: u32,
+    batch: u32,
+    batch_inner: u32,
+    lda: u32,
+    ldb: u32,
+    ldc: u32,
+    a_outer: u32,
+    a_inner: u32,
+    b_outer: u32,
+    b_inner: u32,
+    c_outer: u32,
+    c_inner: u32,
+    a_offset: u32,
+    b_offset: u32,
+    c_offset: u32,
+    bias_offset: u32,
+    alpha: f32,
+    _pad: u32,
+}
+
+impl Dims {
+    fn new(s: &MatmulSpec) -> Self {
+        let u = |x: usize| x as u32;
+        Dims {
+            m: u(s.m),
+            n: u(s.n),
+            k: u(s.k),
+            batch: u(s.batch),
+            batch_inner: u(s.batch_inner),
+            lda: u(s.a.ld),
+            ldb: u(s.b.ld),
+            ldc: u(s.c.ld),
+            a_outer: u(s.a.outer),
+            a_inner: u(s.a.inner),
+            b_outer: u(s.b.outer),
+            b_inner: u(s.b.inner),
+            c_outer: u(s.c.outer),
+            c_inner: u(s.c.inner),
+            a_offset: u(s.a.offset),
+            b_offset: u(s.b.offset),
+            c_offset: u(s.c.offset),
+            bias_offset: u(s.bias_offset),
+            alpha: s.alpha,
+            _pad: 0,
+        }
+    }
+}
+
+/// One product, ready to record: pipeline, bound buffers and workgroup counts, built once.
+pub struct Matmul {
+    pipeline: Arc<wgpu::ComputePipeline>,
+    bind_group: wgpu::BindGroup,
+    workgroups: [u32; 3],
+    variant: MatmulVariant,
+    spec: MatmulSpec,
+}
+
+impl Matmul {
+    /// Prepares `c = alpha·op(a)·op(b) (+ bias) (+ c)` with the variant the tuner picks for this
+    /// adapter and shape bucket.
+    pub fn new(
+        gpu: &Gpu,
+        c: &GpuTensor,
+        a: &GpuTensor,
+        b: &GpuTensor,
+        bias: Option<&GpuTensor>,
+        spec: &MatmulSpec,
+    ) -> Result<Self> {
+        let precision = common_precision("matmul", &[c, a, b])?;
+        let variant = super::tune::matmul_variant(gpu, precision, spec)?;
+        Self::with_variant(gpu, variant, c, a, b, bias, spec)
+    }
+
+    /// Prepares the product with an explicit variant.
+    pub fn with_variant(
+        gpu: &Gpu,
+        variant: MatmulVariant,
+        c: &GpuTensor,
+        a: &GpuTensor,
+        b: &GpuTensor,
+        bias: Option<&GpuTensor>,
+        spec: &MatmulSpec,
+    ) -> Result<Self> {
+        let mut operands = vec![c, a, b];
+        operands.extend(bias);
+        let precision = common_precision("matmul", &operands)?;
+        spec.validate(a.len(), b.len(), bias.map(GpuTensor::len), c.len())?;
+        if !variant.supports(gpu, spec) {
+            return Err(Error::shape(
+                "matmul",
+                format!(
+                    "variant {} cannot run here (tiled_vec4 needs 4-aligned extents and strides, \
+                     rows_subgroup the SUBGROUP feature); {spec:?}",
+                    variant.name()
+                ),
+            ));
+        }
+        let constants = Specialisation::default()
+            .with("TRANS_A", spec.layout.trans_a() as u8)
+            .with("TRANS_B", spec.layout.trans_b() as u8)
+            .with("HAS_BIAS", bias.is_some() as u8)
+            .with("ACCUMULATE", spec.accumulate as u8);
+        let constants = match variant {
+            MatmulVariant::Rows | MatmulVariant::RowsSubgroup => constants
+                .with("ROWS_WG_X", ROWS_WG_X as u32),
+            _ => constants
+                .with("TILE_M", TILE_M as u32)
+                .with("TILE_N", TILE_N as u32)
+                .with("TILE_K", TILE_K as u32),
+        };
+        let pipeline = gpu.pipeline(&PipelineKey {
+            family: variant.module(),
+            entry: variant.entry(),
+            precision,
+            constants,
+        })?;
+        let dims = gpu.uniform("matmul dims", &Dims::new(spec));
+        // Unused bias slot: bind A again (read-only either way); HAS_BIAS keeps it unread.
+        let bias_buf = bias.unwrap_or(a).buffer();
+        let mut entries = vec![(0, &dims), (3, bias_buf), (4, c.buffer())];
+        match variant {
+            MatmulVariant::TiledVec4 => entries.extend([(5, a.buffer()), (6, b.buffer())]),
+            _ => entries.extend([(1, a.buffer()), (2, b.buffer())]),
+        }
+        let bind_group = gpu.bind_group("matmul", &pipeline, &entries);
+        let workgroups = match variant {
+            MatmulVariant::Rows => [groups(spec.n, ROWS_WG_X), groups(spec.m, ROWS), spec.batch as u32],
+            MatmulVariant::RowsSubgroup => [
+                groups(spec.n, 4 * ROWS_WG_X),
+                groups(spec.m, 16),
+                spec.batch as u32,
+            ],
+            _ => [groups(spec.n, TILE_N), groups(spec.m, TILE_M), spec.batch as u32],
+        };
+        let max = gpu.capabilities().limits.max_compute_workgroups_per_dimension;
+        if workgroups.iter().any(|&w| w > max) {
+            return Err(Error::shape(
+                "matmul",
+                format!("{workgroups:?} workgroups exceed the adapter's {max} per dimension for {spec:?}"),
+            ));
+        }
+        Ok(Matmul {
+            pipeline,
+            bind_group,
+            workgroups,
+            variant,
+            spec: *spec,
+        })
+    }
+
+    /// Adds the dispatch to `pass`.
+    pub fn record(&self, pass: &mut wgpu::ComputePass<'_>) {
+        pass.set_pipeline(&self.pipeline);
+        pass.set_bind_group(0, &self.bind_group, &[]);
+        let [x, y, z] = self.workgroups;
+        pass.dispatch_workgroups(x, y, z);
+    }
+
+    /// Records and submits the product on its own (does not wait).
+    pub fn run(&self, gpu: &Gpu) -> Result<()> {
+        gpu.run_pass("matmul", |pass| self.record(pass))
+    }
+
+    /// The variant in use.
+    pub fn variant(&self) -> MatmulVariant {
+        self.variant
+    }
+
+    /// The product's description.
+    pub fn spec(&self) -> &MatmulSpec {
+        &self.spec
+    }
+}
+
+/// `c = alpha·op(a)·op(b) (+ bias) (+ c)` on the GPU, submitted at once (does not wait).
+/// Same argument order as [`crate::cpu::matmul::matmul`].
+pub fn matmul(
+    gpu: &Gpu,
+    c: &GpuTensor,
+    a: &GpuTensor,
+    b: &GpuTensor,
+    bias: Option<&GpuTensor>,
+    spec: &MatmulSpec,
+) -> Result<()> {
+    Matmul::new(gpu, c, a, b, bias, spec)?.run(gpu)
+}

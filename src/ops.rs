@@ -1,0 +1,202 @@
+//! Shape descriptions shared by the GPU kernels and the CPU reference, so that both take exactly
+//! the same arguments.
+
+use crate::{Error, Result};
+
+/// Which operands of a matmul are stored transposed.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Layout {
+    /// C = A·B, A stored M×K, B stored K×N (a linear layer's input gradient dX = dY·W).
+    NN,
+    /// C = A·Bᵀ, B stored N×K (a linear layer's forward Y = X·Wᵀ).
+    NT,
+    /// C = Aᵀ·B, A stored K×M (a linear layer's weight gradient dW = dYᵀ·X).
+    TN,
+    /// C = Aᵀ·Bᵀ.
+    TT,
+}
+
+impl Layout {
+    /// All four layouts.
+    pub const ALL: [Layout; 4] = [Layout::NN, Layout::NT, Layout::TN, Layout::TT];
+    /// A is stored K×M.
+    pub fn trans_a(self) -> bool {
+        matches!(self, Layout::TN | Layout::TT)
+    }
+    /// B is stored N×K.
+    pub fn trans_b(self) -> bool {
+        matches!(self, Layout::NT | Layout::TT)
+    }
+    /// Lowercase name (`nn`, `nt`, ...).
+    pub fn name(self) -> &'static str {
+        match self {
+            Layout::NN => "nn",
+            Layout::NT => "nt",
+            Layout::TN => "tn",
+            Layout::TT => "tt",
+        }
+    }
+}
+
+impl std::str::FromStr for Layout {
+    type Err = Error;
+    fn from_str(s: &str) -> Result<Self> {
+        Layout::ALL
+            .into_iter()
+            .find(|l| l.name().eq_ignore_ascii_case(s))
+            .ok_or_else(|| Error::invalid("layout", s, "expected nn, nt, tn or tt"))
+    }
+}
+
+/// Where one operand's matrices sit in its buffer: element offset, row stride and the two batch
+/// strides (see [`MatmulSpec`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Operand {
+    /// Element offset of the first matrix.
+    pub offset: usize,
+    /// Elements between consecutive stored rows.
+    pub ld: usize,
+    /// Elements between consecutive outer batch indices.
+    pub outer: usize,
+    /// Elements between consecutive inner batch indices.
+    pub inner: usize,
+}
+
+/// A batched product `C[z] = alpha·op(A[z])·op(B[z]) (+ bias) (+ C[z])`, op(A) M×K, op(B) K×N.
+///
+/// Batch index z in `0..batch` splits as `z = outer·batch_inner + inner`; each operand's matrix z
+/// starts at `offset + outer·outer_stride + inner·inner_stride`. With `batch_inner == 1` this is a
+/// plain strided batch; attention uses both levels to address (batch, head) blocks in place.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct MatmulSpec {
+    /// Rows of C.
+    pub m: usize,
+    /// Columns of C.
+    pub n: usize,
+    /// Shared dimension.
+    pub k: usize,
+    /// Which operands are stored transposed.
+    pub layout: Layout,
+    /// Number of products.
+    pub batch: usize,
+    /// Inner batch count (see above); 1 for a plain batch.
+    pub batch_inner: usize,
+    /// A's placement.
+    pub a: Operand,
+    /// B's placement.
+    pub b: Operand,
+    /// C's placement.
+    pub c: Operand,
+    /// Element offset of the bias (length N) when one is given.
+    pub bias_offset: usize,
+    /// Scale applied to the product (not to the bias or the accumulated C).
+    pub alpha: f32,
+    /// Add into C instead of overwriting it.
+    pub accumulate: bool,
+}
+
+impl MatmulSpec {
+    /// A single densely packed product.
+    pub fn new(layout: Layout, m: usize, n: usize, k: usize) -> Self {
+        let lda = if layout.trans_a() { m } else { k };
+        let ldb = if layout.trans_b() { k } else { n };
+        MatmulSpec {
+            m,
+            n,
+            k,
+            layout,
+            batch: 1,
+            batch_inner: 1,
+            a: Operand { offset: 0, ld: lda, outer: m * k, inner: 0 },
+            b: Operand { offset: 0, ld: ldb, outer: k * n, inner: 0 },
+            c: Operand { offset: 0, ld: n, outer: m * n, inner: 0 },
+            bias_offset: 0,
+            alpha: 1.0,
+            accumulate: false,
+        }
+    }
+
+    /// `batch` densely packed products, one after another in each buffer.
+    pub fn batched(mut self, batch: usize) -> Self {
+        self.batch = batch;
+        self.batch_inner = 1;
+        self
+    }
+
+    /// Adds into C rather than overwriting it.
+    pub fn accumulate(mut self, yes: bool) -> Self {
+        self.accumulate = yes;
+        self
+    }
+
+    /// Scales the product.
+    pub fn alpha(mut self, alpha: f32) -> Self {
+        self.alpha = alpha;
+        self
+    }
+
+    /// Multiply-adds performed (2·M·N·K per product).
+    pub fn flops(&self) -> f64 {
+        2.0 * self.m as f64 * self.n as f64 * self.k as f64 * self.batch as f64
+    }
+
+    fn max_base(&self, op: &Operand) -> usize {
+        let last = self.batch - 1;
+        let outer = last / self.batch_inner;
+        let inner = (self.batch_inner - 1).min(last);
+        op.offset + outer * op.outer + inner * op.inner
+    }
+
+    /// Elements A's buffer must hold.
+    pub fn a_len(&self) -> usize {
+        let (rows, cols) = if self.layout.trans_a() { (self.k, self.m) } else { (self.m, self.k) };
+        self.max_base(&self.a) + (rows - 1) * self.a.ld + cols
+    }
+
+    /// Elements B's buffer must hold.
+    pub fn b_len(&self) -> usize {
+        let (rows, cols) = if self.layout.trans_b() { (self.n, self.k) } else { (self.k, self.n) };
+        self.max_base(&self.b) + (rows - 1) * self.b.ld + cols
+    }
+
+    /// Elements C's buffer must hold.
+    pub fn c_len(&self) -> usize {
+        self.max_base(&self.c) + (self.m - 1) * self.c.ld + self.n
+    }
+
+    /// Checks that the sizes are non-zero, the strides consistent and the buffers large enough.
+    pub fn validate(&self, a_len: usize, b_len: usize, bias_len: Option<usize>, c_len: usize) -> Result<()> {
+        let op = "matmul";
+        if self.m == 0 || self.n == 0 || self.k == 0 || self.batch == 0 || self.batch_inner == 0 {
+            return Err(Error::shape(op, format!(
+                "M, N, K, batch and batch_inner must be positive; got M={} N={} K={} batch={} batch_inner={}",
+                self.m, self.n, self.k, self.batch, self.batch_inner)));
+        }
+        let (a_cols, b_cols) = (
+            if self.layout.trans_a() { self.m } else { self.k },
+            if self.layout.trans_b() { self.k } else { self.n },
+        );
+        if self.a.ld < a_cols || self.b.ld < b_cols || self.c.ld < self.n {
+            return Err(Error::shape(op, format!(
+                "row strides too small for {:?} M={} N={} K={}: lda={} (needs ≥{a_cols}), ldb={} (needs ≥{b_cols}), ldc={} (needs ≥{})",
+                self.layout, self.m, self.n, self.k, self.a.ld, self.b.ld, self.c.ld, self.n)));
+        }
+        for (name, need, have) in [("A", self.a_len(), a_len), ("B", self.b_len(), b_len), ("C", self.c_len(), c_len)] {
+            if need > have {
+                return Err(Error::shape(op, format!(
+                    "{name} holds {have} elements but {:?} M={} N={} K={} batch={} reads up to {need}",
+                    self.layout, self.m, self.n, self.k, self.batch)));
+            }
+            if need > u32::MAX as usize {
+                return Err(Error::shape(op, format!("{name} needs {need} elements, over the 2^32 that kernels index")));
+            }
+        }
+        if let Some(have) = bias_len
+            && self.bias_offset + self.n > have
+        {
+            return Err(Error::shape(op, format!(
+                "bias holds {have} elements but offset {} + N={} are needed", self.bias_offset, self.n)));
+        }
+        Ok(())
+    }
+}

@@ -1,0 +1,92 @@
+//! Storage precision of activations and parameters on the GPU.
+//!
+//! Every kernel family is one WGSL source written against an element type `T`. The type is chosen
+//! by a one-line alias prepended at pipeline creation, so the same file serves both precisions and
+//! stays valid WGSL on its own (see [`Precision::wgsl_prelude`]). Arithmetic that accumulates
+//! (matmul, reductions) is done in f32 whatever `T` is.
+
+use std::fmt;
+use std::str::FromStr;
+
+/// Element type used for GPU storage of activations and the working copy of the parameters.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Precision {
+    /// IEEE half precision storage (needs `SHADER_F16`), f32 accumulation.
+    F16,
+    /// Single precision everywhere.
+    F32,
+}
+
+impl Precision {
+    /// The WGSL line(s) prepended to every kernel source to define `T`.
+    pub fn wgsl_prelude(self) -> &'static str {
+        match self {
+            Precision::F16 => "enable f16;\nalias T = f16;\n",
+            Precision::F32 => "alias T = f32;\n",
+        }
+    }
+
+    /// Bytes per element.
+    pub fn size(self) -> usize {
+        match self {
+            Precision::F16 => 2,
+            Precision::F32 => 4,
+        }
+    }
+
+    /// The lowercase name used in configs, JSON and logs.
+    pub fn name(self) -> &'static str {
+        match self {
+            Precision::F16 => "f16",
+            Precision::F32 => "f32",
+        }
+    }
+
+    /// Both precisions, f32 first.
+    pub const ALL: [Precision; 2] = [Precision::F32, Precision::F16];
+}
+
+impl fmt::Display for Precision {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+impl FromStr for Precision {
+    type Err = crate::Error;
+    fn from_str(s: &str) -> crate::Result<Self> {
+        match s.to_ascii_lowercase().as_str() {
+            "f16" | "fp16" | "half" => Ok(Precision::F16),
+            "f32" | "fp32" | "float" => Ok(Precision::F32),
+            _ => Err(crate::Error::invalid("precision", s, "expected f16 or f32")),
+        }
+    }
+}
+
+/// What precision the user asked for: `Auto` picks f16 where the adapter grants `SHADER_F16`.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum PrecisionChoice {
+    /// f16 storage where `SHADER_F16` was granted, f32 otherwise.
+    #[default]
+    Auto,
+    /// Force f16 (an error where the adapter lacks `SHADER_F16`).
+    F16,
+    /// Force f32 (works everywhere; used by tests to cover both paths on one machine).
+    F32,
+}
+
+impl FromStr for PrecisionChoice {
+    type Err = crate::Error;
+    fn from_str(s: &str) -> crate::Result<Self> {
+        match s.to_ascii_lowercase().as_str() {
+            "auto" => Ok(PrecisionChoice::Auto),
+            other => match other.parse::<Precision>() {
+                Ok(Precision::F16) => Ok(PrecisionChoice::F16),
+                Ok(Precision::F32) => Ok(PrecisionChoice::F32),
+                Err(_) => Err(crate::Error::invalid("precision", s, "expected auto, f16 or f32")),
+            },
+        }
+    }
+}

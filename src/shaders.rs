@@ -1,0 +1,50 @@
+//! The table of WGSL sources, the precision alias, and naga validation.
+//!
+//! Each file in `shaders/` is one kernel family. It is valid WGSL once a precision prelude
+//! (`alias T = f32;`, or `enable f16; alias T = f16;`) is put in front of it; nothing else is
+//! substituted. Tile sizes and flags are `override` constants set at pipeline creation.
+
+use crate::{Error, Precision, Result};
+
+const MATMUL: &str = include_str!("../shaders/matmul.wgsl");
+const MATMUL_SUBGROUP: &str = include_str!("../shaders/matmul_subgroup.wgsl");
+
+/// Every shader module: (name, the files it is made of, in order). A module made of several
+/// files is an extension compiled after its base (used for kernels that need an optional feature
+/// such as SUBGROUP, so the base stays usable on adapters without it).
+pub const MODULES: &[(&str, &[&str])] = &[("matmul", &[MATMUL]), ("matmul_subgroup", &[MATMUL, MATMUL_SUBGROUP])];
+
+/// The concatenated source of a module, without the precision prelude.
+pub fn source(module: &str) -> Result<String> {
+    MODULES
+        .iter()
+        .find(|(n, _)| *n == module)
+        .map(|(_, parts)| parts.concat())
+        .ok_or_else(|| Error::Shader {
+            name: module.to_string(),
+            message: "no such shader module".to_string(),
+        })
+}
+
+/// The source with the precision prelude in front.
+pub fn specialised_source(module: &str, precision: Precision) -> Result<String> {
+    Ok(format!("{}{}", precision.wgsl_prelude(), source(module)?))
+}
+
+/// Parses and validates WGSL with naga, returning the error with its line and column.
+/// `name` is used in the message; lines are those of `source` as given (prelude included).
+pub fn validate_source(name: &str, source: &str) -> Result<()> {
+    let module = naga::front::wgsl::parse_str(source).map_err(|e| Error::Shader {
+        name: name.to_string(),
+        message: e.emit_to_string_with_path(source, name),
+    })?;
+    let mut validator = naga::valid::Validator::new(
+        naga::valid::ValidationFlags::all(),
+        naga::valid::Capabilities::all(),
+    );
+    validator.validate(&module).map_err(|e| Error::Shader {
+        name: name.to_string(),
+        message: e.emit_to_string_with_path(source, name),
+    })?;
+    Ok(())
+}
