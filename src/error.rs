@@ -20,7 +20,9 @@ pub enum Error {
         backends: String,
     },
     /// The adapter the user asked for (by name or index) does not exist.
-    #[error("no adapter matches {wanted:?}; adapters found:\n{available}\nPass an index or part of a name from this list (--adapter or KILN_ADAPTER).")]
+    #[error(
+        "no adapter matches {wanted:?}; adapters found:\n{available}\nPass an index or part of a name from this list (--adapter or KILN_ADAPTER)."
+    )]
     AdapterNotFound {
         /// What the user asked for.
         wanted: String,
@@ -110,7 +112,11 @@ impl Error {
     }
 
     /// Shorthand for [`Error::Invalid`].
-    pub fn invalid(key: impl Into<String>, value: impl fmt::Display, rule: impl Into<String>) -> Self {
+    pub fn invalid(
+        key: impl Into<String>,
+        value: impl fmt::Display,
+        rule: impl Into<String>,
+    ) -> Self {
         Error::Invalid {
             key: key.into(),
             value: value.to_string(),

@@ -107,9 +107,24 @@ impl MatmulSpec {
             layout,
             batch: 1,
             batch_inner: 1,
-            a: Operand { offset: 0, ld: lda, outer: m * k, inner: 0 },
-            b: Operand { offset: 0, ld: ldb, outer: k * n, inner: 0 },
-            c: Operand { offset: 0, ld: n, outer: m * n, inner: 0 },
+            a: Operand {
+                offset: 0,
+                ld: lda,
+                outer: m * k,
+                inner: 0,
+            },
+            b: Operand {
+                offset: 0,
+                ld: ldb,
+                outer: k * n,
+                inner: 0,
+            },
+            c: Operand {
+                offset: 0,
+                ld: n,
+                outer: m * n,
+                inner: 0,
+            },
             bias_offset: 0,
             alpha: 1.0,
             accumulate: false,
@@ -149,13 +164,21 @@ impl MatmulSpec {
 
     /// Elements A's buffer must hold.
     pub fn a_len(&self) -> usize {
-        let (rows, cols) = if self.layout.trans_a() { (self.k, self.m) } else { (self.m, self.k) };
+        let (rows, cols) = if self.layout.trans_a() {
+            (self.k, self.m)
+        } else {
+            (self.m, self.k)
+        };
         self.max_base(&self.a) + (rows - 1) * self.a.ld + cols
     }
 
     /// Elements B's buffer must hold.
     pub fn b_len(&self) -> usize {
-        let (rows, cols) = if self.layout.trans_b() { (self.n, self.k) } else { (self.k, self.n) };
+        let (rows, cols) = if self.layout.trans_b() {
+            (self.n, self.k)
+        } else {
+            (self.k, self.n)
+        };
         self.max_base(&self.b) + (rows - 1) * self.b.ld + cols
     }
 
@@ -165,37 +188,75 @@ impl MatmulSpec {
     }
 
     /// Checks that the sizes are non-zero, the strides consistent and the buffers large enough.
-    pub fn validate(&self, a_len: usize, b_len: usize, bias_len: Option<usize>, c_len: usize) -> Result<()> {
+    pub fn validate(
+        &self,
+        a_len: usize,
+        b_len: usize,
+        bias_len: Option<usize>,
+        c_len: usize,
+    ) -> Result<()> {
         let op = "matmul";
         if self.m == 0 || self.n == 0 || self.k == 0 || self.batch == 0 || self.batch_inner == 0 {
-            return Err(Error::shape(op, format!(
-                "M, N, K, batch and batch_inner must be positive; got M={} N={} K={} batch={} batch_inner={}",
-                self.m, self.n, self.k, self.batch, self.batch_inner)));
+            return Err(Error::shape(
+                op,
+                format!(
+                    "M, N, K, batch and batch_inner must be positive; got M={} N={} K={} batch={} batch_inner={}",
+                    self.m, self.n, self.k, self.batch, self.batch_inner
+                ),
+            ));
         }
         let (a_cols, b_cols) = (
-            if self.layout.trans_a() { self.m } else { self.k },
-            if self.layout.trans_b() { self.k } else { self.n },
+            if self.layout.trans_a() {
+                self.m
+            } else {
+                self.k
+            },
+            if self.layout.trans_b() {
+                self.k
+            } else {
+                self.n
+            },
         );
         if self.a.ld < a_cols || self.b.ld < b_cols || self.c.ld < self.n {
-            return Err(Error::shape(op, format!(
-                "row strides too small for {:?} M={} N={} K={}: lda={} (needs ≥{a_cols}), ldb={} (needs ≥{b_cols}), ldc={} (needs ≥{})",
-                self.layout, self.m, self.n, self.k, self.a.ld, self.b.ld, self.c.ld, self.n)));
+            return Err(Error::shape(
+                op,
+                format!(
+                    "row strides too small for {:?} M={} N={} K={}: lda={} (needs ≥{a_cols}), ldb={} (needs ≥{b_cols}), ldc={} (needs ≥{})",
+                    self.layout, self.m, self.n, self.k, self.a.ld, self.b.ld, self.c.ld, self.n
+                ),
+            ));
         }
-        for (name, need, have) in [("A", self.a_len(), a_len), ("B", self.b_len(), b_len), ("C", self.c_len(), c_len)] {
+        for (name, need, have) in [
+            ("A", self.a_len(), a_len),
+            ("B", self.b_len(), b_len),
+            ("C", self.c_len(), c_len),
+        ] {
             if need > have {
-                return Err(Error::shape(op, format!(
-                    "{name} holds {have} elements but {:?} M={} N={} K={} batch={} reads up to {need}",
-                    self.layout, self.m, self.n, self.k, self.batch)));
+                return Err(Error::shape(
+                    op,
+                    format!(
+                        "{name} holds {have} elements but {:?} M={} N={} K={} batch={} reads up to {need}",
+                        self.layout, self.m, self.n, self.k, self.batch
+                    ),
+                ));
             }
             if need > u32::MAX as usize {
-                return Err(Error::shape(op, format!("{name} needs {need} elements, over the 2^32 that kernels index")));
+                return Err(Error::shape(
+                    op,
+                    format!("{name} needs {need} elements, over the 2^32 that kernels index"),
+                ));
             }
         }
         if let Some(have) = bias_len
             && self.bias_offset + self.n > have
         {
-            return Err(Error::shape(op, format!(
-                "bias holds {have} elements but offset {} + N={} are needed", self.bias_offset, self.n)));
+            return Err(Error::shape(
+                op,
+                format!(
+                    "bias holds {have} elements but offset {} + N={} are needed",
+                    self.bias_offset, self.n
+                ),
+            ));
         }
         Ok(())
     }

@@ -85,7 +85,11 @@ impl FromStr for PrecisionChoice {
             other => match other.parse::<Precision>() {
                 Ok(Precision::F16) => Ok(PrecisionChoice::F16),
                 Ok(Precision::F32) => Ok(PrecisionChoice::F32),
-                Err(_) => Err(crate::Error::invalid("precision", s, "expected auto, f16 or f32")),
+                Err(_) => Err(crate::Error::invalid(
+                    "precision",
+                    s,
+                    "expected auto, f16 or f32",
+                )),
             },
         }
     }

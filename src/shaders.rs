@@ -12,7 +12,10 @@ const MATMUL_SUBGROUP: &str = include_str!("../shaders/matmul_subgroup.wgsl");
 /// Every shader module: (name, the files it is made of, in order). A module made of several
 /// files is an extension compiled after its base (used for kernels that need an optional feature
 /// such as SUBGROUP, so the base stays usable on adapters without it).
-pub const MODULES: &[(&str, &[&str])] = &[("matmul", &[MATMUL]), ("matmul_subgroup", &[MATMUL, MATMUL_SUBGROUP])];
+pub const MODULES: &[(&str, &[&str])] = &[
+    ("matmul", &[MATMUL]),
+    ("matmul_subgroup", &[MATMUL, MATMUL_SUBGROUP]),
+];
 
 /// The concatenated source of a module, without the precision prelude.
 pub fn source(module: &str) -> Result<String> {

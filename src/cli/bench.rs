@@ -49,9 +49,17 @@ pub fn run(args: &Args, cmd: &BenchCommand) -> Result<()> {
 }
 
 fn matmul(args: &Args, a: &MatmulArgs) -> Result<()> {
-    let (m, n, k) = (a.m.unwrap_or(a.size), a.n.unwrap_or(a.size), a.k.unwrap_or(a.size));
+    let (m, n, k) = (
+        a.m.unwrap_or(a.size),
+        a.n.unwrap_or(a.size),
+        a.k.unwrap_or(a.size),
+    );
     if a.runs == 0 {
-        return Err(Error::invalid("--runs", 0, "at least one timed run is needed"));
+        return Err(Error::invalid(
+            "--runs",
+            0,
+            "at least one timed run is needed",
+        ));
     }
     let gpu = args.open_gpu()?;
     let precision = gpu.precision();
@@ -59,8 +67,19 @@ fn matmul(args: &Args, a: &MatmulArgs) -> Result<()> {
     spec.validate(spec.a_len(), spec.b_len(), None, spec.c_len())?;
 
     let mut rng = rand::rngs::StdRng::seed_from_u64(0);
-    let mut random = |len: usize| -> Vec<f32> { (0..len).map(|_| rng.random_range(-1.0..1.0)).collect() };
-    let (ha, hb) = (random(spec.a_len()), random(spec.b_len()));
+    let mut random =
+        |len: usize| -> Vec<f32> { (0..len).map(|_| rng.random_range(-1.0..1.0)).collect() };
+    // The reference sees the inputs exactly as the GPU stores them (rounded to f16 if need be).
+    let round = |v: Vec<f32>| -> Vec<f32> {
+        match precision {
+            kiln::Precision::F16 => v
+                .into_iter()
+                .map(|x| half::f16::from_f32(x).to_f32())
+                .collect(),
+            kiln::Precision::F32 => v,
+        }
+    };
+    let (ha, hb) = (round(random(spec.a_len())), round(random(spec.b_len())));
     let dtype = DType::from(precision);
     let ga = gpu.upload("bench a", &[ha.len()], dtype, &ha)?;
     let gb = gpu.upload("bench b", &[hb.len()], dtype, &hb)?;
@@ -71,7 +90,13 @@ fn matmul(args: &Args, a: &MatmulArgs) -> Result<()> {
             let variant = MatmulVariant::ALL
                 .into_iter()
                 .find(|v| v.name() == name)
-                .ok_or_else(|| Error::invalid("--variant", name, "expected auto, tiled, tiled_vec4, rows or rows_subgroup"))?;
+                .ok_or_else(|| {
+                    Error::invalid(
+                        "--variant",
+                        name,
+                        "expected auto, tiled, tiled_vec4, rows or rows_subgroup",
+                    )
+                })?;
             Matmul::with_variant(&gpu, variant, &gc, &ga, &gb, None, &spec)?
         }
     };
@@ -88,6 +113,14 @@ fn matmul(args: &Args, a: &MatmulArgs) -> Result<()> {
     }
     let cpu_s = median(&cpu_times);
 
+    // The timed product is also checked: its largest deviation from the reference is reported.
+    let got = gpu.read(&gc)?;
+    let max_abs_err = got
+        .iter()
+        .zip(&hc)
+        .map(|(g, c)| (g - c).abs())
+        .fold(0.0f32, f32::max);
+
     let gflops = |s: f64| spec.flops() / s / 1e9;
     let adapter = &gpu.capabilities().adapter.name;
     if a.json {
@@ -102,12 +135,13 @@ fn matmul(args: &Args, a: &MatmulArgs) -> Result<()> {
             "gpu_gflops": round2(gflops(gpu_s)),
             "cpu_ref_gflops": round2(gflops(cpu_s)),
             "gpu_ms": round2(gpu_s * 1e3),
+            "max_abs_err": max_abs_err,
             "adapter": adapter,
         });
         println!("{line}");
     } else {
         println!(
-            "matmul {m}x{n}x{k} {} {precision} [{}] on {adapter}: GPU {:.2} GFLOP/s ({:.2} ms), CPU reference {:.2} GFLOP/s",
+            "matmul {m}x{n}x{k} {} {precision} [{}] on {adapter}: GPU {:.2} GFLOP/s ({:.2} ms), CPU reference {:.2} GFLOP/s, max |GPU - CPU| {max_abs_err:.2e}",
             a.layout.name(),
             mm.variant().name(),
             gflops(gpu_s),

@@ -5,7 +5,13 @@ use crate::ops::MatmulSpec;
 
 /// `c[z] = alpha·op(a[z])·op(b[z]) (+ bias) (+ c[z] if accumulating)` as [`MatmulSpec`] describes.
 /// Accumulates each dot product in f32 in order of increasing k, as the GPU kernels do.
-pub fn matmul(c: &mut [f32], a: &[f32], b: &[f32], bias: Option<&[f32]>, spec: &MatmulSpec) -> Result<()> {
+pub fn matmul(
+    c: &mut [f32],
+    a: &[f32],
+    b: &[f32],
+    bias: Option<&[f32]>,
+    spec: &MatmulSpec,
+) -> Result<()> {
     spec.validate(a.len(), b.len(), bias.map(<[f32]>::len), c.len())?;
     let (ta, tb) = (spec.layout.trans_a(), spec.layout.trans_b());
     for z in 0..spec.batch {
@@ -21,10 +27,18 @@ pub fn matmul(c: &mut [f32], a: &[f32], b: &[f32], bias: Option<&[f32]>, spec: &
             row.fill(0.0);
             for p in 0..spec.k {
                 // op(A)[i, p], reading the stored layout.
-                let av = if ta { a[a0 + p * spec.a.ld + i] } else { a[a0 + i * spec.a.ld + p] };
+                let av = if ta {
+                    a[a0 + p * spec.a.ld + i]
+                } else {
+                    a[a0 + i * spec.a.ld + p]
+                };
                 for (j, acc) in row.iter_mut().enumerate() {
                     // op(B)[p, j].
-                    let bv = if tb { b[b0 + j * spec.b.ld + p] } else { b[b0 + p * spec.b.ld + j] };
+                    let bv = if tb {
+                        b[b0 + j * spec.b.ld + p]
+                    } else {
+                        b[b0 + p * spec.b.ld + j]
+                    };
                     *acc = av.mul_add(bv, *acc);
                 }
             }

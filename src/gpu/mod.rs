@@ -216,6 +216,11 @@ impl Gpu {
         self.pipelines.get_or_create(self, key)
     }
 
+    /// The per-device cache of measured kernel-variant choices.
+    pub fn tuning(&self) -> &crate::kernels::tune::TuneCache {
+        &self.tuning
+    }
+
     /// Number of pipelines compiled so far (for tests of the cache).
     pub fn pipelines_compiled(&self) -> usize {
         self.pipelines.len()

@@ -33,7 +33,12 @@ pub struct PipelineKey {
     pub constants: Specialisation,
 }
 
-type CacheKey = (&'static str, &'static str, Precision, Vec<(&'static str, u64)>);
+type CacheKey = (
+    &'static str,
+    &'static str,
+    Precision,
+    Vec<(&'static str, u64)>,
+);
 
 #[derive(Default)]
 pub(crate) struct PipelineCache {
@@ -52,7 +57,12 @@ impl PipelineCache {
         key: &PipelineKey,
     ) -> Result<Arc<wgpu::ComputePipeline>> {
         let ck: CacheKey = (key.family, key.entry, key.precision, key.constants.key());
-        if let Some(p) = self.pipelines.lock().unwrap_or_else(|e| e.into_inner()).get(&ck) {
+        if let Some(p) = self
+            .pipelines
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(&ck)
+        {
             return Ok(p.clone());
         }
         let module = self.module(gpu, key.family, key.precision)?;
@@ -98,7 +108,10 @@ impl PipelineCache {
             source: wgpu::ShaderSource::Wgsl(source.into()),
         };
         let module = if std::env::var("KILN_UNCHECKED").is_ok() {
-            unsafe { gpu.device.create_shader_module_trusted(desc, wgpu::ShaderRuntimeChecks::unchecked()) }
+            unsafe {
+                gpu.device
+                    .create_shader_module_trusted(desc, wgpu::ShaderRuntimeChecks::unchecked())
+            }
         } else {
             gpu.device.create_shader_module(desc)
         };

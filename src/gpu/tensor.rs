@@ -111,7 +111,13 @@ impl Gpu {
     }
 
     /// Uploads f32 data, converting to `dtype` (f16 rounds to nearest, u32 is rejected).
-    pub fn upload(&self, label: &str, shape: &[usize], dtype: DType, data: &[f32]) -> Result<GpuTensor> {
+    pub fn upload(
+        &self,
+        label: &str,
+        shape: &[usize],
+        dtype: DType,
+        data: &[f32],
+    ) -> Result<GpuTensor> {
         let t = self.zeros(label, shape, dtype)?;
         self.write(&t, data)?;
         Ok(t)
@@ -154,7 +160,7 @@ impl Gpu {
 
     fn write_bytes(&self, t: &GpuTensor, bytes: &[u8]) {
         // write_buffer needs a multiple of 4 bytes: an odd-length f16 tensor gets one pad element.
-        if bytes.len() % 4 == 0 {
+        if bytes.len().is_multiple_of(4) {
             self.queue.write_buffer(&t.buffer, 0, bytes);
         } else {
             let mut padded = bytes.to_vec();

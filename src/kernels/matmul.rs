@@ -76,11 +76,35 @@ const ROWS_WG_X: usize = 64;
 
 /// True when every vec4 the vectorised kernel loads lies inside one row of one matrix.
 pub fn vec4_ok(spec: &MatmulSpec) -> bool {
-    let a_extent = if spec.layout.trans_a() { spec.m } else { spec.k };
-    let b_extent = if spec.layout.trans_b() { spec.k } else { spec.n };
-    let aligned = |x: usize| x % 4 == 0;
-    [a_extent, spec.a.ld, spec.a.offset, spec.a.outer, spec.a.inner].into_iter().all(aligned)
-        && [b_extent, spec.b.ld, spec.b.offset, spec.b.outer, spec.b.inner].into_iter().all(aligned)
+    let a_extent = if spec.layout.trans_a() {
+        spec.m
+    } else {
+        spec.k
+    };
+    let b_extent = if spec.layout.trans_b() {
+        spec.k
+    } else {
+        spec.n
+    };
+    let aligned = |x: usize| x.is_multiple_of(4);
+    [
+        a_extent,
+        spec.a.ld,
+        spec.a.offset,
+        spec.a.outer,
+        spec.a.inner,
+    ]
+    .into_iter()
+    .all(aligned)
+        && [
+            b_extent,
+            spec.b.ld,
+            spec.b.offset,
+            spec.b.outer,
+            spec.b.inner,
+        ]
+        .into_iter()
+        .all(aligned)
 }
 
 /// The uniform block `Dims` of the shader.
@@ -192,8 +216,9 @@ impl Matmul {
             .with("HAS_BIAS", bias.is_some() as u8)
             .with("ACCUMULATE", spec.accumulate as u8);
         let constants = match variant {
-            MatmulVariant::Rows | MatmulVariant::RowsSubgroup => constants
-                .with("ROWS_WG_X", ROWS_WG_X as u32),
+            MatmulVariant::Rows | MatmulVariant::RowsSubgroup => {
+                constants.with("ROWS_WG_X", ROWS_WG_X as u32)
+            }
             _ => constants
                 .with("TILE_M", TILE_M as u32)
                 .with("TILE_N", TILE_N as u32)
@@ -215,19 +240,32 @@ impl Matmul {
         }
         let bind_group = gpu.bind_group("matmul", &pipeline, &entries);
         let workgroups = match variant {
-            MatmulVariant::Rows => [groups(spec.n, ROWS_WG_X), groups(spec.m, ROWS), spec.batch as u32],
+            MatmulVariant::Rows => [
+                groups(spec.n, ROWS_WG_X),
+                groups(spec.m, ROWS),
+                spec.batch as u32,
+            ],
             MatmulVariant::RowsSubgroup => [
                 groups(spec.n, 4 * ROWS_WG_X),
                 groups(spec.m, 16),
                 spec.batch as u32,
             ],
-            _ => [groups(spec.n, TILE_N), groups(spec.m, TILE_M), spec.batch as u32],
+            _ => [
+                groups(spec.n, TILE_N),
+                groups(spec.m, TILE_M),
+                spec.batch as u32,
+            ],
         };
-        let max = gpu.capabilities().limits.max_compute_workgroups_per_dimension;
+        let max = gpu
+            .capabilities()
+            .limits
+            .max_compute_workgroups_per_dimension;
         if workgroups.iter().any(|&w| w > max) {
             return Err(Error::shape(
                 "matmul",
-                format!("{workgroups:?} workgroups exceed the adapter's {max} per dimension for {spec:?}"),
+                format!(
+                    "{workgroups:?} workgroups exceed the adapter's {max} per dimension for {spec:?}"
+                ),
             ));
         }
         Ok(Matmul {

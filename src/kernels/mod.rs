@@ -12,7 +12,10 @@ pub(crate) fn float_precision(op: &'static str, t: &GpuTensor) -> Result<Precisi
     match t.dtype() {
         DType::F16 => Ok(Precision::F16),
         DType::F32 => Ok(Precision::F32),
-        DType::U32 => Err(Error::shape(op, format!("tensor {} is u32; a float tensor is needed", t.label()))),
+        DType::U32 => Err(Error::shape(
+            op,
+            format!("tensor {} is u32; a float tensor is needed", t.label()),
+        )),
     }
 }
 
@@ -21,9 +24,16 @@ pub(crate) fn common_precision(op: &'static str, tensors: &[&GpuTensor]) -> Resu
     let p = float_precision(op, tensors[0])?;
     for t in &tensors[1..] {
         if float_precision(op, t)? != p {
-            return Err(Error::shape(op, format!(
-                "tensors must share one precision: {} is {:?} but {} is {:?}",
-                tensors[0].label(), tensors[0].dtype(), t.label(), t.dtype())));
+            return Err(Error::shape(
+                op,
+                format!(
+                    "tensors must share one precision: {} is {:?} but {} is {:?}",
+                    tensors[0].label(),
+                    tensors[0].dtype(),
+                    t.label(),
+                    t.dtype()
+                ),
+            ));
         }
     }
     Ok(p)

@@ -38,7 +38,9 @@ impl TuneCache {
         let forced = *self.disabled.lock().unwrap_or_else(|e| e.into_inner());
         match forced {
             Some(disabled) => !disabled,
-            None => std::env::var("KILN_AUTOTUNE").map(|v| v != "0").unwrap_or(true),
+            None => std::env::var("KILN_AUTOTUNE")
+                .map(|v| v != "0")
+                .unwrap_or(true),
         }
     }
 
@@ -46,7 +48,16 @@ impl TuneCache {
     pub fn matmul_choices(&self) -> Vec<String> {
         let map = self.matmul.lock().unwrap_or_else(|e| e.into_inner());
         map.iter()
-            .map(|(k, v)| format!("{} {} bucket {:?} vec4 {}: {}", k.precision, k.layout.name(), k.bucket, k.vec4, v.name()))
+            .map(|(k, v)| {
+                format!(
+                    "{} {} bucket {:?} vec4 {}: {}",
+                    k.precision,
+                    k.layout.name(),
+                    k.bucket,
+                    k.vec4,
+                    v.name()
+                )
+            })
             .collect()
     }
 }
@@ -58,7 +69,11 @@ fn bucket(x: usize) -> u32 {
 /// The rule used without measurement: barrier-free kernel on software adapters, tiles elsewhere.
 pub fn default_matmul_variant(gpu: &Gpu, spec: &MatmulSpec) -> MatmulVariant {
     if gpu.capabilities().adapter.software {
-        if gpu.capabilities().subgroup { MatmulVariant::RowsSubgroup } else { MatmulVariant::Rows }
+        if gpu.capabilities().subgroup {
+            MatmulVariant::RowsSubgroup
+        } else {
+            MatmulVariant::Rows
+        }
     } else if vec4_ok(spec) {
         MatmulVariant::TiledVec4
     } else {
@@ -75,10 +90,20 @@ pub fn matmul_variant(gpu: &Gpu, precision: Precision, spec: &MatmulSpec) -> Res
     let key = MatmulKey {
         precision,
         layout: spec.layout,
-        bucket: [bucket(spec.m), bucket(spec.n), bucket(spec.k), bucket(spec.batch)],
+        bucket: [
+            bucket(spec.m),
+            bucket(spec.n),
+            bucket(spec.k),
+            bucket(spec.batch),
+        ],
         vec4: vec4_ok(spec),
     };
-    if let Some(&v) = cache.matmul.lock().unwrap_or_else(|e| e.into_inner()).get(&key) {
+    if let Some(&v) = cache
+        .matmul
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .get(&key)
+    {
         return Ok(v);
     }
     let chosen = match measure(gpu, precision, spec) {
@@ -89,7 +114,11 @@ pub fn matmul_variant(gpu: &Gpu, precision: Precision, spec: &MatmulSpec) -> Res
         }
     };
     log::debug!("matmul {key:?}: {}", chosen.name());
-    cache.matmul.lock().unwrap_or_else(|e| e.into_inner()).insert(key, chosen);
+    cache
+        .matmul
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .insert(key, chosen);
     Ok(chosen)
 }
 
@@ -101,7 +130,10 @@ fn measure(gpu: &Gpu, precision: Precision, spec: &MatmulSpec) -> Result<MatmulV
     // Big products need fewer repetitions for a stable median.
     let runs = if spec.flops() > 1e9 { 2 } else { 5 };
     let mut best = (f64::INFINITY, default_matmul_variant(gpu, spec));
-    for variant in MatmulVariant::ALL.into_iter().filter(|v| v.supports(gpu, spec)) {
+    for variant in MatmulVariant::ALL
+        .into_iter()
+        .filter(|v| v.supports(gpu, spec))
+    {
         let mm = Matmul::with_variant(gpu, variant, &c, &a, &b, None, spec)?;
         let t = median(&gpu.time_runs("matmul tune", 1, runs, |p| mm.record(p))?);
         if t < best.0 {

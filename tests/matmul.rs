@@ -1,0 +1,241 @@
+//! The matmul family against the CPU reference: every layout, every variant, both precisions,
+//! on shapes that are not multiples of any tile.
+
+mod common;
+
+use common::{Tolerance, assert_close, gpu, random, round_to};
+use kiln::gpu::DType;
+use kiln::kernels::matmul::{Matmul, MatmulVariant};
+use kiln::ops::{Layout, MatmulSpec, Operand};
+use kiln::{Gpu, Precision};
+
+/// Tolerances. Inputs are uniform in [-1, 1); K is at most 1024.
+/// - f32: CPU and GPU both accumulate in f32 in increasing k, but the GPU may or may not fuse the
+///   multiply-add, so each step may round differently: a random walk of ~sqrt(K) roundings of
+///   partial sums of size ~sqrt(K/3), about 32 · 6e-8 · 18 ≈ 4e-5 at K = 1024. 1e-4 abs + 1e-4 rel
+///   covers that with margin while still catching any wrong element (those are off by O(0.1)).
+/// - f16: the CPU reference runs on the same f16-rounded inputs, so the differences are the
+///   rounding of the f32 result to f16 (half an ulp, 2^-11 relative) and the f32 effects above;
+///   1e-3 rel (two f16 ulps) + 1e-3 abs (outputs near zero) covers both.
+fn tolerance(precision: Precision) -> Tolerance {
+    match precision {
+        Precision::F32 => Tolerance {
+            abs: 1e-4,
+            rel: 1e-4,
+        },
+        Precision::F16 => Tolerance {
+            abs: 1e-3,
+            rel: 1e-3,
+        },
+    }
+}
+
+/// Runs `spec` on the GPU with `variant` and on the CPU, and compares all of C.
+fn check(gpu: &Gpu, variant: MatmulVariant, spec: &MatmulSpec, with_bias: bool, seed: u64) {
+    let p = gpu.precision();
+    let dt = DType::from(p);
+    let a = round_to(p, &random(spec.a_len(), seed));
+    let b = round_to(p, &random(spec.b_len(), seed + 1));
+    let bias = round_to(p, &random(spec.n, seed + 2));
+    let c0 = round_to(p, &random(spec.c_len(), seed + 3));
+    let ga = gpu.upload("a", &[a.len()], dt, &a).unwrap();
+    let gb = gpu.upload("b", &[b.len()], dt, &b).unwrap();
+    let gbias = gpu.upload("bias", &[bias.len()], dt, &bias).unwrap();
+    let gc = gpu.upload("c", &[c0.len()], dt, &c0).unwrap();
+    let bias_gpu = with_bias.then_some(&gbias);
+    Matmul::with_variant(gpu, variant, &gc, &ga, &gb, bias_gpu, spec)
+        .unwrap()
+        .run(gpu)
+        .unwrap();
+    let got = gpu.read(&gc).unwrap();
+    let mut want = c0;
+    kiln::cpu::matmul::matmul(&mut want, &a, &b, with_bias.then_some(&bias[..]), spec).unwrap();
+    assert_close(
+        &format!(
+            "{} {p} {:?} M={} N={} K={} batch={} bias={with_bias} accumulate={}",
+            variant.name(),
+            spec.layout,
+            spec.m,
+            spec.n,
+            spec.k,
+            spec.batch,
+            spec.accumulate
+        ),
+        &want,
+        &got,
+        tolerance(p),
+    );
+}
+
+fn every_variant(gpu: &Gpu, spec: &MatmulSpec, with_bias: bool, seed: u64) {
+    for variant in MatmulVariant::ALL {
+        if variant.supports(gpu, spec) {
+            check(gpu, variant, spec, with_bias, seed);
+        }
+    }
+}
+
+/// (M, N, K, batch): degenerate, awkward (no multiple of 4, 16, 32 or 64), long and thin, K not a
+/// multiple of the tile depth, and a batch of 3.
+const SHAPES: &[(usize, usize, usize, usize)] = &[
+    (1, 1, 1, 1),
+    (67, 129, 31, 1),
+    (1, 1024, 7, 1),
+    (300, 5, 513, 1),
+    (70, 65, 17, 1),
+    (33, 47, 29, 3),
+];
+
+fn all_layouts_and_shapes(precision: Precision) {
+    let Some(gpu) = gpu(precision) else { return };
+    for (i, &(m, n, k, batch)) in SHAPES.iter().enumerate() {
+        for layout in Layout::ALL {
+            let spec = MatmulSpec::new(layout, m, n, k).batched(batch);
+            every_variant(gpu, &spec, false, 100 + i as u64);
+        }
+    }
+}
+
+#[test]
+fn shapes_and_layouts_f32() {
+    all_layouts_and_shapes(Precision::F32);
+}
+
+#[test]
+fn shapes_and_layouts_f16() {
+    all_layouts_and_shapes(Precision::F16);
+}
+
+/// Shapes whose contiguous extents are multiples of 4, so the vec4 kernel runs too, with
+/// remainders against the 64 x 64 x 16 tile.
+#[test]
+fn vec4_aligned_shapes() {
+    for p in Precision::ALL {
+        let Some(gpu) = gpu(p) else { continue };
+        for (m, n, k) in [(4, 4, 4), (68, 132, 36), (128, 64, 20)] {
+            for layout in Layout::ALL {
+                let spec = MatmulSpec::new(layout, m, n, k);
+                assert!(MatmulVariant::TiledVec4.supports(gpu, &spec));
+                every_variant(gpu, &spec, false, 7);
+            }
+        }
+    }
+}
+
+/// Bias add, accumulation into C (gradient accumulation) and alpha, in the linear layer's three
+/// layouts.
+#[test]
+fn bias_accumulate_alpha() {
+    for p in Precision::ALL {
+        let Some(gpu) = gpu(p) else { continue };
+        let (tokens, fan_in, fan_out) = (37, 23, 41);
+        let forward = MatmulSpec::new(Layout::NT, tokens, fan_out, fan_in);
+        every_variant(gpu, &forward, true, 1);
+        every_variant(gpu, &forward.alpha(0.125), true, 2);
+        let input_grad = MatmulSpec::new(Layout::NN, tokens, fan_in, fan_out);
+        every_variant(gpu, &input_grad.accumulate(true), false, 3);
+        let weight_grad = MatmulSpec::new(Layout::TN, fan_out, fan_in, tokens);
+        every_variant(gpu, &weight_grad.accumulate(true), false, 4);
+        every_variant(gpu, &weight_grad.accumulate(true).alpha(-0.5), true, 5);
+    }
+}
+
+/// Attention-style addressing: q·kᵀ per (batch, head) inside a (B, T, 3C) buffer, using both
+/// batch levels and row strides larger than the matrix.
+#[test]
+fn two_level_batch_with_strides() {
+    let (b, t, heads, hs) = (2, 13, 3, 5);
+    let c = heads * hs;
+    let mut spec = MatmulSpec::new(Layout::NT, t, t, hs);
+    spec.batch = b * heads;
+    spec.batch_inner = heads;
+    // q at column h·hs, k at column C + h·hs of the (B·T, 3C) qkv buffer.
+    spec.a = Operand {
+        offset: 0,
+        ld: 3 * c,
+        outer: t * 3 * c,
+        inner: hs,
+    };
+    spec.b = Operand {
+        offset: c,
+        ld: 3 * c,
+        outer: t * 3 * c,
+        inner: hs,
+    };
+    spec.c = Operand {
+        offset: 0,
+        ld: t,
+        outer: heads * t * t,
+        inner: t * t,
+    };
+    spec.alpha = 1.0 / (hs as f32).sqrt();
+    for p in Precision::ALL {
+        let Some(gpu) = gpu(p) else { continue };
+        every_variant(gpu, &spec, false, 9);
+    }
+}
+
+#[test]
+fn cpu_reference_matches_hand_computed_product() {
+    // [1 2; 3 4] · [5 6; 7 8] = [19 22; 43 50]
+    let spec = MatmulSpec::new(Layout::NN, 2, 2, 2);
+    let mut c = vec![0.0; 4];
+    kiln::cpu::matmul::matmul(&mut c, &[1., 2., 3., 4.], &[5., 6., 7., 8.], None, &spec).unwrap();
+    assert_eq!(c, vec![19., 22., 43., 50.]);
+    // Aᵀ·Bᵀ with the same stored data: [1 3; 2 4] · [5 7; 6 8] = [23 31; 34 46]
+    let spec = MatmulSpec::new(Layout::TT, 2, 2, 2);
+    kiln::cpu::matmul::matmul(
+        &mut c,
+        &[1., 2., 3., 4.],
+        &[5., 6., 7., 8.],
+        Some(&[1., -1.]),
+        &spec,
+    )
+    .unwrap();
+    assert_eq!(c, vec![24., 30., 35., 45.]);
+}
+
+#[test]
+fn bad_shapes_are_errors_not_panics() {
+    let gpu = gpu(Precision::F32).unwrap();
+    let a = gpu.zeros("a", &[10], DType::F32).unwrap();
+    let b = gpu.zeros("b", &[10], DType::F32).unwrap();
+    let c = gpu.zeros("c", &[10], DType::F32).unwrap();
+    let too_big = MatmulSpec::new(Layout::NN, 4, 4, 4);
+    let e = Matmul::new(gpu, &c, &a, &b, None, &too_big)
+        .err()
+        .expect("A too small must fail");
+    assert!(e.to_string().contains("A holds 10 elements"), "{e}");
+    let zero = MatmulSpec::new(Layout::NN, 0, 4, 4);
+    assert!(Matmul::new(gpu, &c, &a, &b, None, &zero).is_err());
+    let h = gpu.zeros("h", &[10], DType::F16).unwrap();
+    let ok = MatmulSpec::new(Layout::NN, 1, 1, 1);
+    let e = Matmul::new(gpu, &c, &h, &b, None, &ok)
+        .err()
+        .expect("mixed precision must fail");
+    assert!(e.to_string().contains("one precision"), "{e}");
+    let mut cpu_c = vec![0.0; 3];
+    assert!(kiln::cpu::matmul::matmul(&mut cpu_c, &[0.0; 16], &[0.0; 16], None, &too_big).is_err());
+}
+
+#[test]
+fn autotuned_choice_is_cached_and_correct() {
+    let gpu = gpu(Precision::F32).unwrap();
+    gpu.tuning().set_enabled(true);
+    let spec = MatmulSpec::new(Layout::NT, 50, 60, 70);
+    let p = Precision::F32;
+    let a = random(spec.a_len(), 1);
+    let b = random(spec.b_len(), 2);
+    let (ga, gb) = (
+        gpu.upload("a", &[a.len()], p.into(), &a).unwrap(),
+        gpu.upload("b", &[b.len()], p.into(), &b).unwrap(),
+    );
+    let gc = gpu.zeros("c", &[spec.c_len()], p.into()).unwrap();
+    let first = Matmul::new(gpu, &gc, &ga, &gb, None, &spec).unwrap();
+    let again = Matmul::new(gpu, &gc, &ga, &gb, None, &spec).unwrap();
+    assert_eq!(first.variant(), again.variant());
+    first.run(gpu).unwrap();
+    let mut want = vec![0.0; spec.c_len()];
+    kiln::cpu::matmul::matmul(&mut want, &a, &b, None, &spec).unwrap();
+    assert_close("autotuned", &want, &gpu.read(&gc).unwrap(), tolerance(p));
+}
