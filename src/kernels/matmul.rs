@@ -16,17 +16,21 @@ pub enum MatmulVariant {
     TiledVec4,
     /// No workgroup memory: 32 rows per invocation read straight from global memory.
     Rows,
-    /// As `Rows`, with A loaded cooperatively and broadcast by subgroup shuffles (needs SUBGROUP).
+    /// 32×4 blocks per invocation with A loaded cooperatively across the subgroup and handed out
+    /// by `subgroupBroadcast` (unrolled, subgroup size 8) or `subgroupShuffle` (needs SUBGROUP).
     RowsSubgroup,
+    /// `RowsSubgroup` restricted to its generic `subgroupShuffle` loop.
+    RowsSubgroupShuffle,
 }
 
 impl MatmulVariant {
     /// Every variant.
-    pub const ALL: [MatmulVariant; 4] = [
+    pub const ALL: [MatmulVariant; 5] = [
         MatmulVariant::Tiled,
         MatmulVariant::TiledVec4,
         MatmulVariant::Rows,
         MatmulVariant::RowsSubgroup,
+        MatmulVariant::RowsSubgroupShuffle,
     ];
 
     /// Name used in logs, benchmarks and the tuning cache.
@@ -36,12 +40,13 @@ impl MatmulVariant {
             MatmulVariant::TiledVec4 => "tiled_vec4",
             MatmulVariant::Rows => "rows",
             MatmulVariant::RowsSubgroup => "rows_subgroup",
+            MatmulVariant::RowsSubgroupShuffle => "rows_subgroup_shuffle",
         }
     }
 
     fn module(self) -> &'static str {
         match self {
-            MatmulVariant::RowsSubgroup => "matmul_subgroup",
+            MatmulVariant::RowsSubgroup | MatmulVariant::RowsSubgroupShuffle => "matmul_subgroup",
             _ => "matmul",
         }
     }
@@ -51,7 +56,9 @@ impl MatmulVariant {
             MatmulVariant::Tiled => "matmul_tiled",
             MatmulVariant::TiledVec4 => "matmul_tiled_vec4",
             MatmulVariant::Rows => "matmul_rows",
-            MatmulVariant::RowsSubgroup => "matmul_rows_subgroup",
+            MatmulVariant::RowsSubgroup | MatmulVariant::RowsSubgroupShuffle => {
+                "matmul_rows_subgroup"
+            }
         }
     }
 
@@ -59,7 +66,9 @@ impl MatmulVariant {
     pub fn supports(self, gpu: &Gpu, spec: &MatmulSpec) -> bool {
         match self {
             MatmulVariant::TiledVec4 => vec4_ok(spec),
-            MatmulVariant::RowsSubgroup => gpu.capabilities().subgroup,
+            MatmulVariant::RowsSubgroup | MatmulVariant::RowsSubgroupShuffle => {
+                gpu.capabilities().subgroup
+            }
             _ => true,
         }
     }
@@ -73,6 +82,9 @@ const TILE_K: usize = 16;
 /// Rows per invocation of `matmul_rows` (a WGSL `const`: it sizes a register array).
 const ROWS: usize = 32;
 const ROWS_WG_X: usize = 64;
+/// Block of C per `matmul_rows_subgroup` invocation (constants in the shader too).
+const SUBGROUP_BLOCK_ROWS: usize = 32;
+const SUBGROUP_BLOCK_COLS: usize = 4;
 
 /// True when every vec4 the vectorised kernel loads lies inside one row of one matrix.
 pub fn vec4_ok(spec: &MatmulSpec) -> bool {
@@ -245,9 +257,9 @@ impl Matmul {
                 groups(spec.m, ROWS),
                 spec.batch as u32,
             ],
-            MatmulVariant::RowsSubgroup => [
-                groups(spec.n, 4 * ROWS_WG_X),
-                groups(spec.m, 16),
+            MatmulVariant::RowsSubgroup | MatmulVariant::RowsSubgroupShuffle => [
+                groups(spec.n, SUBGROUP_BLOCK_COLS * ROWS_WG_X),
+                groups(spec.m, SUBGROUP_BLOCK_ROWS),
                 spec.batch as u32,
             ],
             _ => [
