@@ -261,3 +261,61 @@ impl MatmulSpec {
         Ok(())
     }
 }
+
+/// Causal self-attention over (batch, seq, channels) with `heads` heads (see
+/// [`crate::cpu::attention`] for the layout).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct AttentionShape {
+    /// B.
+    pub batch: usize,
+    /// T, the sequence length (at most the context window).
+    pub seq: usize,
+    /// C, the model width.
+    pub channels: usize,
+    /// Number of heads; must divide C.
+    pub heads: usize,
+}
+
+impl AttentionShape {
+    /// Elements of the (B, n_head, T, T) probability buffer.
+    pub fn probs_len(&self) -> usize {
+        self.batch * self.heads * self.seq * self.seq
+    }
+
+    /// Checks sizes: positive, heads divide channels, buffers of the right length.
+    pub fn validate(&self, qkv_len: usize, out_len: usize, probs_len: usize) -> Result<()> {
+        let op = "attention";
+        let AttentionShape {
+            batch,
+            seq,
+            channels,
+            heads,
+        } = *self;
+        if batch == 0 || seq == 0 || channels == 0 || heads == 0 {
+            return Err(Error::shape(
+                op,
+                format!("B, T, C and n_head must be positive; got {self:?}"),
+            ));
+        }
+        if !channels.is_multiple_of(heads) {
+            return Err(Error::shape(
+                op,
+                format!("C = {channels} is not divisible by n_head = {heads}"),
+            ));
+        }
+        let want = [
+            ("qkv", batch * seq * 3 * channels, qkv_len),
+            ("out", batch * seq * channels, out_len),
+            ("probs", self.probs_len(), probs_len),
+        ];
+        for (name, need, have) in want {
+            if need != have {
+                return Err(Error::shape(
+                    op,
+                    format!("{name} has {have} elements, expected {need} for {self:?}"),
+                ));
+            }
+        }
+        Ok(())
+    }
+}

@@ -5,6 +5,18 @@ use crate::ops::MatmulSpec;
 
 /// `c[z] = alpha·op(a[z])·op(b[z]) (+ bias) (+ c[z] if accumulating)` as [`MatmulSpec`] describes.
 /// Accumulates each dot product in f32 in order of increasing k, as the GPU kernels do.
+///
+/// ```
+/// use kiln::ops::{Layout, MatmulSpec};
+/// // Y = X·Wᵀ + b for 2 tokens, 3 inputs, 2 outputs.
+/// let x = [1.0, 2.0, 3.0, 4.0, 5.0, 6.0];
+/// let w = [1.0, 0.0, 0.0, 0.0, 1.0, 1.0];
+/// let mut y = [0.0; 4];
+/// let spec = MatmulSpec::new(Layout::NT, 2, 2, 3);
+/// kiln::cpu::matmul::matmul(&mut y, &x, &w, Some(&[0.5, -0.5]), &spec)?;
+/// assert_eq!(y, [1.5, 4.5, 4.5, 10.5]);
+/// # Ok::<(), kiln::Error>(())
+/// ```
 pub fn matmul(
     c: &mut [f32],
     a: &[f32],

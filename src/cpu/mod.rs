@@ -4,4 +4,5 @@
 //! benchmarks compare with. They favour being obviously right over being fast. Names and argument
 //! order match the GPU wrappers in [`crate::kernels`]: outputs first, then inputs, then the shape.
 
+pub mod attention;
 pub mod matmul;

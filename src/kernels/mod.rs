@@ -1,6 +1,7 @@
 //! GPU kernels: one module per WGSL family, each with the shader's specialisation, bind-group
 //! wiring, dispatch-size maths and a `record` call that adds its dispatches to a compute pass.
 
+pub mod attention;
 pub mod matmul;
 pub mod tune;
 
@@ -42,4 +43,22 @@ pub(crate) fn common_precision(op: &'static str, tensors: &[&GpuTensor]) -> Resu
 /// Workgroups needed to cover `n` items with groups of `per`.
 pub(crate) fn groups(n: usize, per: usize) -> u32 {
     n.div_ceil(per) as u32
+}
+
+/// Lays `n` workgroups out as (x, y, 1) with x at most the adapter's per-dimension limit; kernels
+/// recover the linear index as `wg.x + wg.y * groups_x`. Returns the grid and `groups_x`.
+pub(crate) fn grid(gpu: &crate::Gpu, op: &'static str, n: usize) -> Result<([u32; 3], u32)> {
+    let max = gpu
+        .capabilities()
+        .limits
+        .max_compute_workgroups_per_dimension as usize;
+    let x = n.clamp(1, max);
+    let y = n.div_ceil(x);
+    if y > max {
+        return Err(Error::shape(
+            op,
+            format!("{n} workgroups exceed the adapter's {max}×{max} grid"),
+        ));
+    }
+    Ok(([x as u32, y as u32, 1], x as u32))
 }

@@ -1,0 +1,114 @@
+// Causal softmax for attention: the part of causal self-attention that is not a matmul.
+//
+// The products (scores = q·kᵀ·scale, out = P·v and the four of the backward) run on the matmul
+// family, addressing each (batch, head) block inside the (B, T, 3C) qkv buffer in place. These
+// kernels take one row of the (B·n_head·T, T) score matrix per workgroup. Row r is query position
+// t = r mod T, which may attend to keys 0..=t: the causal mask is applied here, by position,
+// rather than by adding -inf to the scores.
+//
+// T (the storage type) comes from the prelude; all arithmetic is f32.
+
+struct Params {
+    // Number of rows (B · n_head · T).
+    rows: u32,
+    // Row length and the sequence length T.
+    seq: u32,
+    // Workgroups along x in the dispatch; rows beyond 65535 continue along y.
+    groups_x: u32,
+    _pad: u32,
+}
+
+@group(0) @binding(0) var<uniform> params: Params;
+// Forward: scores in, probabilities out (in place).
+@group(0) @binding(1) var<storage, read_write> scores: array<T>;
+// Backward: the forward's probabilities.
+@group(0) @binding(2) var<storage, read> probs: array<T>;
+// Backward: dL/dP in, dL/dS out (in place), S being the scaled scores.
+@group(0) @binding(3) var<storage, read_write> dprobs: array<T>;
+
+override WG: u32 = 128u;
+
+var<workgroup> partial: array<f32, WG>;
+
+// Tree reductions over the workgroup; every invocation gets the result.
+fn workgroup_max(lid: u32, v: f32) -> f32 {
+    partial[lid] = v;
+    workgroupBarrier();
+    for (var stride = WG / 2u; stride > 0u; stride /= 2u) {
+        if lid < stride {
+            partial[lid] = max(partial[lid], partial[lid + stride]);
+        }
+        workgroupBarrier();
+    }
+    let r = partial[0];
+    workgroupBarrier();
+    return r;
+}
+
+fn workgroup_sum(lid: u32, v: f32) -> f32 {
+    partial[lid] = v;
+    workgroupBarrier();
+    for (var stride = WG / 2u; stride > 0u; stride /= 2u) {
+        if lid < stride {
+            partial[lid] += partial[lid + stride];
+        }
+        workgroupBarrier();
+    }
+    let r = partial[0];
+    workgroupBarrier();
+    return r;
+}
+
+@compute @workgroup_size(WG, 1, 1)
+fn softmax_causal_forward(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_index) lid: u32) {
+    let row = wg.x + wg.y * params.groups_x;
+    // Whole workgroups leave together, so the barriers below stay uniform.
+    if row >= params.rows {
+        return;
+    }
+    let seq = params.seq;
+    let base = row * seq;
+    let live = row % seq + 1u;
+
+    var m = -3.402823e38;
+    for (var s = lid; s < live; s += WG) {
+        m = max(m, f32(scores[base + s]));
+    }
+    m = workgroup_max(lid, m);
+    var sum = 0.0;
+    for (var s = lid; s < live; s += WG) {
+        sum += exp(f32(scores[base + s]) - m);
+    }
+    // live >= 1 and the maximum term is exp(0) = 1, so sum >= 1.
+    let inv = 1.0 / workgroup_sum(lid, sum);
+    for (var s = lid; s < seq; s += WG) {
+        var p = 0.0;
+        if s < live {
+            p = exp(f32(scores[base + s]) - m) * inv;
+        }
+        scores[base + s] = T(p);
+    }
+}
+
+@compute @workgroup_size(WG, 1, 1)
+fn softmax_causal_backward(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_index) lid: u32) {
+    let row = wg.x + wg.y * params.groups_x;
+    if row >= params.rows {
+        return;
+    }
+    let seq = params.seq;
+    let base = row * seq;
+    let live = row % seq + 1u;
+    var dot = 0.0;
+    for (var s = lid; s < live; s += WG) {
+        dot += f32(probs[base + s]) * f32(dprobs[base + s]);
+    }
+    dot = workgroup_sum(lid, dot);
+    for (var s = lid; s < seq; s += WG) {
+        var d = 0.0;
+        if s < live {
+            d = f32(probs[base + s]) * (f32(dprobs[base + s]) - dot);
+        }
+        dprobs[base + s] = T(d);
+    }
+}

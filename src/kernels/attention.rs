@@ -1,0 +1,278 @@
+//! Causal multi-head self-attention: scores, mask, softmax and the weighted sum of values, and the
+//! full backward, as batched matmuls around the causal-softmax kernels of shaders/attention.wgsl.
+//!
+//! Memory: the probabilities (B, n_head, T, T) are kept for the backward pass, and the backward
+//! needs one more buffer of that size for dP/dS. That is 2·B·n_head·T² elements of the storage
+//! precision (100 MB in f32 for B = 64, 6 heads, T = 256); a fused flash-style kernel that keeps
+//! only per-row statistics is the planned replacement. The matmuls also compute the masked upper
+//! triangle of the scores (wasted, half of those products) for the same reason.
+
+use super::matmul::Matmul;
+use super::{common_precision, grid};
+use crate::gpu::{Gpu, GpuTensor, PipelineKey, Specialisation};
+use crate::ops::{AttentionShape, Layout, MatmulSpec, Operand};
+use crate::{Error, Result};
+use std::sync::Arc;
+
+const WG: u32 = 128;
+
+#[repr(C)]
+#[derive(Clone, Copy, bytemuck::Pod, bytemuck::Zeroable)]
+struct Params {
+    rows: u32,
+    seq: u32,
+    groups_x: u32,
+    _pad: u32,
+}
+
+/// Operand placement of head h's (T, hs) block of the q, k or v part (`part` 0, 1, 2) of a
+/// (B, T, 3C) qkv buffer, or of a (B, T, C) buffer when `width` is C.
+fn head_block(shape: &AttentionShape, width: usize, offset: usize) -> Operand {
+    let hs = shape.channels / shape.heads;
+    Operand {
+        offset,
+        ld: width,
+        outer: shape.seq * width,
+        inner: hs,
+    }
+}
+
+/// Placement of the (T, T) block of (b, h) in a (B, n_head, T, T) buffer.
+fn square_block(shape: &AttentionShape) -> Operand {
+    let t = shape.seq;
+    Operand {
+        offset: 0,
+        ld: t,
+        outer: shape.heads * t * t,
+        inner: t * t,
+    }
+}
+
+/// A product over every (b, h) pair.
+fn per_head(shape: &AttentionShape, layout: Layout, m: usize, n: usize, k: usize) -> MatmulSpec {
+    let mut s = MatmulSpec::new(layout, m, n, k);
+    s.batch = shape.batch * shape.heads;
+    s.batch_inner = shape.heads;
+    s
+}
+
+struct Softmax {
+    pipeline: Arc<wgpu::ComputePipeline>,
+    bind_group: wgpu::BindGroup,
+    workgroups: [u32; 3],
+}
+
+impl Softmax {
+    fn new(
+        gpu: &Gpu,
+        entry: &'static str,
+        shape: &AttentionShape,
+        buffers: &[(u32, &wgpu::Buffer)],
+        probs: &GpuTensor,
+    ) -> Result<Self> {
+        let precision = common_precision("attention", &[probs])?;
+        let rows = shape.batch * shape.heads * shape.seq;
+        let (workgroups, groups_x) = grid(gpu, "attention", rows)?;
+        let pipeline = gpu.pipeline(&PipelineKey {
+            family: "attention",
+            entry,
+            precision,
+            constants: Specialisation::default().with("WG", WG),
+        })?;
+        let params = gpu.uniform(
+            "attention softmax params",
+            &Params {
+                rows: rows as u32,
+                seq: shape.seq as u32,
+                groups_x,
+                _pad: 0,
+            },
+        );
+        let mut entries = vec![(0, &params)];
+        entries.extend_from_slice(buffers);
+        let bind_group = gpu.bind_group(entry, &pipeline, &entries);
+        Ok(Softmax {
+            pipeline,
+            bind_group,
+            workgroups,
+        })
+    }
+
+    fn record(&self, pass: &mut wgpu::ComputePass<'_>) {
+        pass.set_pipeline(&self.pipeline);
+        pass.set_bind_group(0, &self.bind_group, &[]);
+        let [x, y, z] = self.workgroups;
+        pass.dispatch_workgroups(x, y, z);
+    }
+}
+
+fn check_tensors(
+    shape: &AttentionShape,
+    qkv: &GpuTensor,
+    out: &GpuTensor,
+    probs: &GpuTensor,
+) -> Result<()> {
+    shape.validate(qkv.len(), out.len(), probs.len())
+}
+
+/// The forward pass, prepared once: `probs = softmax(mask(q·kᵀ/√hs))`, `out = probs·v`.
+pub struct AttentionForward {
+    scores: Matmul,
+    softmax: Softmax,
+    weighted: Matmul,
+}
+
+impl AttentionForward {
+    /// Prepares the forward for `shape`; `probs` (B·n_head·T·T) is written and kept for the
+    /// backward.
+    pub fn new(
+        gpu: &Gpu,
+        out: &GpuTensor,
+        probs: &GpuTensor,
+        qkv: &GpuTensor,
+        shape: &AttentionShape,
+    ) -> Result<Self> {
+        check_tensors(shape, qkv, out, probs)?;
+        common_precision("attention", &[out, probs, qkv])?;
+        let (t, c) = (shape.seq, shape.channels);
+        let hs = c / shape.heads;
+        let mut s = per_head(shape, Layout::NT, t, t, hs);
+        s.a = head_block(shape, 3 * c, 0);
+        s.b = head_block(shape, 3 * c, c);
+        s.c = square_block(shape);
+        s.alpha = 1.0 / (hs as f32).sqrt();
+        let scores = Matmul::new(gpu, probs, qkv, qkv, None, &s)?;
+        let softmax = Softmax::new(
+            gpu,
+            "softmax_causal_forward",
+            shape,
+            &[(1, probs.buffer())],
+            probs,
+        )?;
+        let mut w = per_head(shape, Layout::NN, t, hs, t);
+        w.a = square_block(shape);
+        w.b = head_block(shape, 3 * c, 2 * c);
+        w.c = head_block(shape, c, 0);
+        let weighted = Matmul::new(gpu, out, probs, qkv, None, &w)?;
+        Ok(AttentionForward {
+            scores,
+            softmax,
+            weighted,
+        })
+    }
+
+    /// Adds the three dispatches to `pass`.
+    pub fn record(&self, pass: &mut wgpu::ComputePass<'_>) {
+        self.scores.record(pass);
+        self.softmax.record(pass);
+        self.weighted.record(pass);
+    }
+
+    /// Records and submits on its own (does not wait).
+    pub fn run(&self, gpu: &Gpu) -> Result<()> {
+        gpu.run_pass("attention forward", |pass| self.record(pass))
+    }
+}
+
+/// The backward pass, prepared once. `dprobs` is scratch of the size of `probs`.
+pub struct AttentionBackward {
+    dprobs_from_dout: Matmul,
+    dv: Matmul,
+    softmax: Softmax,
+    dq: Matmul,
+    dk: Matmul,
+}
+
+impl AttentionBackward {
+    /// Prepares `dqkv` (B, T, 3C, overwritten) from `dout` (B, T, C) and the forward's `qkv` and
+    /// `probs`.
+    pub fn new(
+        gpu: &Gpu,
+        dqkv: &GpuTensor,
+        dprobs: &GpuTensor,
+        dout: &GpuTensor,
+        qkv: &GpuTensor,
+        probs: &GpuTensor,
+        shape: &AttentionShape,
+    ) -> Result<Self> {
+        check_tensors(shape, qkv, dout, probs)?;
+        check_tensors(shape, dqkv, dout, dprobs)?;
+        common_precision("attention", &[dqkv, dprobs, dout, qkv, probs])?;
+        if dprobs.buffer() == probs.buffer() {
+            return Err(Error::shape(
+                "attention",
+                "dprobs must be a buffer of its own, not probs",
+            ));
+        }
+        let (t, c) = (shape.seq, shape.channels);
+        let hs = c / shape.heads;
+        let scale = 1.0 / (hs as f32).sqrt();
+        // dP = dO·vᵀ
+        let mut s = per_head(shape, Layout::NT, t, t, hs);
+        s.a = head_block(shape, c, 0);
+        s.b = head_block(shape, 3 * c, 2 * c);
+        s.c = square_block(shape);
+        let dprobs_from_dout = Matmul::new(gpu, dprobs, dout, qkv, None, &s)?;
+        // dv = Pᵀ·dO
+        let mut s = per_head(shape, Layout::TN, t, hs, t);
+        s.a = square_block(shape);
+        s.b = head_block(shape, c, 0);
+        s.c = head_block(shape, 3 * c, 2 * c);
+        let dv = Matmul::new(gpu, dqkv, probs, dout, None, &s)?;
+        // dS = P ⊙ (dP − rowsum(P ⊙ dP)), in place in dprobs.
+        let softmax = Softmax::new(
+            gpu,
+            "softmax_causal_backward",
+            shape,
+            &[(2, probs.buffer()), (3, dprobs.buffer())],
+            probs,
+        )?;
+        // dq = scale·dS·k
+        let mut s = per_head(shape, Layout::NN, t, hs, t);
+        s.a = square_block(shape);
+        s.b = head_block(shape, 3 * c, c);
+        s.c = head_block(shape, 3 * c, 0);
+        s.alpha = scale;
+        let dq = Matmul::new(gpu, dqkv, dprobs, qkv, None, &s)?;
+        // dk = scale·dSᵀ·q
+        let mut s = per_head(shape, Layout::TN, t, hs, t);
+        s.a = square_block(shape);
+        s.b = head_block(shape, 3 * c, 0);
+        s.c = head_block(shape, 3 * c, c);
+        s.alpha = scale;
+        let dk = Matmul::new(gpu, dqkv, dprobs, qkv, None, &s)?;
+        Ok(AttentionBackward {
+            dprobs_from_dout,
+            dv,
+            softmax,
+            dq,
+            dk,
+        })
+    }
+
+    /// Adds the five dispatches to `pass`.
+    pub fn record(&self, pass: &mut wgpu::ComputePass<'_>) {
+        self.dprobs_from_dout.record(pass);
+        self.dv.record(pass);
+        self.softmax.record(pass);
+        self.dq.record(pass);
+        self.dk.record(pass);
+    }
+
+    /// Records and submits on its own (does not wait).
+    pub fn run(&self, gpu: &Gpu) -> Result<()> {
+        gpu.run_pass("attention backward", |pass| self.record(pass))
+    }
+}
+
+/// Forward on the GPU, submitted at once. Same argument order as
+/// [`crate::cpu::attention::attention_forward`].
+pub fn attention_forward(
+    gpu: &Gpu,
+    out: &GpuTensor,
+    probs: &GpuTensor,
+    qkv: &GpuTensor,
+    shape: &AttentionShape,
+) -> Result<()> {
+    AttentionForward::new(gpu, out, probs, qkv, shape)?.run(gpu)
+}
