@@ -319,3 +319,75 @@ impl AttentionShape {
         Ok(())
     }
 }
+
+/// Token and position embedding of a (batch, seq) block of token ids into `channels` wide rows.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct EmbeddingShape {
+    /// B.
+    pub batch: usize,
+    /// T (at most the number of position-table rows).
+    pub seq: usize,
+    /// C.
+    pub channels: usize,
+    /// Rows of the token table.
+    pub vocab: usize,
+    /// Rows of the position table (the context window).
+    pub positions: usize,
+}
+
+impl EmbeddingShape {
+    /// Checks sizes and that every token id is inside the vocabulary.
+    pub fn validate(
+        &self,
+        tokens: &[u32],
+        wte_len: usize,
+        wpe_len: usize,
+        out_len: usize,
+    ) -> Result<()> {
+        let op = "embedding";
+        let EmbeddingShape {
+            batch,
+            seq,
+            channels,
+            vocab,
+            positions,
+        } = *self;
+        if batch == 0 || seq == 0 || channels == 0 || vocab == 0 {
+            return Err(Error::shape(
+                op,
+                format!("sizes must be positive; got {self:?}"),
+            ));
+        }
+        if seq > positions {
+            return Err(Error::shape(
+                op,
+                format!("T = {seq} exceeds the {positions} positions of the table"),
+            ));
+        }
+        let want = [
+            ("tokens", batch * seq, tokens.len()),
+            ("wte", vocab * channels, wte_len),
+            ("wpe", positions * channels, wpe_len),
+            ("out", batch * seq * channels, out_len),
+        ];
+        for (name, need, have) in want {
+            if need != have {
+                return Err(Error::shape(
+                    op,
+                    format!("{name} has {have} elements, expected {need} for {self:?}"),
+                ));
+            }
+        }
+        if let Some((i, t)) = tokens
+            .iter()
+            .enumerate()
+            .find(|(_, t)| **t as usize >= vocab)
+        {
+            return Err(Error::shape(
+                op,
+                format!("token {t} at position {i} is outside the vocabulary of {vocab}"),
+            ));
+        }
+        Ok(())
+    }
+}

@@ -9,6 +9,7 @@ use crate::{Error, Precision, Result};
 const MATMUL: &str = include_str!("../shaders/matmul.wgsl");
 const MATMUL_SUBGROUP: &str = include_str!("../shaders/matmul_subgroup.wgsl");
 const ATTENTION: &str = include_str!("../shaders/attention.wgsl");
+const EMBEDDING: &str = include_str!("../shaders/embedding.wgsl");
 
 /// Every shader module: (name, the files it is made of, in order). A module made of several
 /// files is an extension compiled after its base (used for kernels that need an optional feature
@@ -17,6 +18,7 @@ pub const MODULES: &[(&str, &[&str])] = &[
     ("matmul", &[MATMUL]),
     ("matmul_subgroup", &[MATMUL, MATMUL_SUBGROUP]),
     ("attention", &[ATTENTION]),
+    ("embedding", &[EMBEDDING]),
 ];
 
 /// The concatenated source of a module, without the precision prelude.

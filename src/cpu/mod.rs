@@ -5,4 +5,5 @@
 //! order match the GPU wrappers in [`crate::kernels`]: outputs first, then inputs, then the shape.
 
 pub mod attention;
+pub mod embedding;
 pub mod matmul;

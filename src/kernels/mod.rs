@@ -2,6 +2,7 @@
 //! wiring, dispatch-size maths and a `record` call that adds its dispatches to a compute pass.
 
 pub mod attention;
+pub mod embedding;
 pub mod matmul;
 pub mod tune;
 

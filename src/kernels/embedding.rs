@@ -1,0 +1,219 @@
+//! Token + position embedding (shaders/embedding.wgsl) and its deterministic backward.
+
+use super::{common_precision, grid};
+use crate::gpu::{DType, Gpu, GpuTensor, PipelineKey, Specialisation};
+use crate::ops::EmbeddingShape;
+use crate::{Error, Result};
+use std::sync::Arc;
+
+const WG: usize = 64;
+
+#[repr(C)]
+#[derive(Clone, Copy, bytemuck::Pod, bytemuck::Zeroable)]
+struct Params {
+    batch: u32,
+    seq: u32,
+    channels: u32,
+    vocab: u32,
+    groups_x: u32,
+    positions: u32,
+    _pad: [u32; 2],
+}
+
+struct Dispatch {
+    pipeline: Arc<wgpu::ComputePipeline>,
+    bind_group: wgpu::BindGroup,
+    workgroups: [u32; 3],
+}
+
+impl Dispatch {
+    fn new(
+        gpu: &Gpu,
+        entry: &'static str,
+        shape: &EmbeddingShape,
+        items: usize,
+        accumulate: bool,
+        precision: crate::Precision,
+        buffers: &[(u32, &wgpu::Buffer)],
+    ) -> Result<Self> {
+        let (workgroups, groups_x) = grid(gpu, "embedding", items.div_ceil(WG))?;
+        let pipeline = gpu.pipeline(&PipelineKey {
+            family: "embedding",
+            entry,
+            precision,
+            constants: Specialisation::default()
+                .with("WG", WG as u32)
+                .with("ACCUMULATE", accumulate as u8),
+        })?;
+        let params = gpu.uniform(
+            "embedding params",
+            &Params {
+                batch: shape.batch as u32,
+                seq: shape.seq as u32,
+                channels: shape.channels as u32,
+                vocab: shape.vocab as u32,
+                groups_x,
+                positions: shape.positions as u32,
+                _pad: [0; 2],
+            },
+        );
+        let mut entries = vec![(0, &params)];
+        entries.extend_from_slice(buffers);
+        let bind_group = gpu.bind_group(entry, &pipeline, &entries);
+        Ok(Dispatch {
+            pipeline,
+            bind_group,
+            workgroups,
+        })
+    }
+
+    fn record(&self, pass: &mut wgpu::ComputePass<'_>) {
+        pass.set_pipeline(&self.pipeline);
+        pass.set_bind_group(0, &self.bind_group, &[]);
+        let [x, y, z] = self.workgroups;
+        pass.dispatch_workgroups(x, y, z);
+    }
+}
+
+fn check_sizes(
+    shape: &EmbeddingShape,
+    tokens: &GpuTensor,
+    wte: usize,
+    wpe: usize,
+    out: usize,
+) -> Result<()> {
+    if tokens.dtype() != DType::U32 {
+        return Err(Error::shape(
+            "embedding",
+            format!("tokens {} must be u32", tokens.label()),
+        ));
+    }
+    // Token values live on the GPU; they are checked where the host writes them (token_index).
+    let fake = vec![0u32; tokens.len()];
+    shape.validate(&fake, wte, wpe, out)
+}
+
+/// The forward pass, prepared once.
+pub struct EmbeddingForward(Dispatch);
+
+impl EmbeddingForward {
+    /// `out[b, t, :] = wte[tokens[b, t], :] + wpe[t, :]`.
+    pub fn new(
+        gpu: &Gpu,
+        out: &GpuTensor,
+        tokens: &GpuTensor,
+        wte: &GpuTensor,
+        wpe: &GpuTensor,
+        shape: &EmbeddingShape,
+    ) -> Result<Self> {
+        check_sizes(shape, tokens, wte.len(), wpe.len(), out.len())?;
+        let p = common_precision("embedding", &[out, wte, wpe])?;
+        let items = shape.batch * shape.seq * shape.channels;
+        let buffers = [
+            (1, tokens.buffer()),
+            (2, wte.buffer()),
+            (3, wpe.buffer()),
+            (4, out.buffer()),
+        ];
+        Ok(EmbeddingForward(Dispatch::new(
+            gpu,
+            "embedding_forward",
+            shape,
+            items,
+            false,
+            p,
+            &buffers,
+        )?))
+    }
+
+    /// Adds the dispatch to `pass`.
+    pub fn record(&self, pass: &mut wgpu::ComputePass<'_>) {
+        self.0.record(pass);
+    }
+
+    /// Records and submits on its own (does not wait).
+    pub fn run(&self, gpu: &Gpu) -> Result<()> {
+        gpu.run_pass("embedding forward", |pass| self.record(pass))
+    }
+}
+
+/// The backward pass, prepared once. `order` (B·T) and `starts` (V + 1) are the batch's
+/// [`crate::cpu::embedding::token_index`], written by the host beside the tokens each step.
+pub struct EmbeddingBackward {
+    wte: Dispatch,
+    wpe: Dispatch,
+}
+
+impl EmbeddingBackward {
+    /// Gradients into the f32 tables `dwte` (V, C) and `dwpe` (positions, C), added to their
+    /// contents when `accumulate`.
+    #[allow(clippy::too_many_arguments)]
+    pub fn new(
+        gpu: &Gpu,
+        dwte: &GpuTensor,
+        dwpe: &GpuTensor,
+        dout: &GpuTensor,
+        order: &GpuTensor,
+        starts: &GpuTensor,
+        shape: &EmbeddingShape,
+        accumulate: bool,
+    ) -> Result<Self> {
+        check_sizes(shape, order, dwte.len(), dwpe.len(), dout.len())?;
+        for (name, t) in [("dwte", dwte), ("dwpe", dwpe)] {
+            if t.dtype() != DType::F32 {
+                return Err(Error::shape(
+                    "embedding",
+                    format!("{name} must be f32 (gradients accumulate in f32)"),
+                ));
+            }
+        }
+        if starts.dtype() != DType::U32 || starts.len() != shape.vocab + 1 {
+            return Err(Error::shape(
+                "embedding",
+                format!(
+                    "starts must be u32 of length vocab + 1 = {}, got {:?} {:?}",
+                    shape.vocab + 1,
+                    starts.dtype(),
+                    starts.shape()
+                ),
+            ));
+        }
+        let p = common_precision("embedding", &[dout])?;
+        let (c, v) = (shape.channels, shape.vocab);
+        let wte = Dispatch::new(
+            gpu,
+            "embedding_backward_wte",
+            shape,
+            v * c,
+            accumulate,
+            p,
+            &[
+                (5, dout.buffer()),
+                (6, order.buffer()),
+                (7, starts.buffer()),
+                (8, dwte.buffer()),
+            ],
+        )?;
+        let wpe = Dispatch::new(
+            gpu,
+            "embedding_backward_wpe",
+            shape,
+            shape.positions * c,
+            accumulate,
+            p,
+            &[(5, dout.buffer()), (9, dwpe.buffer())],
+        )?;
+        Ok(EmbeddingBackward { wte, wpe })
+    }
+
+    /// Adds the two dispatches to `pass`.
+    pub fn record(&self, pass: &mut wgpu::ComputePass<'_>) {
+        self.wte.record(pass);
+        self.wpe.record(pass);
+    }
+
+    /// Records and submits on its own (does not wait).
+    pub fn run(&self, gpu: &Gpu) -> Result<()> {
+        gpu.run_pass("embedding backward", |pass| self.record(pass))
+    }
+}
