@@ -1,6 +1,8 @@
 //! Shared test helpers: one device per precision, seeded random data, tolerance checks.
 #![allow(dead_code)]
 
+pub mod gradcheck;
+
 use kiln::{Gpu, GpuOptions, Precision, PrecisionChoice};
 use rand::{RngExt, SeedableRng};
 use std::sync::OnceLock;
