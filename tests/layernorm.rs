@@ -499,3 +499,43 @@ fn single_channel_rows_are_exact() {
         assert_eq!(gpu.read(&db).unwrap(), vec![15.0], "{p}");
     }
 }
+
+/// More rows than the 65535 workgroups allowed per dimension: the forward and the input
+/// gradient run one workgroup per row on a 2-D grid (2 × 32800 here), which must reach every row
+/// exactly once. Two channels keep it to about two seconds on lavapipe.
+#[test]
+fn rows_past_workgroup_limit_f32() {
+    let gpu = gpu(Precision::F32).unwrap();
+    let (rows, c) = (65_600, 2);
+    let case = Case::new(Precision::F32, LayerNormSpec::new(rows, c), 900);
+    let (want, want_mean, want_rstd) = case.cpu_forward();
+    let out = gpu.zeros("out", &[rows, c], DType::F32).unwrap();
+    let mean = gpu.zeros("mean", &[rows], DType::F32).unwrap();
+    let rstd = gpu.zeros("rstd", &[rows], DType::F32).unwrap();
+    let (inp, w, b) = (
+        upload(gpu, "inp", &case.inp),
+        upload(gpu, "weight", &case.weight),
+        upload(gpu, "bias", &case.bias),
+    );
+    layernorm_forward(gpu, &out, &mean, &rstd, &inp, &w, &b, &case.spec).unwrap();
+    let tol = forward_tolerance(Precision::F32);
+    assert_close("forward 65600 rows", &want, &gpu.read(&out).unwrap(), tol);
+    assert_close(
+        "mean",
+        &want_mean,
+        &gpu.read(&mean).unwrap(),
+        STATS_TOLERANCE,
+    );
+    assert_close(
+        "rstd",
+        &want_rstd,
+        &gpu.read(&rstd).unwrap(),
+        STATS_TOLERANCE,
+    );
+    let zeros = [vec![0.0; rows * c], vec![0.0; c], vec![0.0; c]];
+    let got = gpu_backward(gpu, &case, &zeros);
+    let want = cpu_backward(&case, &zeros);
+    for (name, (w, g)) in NAMES.iter().zip(want.iter().zip(&got)) {
+        assert_close(name, w, g, backward_tolerance(Precision::F32));
+    }
+}

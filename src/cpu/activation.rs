@@ -18,8 +18,14 @@ pub fn gelu(x: f32) -> f32 {
 pub fn gelu_grad(x: f32) -> f32 {
     let u = GELU_SCALE * (x + GELU_CUBIC * x * x * x);
     let t = u.tanh();
+    let sech2 = 1.0 - t * t;
+    // Once tanh is exactly ±1 the second term is below f32's resolution; skipping it avoids
+    // 0·inf = NaN when x² overflows (|x| > ~1e19).
+    if sech2 == 0.0 {
+        return 0.5 * (1.0 + t);
+    }
     let du = GELU_SCALE * (1.0 + 3.0 * GELU_CUBIC * x * x);
-    0.5 * (1.0 + t) + 0.5 * x * (1.0 - t * t) * du
+    0.5 * (1.0 + t) + 0.5 * x * sech2 * du
 }
 
 /// `out = gelu(inp)` element-wise.
