@@ -96,7 +96,7 @@ fn layernorm_forward(
         s += f32(inp[base + i]);
     }
     let m = workgroup_sum(lid, vec2<f32>(s, 0.0)).x / f32(c);
-    // Second pass over the (cached) row rather than E[x^2] - m^2, which cancels catastrophically
+    // A second pass over the row rather than E[x^2] - m^2, which cancels catastrophically
     // when |mean| is large against the spread.
     var q = 0.0;
     for (var i = lid; i < c; i += WG) {
