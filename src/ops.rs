@@ -391,3 +391,132 @@ impl EmbeddingShape {
         Ok(())
     }
 }
+
+/// Layer normalisation over the last dimension of a (rows, channels) tensor:
+/// `out = (x - mean) / sqrt(var + eps) · weight + bias`, with the biased variance as GPT-2 uses.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct LayerNormSpec {
+    /// Rows normalised independently (batch × sequence positions).
+    pub rows: usize,
+    /// Channels per row: the normalised dimension, and the length of weight and bias.
+    pub channels: usize,
+    /// Added to the variance before the square root.
+    pub eps: f32,
+    /// Backward only: add into dinp instead of overwriting it (the residual stream's gradient
+    /// already sits there in a transformer block).
+    pub accumulate_input: bool,
+    /// Backward only: add into dweight and dbias instead of overwriting them (gradient
+    /// accumulation over micro-batches).
+    pub accumulate_params: bool,
+}
+
+impl LayerNormSpec {
+    /// `rows` rows of `channels` with GPT-2's eps of 1e-5, overwriting every gradient.
+    pub fn new(rows: usize, channels: usize) -> Self {
+        LayerNormSpec {
+            rows,
+            channels,
+            eps: 1e-5,
+            accumulate_input: false,
+            accumulate_params: false,
+        }
+    }
+
+    /// Sets whether the backward adds into dinp.
+    pub fn accumulate_input(mut self, yes: bool) -> Self {
+        self.accumulate_input = yes;
+        self
+    }
+
+    /// Sets whether the backward adds into dweight and dbias.
+    pub fn accumulate_params(mut self, yes: bool) -> Self {
+        self.accumulate_params = yes;
+        self
+    }
+
+    /// Checks that the sizes are positive, indexable in u32, and that each named buffer holds
+    /// exactly what it should: `(name, kind, length)` with kind `Elements` (rows × channels),
+    /// `Channels` or `Rows`.
+    pub fn validate(&self, op: &'static str, buffers: &[(&str, Extent, usize)]) -> Result<()> {
+        if self.rows == 0 || self.channels == 0 {
+            return Err(Error::shape(
+                op,
+                format!(
+                    "rows and channels must be positive; got rows={} channels={}",
+                    self.rows, self.channels
+                ),
+            ));
+        }
+        if !(self.eps > 0.0 && self.eps.is_finite()) {
+            return Err(Error::shape(
+                op,
+                format!("eps must be positive and finite; got {}", self.eps),
+            ));
+        }
+        let elements = self.rows.checked_mul(self.channels);
+        match elements {
+            Some(n) if n <= u32::MAX as usize => {}
+            _ => {
+                return Err(Error::shape(
+                    op,
+                    format!(
+                        "rows={} × channels={} is over the 2^32 elements that kernels index",
+                        self.rows, self.channels
+                    ),
+                ));
+            }
+        }
+        for &(name, extent, have) in buffers {
+            let need = match extent {
+                Extent::Elements => self.rows * self.channels,
+                Extent::Channels => self.channels,
+                Extent::Rows => self.rows,
+            };
+            if have != need {
+                return Err(Error::shape(
+                    op,
+                    format!(
+                        "{name} has {have} elements but rows={} channels={} needs {need}",
+                        self.rows, self.channels
+                    ),
+                ));
+            }
+        }
+        Ok(())
+    }
+}
+
+/// What a buffer of a row-wise op is indexed by, for [`LayerNormSpec::validate`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Extent {
+    /// One value per element: rows × channels.
+    Elements,
+    /// One value per channel.
+    Channels,
+    /// One value per row.
+    Rows,
+}
+
+/// Checks the operands of an element-wise op: all `(name, length)` pairs equal, non-zero and
+/// indexable in u32. Returns the common length.
+pub fn elementwise_len(op: &'static str, buffers: &[(&str, usize)]) -> Result<usize> {
+    let (first, n) = buffers[0];
+    if n == 0 {
+        return Err(Error::shape(op, format!("{first} is empty")));
+    }
+    if n > u32::MAX as usize {
+        return Err(Error::shape(
+            op,
+            format!("{first} has {n} elements, over the 2^32 that kernels index"),
+        ));
+    }
+    for &(name, len) in &buffers[1..] {
+        if len != n {
+            return Err(Error::shape(
+                op,
+                format!("{name} has {len} elements but {first} has {n}; they must match"),
+            ));
+        }
+    }
+    Ok(n)
+}

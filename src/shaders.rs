@@ -10,6 +10,9 @@ const MATMUL: &str = include_str!("../shaders/matmul.wgsl");
 const MATMUL_SUBGROUP: &str = include_str!("../shaders/matmul_subgroup.wgsl");
 const ATTENTION: &str = include_str!("../shaders/attention.wgsl");
 const EMBEDDING: &str = include_str!("../shaders/embedding.wgsl");
+const LAYERNORM: &str = include_str!("../shaders/layernorm.wgsl");
+const ACTIVATION: &str = include_str!("../shaders/activation.wgsl");
+const ELEMENTWISE: &str = include_str!("../shaders/elementwise.wgsl");
 
 /// Every shader module: (name, the files it is made of, in order). A module made of several
 /// files is an extension compiled after its base (used for kernels that need an optional feature
@@ -19,6 +22,9 @@ pub const MODULES: &[(&str, &[&str])] = &[
     ("matmul_subgroup", &[MATMUL, MATMUL_SUBGROUP]),
     ("attention", &[ATTENTION]),
     ("embedding", &[EMBEDDING]),
+    ("layernorm", &[LAYERNORM]),
+    ("activation", &[ACTIVATION]),
+    ("elementwise", &[ELEMENTWISE]),
 ];
 
 /// The concatenated source of a module, without the precision prelude.

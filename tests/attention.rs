@@ -2,7 +2,7 @@
 
 mod common;
 
-use common::numgrad::{check_gradient, weighted_sum};
+use common::gradcheck::{GradCheck, check_gradient, weighted_sum};
 use common::{Tolerance, assert_close, gpu, random, round_to};
 use kiln::Precision;
 use kiln::cpu::attention::{attention_backward, attention_forward};
@@ -41,7 +41,8 @@ fn cpu_forward(qkv: &[f32], s: &AttentionShape) -> (Vec<f32>, Vec<f32>) {
 /// noise in L is a few 1e-6 and in (L+ − L−)/2h up to ~2e-4: that is the absolute tolerance. The
 /// truncation error of central differences is O(h²) ≈ 1e-4 relative; 2e-3 relative leaves margin
 /// and still fails a gradient that is 1% off (checked by mutating the reference while writing it).
-const FD_TOL: Tolerance = Tolerance {
+const FD: GradCheck = GradCheck {
+    h: 1e-2,
     abs: 2e-4,
     rel: 2e-3,
 };
@@ -55,17 +56,8 @@ fn cpu_backward_matches_finite_differences() {
         let (_, probs) = cpu_forward(&qkv, &s);
         let mut dqkv = vec![0.0; qkv.len()];
         attention_backward(&mut dqkv, &w, &qkv, &probs, &s).unwrap();
-        let loss = |x: &[f32]| weighted_sum(&cpu_forward(x, &s).0, &w);
-        check_gradient(
-            &format!("attention {s:?}"),
-            &qkv,
-            &dqkv,
-            loss,
-            1e-2,
-            FD_TOL,
-            400,
-        )
-        .unwrap();
+        let loss = |x: &[f32]| weighted_sum(&w, &cpu_forward(x, &s).0);
+        check_gradient(&format!("attention {s:?}"), &qkv, &dqkv, loss, FD).unwrap();
     }
 }
 
@@ -77,14 +69,14 @@ fn gradient_checker_rejects_a_wrong_gradient() {
     let (_, probs) = cpu_forward(&qkv, &s);
     let mut dqkv = vec![0.0; qkv.len()];
     attention_backward(&mut dqkv, &w, &qkv, &probs, &s).unwrap();
-    let loss = |x: &[f32]| weighted_sum(&cpu_forward(x, &s).0, &w);
+    let loss = |x: &[f32]| weighted_sum(&w, &cpu_forward(x, &s).0);
     // Off by 10% everywhere, and separately one element off by 0.05.
     let scaled: Vec<f32> = dqkv.iter().map(|g| g * 1.1).collect();
-    assert!(check_gradient("scaled", &qkv, &scaled, loss, 1e-2, FD_TOL, 400).is_err());
+    assert!(check_gradient("scaled", &qkv, &scaled, loss, FD).is_err());
     let mut one = dqkv.clone();
     one[0] += 0.05;
-    assert!(check_gradient("one element", &qkv, &one, loss, 1e-2, FD_TOL, 400).is_err());
-    assert!(check_gradient("right", &qkv, &dqkv, loss, 1e-2, FD_TOL, 400).is_ok());
+    assert!(check_gradient("one element", &qkv, &one, loss, FD).is_err());
+    assert!(check_gradient("right", &qkv, &dqkv, loss, FD).is_ok());
 }
 
 /// GPU vs CPU tolerances. f32: the matmuls and softmax sum at most max(T, hs) = 150 terms of size

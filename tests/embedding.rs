@@ -3,7 +3,7 @@
 
 mod common;
 
-use common::numgrad::{check_gradient, weighted_sum};
+use common::gradcheck::{GradCheck, check_gradient, weighted_sum};
 use common::{Tolerance, assert_close, gpu, random, round_to};
 use kiln::Precision;
 use kiln::cpu::embedding::{embedding_backward, embedding_forward, token_index};
@@ -46,7 +46,8 @@ fn cpu_backward_matches_finite_differences() {
     // The embedding is linear in the tables, so central differences are exact up to rounding:
     // L is a sum of ~100 products summed in f64 from f32 outputs (rounding ~6e-8 relative), over
     // 2h = 2e-2 gives < 1e-5; 1e-4 absolute + 1e-4 relative.
-    let tol = Tolerance {
+    let fd = GradCheck {
+        h: 1e-2,
         abs: 1e-4,
         rel: 1e-4,
     };
@@ -61,10 +62,10 @@ fn cpu_backward_matches_finite_differences() {
     let fwd = |te: &[f32], pe: &[f32]| {
         let mut out = vec![0.0; w.len()];
         embedding_forward(&mut out, &tok, te, pe, &s).unwrap();
-        weighted_sum(&out, &w)
+        weighted_sum(&w, &out)
     };
-    check_gradient("dwte", &wte, &dwte, |x| fwd(x, &wpe), 1e-2, tol, 2000).unwrap();
-    check_gradient("dwpe", &wpe, &dwpe, |x| fwd(&wte, x), 1e-2, tol, 2000).unwrap();
+    check_gradient("dwte", &wte, &dwte, |x| fwd(x, &wpe), fd).unwrap();
+    check_gradient("dwpe", &wpe, &dwpe, |x| fwd(&wte, x), fd).unwrap();
     // And the checker notices a gradient that forgot repeated tokens are summed.
     let mut wrong = dwte.clone();
     let repeated = tok
@@ -72,18 +73,7 @@ fn cpu_backward_matches_finite_differences() {
         .find(|t| tok.iter().filter(|u| u == t).count() > 1)
         .unwrap();
     wrong[*repeated as usize * s.channels] *= 0.5;
-    assert!(
-        check_gradient(
-            "wrong dwte",
-            &wte,
-            &wrong,
-            |x| fwd(x, &wpe),
-            1e-2,
-            tol,
-            2000
-        )
-        .is_err()
-    );
+    assert!(check_gradient("wrong dwte", &wte, &wrong, |x| fwd(x, &wpe), fd).is_err());
 }
 
 #[test]

@@ -4,6 +4,9 @@
 //! benchmarks compare with. They favour being obviously right over being fast. Names and argument
 //! order match the GPU wrappers in [`crate::kernels`]: outputs first, then inputs, then the shape.
 
+pub mod activation;
 pub mod attention;
 pub mod embedding;
+pub mod layernorm;
 pub mod matmul;
+pub mod residual;

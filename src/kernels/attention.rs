@@ -8,11 +8,10 @@
 //! triangle of the scores (wasted, half of those products) for the same reason.
 
 use super::matmul::Matmul;
-use super::{common_precision, grid};
-use crate::gpu::{Gpu, GpuTensor, PipelineKey, Specialisation};
+use super::{Dispatch, common_precision, grid};
+use crate::gpu::{Gpu, GpuTensor, Specialisation};
 use crate::ops::{AttentionShape, Layout, MatmulSpec, Operand};
 use crate::{Error, Result};
-use std::sync::Arc;
 
 const WG: u32 = 128;
 
@@ -56,54 +55,38 @@ fn per_head(shape: &AttentionShape, layout: Layout, m: usize, n: usize, k: usize
     s
 }
 
-struct Softmax {
-    pipeline: Arc<wgpu::ComputePipeline>,
-    bind_group: wgpu::BindGroup,
-    workgroups: [u32; 3],
-}
-
-impl Softmax {
-    fn new(
-        gpu: &Gpu,
-        entry: &'static str,
-        shape: &AttentionShape,
-        buffers: &[(u32, &wgpu::Buffer)],
-        probs: &GpuTensor,
-    ) -> Result<Self> {
-        let precision = common_precision("attention", &[probs])?;
-        let rows = shape.batch * shape.heads * shape.seq;
-        let (workgroups, groups_x) = grid(gpu, "attention", rows)?;
-        let pipeline = gpu.pipeline(&PipelineKey {
-            family: "attention",
-            entry,
-            precision,
-            constants: Specialisation::default().with("WG", WG),
-        })?;
-        let params = gpu.uniform(
-            "attention softmax params",
-            &Params {
-                rows: rows as u32,
-                seq: shape.seq as u32,
-                groups_x,
-                _pad: 0,
-            },
-        );
-        let mut entries = vec![(0, &params)];
-        entries.extend_from_slice(buffers);
-        let bind_group = gpu.bind_group(entry, &pipeline, &entries);
-        Ok(Softmax {
-            pipeline,
-            bind_group,
-            workgroups,
-        })
-    }
-
-    fn record(&self, pass: &mut wgpu::ComputePass<'_>) {
-        pass.set_pipeline(&self.pipeline);
-        pass.set_bind_group(0, &self.bind_group, &[]);
-        let [x, y, z] = self.workgroups;
-        pass.dispatch_workgroups(x, y, z);
-    }
+/// The causal softmax kernel (forward or backward) over every row of the (B·n_head·T, T) matrix.
+fn softmax(
+    gpu: &Gpu,
+    entry: &'static str,
+    shape: &AttentionShape,
+    buffers: &[(u32, &wgpu::Buffer)],
+    probs: &GpuTensor,
+) -> Result<Dispatch> {
+    let precision = common_precision("attention", &[probs])?;
+    let rows = shape.batch * shape.heads * shape.seq;
+    let workgroups = grid(gpu, "attention", rows)?;
+    let params = gpu.uniform(
+        "attention softmax params",
+        &Params {
+            rows: rows as u32,
+            seq: shape.seq as u32,
+            groups_x: workgroups[0],
+            _pad: 0,
+        },
+    );
+    let mut entries = vec![(0, &params)];
+    entries.extend_from_slice(buffers);
+    let constants = Specialisation::default().with("WG", WG);
+    Dispatch::new(
+        gpu,
+        "attention",
+        entry,
+        precision,
+        constants,
+        &entries,
+        workgroups,
+    )
 }
 
 fn check_tensors(
@@ -118,7 +101,7 @@ fn check_tensors(
 /// The forward pass, prepared once: `probs = softmax(mask(q·kᵀ/√hs))`, `out = probs·v`.
 pub struct AttentionForward {
     scores: Matmul,
-    softmax: Softmax,
+    softmax: Dispatch,
     weighted: Matmul,
 }
 
@@ -142,7 +125,7 @@ impl AttentionForward {
         s.c = square_block(shape);
         s.alpha = 1.0 / (hs as f32).sqrt();
         let scores = Matmul::new(gpu, probs, qkv, qkv, None, &s)?;
-        let softmax = Softmax::new(
+        let softmax = softmax(
             gpu,
             "softmax_causal_forward",
             shape,
@@ -178,7 +161,7 @@ impl AttentionForward {
 pub struct AttentionBackward {
     dprobs_from_dout: Matmul,
     dv: Matmul,
-    softmax: Softmax,
+    softmax: Dispatch,
     dq: Matmul,
     dk: Matmul,
 }
@@ -220,7 +203,7 @@ impl AttentionBackward {
         s.c = head_block(shape, 3 * c, 2 * c);
         let dv = Matmul::new(gpu, dqkv, probs, dout, None, &s)?;
         // dS = P ⊙ (dP − rowsum(P ⊙ dP)), in place in dprobs.
-        let softmax = Softmax::new(
+        let softmax = softmax(
             gpu,
             "softmax_causal_backward",
             shape,

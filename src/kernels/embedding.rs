@@ -1,10 +1,9 @@
 //! Token + position embedding (shaders/embedding.wgsl) and its deterministic backward.
 
-use super::{common_precision, grid};
-use crate::gpu::{DType, Gpu, GpuTensor, PipelineKey, Specialisation};
+use super::{Dispatch, common_precision, grid};
+use crate::gpu::{DType, Gpu, GpuTensor, Specialisation};
 use crate::ops::EmbeddingShape;
 use crate::{Error, Result};
-use std::sync::Arc;
 
 const WG: usize = 64;
 
@@ -20,59 +19,44 @@ struct Params {
     _pad: [u32; 2],
 }
 
-struct Dispatch {
-    pipeline: Arc<wgpu::ComputePipeline>,
-    bind_group: wgpu::BindGroup,
-    workgroups: [u32; 3],
-}
-
-impl Dispatch {
-    fn new(
-        gpu: &Gpu,
-        entry: &'static str,
-        shape: &EmbeddingShape,
-        items: usize,
-        accumulate: bool,
-        precision: crate::Precision,
-        buffers: &[(u32, &wgpu::Buffer)],
-    ) -> Result<Self> {
-        let (workgroups, groups_x) = grid(gpu, "embedding", items.div_ceil(WG))?;
-        let pipeline = gpu.pipeline(&PipelineKey {
-            family: "embedding",
-            entry,
-            precision,
-            constants: Specialisation::default()
-                .with("WG", WG as u32)
-                .with("ACCUMULATE", accumulate as u8),
-        })?;
-        let params = gpu.uniform(
-            "embedding params",
-            &Params {
-                batch: shape.batch as u32,
-                seq: shape.seq as u32,
-                channels: shape.channels as u32,
-                vocab: shape.vocab as u32,
-                groups_x,
-                positions: shape.positions as u32,
-                _pad: [0; 2],
-            },
-        );
-        let mut entries = vec![(0, &params)];
-        entries.extend_from_slice(buffers);
-        let bind_group = gpu.bind_group(entry, &pipeline, &entries);
-        Ok(Dispatch {
-            pipeline,
-            bind_group,
-            workgroups,
-        })
-    }
-
-    fn record(&self, pass: &mut wgpu::ComputePass<'_>) {
-        pass.set_pipeline(&self.pipeline);
-        pass.set_bind_group(0, &self.bind_group, &[]);
-        let [x, y, z] = self.workgroups;
-        pass.dispatch_workgroups(x, y, z);
-    }
+/// One of the family's entry points over `items` invocations, with its parameter block.
+#[allow(clippy::too_many_arguments)]
+fn dispatch(
+    gpu: &Gpu,
+    entry: &'static str,
+    shape: &EmbeddingShape,
+    items: usize,
+    accumulate: bool,
+    precision: crate::Precision,
+    buffers: &[(u32, &wgpu::Buffer)],
+) -> Result<Dispatch> {
+    let workgroups = grid(gpu, "embedding", items.div_ceil(WG))?;
+    let params = gpu.uniform(
+        "embedding params",
+        &Params {
+            batch: shape.batch as u32,
+            seq: shape.seq as u32,
+            channels: shape.channels as u32,
+            vocab: shape.vocab as u32,
+            groups_x: workgroups[0],
+            positions: shape.positions as u32,
+            _pad: [0; 2],
+        },
+    );
+    let mut entries = vec![(0, &params)];
+    entries.extend_from_slice(buffers);
+    let constants = Specialisation::default()
+        .with("WG", WG as u32)
+        .with("ACCUMULATE", accumulate as u8);
+    Dispatch::new(
+        gpu,
+        "embedding",
+        entry,
+        precision,
+        constants,
+        &entries,
+        workgroups,
+    )
 }
 
 fn check_sizes(
@@ -115,7 +99,7 @@ impl EmbeddingForward {
             (3, wpe.buffer()),
             (4, out.buffer()),
         ];
-        Ok(EmbeddingForward(Dispatch::new(
+        Ok(EmbeddingForward(dispatch(
             gpu,
             "embedding_forward",
             shape,
@@ -180,7 +164,7 @@ impl EmbeddingBackward {
         }
         let p = common_precision("embedding", &[dout])?;
         let (c, v) = (shape.channels, shape.vocab);
-        let wte = Dispatch::new(
+        let wte = dispatch(
             gpu,
             "embedding_backward_wte",
             shape,
@@ -194,7 +178,7 @@ impl EmbeddingBackward {
                 (8, dwte.buffer()),
             ],
         )?;
-        let wpe = Dispatch::new(
+        let wpe = dispatch(
             gpu,
             "embedding_backward_wpe",
             shape,

@@ -1,13 +1,17 @@
 //! GPU kernels: one module per WGSL family, each with the shader's specialisation, bind-group
 //! wiring, dispatch-size maths and a `record` call that adds its dispatches to a compute pass.
 
+pub mod activation;
 pub mod attention;
 pub mod embedding;
+pub mod layernorm;
 pub mod matmul;
+pub mod residual;
 pub mod tune;
 
-use crate::gpu::{DType, GpuTensor};
+use crate::gpu::{DType, Gpu, GpuTensor, PipelineKey, Specialisation};
 use crate::{Error, Precision, Result};
+use std::sync::Arc;
 
 /// The precision of a float tensor (u32 tensors are rejected).
 pub(crate) fn float_precision(op: &'static str, t: &GpuTensor) -> Result<Precision> {
@@ -46,20 +50,143 @@ pub(crate) fn groups(n: usize, per: usize) -> u32 {
     n.div_ceil(per) as u32
 }
 
-/// Lays `n` workgroups out as (x, y, 1) with x at most the adapter's per-dimension limit; kernels
-/// recover the linear index as `wg.x + wg.y * groups_x`. Returns the grid and `groups_x`.
-pub(crate) fn grid(gpu: &crate::Gpu, op: &'static str, n: usize) -> Result<([u32; 3], u32)> {
+/// A grid of at least `groups` workgroups within the adapter's per-dimension limit: 1-D while it
+/// fits, otherwise 2-D with the x extent balanced so that fewer than `y` workgroups are spare.
+/// Kernels recover the linear workgroup index as `wg.y * grid[0] + wg.x` and bounds-check it.
+pub(crate) fn grid(gpu: &Gpu, op: &'static str, groups: usize) -> Result<[u32; 3]> {
     let max = gpu
         .capabilities()
         .limits
         .max_compute_workgroups_per_dimension as usize;
-    let x = n.clamp(1, max);
-    let y = n.div_ceil(x);
+    let y = groups.div_ceil(max).max(1);
+    let x = groups.div_ceil(y).max(1);
     if y > max {
         return Err(Error::shape(
             op,
-            format!("{n} workgroups exceed the adapter's {max}×{max} grid"),
+            format!("{groups} workgroups exceed the adapter's {max} × {max} grid"),
         ));
     }
-    Ok(([x as u32, y as u32, 1], x as u32))
+    Ok([x as u32, y as u32, 1])
+}
+
+/// Checks that a tensor is f32 whatever the storage precision (saved statistics are).
+pub(crate) fn expect_f32(op: &'static str, t: &GpuTensor) -> Result<()> {
+    if t.dtype() != DType::F32 {
+        return Err(Error::shape(
+            op,
+            format!(
+                "tensor {} is {:?}; it must be F32 whatever the storage precision",
+                t.label(),
+                t.dtype()
+            ),
+        ));
+    }
+    Ok(())
+}
+
+/// Checks that no tensor the op writes is also passed in another role: wgpu forbids binding one
+/// buffer as writable storage twice or as both read and writable in a dispatch.
+pub(crate) fn distinct(op: &'static str, written: &[&GpuTensor], all: &[&GpuTensor]) -> Result<()> {
+    for w in written {
+        if all.iter().filter(|t| std::ptr::eq(**t, *w)).count() > 1 {
+            return Err(Error::shape(
+                op,
+                format!(
+                    "tensor {} is written and also passed as another operand; use separate tensors",
+                    w.label()
+                ),
+            ));
+        }
+    }
+    Ok(())
+}
+
+/// One compiled dispatch of a family's entry point: pipeline, bound buffers and workgroup counts.
+pub(crate) struct Dispatch {
+    pipeline: Arc<wgpu::ComputePipeline>,
+    bind_group: wgpu::BindGroup,
+    workgroups: [u32; 3],
+}
+
+impl Dispatch {
+    pub(crate) fn new(
+        gpu: &Gpu,
+        family: &'static str,
+        entry: &'static str,
+        precision: Precision,
+        constants: Specialisation,
+        buffers: &[(u32, &wgpu::Buffer)],
+        workgroups: [u32; 3],
+    ) -> Result<Self> {
+        let pipeline = gpu.pipeline(&PipelineKey {
+            family,
+            entry,
+            precision,
+            constants,
+        })?;
+        let bind_group = gpu.bind_group(entry, &pipeline, buffers);
+        Ok(Dispatch {
+            pipeline,
+            bind_group,
+            workgroups,
+        })
+    }
+
+    pub(crate) fn record(&self, pass: &mut wgpu::ComputePass<'_>) {
+        pass.set_pipeline(&self.pipeline);
+        pass.set_bind_group(0, &self.bind_group, &[]);
+        let [x, y, z] = self.workgroups;
+        pass.dispatch_workgroups(x, y, z);
+    }
+}
+
+/// Invocations per workgroup of the element-wise kernels (the shaders' `WG`, set explicitly so
+/// the dispatch maths and the shader cannot drift apart).
+pub(crate) const ELEMENTWISE_WG: usize = 256;
+
+/// The uniform block `Dims` of the element-wise shaders.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, bytemuck::Pod, bytemuck::Zeroable)]
+struct ElementwiseDims {
+    n: u32,
+    groups_x: u32,
+    _pad0: u32,
+    _pad1: u32,
+}
+
+/// A dispatch of one invocation per element over `n` elements, on a 1-D grid or, past the
+/// adapter's per-dimension limit, a 2-D one. `buffers` are the entry's storage bindings; the
+/// uniform goes to binding 0.
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn elementwise_dispatch(
+    gpu: &Gpu,
+    op: &'static str,
+    family: &'static str,
+    entry: &'static str,
+    precision: Precision,
+    constants: Specialisation,
+    n: usize,
+    buffers: &[(u32, &wgpu::Buffer)],
+) -> Result<Dispatch> {
+    let workgroups = grid(gpu, op, n.div_ceil(ELEMENTWISE_WG))?;
+    let dims = gpu.uniform(
+        entry,
+        &ElementwiseDims {
+            n: n as u32,
+            groups_x: workgroups[0],
+            _pad0: 0,
+            _pad1: 0,
+        },
+    );
+    let mut entries = vec![(0, &dims)];
+    entries.extend_from_slice(buffers);
+    Dispatch::new(
+        gpu,
+        family,
+        entry,
+        precision,
+        constants.with("WG", ELEMENTWISE_WG as u32),
+        &entries,
+        workgroups,
+    )
 }

@@ -1,7 +1,7 @@
 //! Shared test helpers: one device per precision, seeded random data, tolerance checks.
 #![allow(dead_code)]
 
-pub mod numgrad;
+pub mod gradcheck;
 
 use kiln::{Gpu, GpuOptions, Precision, PrecisionChoice};
 use rand::{RngExt, SeedableRng};

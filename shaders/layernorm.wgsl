@@ -1,0 +1,196 @@
+// Layer normalisation over the channels of each row of a (rows, channels) tensor, GPT-2 style:
+//
+//     out = (x - mean) * rstd * weight + bias,   rstd = 1 / sqrt(var + eps)   (biased variance)
+//
+// Forward saves mean and rstd (always f32, whatever T is) for the backward. Every sum is f32.
+//
+// Entry points:
+//   layernorm_forward                 one workgroup per row; two tree reductions in workgroup
+//                                     memory (mean, then squared deviations).
+//   layernorm_backward_input          one workgroup per row: dinp needs two row sums,
+//                                     sum(g) and sum(g * n) with g = dout * weight, n = normalised x.
+//   layernorm_backward_params_partial one invocation per (channel, block of rows): sums
+//                                     dout * n and dout over its block, in increasing row order.
+//   layernorm_backward_params_final   one invocation per channel: sums the blocks in increasing
+//                                     order into dweight and dbias.
+// dweight and dbias reduce over every row. WGSL has no float atomics, and atomics would make the
+// order (so the rounding) depend on scheduling anyway; the two-stage split above fixes the order
+// of every addition, so the result is bit-identical from run to run, while the partial stage still
+// gives a GPU (channels x blocks) invocations of work instead of only `channels`.
+//
+// Rows are indexed by a 2-D grid of workgroups, row = wg.y * groups_x + wg.x, so that more rows
+// than the adapter's 65535-per-dimension limit can be covered.
+
+struct Dims {
+    rows: u32,
+    channels: u32,
+    // Workgroups along x of the row grid.
+    groups_x: u32,
+    // Rows summed by one invocation of the partial stage, and the number of such blocks.
+    rows_per_block: u32,
+    blocks: u32,
+    eps: f32,
+    _pad0: u32,
+    _pad1: u32,
+}
+
+@group(0) @binding(0) var<uniform> dims: Dims;
+@group(0) @binding(1) var<storage, read> inp: array<T>;
+@group(0) @binding(2) var<storage, read> weight: array<T>;
+@group(0) @binding(3) var<storage, read> bias: array<T>;
+@group(0) @binding(4) var<storage, read_write> out: array<T>;
+@group(0) @binding(5) var<storage, read_write> mean_out: array<f32>;
+@group(0) @binding(6) var<storage, read_write> rstd_out: array<f32>;
+@group(0) @binding(7) var<storage, read> dout: array<T>;
+@group(0) @binding(8) var<storage, read> mean_in: array<f32>;
+@group(0) @binding(9) var<storage, read> rstd_in: array<f32>;
+@group(0) @binding(10) var<storage, read_write> dinp: array<T>;
+// Scratch of the parameter reduction: blocks x channels partial sums of dweight, then the same
+// for dbias.
+@group(0) @binding(11) var<storage, read_write> partial_out: array<f32>;
+@group(0) @binding(12) var<storage, read> partial_in: array<f32>;
+@group(0) @binding(13) var<storage, read_write> dweight: array<T>;
+@group(0) @binding(14) var<storage, read_write> dbias: array<T>;
+
+// Invocations per row. Must be a power of two: the tree reduction halves it at each step.
+override WG: u32 = 256u;
+// Invocations per workgroup (along channels) of the two parameter stages.
+override PARAM_WG: u32 = 64u;
+override ACCUMULATE_INPUT: bool = false;
+override ACCUMULATE_PARAMS: bool = false;
+
+var<workgroup> red: array<vec2<f32>, WG>;
+
+// Sum of `v` over the workgroup, returned to every invocation. The pairing is fixed (i with
+// i + s), so the result does not depend on scheduling. Must be called in uniform control flow.
+fn workgroup_sum(lid: u32, v: vec2<f32>) -> vec2<f32> {
+    red[lid] = v;
+    workgroupBarrier();
+    for (var s = WG / 2u; s > 0u; s >>= 1u) {
+        if lid < s {
+            red[lid] += red[lid + s];
+        }
+        workgroupBarrier();
+    }
+    let total = red[0];
+    // Nobody may overwrite red[0] (next call) before everybody has read it.
+    workgroupBarrier();
+    return total;
+}
+
+@compute @workgroup_size(WG)
+fn layernorm_forward(
+    @builtin(workgroup_id) wg: vec3<u32>,
+    @builtin(local_invocation_index) lid: u32,
+) {
+    // Uniform per workgroup, so returning here keeps the barriers below in uniform control flow.
+    let row = wg.y * dims.groups_x + wg.x;
+    if row >= dims.rows {
+        return;
+    }
+    let c = dims.channels;
+    let base = row * c;
+    // Strided by WG so that consecutive invocations read consecutive elements.
+    var s = 0.0;
+    for (var i = lid; i < c; i += WG) {
+        s += f32(inp[base + i]);
+    }
+    let m = workgroup_sum(lid, vec2<f32>(s, 0.0)).x / f32(c);
+    // A second pass over the row rather than E[x^2] - m^2, which cancels catastrophically
+    // when |mean| is large against the spread.
+    var q = 0.0;
+    for (var i = lid; i < c; i += WG) {
+        let d = f32(inp[base + i]) - m;
+        q += d * d;
+    }
+    let variance = workgroup_sum(lid, vec2<f32>(q, 0.0)).x / f32(c);
+    let r = inverseSqrt(variance + dims.eps);
+    for (var i = lid; i < c; i += WG) {
+        let n = (f32(inp[base + i]) - m) * r;
+        out[base + i] = T(n * f32(weight[i]) + f32(bias[i]));
+    }
+    if lid == 0u {
+        mean_out[row] = m;
+        rstd_out[row] = r;
+    }
+}
+
+// dinp = rstd * (g - mean(g) - n * mean(g * n)), g = dout * weight, n = (x - mean) * rstd.
+@compute @workgroup_size(WG)
+fn layernorm_backward_input(
+    @builtin(workgroup_id) wg: vec3<u32>,
+    @builtin(local_invocation_index) lid: u32,
+) {
+    let row = wg.y * dims.groups_x + wg.x;
+    if row >= dims.rows {
+        return;
+    }
+    let c = dims.channels;
+    let base = row * c;
+    let m = mean_in[row];
+    let r = rstd_in[row];
+    var acc = vec2<f32>(0.0);
+    for (var i = lid; i < c; i += WG) {
+        let g = f32(dout[base + i]) * f32(weight[i]);
+        let n = (f32(inp[base + i]) - m) * r;
+        acc += vec2<f32>(g, g * n);
+    }
+    let means = workgroup_sum(lid, acc) / f32(c);
+    for (var i = lid; i < c; i += WG) {
+        let g = f32(dout[base + i]) * f32(weight[i]);
+        let n = (f32(inp[base + i]) - m) * r;
+        var v = r * (g - means.x - n * means.y);
+        if ACCUMULATE_INPUT {
+            v += f32(dinp[base + i]);
+        }
+        dinp[base + i] = T(v);
+    }
+}
+
+// Consecutive invocations own consecutive channels, so each row's loads coalesce.
+@compute @workgroup_size(PARAM_WG)
+fn layernorm_backward_params_partial(
+    @builtin(global_invocation_id) gid: vec3<u32>,
+) {
+    let ch = gid.x;
+    let block = gid.y;
+    if ch >= dims.channels {
+        return;
+    }
+    let c = dims.channels;
+    let r0 = block * dims.rows_per_block;
+    let r1 = min(r0 + dims.rows_per_block, dims.rows);
+    var dw = 0.0;
+    var db = 0.0;
+    for (var r = r0; r < r1; r++) {
+        let i = r * c + ch;
+        let dy = f32(dout[i]);
+        dw += dy * ((f32(inp[i]) - mean_in[r]) * rstd_in[r]);
+        db += dy;
+    }
+    partial_out[block * c + ch] = dw;
+    partial_out[(dims.blocks + block) * c + ch] = db;
+}
+
+@compute @workgroup_size(PARAM_WG)
+fn layernorm_backward_params_final(
+    @builtin(global_invocation_id) gid: vec3<u32>,
+) {
+    let ch = gid.x;
+    if ch >= dims.channels {
+        return;
+    }
+    let c = dims.channels;
+    var dw = 0.0;
+    var db = 0.0;
+    for (var b = 0u; b < dims.blocks; b++) {
+        dw += partial_in[b * c + ch];
+        db += partial_in[(dims.blocks + b) * c + ch];
+    }
+    if ACCUMULATE_PARAMS {
+        dw += f32(dweight[ch]);
+        db += f32(dbias[ch]);
+    }
+    dweight[ch] = T(dw);
+    dbias[ch] = T(db);
+}
