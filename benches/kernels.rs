@@ -1,0 +1,362 @@
+//! Every transformer kernel family on the GPU (f32 and f16 storage) against its CPU reference, at
+//! the sizes of the two nanoGPT configs kiln ships: the "baby" GPT (B=12, T=64, C=128, 4 heads,
+//! vocab 65) and the 6-layer 384-wide GPT (B=64, T=256, C=384, 6 heads). Throughput is bytes moved
+//! (criterion's B/s, counted at 4 bytes per element in both precisions, i.e. f32-equivalent traffic)
+//! for the memory-bound families and FLOPs (elem/s) for attention.
+
+use criterion::{
+    BenchmarkGroup, Criterion, Throughput, criterion_group, criterion_main, measurement::WallTime,
+};
+use kiln::gpu::DType;
+use kiln::kernels::activation::{GeluBackward, GeluForward};
+use kiln::kernels::attention::{AttentionBackward, AttentionForward};
+use kiln::kernels::embedding::{EmbeddingBackward, EmbeddingForward};
+use kiln::kernels::layernorm::{LayerNormBackward, LayerNormForward};
+use kiln::kernels::residual::ResidualForward;
+use kiln::ops::{AttentionShape, EmbeddingShape, LayerNormSpec};
+use kiln::{Gpu, GpuOptions, GpuTensor, PrecisionChoice};
+use std::time::Duration;
+
+#[derive(Clone, Copy)]
+struct Size {
+    name: &'static str,
+    b: usize,
+    t: usize,
+    c: usize,
+    heads: usize,
+    vocab: usize,
+}
+
+const SIZES: [Size; 2] = [
+    Size {
+        name: "baby",
+        b: 12,
+        t: 64,
+        c: 128,
+        heads: 4,
+        vocab: 65,
+    },
+    Size {
+        name: "gpt6x384",
+        b: 64,
+        t: 256,
+        c: 384,
+        heads: 6,
+        vocab: 65,
+    },
+];
+
+fn fill(n: usize, seed: u32) -> Vec<f32> {
+    (0..n)
+        .map(|i| {
+            ((i as u32).wrapping_mul(2654435761).wrapping_add(seed) % 2000) as f32 / 1000.0 - 1.0
+        })
+        .collect()
+}
+
+fn devices() -> Vec<Gpu> {
+    [PrecisionChoice::F32, PrecisionChoice::F16]
+        .into_iter()
+        .filter_map(|precision| {
+            match Gpu::with_options(&GpuOptions {
+                adapter: None,
+                precision,
+            }) {
+                Ok(g) => Some(g),
+                Err(e) => {
+                    eprintln!("skipping {precision:?}: {e}");
+                    None
+                }
+            }
+        })
+        .collect()
+}
+
+fn tensor(gpu: &Gpu, n: usize, seed: u32) -> GpuTensor {
+    gpu.upload("bench", &[n], DType::from(gpu.precision()), &fill(n, seed))
+        .unwrap()
+}
+
+fn f32_tensor(gpu: &Gpu, n: usize) -> GpuTensor {
+    gpu.zeros("bench f32", &[n], DType::F32).unwrap()
+}
+
+/// Times `record` on the GPU, each run waited for.
+fn gpu_case(
+    group: &mut BenchmarkGroup<'_, WallTime>,
+    id: String,
+    gpu: &Gpu,
+    record: impl Fn(&mut wgpu::ComputePass<'_>),
+) {
+    group.bench_function(id, |bench| {
+        bench.iter(|| {
+            gpu.run_pass("bench", &record).unwrap();
+            gpu.wait().unwrap();
+        })
+    });
+}
+
+fn configure(group: &mut BenchmarkGroup<'_, WallTime>) {
+    group
+        .sample_size(10)
+        .warm_up_time(Duration::from_millis(300))
+        .measurement_time(Duration::from_secs(2));
+}
+
+fn embedding(c: &mut Criterion) {
+    let gpus = devices();
+    let mut group = c.benchmark_group("embedding");
+    configure(&mut group);
+    for s in SIZES {
+        let shape = EmbeddingShape {
+            batch: s.b,
+            seq: s.t,
+            channels: s.c,
+            vocab: s.vocab,
+            positions: s.t,
+        };
+        let n = s.b * s.t * s.c;
+        let tokens: Vec<u32> = (0..s.b * s.t).map(|i| (i * 7 % s.vocab) as u32).collect();
+        let (order, starts) = kiln::cpu::embedding::token_index(&tokens, s.vocab).unwrap();
+        // Forward reads a token row and a position row and writes the sum: three values each.
+        group.throughput(Throughput::Bytes((3 * n * 4) as u64));
+        for gpu in &gpus {
+            let p = gpu.precision();
+            let (wte, wpe, out) = (
+                tensor(gpu, s.vocab * s.c, 1),
+                tensor(gpu, s.t * s.c, 2),
+                tensor(gpu, n, 3),
+            );
+            let tok = gpu.upload_u32("tokens", &[tokens.len()], &tokens).unwrap();
+            let fwd = EmbeddingForward::new(gpu, &out, &tok, &wte, &wpe, &shape).unwrap();
+            gpu_case(
+                &mut group,
+                format!("forward/gpu_{p}/{}", s.name),
+                gpu,
+                |pass| fwd.record(pass),
+            );
+            let (g_order, g_starts) = (
+                gpu.upload_u32("order", &[order.len()], &order).unwrap(),
+                gpu.upload_u32("starts", &[starts.len()], &starts).unwrap(),
+            );
+            let (dwte, dwpe) = (f32_tensor(gpu, s.vocab * s.c), f32_tensor(gpu, s.t * s.c));
+            let bwd =
+                EmbeddingBackward::new(gpu, &dwte, &dwpe, &out, &g_order, &g_starts, &shape, false)
+                    .unwrap();
+            gpu_case(
+                &mut group,
+                format!("backward/gpu_{p}/{}", s.name),
+                gpu,
+                |pass| bwd.record(pass),
+            );
+        }
+        let (wte, wpe) = (fill(s.vocab * s.c, 1), fill(s.t * s.c, 2));
+        let mut out = vec![0.0; n];
+        group.bench_function(format!("forward/cpu_ref/{}", s.name), |b| {
+            b.iter(|| {
+                kiln::cpu::embedding::embedding_forward(&mut out, &tokens, &wte, &wpe, &shape)
+                    .unwrap()
+            })
+        });
+        let (mut dwte, mut dwpe) = (vec![0.0; wte.len()], vec![0.0; wpe.len()]);
+        group.bench_function(format!("backward/cpu_ref/{}", s.name), |b| {
+            b.iter(|| {
+                kiln::cpu::embedding::embedding_backward(
+                    &mut dwte, &mut dwpe, &out, &tokens, &shape, false,
+                )
+                .unwrap()
+            })
+        });
+    }
+    group.finish();
+}
+
+fn layernorm(c: &mut Criterion) {
+    let gpus = devices();
+    let mut group = c.benchmark_group("layernorm");
+    configure(&mut group);
+    for s in SIZES {
+        let spec = LayerNormSpec::new(s.b * s.t, s.c);
+        let n = s.b * s.t * s.c;
+        // Forward reads the input and writes the output; backward reads dout and the input and
+        // writes dinp (parameter reads and statistics are small beside them).
+        group.throughput(Throughput::Bytes((2 * n * 4) as u64));
+        for gpu in &gpus {
+            let p = gpu.precision();
+            let (inp, out, w, bias) = (
+                tensor(gpu, n, 1),
+                tensor(gpu, n, 2),
+                tensor(gpu, s.c, 3),
+                tensor(gpu, s.c, 4),
+            );
+            let (mean, rstd) = (f32_tensor(gpu, s.b * s.t), f32_tensor(gpu, s.b * s.t));
+            let fwd =
+                LayerNormForward::new(gpu, &out, &mean, &rstd, &inp, &w, &bias, &spec).unwrap();
+            gpu_case(
+                &mut group,
+                format!("forward/gpu_{p}/{}", s.name),
+                gpu,
+                |pass| fwd.record(pass),
+            );
+            let (dinp, dw, db) = (tensor(gpu, n, 5), tensor(gpu, s.c, 6), tensor(gpu, s.c, 7));
+            fwd.run(gpu).unwrap();
+            let bwd =
+                LayerNormBackward::new(gpu, &dinp, &dw, &db, &out, &inp, &w, &mean, &rstd, &spec)
+                    .unwrap();
+            gpu_case(
+                &mut group,
+                format!("backward/gpu_{p}/{}", s.name),
+                gpu,
+                |pass| bwd.record(pass),
+            );
+        }
+        let (inp, w, bias) = (fill(n, 1), fill(s.c, 3), fill(s.c, 4));
+        let (mut out, mut mean, mut rstd) =
+            (vec![0.0; n], vec![0.0; s.b * s.t], vec![0.0; s.b * s.t]);
+        group.bench_function(format!("forward/cpu_ref/{}", s.name), |b| {
+            b.iter(|| {
+                kiln::cpu::layernorm::layernorm_forward(
+                    &mut out, &mut mean, &mut rstd, &inp, &w, &bias, &spec,
+                )
+                .unwrap()
+            })
+        });
+        let (mut dinp, mut dw, mut db) = (vec![0.0; n], vec![0.0; s.c], vec![0.0; s.c]);
+        group.bench_function(format!("backward/cpu_ref/{}", s.name), |b| {
+            b.iter(|| {
+                kiln::cpu::layernorm::layernorm_backward(
+                    &mut dinp, &mut dw, &mut db, &out, &inp, &w, &mean, &rstd, &spec,
+                )
+                .unwrap()
+            })
+        });
+    }
+    group.finish();
+}
+
+fn attention(c: &mut Criterion) {
+    let gpus = devices();
+    let mut group = c.benchmark_group("attention");
+    configure(&mut group);
+    for s in SIZES {
+        let shape = AttentionShape {
+            batch: s.b,
+            seq: s.t,
+            channels: s.c,
+            heads: s.heads,
+        };
+        // Forward: q·kᵀ and P·v, 2·B·T²·C multiply-adds each (the full square, as computed).
+        let fwd_flops = 4 * s.b * s.t * s.t * s.c;
+        let (qkv_n, out_n, probs_n) = (s.b * s.t * 3 * s.c, s.b * s.t * s.c, shape.probs_len());
+        for gpu in &gpus {
+            let p = gpu.precision();
+            let (qkv, out, probs) = (
+                tensor(gpu, qkv_n, 1),
+                tensor(gpu, out_n, 2),
+                tensor(gpu, probs_n, 3),
+            );
+            let fwd = AttentionForward::new(gpu, &out, &probs, &qkv, &shape).unwrap();
+            group.throughput(Throughput::Elements(fwd_flops as u64));
+            gpu_case(
+                &mut group,
+                format!("forward/gpu_{p}/{}", s.name),
+                gpu,
+                |pass| fwd.record(pass),
+            );
+            fwd.run(gpu).unwrap();
+            let (dqkv, dprobs) = (tensor(gpu, qkv_n, 4), tensor(gpu, probs_n, 5));
+            let bwd =
+                AttentionBackward::new(gpu, &dqkv, &dprobs, &out, &qkv, &probs, &shape).unwrap();
+            group.throughput(Throughput::Elements(2 * fwd_flops as u64));
+            gpu_case(
+                &mut group,
+                format!("backward/gpu_{p}/{}", s.name),
+                gpu,
+                |pass| bwd.record(pass),
+            );
+        }
+        // The reference skips the masked half, so its count is half the GPU's for the same work.
+        let qkv = fill(qkv_n, 1);
+        let (mut out, mut probs) = (vec![0.0; out_n], vec![0.0; probs_n]);
+        group.throughput(Throughput::Elements(fwd_flops as u64));
+        group.bench_function(format!("forward/cpu_ref/{}", s.name), |b| {
+            b.iter(|| {
+                kiln::cpu::attention::attention_forward(&mut out, &mut probs, &qkv, &shape).unwrap()
+            })
+        });
+        let mut dqkv = vec![0.0; qkv_n];
+        group.throughput(Throughput::Elements(2 * fwd_flops as u64));
+        group.bench_function(format!("backward/cpu_ref/{}", s.name), |b| {
+            b.iter(|| {
+                kiln::cpu::attention::attention_backward(&mut dqkv, &out, &qkv, &probs, &shape)
+                    .unwrap()
+            })
+        });
+    }
+    group.finish();
+}
+
+fn elementwise(c: &mut Criterion) {
+    let gpus = devices();
+    let mut group = c.benchmark_group("elementwise");
+    configure(&mut group);
+    for s in SIZES {
+        // GELU runs on the MLP's hidden activations (4C wide); the residual add on (B, T, C).
+        let hidden = 4 * s.b * s.t * s.c;
+        let n = s.b * s.t * s.c;
+        for gpu in &gpus {
+            let p = gpu.precision();
+            let (x, y, dx) = (
+                tensor(gpu, hidden, 1),
+                tensor(gpu, hidden, 2),
+                tensor(gpu, hidden, 3),
+            );
+            let fwd = GeluForward::new(gpu, &y, &x).unwrap();
+            group.throughput(Throughput::Bytes((2 * hidden * 4) as u64));
+            gpu_case(
+                &mut group,
+                format!("gelu_forward/gpu_{p}/{}", s.name),
+                gpu,
+                |pass| fwd.record(pass),
+            );
+            let bwd = GeluBackward::new(gpu, &dx, &y, &x, false).unwrap();
+            group.throughput(Throughput::Bytes((3 * hidden * 4) as u64));
+            gpu_case(
+                &mut group,
+                format!("gelu_backward/gpu_{p}/{}", s.name),
+                gpu,
+                |pass| bwd.record(pass),
+            );
+            let (a, b, o) = (tensor(gpu, n, 4), tensor(gpu, n, 5), tensor(gpu, n, 6));
+            let res = ResidualForward::new(gpu, &o, &a, &b).unwrap();
+            group.throughput(Throughput::Bytes((3 * n * 4) as u64));
+            gpu_case(
+                &mut group,
+                format!("residual/gpu_{p}/{}", s.name),
+                gpu,
+                |pass| res.record(pass),
+            );
+        }
+        let x = fill(hidden, 1);
+        let mut y = vec![0.0; hidden];
+        group.throughput(Throughput::Bytes((2 * hidden * 4) as u64));
+        group.bench_function(format!("gelu_forward/cpu_ref/{}", s.name), |b| {
+            b.iter(|| kiln::cpu::activation::gelu_forward(&mut y, &x).unwrap())
+        });
+        let mut dx = vec![0.0; hidden];
+        group.throughput(Throughput::Bytes((3 * hidden * 4) as u64));
+        group.bench_function(format!("gelu_backward/cpu_ref/{}", s.name), |b| {
+            b.iter(|| kiln::cpu::activation::gelu_backward(&mut dx, &y, &x, false).unwrap())
+        });
+        let (a, bb) = (fill(n, 4), fill(n, 5));
+        let mut o = vec![0.0; n];
+        group.throughput(Throughput::Bytes((3 * n * 4) as u64));
+        group.bench_function(format!("residual/cpu_ref/{}", s.name), |b| {
+            b.iter(|| kiln::cpu::residual::residual_forward(&mut o, &a, &bb).unwrap())
+        });
+    }
+    group.finish();
+}
+
+criterion_group!(benches, embedding, layernorm, attention, elementwise);
+criterion_main!(benches);
