@@ -92,6 +92,12 @@ pub enum Error {
         /// The rule it broke.
         rule: String,
     },
+    /// The configuration could not be parsed (malformed TOML, unknown key, wrong type).
+    #[error("config: {message}")]
+    Config {
+        /// The parser's message, with the key and position.
+        message: String,
+    },
     /// A file could not be read or written.
     #[error("{path}: {source}")]
     Io {

@@ -10,6 +10,7 @@ pub mod cpu;
 mod error;
 pub mod gpu;
 pub mod kernels;
+pub mod model;
 pub mod ops;
 mod precision;
 pub mod shaders;

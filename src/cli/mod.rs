@@ -2,6 +2,7 @@
 
 mod bench;
 mod info;
+mod params;
 
 use clap::{Parser, Subcommand};
 use kiln::{Gpu, GpuOptions, PrecisionChoice, Result};
@@ -24,6 +25,8 @@ pub struct Args {
 enum Command {
     /// List every adapter, the one kiln picks, and the features and limits granted.
     Info(info::InfoArgs),
+    /// Parameter counts of a config: per component, weights vs biases, and training-state bytes.
+    Params(params::ParamsArgs),
     /// Time kernels on the GPU against the CPU reference.
     #[command(subcommand)]
     Bench(bench::BenchCommand),
@@ -43,5 +46,6 @@ pub fn run(args: Args) -> Result<()> {
     match &args.command {
         Command::Info(a) => info::run(&args, a),
         Command::Bench(b) => bench::run(&args, b),
+        Command::Params(p) => params::run(p),
     }
 }

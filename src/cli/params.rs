@@ -1,0 +1,105 @@
+//! `kiln params`: the parameter count of a config, per component, weights vs biases.
+
+use kiln::model::{Component, Config, ParamKind, ParamLayout, TokenizerKind};
+use kiln::{Error, Result};
+use std::path::PathBuf;
+
+#[derive(clap::Args, Debug)]
+pub struct ParamsArgs {
+    /// TOML config file.
+    #[arg(long)]
+    config: PathBuf,
+    /// Vocabulary size, when the config leaves it to the tokenizer.
+    #[arg(long)]
+    vocab: Option<usize>,
+    /// Override a config value, e.g. --set model.n_layer=6 (repeatable).
+    #[arg(long = "set", value_name = "KEY=VALUE")]
+    overrides: Vec<String>,
+}
+
+pub fn run(a: &ParamsArgs) -> Result<()> {
+    let config = Config::load(&a.config, &a.overrides)?;
+    let vocab = vocab(&config, a.vocab)?;
+    let layout = ParamLayout::gpt(&config.model, vocab, 1)?;
+    let fmt = |n: usize| group_digits(n);
+    println!("{} (vocab {vocab})", a.config.display());
+    println!(
+        "{:<12} {:>14} {:>14} {:>14}",
+        "component", "weights", "biases", "total"
+    );
+    for c in Component::ALL {
+        let (w, b) = (
+            layout.count(c, ParamKind::Weight),
+            layout.count(c, ParamKind::Bias),
+        );
+        let note = if c == Component::Head {
+            "  (tied to the token embedding)"
+        } else {
+            ""
+        };
+        println!(
+            "{:<12} {:>14} {:>14} {:>14}{note}",
+            c.name(),
+            fmt(w),
+            fmt(b),
+            fmt(w + b)
+        );
+    }
+    let (w, b) = (
+        layout.count_kind(ParamKind::Weight),
+        layout.count_kind(ParamKind::Bias),
+    );
+    println!(
+        "{:<12} {:>14} {:>14} {:>14}",
+        "total",
+        fmt(w),
+        fmt(b),
+        fmt(w + b)
+    );
+    for (name, bytes) in [("f16", 2), ("f32", 4)] {
+        let state = layout.training_state_bytes(bytes);
+        println!(
+            "training state with {name} parameters: {} bytes ({:.1} MiB: working copy, f32 master, Adam m and v, f32 gradients)",
+            fmt(state),
+            state as f64 / (1 << 20) as f64
+        );
+    }
+    Ok(())
+}
+
+fn vocab(config: &Config, given: Option<usize>) -> Result<usize> {
+    if let Some(v) = given.or((config.model.vocab_size > 0).then_some(config.model.vocab_size)) {
+        return Ok(v);
+    }
+    if config.data.tokenizer == TokenizerKind::Char && !config.data.path.is_empty() {
+        let text = std::fs::read_to_string(&config.data.path).map_err(|source| Error::Io {
+            path: config.data.path.clone(),
+            source,
+        })?;
+        let mut chars: Vec<char> = text.chars().collect();
+        chars.sort_unstable();
+        chars.dedup();
+        return Ok(chars.len());
+    }
+    if config.data.tokenizer == TokenizerKind::Bpe {
+        return Ok(config.data.bpe_vocab_size);
+    }
+    Err(Error::invalid(
+        "model.vocab_size",
+        0,
+        "the vocabulary comes from the tokenizer: pass --vocab N, set model.vocab_size, or set data.path",
+    ))
+}
+
+/// 124439808 → "124,439,808".
+fn group_digits(n: usize) -> String {
+    let s = n.to_string();
+    let mut out = String::new();
+    for (i, ch) in s.chars().enumerate() {
+        if i > 0 && (s.len() - i).is_multiple_of(3) {
+            out.push(',');
+        }
+        out.push(ch);
+    }
+    out
+}

@@ -1,0 +1,312 @@
+//! Run configuration in TOML: model shape, training hyperparameters and data.
+//!
+//! Every field has a default (the nanoGPT "baby" Shakespeare run), unknown keys are errors, and
+//! `--set section.key=value` overrides apply before validation, so a bad value is reported the
+//! same way whether it came from the file or the command line.
+
+use crate::precision::PrecisionChoice;
+use crate::{Error, Result};
+use serde::{Deserialize, Serialize};
+use std::path::Path;
+
+/// Everything a run needs.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Config {
+    /// Model shape.
+    pub model: ModelConfig,
+    /// Optimisation and schedule.
+    pub train: TrainConfig,
+    /// Corpus and tokenizer.
+    pub data: DataConfig,
+}
+
+/// A GPT-2-style decoder: learned positions, layer norm, GELU MLP, tied embedding and head.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct ModelConfig {
+    /// Transformer blocks.
+    pub n_layer: usize,
+    /// Attention heads per block; must divide `n_embd`.
+    pub n_head: usize,
+    /// Width of the residual stream.
+    pub n_embd: usize,
+    /// Context window: the longest sequence the model sees (rows of the position table).
+    pub block_size: usize,
+    /// Biases in the linear layers and layer norms.
+    pub bias: bool,
+    /// Dropout probability on attention probabilities and residual branches (0 disables it).
+    pub dropout: f32,
+    /// Vocabulary size; 0 takes it from the tokenizer.
+    pub vocab_size: usize,
+    /// Apply weight decay to the position embedding too (nanoGPT does; GPT-2's recipe doesn't).
+    pub decay_position_embedding: bool,
+}
+
+impl Default for ModelConfig {
+    fn default() -> Self {
+        ModelConfig {
+            n_layer: 4,
+            n_head: 4,
+            n_embd: 128,
+            block_size: 64,
+            bias: false,
+            dropout: 0.0,
+            vocab_size: 0,
+            decay_position_embedding: false,
+        }
+    }
+}
+
+/// How the learning rate falls after warm-up.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Decay {
+    /// Half a cosine from `lr` to `min_lr` over the steps after warm-up.
+    Cosine,
+    /// A straight line from `lr` to `min_lr`.
+    Linear,
+    /// Stay at `lr`.
+    Constant,
+}
+
+/// Optimisation, schedule, evaluation and checkpointing.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct TrainConfig {
+    /// Sequences per micro-batch.
+    pub batch_size: usize,
+    /// Micro-batches whose gradients are summed before one optimizer step.
+    pub grad_accum_steps: usize,
+    /// Peak learning rate.
+    pub lr: f64,
+    /// Learning rate at the end of decay.
+    pub min_lr: f64,
+    /// Steps of linear warm-up from 0 to `lr`.
+    pub warmup_steps: usize,
+    /// Decay shape after warm-up.
+    pub decay: Decay,
+    /// Optimizer steps in the run.
+    pub max_steps: usize,
+    /// Decoupled (AdamW) weight decay on the decayed tensors.
+    pub weight_decay: f64,
+    /// Adam β1.
+    pub beta1: f64,
+    /// Adam β2.
+    pub beta2: f64,
+    /// Adam ε.
+    pub eps: f64,
+    /// Clip the global gradient norm to this (0 disables clipping).
+    pub grad_clip: f64,
+    /// Steps between evaluations of the validation loss.
+    pub eval_interval: usize,
+    /// Validation batches per evaluation.
+    pub eval_batches: usize,
+    /// Steps between checkpoints (0: only at the end).
+    pub checkpoint_interval: usize,
+    /// Seed of initialisation, batches and dropout.
+    pub seed: u64,
+    /// Storage precision.
+    pub precision: PrecisionChoice,
+}
+
+impl Default for TrainConfig {
+    fn default() -> Self {
+        TrainConfig {
+            batch_size: 12,
+            grad_accum_steps: 1,
+            lr: 1e-3,
+            min_lr: 1e-4,
+            warmup_steps: 100,
+            decay: Decay::Cosine,
+            max_steps: 2000,
+            weight_decay: 0.1,
+            beta1: 0.9,
+            beta2: 0.99,
+            eps: 1e-8,
+            grad_clip: 1.0,
+            eval_interval: 250,
+            eval_batches: 20,
+            checkpoint_interval: 500,
+            seed: 1337,
+            precision: PrecisionChoice::Auto,
+        }
+    }
+}
+
+/// Which tokenizer turns the corpus into ids.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum TokenizerKind {
+    /// One id per distinct character of the corpus.
+    Char,
+    /// Byte-level BPE trained on the corpus.
+    Bpe,
+}
+
+/// Corpus and tokenizer.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct DataConfig {
+    /// UTF-8 text file (may be given on the command line instead).
+    pub path: String,
+    /// Tokenizer kind.
+    pub tokenizer: TokenizerKind,
+    /// Vocabulary size the BPE tokenizer trains to.
+    pub bpe_vocab_size: usize,
+    /// Fraction of the corpus, taken from its end, held out for validation.
+    pub val_fraction: f64,
+}
+
+impl Default for DataConfig {
+    fn default() -> Self {
+        DataConfig {
+            path: String::new(),
+            tokenizer: TokenizerKind::Char,
+            bpe_vocab_size: 512,
+            val_fraction: 0.1,
+        }
+    }
+}
+
+impl Config {
+    /// Parses TOML text, applies `key=value` overrides and validates the result.
+    pub fn from_toml(text: &str, overrides: &[String]) -> Result<Config> {
+        let mut value: toml::Table = toml::from_str(text).map_err(|e| Error::Config {
+            message: e.to_string(),
+        })?;
+        for o in overrides {
+            apply_override(&mut value, o)?;
+        }
+        let config: Config = Config::deserialize(value).map_err(|e| Error::Config {
+            message: e.to_string(),
+        })?;
+        config.validate()?;
+        Ok(config)
+    }
+
+    /// Reads a TOML file (see [`Config::from_toml`]).
+    pub fn load(path: &Path, overrides: &[String]) -> Result<Config> {
+        let text = std::fs::read_to_string(path).map_err(|source| Error::Io {
+            path: path.display().to_string(),
+            source,
+        })?;
+        Config::from_toml(&text, overrides).map_err(|e| match e {
+            Error::Config { message } => Error::Config {
+                message: format!("{}: {message}", path.display()),
+            },
+            other => other,
+        })
+    }
+
+    /// Checks every rule that does not depend on the data or the adapter.
+    pub fn validate(&self) -> Result<()> {
+        let m = &self.model;
+        let t = &self.train;
+        let positive = [
+            ("model.n_layer", m.n_layer),
+            ("model.n_head", m.n_head),
+            ("model.n_embd", m.n_embd),
+            ("model.block_size", m.block_size),
+            ("train.batch_size", t.batch_size),
+            ("train.grad_accum_steps", t.grad_accum_steps),
+            ("train.max_steps", t.max_steps),
+            ("train.eval_interval", t.eval_interval),
+            ("train.eval_batches", t.eval_batches),
+        ];
+        for (key, v) in positive {
+            if v == 0 {
+                return Err(Error::invalid(key, v, "must be at least 1"));
+            }
+        }
+        if !m.n_embd.is_multiple_of(m.n_head) {
+            return Err(Error::invalid(
+                "model.n_embd",
+                m.n_embd,
+                format!("must be divisible by model.n_head = {}", m.n_head),
+            ));
+        }
+        if !(0.0..1.0).contains(&m.dropout) {
+            return Err(Error::invalid(
+                "model.dropout",
+                m.dropout,
+                "must be in [0, 1)",
+            ));
+        }
+        let finite_nonneg = [
+            ("train.lr", t.lr),
+            ("train.min_lr", t.min_lr),
+            ("train.weight_decay", t.weight_decay),
+            ("train.grad_clip", t.grad_clip),
+        ];
+        for (key, v) in finite_nonneg {
+            if !v.is_finite() || v < 0.0 {
+                return Err(Error::invalid(key, v, "must be a finite number ≥ 0"));
+            }
+        }
+        if t.min_lr > t.lr {
+            return Err(Error::invalid(
+                "train.min_lr",
+                t.min_lr,
+                format!("must not exceed train.lr = {}", t.lr),
+            ));
+        }
+        for (key, v) in [("train.beta1", t.beta1), ("train.beta2", t.beta2)] {
+            if !(0.0..1.0).contains(&v) {
+                return Err(Error::invalid(key, v, "must be in [0, 1)"));
+            }
+        }
+        if !(t.eps.is_finite() && t.eps > 0.0) {
+            return Err(Error::invalid(
+                "train.eps",
+                t.eps,
+                "must be a finite number > 0",
+            ));
+        }
+        let d = &self.data;
+        if !(d.val_fraction > 0.0 && d.val_fraction < 1.0) {
+            return Err(Error::invalid(
+                "data.val_fraction",
+                d.val_fraction,
+                "must be in (0, 1)",
+            ));
+        }
+        if d.tokenizer == TokenizerKind::Bpe && d.bpe_vocab_size < 257 {
+            return Err(Error::invalid(
+                "data.bpe_vocab_size",
+                d.bpe_vocab_size,
+                "must be at least 257 (the 256 bytes plus one merge)",
+            ));
+        }
+        Ok(())
+    }
+}
+
+/// Applies `section.key=value` to a parsed table. The value is read as a TOML value (number,
+/// bool, quoted string, array), and as a bare string if it is not one.
+fn apply_override(table: &mut toml::Table, text: &str) -> Result<()> {
+    let (path, raw) = text
+        .split_once('=')
+        .ok_or_else(|| Error::invalid("--set", text, "expected section.key=value"))?;
+    let keys: Vec<&str> = path.trim().split('.').collect();
+    if keys.len() != 2 || keys.iter().any(|k| k.is_empty()) {
+        return Err(Error::invalid(
+            "--set",
+            text,
+            "expected section.key=value, e.g. train.lr=3e-4",
+        ));
+    }
+    let raw = raw.trim();
+    let value = toml::from_str::<toml::Table>(&format!("v = {raw}"))
+        .ok()
+        .and_then(|mut t| t.remove("v"))
+        .unwrap_or_else(|| toml::Value::String(raw.to_string()));
+    let section = table
+        .entry(keys[0])
+        .or_insert_with(|| toml::Value::Table(toml::Table::new()));
+    let section = section
+        .as_table_mut()
+        .ok_or_else(|| Error::invalid("--set", text, format!("{} is not a table", keys[0])))?;
+    section.insert(keys[1].to_string(), value);
+    Ok(())
+}

@@ -1,0 +1,217 @@
+//! The parameter layout: every tensor of the model in one table over one flat buffer.
+//!
+//! The table drives everything that touches parameters as a whole: the one-dispatch AdamW (which
+//! tensors decay), checkpoints (names and shapes), the parameter count and per-tensor test
+//! comparisons. Gradients, f32 master weights and Adam moments mirror the same offsets.
+
+use super::config::ModelConfig;
+use crate::{Error, Result};
+
+/// Which part of the model a tensor belongs to (for the parameter report).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, serde::Serialize)]
+pub enum Component {
+    /// Token and position embeddings.
+    Embedding,
+    /// Attention projections.
+    Attention,
+    /// The MLP.
+    Mlp,
+    /// Layer norms.
+    Norm,
+    /// The output head (zero extra parameters when tied to the token embedding).
+    Head,
+}
+
+impl Component {
+    /// Every component, in report order.
+    pub const ALL: [Component; 5] = [
+        Component::Embedding,
+        Component::Attention,
+        Component::Mlp,
+        Component::Norm,
+        Component::Head,
+    ];
+
+    /// Lowercase name.
+    pub fn name(self) -> &'static str {
+        match self {
+            Component::Embedding => "embeddings",
+            Component::Attention => "attention",
+            Component::Mlp => "mlp",
+            Component::Norm => "norms",
+            Component::Head => "head",
+        }
+    }
+}
+
+/// Weight or bias (norm gains count as weights, norm shifts as biases, as in GPT-2's naming).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize)]
+pub enum ParamKind {
+    /// A weight matrix, embedding table or norm gain.
+    Weight,
+    /// A bias vector or norm shift.
+    Bias,
+}
+
+/// One tensor of the layout.
+#[derive(Clone, Debug, PartialEq, serde::Serialize)]
+pub struct TensorInfo {
+    /// Name in checkpoints (GPT-2's names: `h.0.attn.c_attn.weight`, ...).
+    pub name: String,
+    /// Shape, outermost first (linear weights are (out, in)).
+    pub shape: Vec<usize>,
+    /// Element offset in the flat parameter buffer.
+    pub offset: usize,
+    /// Whether AdamW's weight decay applies.
+    pub decayed: bool,
+    /// Weight or bias.
+    pub kind: ParamKind,
+    /// Part of the model.
+    pub component: Component,
+}
+
+impl TensorInfo {
+    /// Number of elements.
+    pub fn len(&self) -> usize {
+        self.shape.iter().product()
+    }
+
+    /// True for a tensor with no elements.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
+/// The ordered table of every parameter tensor.
+#[derive(Clone, Debug, PartialEq, serde::Serialize)]
+pub struct ParamLayout {
+    tensors: Vec<TensorInfo>,
+    total: usize,
+}
+
+impl ParamLayout {
+    /// The layout of a GPT-2-style model with `vocab` tokens. Each tensor starts at a multiple of
+    /// `align` elements (so per-tensor bindings can meet the adapter's offset alignment); padding
+    /// is not counted as parameters.
+    pub fn gpt(model: &ModelConfig, vocab: usize, align: usize) -> Result<ParamLayout> {
+        if vocab == 0 {
+            return Err(Error::invalid("model.vocab_size", 0, "must be at least 1"));
+        }
+        let c = model.n_embd;
+        let align = align.max(1);
+        let mut layout = ParamLayout {
+            tensors: Vec::new(),
+            total: 0,
+        };
+        let mut add = |name: String,
+                       shape: Vec<usize>,
+                       kind: ParamKind,
+                       component: Component,
+                       decayed: bool| {
+            let offset = layout.total.div_ceil(align) * align;
+            let len: usize = shape.iter().product();
+            layout.tensors.push(TensorInfo {
+                name,
+                shape,
+                offset,
+                decayed,
+                kind,
+                component,
+            });
+            layout.total = offset + len;
+        };
+        use Component::*;
+        use ParamKind::*;
+        add("wte.weight".into(), vec![vocab, c], Weight, Embedding, true);
+        add(
+            "wpe.weight".into(),
+            vec![model.block_size, c],
+            Weight,
+            Embedding,
+            model.decay_position_embedding,
+        );
+        for l in 0..model.n_layer {
+            let p = |s: &str| format!("h.{l}.{s}");
+            add(p("ln_1.weight"), vec![c], Weight, Norm, false);
+            if model.bias {
+                add(p("ln_1.bias"), vec![c], Bias, Norm, false);
+            }
+            add(
+                p("attn.c_attn.weight"),
+                vec![3 * c, c],
+                Weight,
+                Attention,
+                true,
+            );
+            if model.bias {
+                add(p("attn.c_attn.bias"), vec![3 * c], Bias, Attention, false);
+            }
+            add(p("attn.c_proj.weight"), vec![c, c], Weight, Attention, true);
+            if model.bias {
+                add(p("attn.c_proj.bias"), vec![c], Bias, Attention, false);
+            }
+            add(p("ln_2.weight"), vec![c], Weight, Norm, false);
+            if model.bias {
+                add(p("ln_2.bias"), vec![c], Bias, Norm, false);
+            }
+            add(p("mlp.c_fc.weight"), vec![4 * c, c], Weight, Mlp, true);
+            if model.bias {
+                add(p("mlp.c_fc.bias"), vec![4 * c], Bias, Mlp, false);
+            }
+            add(p("mlp.c_proj.weight"), vec![c, 4 * c], Weight, Mlp, true);
+            if model.bias {
+                add(p("mlp.c_proj.bias"), vec![c], Bias, Mlp, false);
+            }
+        }
+        add("ln_f.weight".into(), vec![c], Weight, Norm, false);
+        if model.bias {
+            add("ln_f.bias".into(), vec![c], Bias, Norm, false);
+        }
+        Ok(layout)
+    }
+
+    /// Every tensor, in buffer order.
+    pub fn tensors(&self) -> &[TensorInfo] {
+        &self.tensors
+    }
+
+    /// The tensor called `name`.
+    pub fn get(&self, name: &str) -> Option<&TensorInfo> {
+        self.tensors.iter().find(|t| t.name == name)
+    }
+
+    /// Elements of the flat buffer, alignment padding included.
+    pub fn buffer_len(&self) -> usize {
+        self.total
+    }
+
+    /// Parameters (padding excluded).
+    pub fn num_params(&self) -> usize {
+        self.tensors.iter().map(TensorInfo::len).sum()
+    }
+
+    /// Parameters of one component and kind.
+    pub fn count(&self, component: Component, kind: ParamKind) -> usize {
+        self.tensors
+            .iter()
+            .filter(|t| t.component == component && t.kind == kind)
+            .map(TensorInfo::len)
+            .sum()
+    }
+
+    /// Parameters of one kind over the whole model.
+    pub fn count_kind(&self, kind: ParamKind) -> usize {
+        self.tensors
+            .iter()
+            .filter(|t| t.kind == kind)
+            .map(TensorInfo::len)
+            .sum()
+    }
+
+    /// Bytes of training state resident on the GPU per parameter buffer element: the working copy
+    /// (`param_bytes` each: 2 for f16, 4 for f32), f32 master weights, f32 Adam m and v, and f32
+    /// gradients.
+    pub fn training_state_bytes(&self, param_bytes: usize) -> usize {
+        self.total * (param_bytes + 4 + 4 + 4 + 4)
+    }
+}
