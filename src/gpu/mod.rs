@@ -9,7 +9,7 @@ mod timing;
 pub use adapter::AdapterSummary;
 pub use capabilities::Capabilities;
 pub use pipeline::{PipelineKey, Specialisation};
-pub use tensor::{DType, GpuTensor};
+pub use tensor::{Bind, DType, GpuTensor};
 pub use timing::median;
 
 use crate::precision::{Precision, PrecisionChoice};
@@ -237,18 +237,18 @@ impl Gpu {
             })
     }
 
-    /// A bind group for `pipeline`'s group 0 binding each `(binding, buffer)` pair.
+    /// A bind group for `pipeline`'s group 0 binding each `(slot, range)` pair.
     pub fn bind_group(
         &self,
         label: &str,
         pipeline: &wgpu::ComputePipeline,
-        buffers: &[(u32, &wgpu::Buffer)],
+        buffers: &[(u32, Bind<'_>)],
     ) -> wgpu::BindGroup {
         let entries: Vec<wgpu::BindGroupEntry<'_>> = buffers
             .iter()
-            .map(|&(binding, b)| wgpu::BindGroupEntry {
-                binding,
-                resource: b.as_entire_binding(),
+            .map(|(binding, b)| wgpu::BindGroupEntry {
+                binding: *binding,
+                resource: b.resource(),
             })
             .collect();
         self.device.create_bind_group(&wgpu::BindGroupDescriptor {

@@ -34,19 +34,92 @@ impl From<Precision> for DType {
     }
 }
 
-/// A storage buffer holding a dense row-major tensor.
+/// A dense row-major tensor in a storage buffer: the whole buffer, or a view of part of one
+/// (a parameter inside the flat parameter buffer, see [`GpuTensor::view`]).
 #[derive(Debug)]
 pub struct GpuTensor {
     buffer: wgpu::Buffer,
+    /// Byte offset of element 0 in `buffer`.
+    offset: u64,
     shape: Vec<usize>,
     dtype: DType,
     label: String,
 }
 
+/// A range of a buffer to bind to a shader slot: a whole buffer (uniforms) or a tensor's range.
+#[derive(Clone, Copy, Debug)]
+pub struct Bind<'a> {
+    buffer: &'a wgpu::Buffer,
+    offset: u64,
+    size: Option<std::num::NonZeroU64>,
+}
+
+impl<'a> Bind<'a> {
+    /// All of `buffer`.
+    pub fn whole(buffer: &'a wgpu::Buffer) -> Self {
+        Bind {
+            buffer,
+            offset: 0,
+            size: None,
+        }
+    }
+
+    pub(crate) fn resource(&self) -> wgpu::BindingResource<'a> {
+        wgpu::BindingResource::Buffer(wgpu::BufferBinding {
+            buffer: self.buffer,
+            offset: self.offset,
+            size: self.size,
+        })
+    }
+}
+
 impl GpuTensor {
-    /// The wgpu buffer (bound as a storage buffer by kernels).
+    /// The underlying wgpu buffer (shared by all views of it).
     pub fn buffer(&self) -> &wgpu::Buffer {
         &self.buffer
+    }
+
+    /// Byte offset of the tensor in [`GpuTensor::buffer`].
+    pub fn offset_bytes(&self) -> u64 {
+        self.offset
+    }
+
+    /// The tensor's range for binding to a shader slot. The size is rounded up to 4 bytes (an odd
+    /// f16 tensor carries one element of what follows it, never written by a kernel).
+    pub fn bind(&self) -> Bind<'_> {
+        let bytes = (self.len().max(1) * self.dtype.size()).div_ceil(4) * 4;
+        let bytes = (bytes as u64).min(self.buffer.size() - self.offset);
+        Bind {
+            buffer: &self.buffer,
+            offset: self.offset,
+            size: std::num::NonZeroU64::new(bytes),
+        }
+    }
+
+    /// A tensor of `shape` over the elements starting at `offset` (in elements) of this one,
+    /// sharing its buffer. The byte offset must meet the adapter's
+    /// `min_storage_buffer_offset_alignment` to be bound (kiln's parameter layout aligns every
+    /// tensor for that).
+    pub fn view(&self, label: &str, offset: usize, shape: &[usize]) -> crate::Result<GpuTensor> {
+        let len: usize = shape.iter().product();
+        if offset + len > self.len() {
+            return Err(Error::shape(
+                "view",
+                format!(
+                    "{label}: elements {offset}..{} are outside {} ({} elements)",
+                    offset + len,
+                    self.label,
+                    self.len()
+                ),
+            ));
+        }
+        Ok(GpuTensor {
+            buffer: self.buffer.clone(),
+            offset: self.offset + (offset * self.dtype.size()) as u64,
+            shape: shape.to_vec(),
+            dtype: self.dtype,
+            label: label.to_string(),
+        })
     }
     /// Shape, outermost first.
     pub fn shape(&self) -> &[usize] {
@@ -104,6 +177,7 @@ impl Gpu {
         });
         Ok(GpuTensor {
             buffer,
+            offset: 0,
             shape: shape.to_vec(),
             dtype,
             label: label.to_string(),
@@ -161,11 +235,18 @@ impl Gpu {
     fn write_bytes(&self, t: &GpuTensor, bytes: &[u8]) {
         // write_buffer needs a multiple of 4 bytes: an odd-length f16 tensor gets one pad element.
         if bytes.len().is_multiple_of(4) {
-            self.queue.write_buffer(&t.buffer, 0, bytes);
+            self.queue.write_buffer(&t.buffer, t.offset, bytes);
         } else {
+            // Padding a view's last element would clobber the next tensor: keep its bytes.
             let mut padded = bytes.to_vec();
             padded.resize(bytes.len().div_ceil(4) * 4, 0);
-            self.queue.write_buffer(&t.buffer, 0, &padded);
+            if t.offset != 0 || t.buffer.size() > padded_bytes(t.len(), t.dtype) {
+                let keep = self.read_range(t, bytes.len() as u64, 2);
+                if let Ok(keep) = keep {
+                    padded[bytes.len()..].copy_from_slice(&keep);
+                }
+            }
+            self.queue.write_buffer(&t.buffer, t.offset, &padded);
         }
     }
 
@@ -201,9 +282,17 @@ impl Gpu {
         Ok(bytemuck::cast_slice::<u8, u32>(&bytes)[..t.len()].to_vec())
     }
 
-    /// Copies the whole buffer into a staging buffer, maps it and returns its bytes.
+    /// Copies the tensor's bytes (rounded up to 4) into a staging buffer, maps it and returns them.
     fn read_bytes(&self, t: &GpuTensor) -> Result<Vec<u8>> {
-        let size = t.buffer.size();
+        let size = ((t.len().max(1) * t.dtype.size()).div_ceil(4) * 4) as u64;
+        self.read_range(t, 0, size)
+    }
+
+    /// `len` bytes from byte `start` of the tensor; the copy is widened to 4-byte boundaries.
+    fn read_range(&self, t: &GpuTensor, start: u64, len: u64) -> Result<Vec<u8>> {
+        let from = (t.offset + start) / 4 * 4;
+        let skip = (t.offset + start - from) as usize;
+        let size = ((skip as u64 + len).div_ceil(4) * 4).min(t.buffer.size() - from);
         let staging = self.device.create_buffer(&wgpu::BufferDescriptor {
             label: Some("kiln readback"),
             size,
@@ -211,7 +300,7 @@ impl Gpu {
             mapped_at_creation: false,
         });
         self.submit("readback copy", |enc| {
-            enc.copy_buffer_to_buffer(&t.buffer, 0, &staging, 0, size)
+            enc.copy_buffer_to_buffer(&t.buffer, from, &staging, 0, size)
         })?;
         let (tx, rx) = std::sync::mpsc::channel();
         staging.map_async(wgpu::MapMode::Read, .., move |r| {
@@ -230,7 +319,7 @@ impl Gpu {
             what: t.label.clone(),
             message: e.to_string(),
         })?;
-        let bytes = view.to_vec();
+        let bytes = view[skip..(skip + len as usize).min(view.len())].to_vec();
         drop(view);
         staging.unmap();
         Ok(bytes)

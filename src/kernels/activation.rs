@@ -26,7 +26,7 @@ impl GeluForward {
             precision,
             Specialisation::default(),
             n,
-            &[(1, inp.buffer()), (2, out.buffer())],
+            &[(1, inp.bind()), (2, out.bind())],
         )?;
         Ok(GeluForward { dispatch })
     }
@@ -75,7 +75,7 @@ impl GeluBackward {
             precision,
             Specialisation::default().with("ACCUMULATE", accumulate as u8),
             n,
-            &[(1, inp.buffer()), (3, dout.buffer()), (4, dinp.buffer())],
+            &[(1, inp.bind()), (3, dout.bind()), (4, dinp.bind())],
         )?;
         Ok(GeluBackward { dispatch })
     }

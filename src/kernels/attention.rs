@@ -9,7 +9,7 @@
 
 use super::matmul::Matmul;
 use super::{Dispatch, common_precision, grid};
-use crate::gpu::{Gpu, GpuTensor, Specialisation};
+use crate::gpu::{Bind, Gpu, GpuTensor, Specialisation};
 use crate::ops::{AttentionShape, Layout, MatmulSpec, Operand};
 use crate::{Error, Result};
 
@@ -60,7 +60,7 @@ fn softmax(
     gpu: &Gpu,
     entry: &'static str,
     shape: &AttentionShape,
-    buffers: &[(u32, &wgpu::Buffer)],
+    buffers: &[(u32, Bind<'_>)],
     probs: &GpuTensor,
 ) -> Result<Dispatch> {
     let precision = common_precision("attention", &[probs])?;
@@ -75,7 +75,7 @@ fn softmax(
             _pad: 0,
         },
     );
-    let mut entries = vec![(0, &params)];
+    let mut entries = vec![(0, Bind::whole(&params))];
     entries.extend_from_slice(buffers);
     let constants = Specialisation::default().with("WG", WG);
     Dispatch::new(
@@ -129,7 +129,7 @@ impl AttentionForward {
             gpu,
             "softmax_causal_forward",
             shape,
-            &[(1, probs.buffer())],
+            &[(1, probs.bind())],
             probs,
         )?;
         let mut w = per_head(shape, Layout::NN, t, hs, t);
@@ -207,7 +207,7 @@ impl AttentionBackward {
             gpu,
             "softmax_causal_backward",
             shape,
-            &[(2, probs.buffer()), (3, dprobs.buffer())],
+            &[(2, probs.bind()), (3, dprobs.bind())],
             probs,
         )?;
         // dq = scale·dS·k

@@ -1,7 +1,7 @@
 //! Token + position embedding (shaders/embedding.wgsl) and its deterministic backward.
 
 use super::{Dispatch, common_precision, grid};
-use crate::gpu::{DType, Gpu, GpuTensor, Specialisation};
+use crate::gpu::{Bind, DType, Gpu, GpuTensor, Specialisation};
 use crate::ops::EmbeddingShape;
 use crate::{Error, Result};
 
@@ -28,7 +28,7 @@ fn dispatch(
     items: usize,
     accumulate: bool,
     precision: crate::Precision,
-    buffers: &[(u32, &wgpu::Buffer)],
+    buffers: &[(u32, Bind<'_>)],
 ) -> Result<Dispatch> {
     let workgroups = grid(gpu, "embedding", items.div_ceil(WG))?;
     let params = gpu.uniform(
@@ -43,7 +43,7 @@ fn dispatch(
             _pad: [0; 2],
         },
     );
-    let mut entries = vec![(0, &params)];
+    let mut entries = vec![(0, Bind::whole(&params))];
     entries.extend_from_slice(buffers);
     let constants = Specialisation::default()
         .with("WG", WG as u32)
@@ -94,10 +94,10 @@ impl EmbeddingForward {
         let p = common_precision("embedding", &[out, wte, wpe])?;
         let items = shape.batch * shape.seq * shape.channels;
         let buffers = [
-            (1, tokens.buffer()),
-            (2, wte.buffer()),
-            (3, wpe.buffer()),
-            (4, out.buffer()),
+            (1, tokens.bind()),
+            (2, wte.bind()),
+            (3, wpe.bind()),
+            (4, out.bind()),
         ];
         Ok(EmbeddingForward(dispatch(
             gpu,
@@ -172,10 +172,10 @@ impl EmbeddingBackward {
             accumulate,
             p,
             &[
-                (5, dout.buffer()),
-                (6, order.buffer()),
-                (7, starts.buffer()),
-                (8, dwte.buffer()),
+                (5, dout.bind()),
+                (6, order.bind()),
+                (7, starts.bind()),
+                (8, dwte.bind()),
             ],
         )?;
         let wpe = dispatch(
@@ -185,7 +185,7 @@ impl EmbeddingBackward {
             shape.positions * c,
             accumulate,
             p,
-            &[(5, dout.buffer()), (9, dwpe.buffer())],
+            &[(5, dout.bind()), (9, dwpe.bind())],
         )?;
         Ok(EmbeddingBackward { wte, wpe })
     }

@@ -2,7 +2,7 @@
 //! normalisations of a GPT-2 block, forward and backward.
 
 use super::{Dispatch, common_precision, distinct, expect_f32, grid, groups};
-use crate::gpu::{DType, Gpu, GpuTensor, Specialisation};
+use crate::gpu::{Bind, DType, Gpu, GpuTensor, Specialisation};
 use crate::ops::{Extent, LayerNormSpec};
 use crate::{Error, Result};
 
@@ -112,13 +112,13 @@ impl LayerNormForward {
             precision,
             Specialisation::default().with("WG", WG),
             &[
-                (0, &dims),
-                (1, inp.buffer()),
-                (2, weight.buffer()),
-                (3, bias.buffer()),
-                (4, out.buffer()),
-                (5, mean.buffer()),
-                (6, rstd.buffer()),
+                (0, Bind::whole(&dims)),
+                (1, inp.bind()),
+                (2, weight.bind()),
+                (3, bias.bind()),
+                (4, out.bind()),
+                (5, mean.bind()),
+                (6, rstd.bind()),
             ],
             rows,
         )?;
@@ -202,13 +202,13 @@ impl LayerNormBackward {
                 .with("WG", WG)
                 .with("ACCUMULATE_INPUT", spec.accumulate_input as u8),
             &[
-                (0, &dims),
-                (1, inp.buffer()),
-                (2, weight.buffer()),
-                (7, dout.buffer()),
-                (8, mean.buffer()),
-                (9, rstd.buffer()),
-                (10, dinp.buffer()),
+                (0, Bind::whole(&dims)),
+                (1, inp.bind()),
+                (2, weight.bind()),
+                (7, dout.bind()),
+                (8, mean.bind()),
+                (9, rstd.bind()),
+                (10, dinp.bind()),
             ],
             rows,
         )?;
@@ -220,12 +220,12 @@ impl LayerNormBackward {
             precision,
             Specialisation::default().with("PARAM_WG", PARAM_WG as u32),
             &[
-                (0, &dims),
-                (1, inp.buffer()),
-                (7, dout.buffer()),
-                (8, mean.buffer()),
-                (9, rstd.buffer()),
-                (11, scratch.buffer()),
+                (0, Bind::whole(&dims)),
+                (1, inp.bind()),
+                (7, dout.bind()),
+                (8, mean.bind()),
+                (9, rstd.bind()),
+                (11, scratch.bind()),
             ],
             [channel_groups, blocks as u32, 1],
         )?;
@@ -238,10 +238,10 @@ impl LayerNormBackward {
                 .with("PARAM_WG", PARAM_WG as u32)
                 .with("ACCUMULATE_PARAMS", spec.accumulate_params as u8),
             &[
-                (0, &dims),
-                (12, scratch.buffer()),
-                (13, dweight.buffer()),
-                (14, dbias.buffer()),
+                (0, Bind::whole(&dims)),
+                (12, scratch.bind()),
+                (13, dweight.bind()),
+                (14, dbias.bind()),
             ],
             [channel_groups, 1, 1],
         )?;

@@ -1,7 +1,7 @@
 //! The matmul family (shaders/matmul.wgsl): every product of a linear layer and of attention.
 
 use super::{common_precision, groups};
-use crate::gpu::{Gpu, GpuTensor, PipelineKey, Specialisation};
+use crate::gpu::{Bind, Gpu, GpuTensor, PipelineKey, Specialisation};
 use crate::ops::MatmulSpec;
 use crate::{Error, Result};
 use std::sync::Arc;
@@ -244,11 +244,11 @@ impl Matmul {
         })?;
         let dims = gpu.uniform("matmul dims", &Dims::new(spec));
         // Unused bias slot: bind A again (read-only either way); HAS_BIAS keeps it unread.
-        let bias_buf = bias.unwrap_or(a).buffer();
-        let mut entries = vec![(0, &dims), (3, bias_buf), (4, c.buffer())];
+        let bias_buf = bias.unwrap_or(a).bind();
+        let mut entries = vec![(0, Bind::whole(&dims)), (3, bias_buf), (4, c.bind())];
         match variant {
-            MatmulVariant::TiledVec4 => entries.extend([(5, a.buffer()), (6, b.buffer())]),
-            _ => entries.extend([(1, a.buffer()), (2, b.buffer())]),
+            MatmulVariant::TiledVec4 => entries.extend([(5, a.bind()), (6, b.bind())]),
+            _ => entries.extend([(1, a.bind()), (2, b.bind())]),
         }
         let bind_group = gpu.bind_group("matmul", &pipeline, &entries);
         let workgroups = match variant {

@@ -9,7 +9,7 @@ pub mod matmul;
 pub mod residual;
 pub mod tune;
 
-use crate::gpu::{DType, Gpu, GpuTensor, PipelineKey, Specialisation};
+use crate::gpu::{Bind, DType, Gpu, GpuTensor, PipelineKey, Specialisation};
 use crate::{Error, Precision, Result};
 use std::sync::Arc;
 
@@ -115,7 +115,7 @@ impl Dispatch {
         entry: &'static str,
         precision: Precision,
         constants: Specialisation,
-        buffers: &[(u32, &wgpu::Buffer)],
+        buffers: &[(u32, Bind<'_>)],
         workgroups: [u32; 3],
     ) -> Result<Self> {
         let pipeline = gpu.pipeline(&PipelineKey {
@@ -166,7 +166,7 @@ pub(crate) fn elementwise_dispatch(
     precision: Precision,
     constants: Specialisation,
     n: usize,
-    buffers: &[(u32, &wgpu::Buffer)],
+    buffers: &[(u32, Bind<'_>)],
 ) -> Result<Dispatch> {
     let workgroups = grid(gpu, op, n.div_ceil(ELEMENTWISE_WG))?;
     let dims = gpu.uniform(
@@ -178,7 +178,7 @@ pub(crate) fn elementwise_dispatch(
             _pad1: 0,
         },
     );
-    let mut entries = vec![(0, &dims)];
+    let mut entries = vec![(0, Bind::whole(&dims))];
     entries.extend_from_slice(buffers);
     Dispatch::new(
         gpu,

@@ -27,7 +27,7 @@ impl ResidualForward {
             precision,
             Specialisation::default(),
             n,
-            &[(1, a.buffer()), (2, b.buffer()), (3, out.buffer())],
+            &[(1, a.bind()), (2, b.bind()), (3, out.bind())],
         )?;
         Ok(ResidualForward { dispatch })
     }
@@ -63,7 +63,7 @@ impl AddInplace {
             precision,
             Specialisation::default(),
             n,
-            &[(4, src.buffer()), (5, dst.buffer())],
+            &[(4, src.bind()), (5, dst.bind())],
         )?;
         Ok(AddInplace { dispatch })
     }
