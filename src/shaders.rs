@@ -8,6 +8,9 @@ use crate::{Error, Precision, Result};
 
 const MATMUL: &str = include_str!("../shaders/matmul.wgsl");
 const MATMUL_SUBGROUP: &str = include_str!("../shaders/matmul_subgroup.wgsl");
+const CROSSENTROPY: &str = include_str!("../shaders/crossentropy.wgsl");
+const GRADNORM: &str = include_str!("../shaders/gradnorm.wgsl");
+const ADAMW: &str = include_str!("../shaders/adamw.wgsl");
 
 /// Every shader module: (name, the files it is made of, in order). A module made of several
 /// files is an extension compiled after its base (used for kernels that need an optional feature
@@ -15,6 +18,9 @@ const MATMUL_SUBGROUP: &str = include_str!("../shaders/matmul_subgroup.wgsl");
 pub const MODULES: &[(&str, &[&str])] = &[
     ("matmul", &[MATMUL]),
     ("matmul_subgroup", &[MATMUL, MATMUL_SUBGROUP]),
+    ("crossentropy", &[CROSSENTROPY]),
+    ("gradnorm", &[GRADNORM]),
+    ("adamw", &[ADAMW]),
 ];
 
 /// The concatenated source of a module, without the precision prelude.

@@ -4,4 +4,7 @@
 //! benchmarks compare with. They favour being obviously right over being fast. Names and argument
 //! order match the GPU wrappers in [`crate::kernels`]: outputs first, then inputs, then the shape.
 
+pub mod adamw;
+pub mod crossentropy;
+pub mod gradnorm;
 pub mod matmul;

@@ -1,6 +1,10 @@
 //! GPU kernels: one module per WGSL family, each with the shader's specialisation, bind-group
 //! wiring, dispatch-size maths and a `record` call that adds its dispatches to a compute pass.
 
+pub mod adamw;
+mod checks;
+pub mod crossentropy;
+pub mod gradnorm;
 pub mod matmul;
 pub mod tune;
 
