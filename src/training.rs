@@ -31,7 +31,13 @@ impl CrossEntropySpec {
     }
 
     /// Checks the lengths of logits, targets, per-row loss and gradient.
-    pub fn validate(&self, logits: usize, targets: usize, loss: usize, dlogits: usize) -> Result<()> {
+    pub fn validate(
+        &self,
+        logits: usize,
+        targets: usize,
+        loss: usize,
+        dlogits: usize,
+    ) -> Result<()> {
         let err = |m: String| Err(Error::shape("crossentropy", format!("{m}; {self:?}")));
         let Some(nv) = self.n.checked_mul(self.v) else {
             return err("n × v overflows".into());
@@ -177,10 +183,18 @@ impl AdamWStep {
             return bad("adamw weight_decay", self.weight_decay, "must be >= 0");
         }
         if !non_negative(self.grad_clip) {
-            return bad("adamw grad_clip", self.grad_clip, "must be >= 0 (0 disables)");
+            return bad(
+                "adamw grad_clip",
+                self.grad_clip,
+                "must be >= 0 (0 disables)",
+            );
         }
         if !(self.loss_scale > 0.0 && self.loss_scale.is_finite()) {
-            return bad("adamw loss_scale", self.loss_scale, "must be finite and > 0");
+            return bad(
+                "adamw loss_scale",
+                self.loss_scale,
+                "must be finite and > 0",
+            );
         }
         Ok(())
     }

@@ -69,7 +69,10 @@ impl AdamW {
             DType::U32 => {
                 return Err(Error::shape(
                     OP,
-                    format!("working (tensor {}) is u32; it must be f16 or f32", working.label()),
+                    format!(
+                        "working (tensor {}) is u32; it must be f16 or f32",
+                        working.label()
+                    ),
                 ));
             }
         };

@@ -74,7 +74,10 @@ impl CrossEntropy {
         if groups_y > max {
             return Err(Error::shape(
                 OP,
-                format!("{} rows exceed the adapter's {max} × {max} workgroups", spec.n),
+                format!(
+                    "{} rows exceed the adapter's {max} × {max} workgroups",
+                    spec.n
+                ),
             ));
         }
         let workgroups = [groups_x as u32, groups_y as u32, 1];

@@ -3,8 +3,8 @@
 
 use super::checks::{expect_distinct, expect_tensor};
 use super::float_precision;
-use crate::gpu::{DType, Gpu, GpuTensor, PipelineKey, Specialisation};
 use crate::Result;
+use crate::gpu::{DType, Gpu, GpuTensor, PipelineKey, Specialisation};
 use std::sync::Arc;
 
 /// Elements per invocation aimed for in the first stage before more workgroups are added.
