@@ -99,7 +99,7 @@ pub fn decayed_ranges(segments: &[ParamSegment], n: usize) -> Result<Vec<[u32; 2
                 ),
             ));
         }
-        next = s.offset.checked_add(s.len).unwrap_or(usize::MAX);
+        next = s.offset.saturating_add(s.len);
         if next > n || n > u32::MAX as usize {
             return Err(Error::shape(
                 "adamw",
