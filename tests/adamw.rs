@@ -371,6 +371,9 @@ fn bad_arguments_are_errors_naming_the_op() {
     };
     let e = new(&s.grads, &s.working, &segs, &bad_step);
     assert!(e.contains("loss_scale"), "{e}");
+    let ops = s.prepare(gpu, &segs, &step);
+    let e = ops.1.set_step(gpu, &AdamWStep { t: 0, ..step });
+    assert!(e.expect_err("t = 0").to_string().contains("adamw t"));
     if let Some(g16) = common::gpu(Precision::F16) {
         // An f16 gradient with an f32 working copy has no kernel.
         let s16 = State::new(g16, N, DType::F16, 6);

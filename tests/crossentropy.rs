@@ -280,6 +280,22 @@ fn custom_ignore_index_and_invalid_target() {
     assert!(e.to_string().contains("row 2"), "{e}");
 }
 
+/// More rows than one grid dimension allows (65535 on most adapters): the rows fold into a second
+/// dimension and every row, including the last, is still computed once.
+#[test]
+fn rows_past_the_grid_limit() {
+    let gpu = gpu(Precision::F32).unwrap();
+    let max = gpu
+        .capabilities()
+        .limits
+        .max_compute_workgroups_per_dimension as usize;
+    let n = max + 2;
+    let spec = CrossEntropySpec::new(n, 3);
+    let x = logits(n * 3, 2.0, 41);
+    let t = targets(n, 3, 42, Some(7));
+    check(gpu, &x, &t, None, &spec);
+}
+
 #[test]
 fn every_target_ignored_gives_zero_loss_and_gradient() {
     for p in Precision::ALL {
@@ -441,6 +457,12 @@ fn bad_shapes_are_errors_naming_the_op() {
         ),
         "ignore_index 3",
     );
+    let huge = CrossEntropySpec::new(100_000, 50_257);
+    let e = huge
+        .validate(0, 0, 0, 0)
+        .expect_err("n × v past u32")
+        .to_string();
+    assert!(e.starts_with("crossentropy:") && e.contains("u32"), "{e}");
     let mut l = vec![0.0; 4];
     let mut g = vec![0.0; 4 * 65];
     let e = kiln::cpu::crossentropy::crossentropy(&mut l, &mut g, &[0.0; 3], &[0; 4], 1.0, &spec)
