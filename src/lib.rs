@@ -3,7 +3,8 @@
 //!
 //! Layers, bottom up: [`gpu`] (device, tensors, pipeline cache), [`shaders`] (the WGSL sources),
 //! [`kernels`] (one wrapper per kernel family), [`cpu`] (the f32 reference every kernel is tested
-//! against), [`ops`] and [`training`] (shape and settings descriptions both share). See docs/ARCHITECTURE.md.
+//! against), [`ops`] and [`training`] (shape and settings descriptions both share). See
+//! docs/ARCHITECTURE.md.
 #![warn(missing_docs)]
 
 pub mod cpu;
