@@ -3,7 +3,8 @@
 //!
 //! Layers, bottom up: [`gpu`] (device, tensors, pipeline cache), [`shaders`] (the WGSL sources),
 //! [`kernels`] (one wrapper per kernel family), [`cpu`] (the f32 reference every kernel is tested
-//! against), [`ops`] (shape descriptions both share). See docs/ARCHITECTURE.md.
+//! against), [`ops`] and [`training`] (shape and settings descriptions both share). See
+//! docs/ARCHITECTURE.md.
 #![warn(missing_docs)]
 
 pub mod cpu;
@@ -14,6 +15,7 @@ pub mod model;
 pub mod ops;
 mod precision;
 pub mod shaders;
+pub mod training;
 
 pub use error::{Error, Result};
 pub use gpu::{Gpu, GpuOptions, GpuTensor};

@@ -13,6 +13,9 @@ const EMBEDDING: &str = include_str!("../shaders/embedding.wgsl");
 const LAYERNORM: &str = include_str!("../shaders/layernorm.wgsl");
 const ACTIVATION: &str = include_str!("../shaders/activation.wgsl");
 const ELEMENTWISE: &str = include_str!("../shaders/elementwise.wgsl");
+const CROSSENTROPY: &str = include_str!("../shaders/crossentropy.wgsl");
+const GRADNORM: &str = include_str!("../shaders/gradnorm.wgsl");
+const ADAMW: &str = include_str!("../shaders/adamw.wgsl");
 
 /// Every shader module: (name, the files it is made of, in order). A module made of several
 /// files is an extension compiled after its base (used for kernels that need an optional feature
@@ -25,6 +28,9 @@ pub const MODULES: &[(&str, &[&str])] = &[
     ("layernorm", &[LAYERNORM]),
     ("activation", &[ACTIVATION]),
     ("elementwise", &[ELEMENTWISE]),
+    ("crossentropy", &[CROSSENTROPY]),
+    ("gradnorm", &[GRADNORM]),
+    ("adamw", &[ADAMW]),
 ];
 
 /// The concatenated source of a module, without the precision prelude.

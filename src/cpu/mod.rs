@@ -5,8 +5,11 @@
 //! order match the GPU wrappers in [`crate::kernels`]: outputs first, then inputs, then the shape.
 
 pub mod activation;
+pub mod adamw;
 pub mod attention;
+pub mod crossentropy;
 pub mod embedding;
+pub mod gradnorm;
 pub mod layernorm;
 pub mod matmul;
 pub mod residual;

@@ -2,8 +2,12 @@
 //! wiring, dispatch-size maths and a `record` call that adds its dispatches to a compute pass.
 
 pub mod activation;
+pub mod adamw;
 pub mod attention;
+mod checks;
+pub mod crossentropy;
 pub mod embedding;
+pub mod gradnorm;
 pub mod layernorm;
 pub mod matmul;
 pub mod residual;

@@ -1,0 +1,124 @@
+//! The gradnorm family (shaders/gradnorm.wgsl): global L2 norm of a gradient buffer and an
+//! inf/NaN flag, both left on the GPU for the optimizer.
+
+use super::checks::{expect_distinct, expect_tensor};
+use super::float_precision;
+use crate::Result;
+use crate::gpu::Bind;
+use crate::gpu::{DType, Gpu, GpuTensor, PipelineKey, Specialisation};
+use std::sync::Arc;
+
+/// Elements per invocation aimed for in the first stage before more workgroups are added.
+const PER_INVOCATION: usize = 4;
+/// Invocations per workgroup (the shader's `WG`).
+const WG: usize = 256;
+/// Most partial sums; the second stage's single workgroup reads them all.
+const MAX_PARTIALS: usize = 1024;
+
+/// The uniform block `Params` of the shader.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, bytemuck::Pod, bytemuck::Zeroable)]
+struct Params {
+    n: u32,
+    chunk: u32,
+    groups: u32,
+    _pad: u32,
+}
+
+/// A prepared norm: two dispatches and the scratch buffer of per-workgroup partial sums
+/// (`groups` f32 sums and u32 flags, at most 8 KiB), built once.
+///
+/// The split of the buffer into chunks depends only on its length, and every sum runs in a fixed
+/// order, so the norm is bit-identical from run to run on one device.
+pub struct GradNorm {
+    partial_pipeline: Arc<wgpu::ComputePipeline>,
+    partial_bind_group: wgpu::BindGroup,
+    final_pipeline: Arc<wgpu::ComputePipeline>,
+    final_bind_group: wgpu::BindGroup,
+    groups: u32,
+}
+
+impl GradNorm {
+    /// Prepares `norm` (f32, 1 element) = ‖grads‖₂ and `flag` (u32, 1 element) = 1 when some
+    /// gradient is inf or NaN or the sum of squares overflows f32, else 0. `grads` is f32 or f16
+    /// of any length.
+    pub fn new(gpu: &Gpu, norm: &GpuTensor, flag: &GpuTensor, grads: &GpuTensor) -> Result<Self> {
+        const OP: &str = "gradnorm";
+        let precision = float_precision(OP, grads)?;
+        expect_tensor(OP, "norm", norm, DType::F32, 1)?;
+        expect_tensor(OP, "flag", flag, DType::U32, 1)?;
+        expect_distinct(OP, &[("norm", norm), ("flag", flag), ("grads", grads)])?;
+        let n = grads.len();
+        let groups = n.div_ceil(WG * PER_INVOCATION).clamp(1, MAX_PARTIALS);
+        let chunk = n.div_ceil(groups).max(1);
+        let params = gpu.uniform(
+            "gradnorm params",
+            &Params {
+                n: n as u32,
+                chunk: chunk as u32,
+                groups: groups as u32,
+                _pad: 0,
+            },
+        );
+        let partials = gpu.zeros("gradnorm partials", &[groups], DType::F32)?;
+        let partial_flags = gpu.zeros("gradnorm partial flags", &[groups], DType::U32)?;
+        let key = |entry| PipelineKey {
+            family: "gradnorm",
+            entry,
+            precision,
+            constants: Specialisation::default(),
+        };
+        let partial_pipeline = gpu.pipeline(&key("gradnorm_partial"))?;
+        let final_pipeline = gpu.pipeline(&key("gradnorm_final"))?;
+        let partial_bind_group = gpu.bind_group(
+            "gradnorm partial",
+            &partial_pipeline,
+            &[
+                (0, Bind::whole(&params)),
+                (1, grads.bind()),
+                (2, partials.bind()),
+                (3, partial_flags.bind()),
+            ],
+        );
+        let final_bind_group = gpu.bind_group(
+            "gradnorm final",
+            &final_pipeline,
+            &[
+                (0, Bind::whole(&params)),
+                (2, partials.bind()),
+                (3, partial_flags.bind()),
+                (4, norm.bind()),
+                (5, flag.bind()),
+            ],
+        );
+        gpu.check("preparing gradnorm")?;
+        Ok(GradNorm {
+            partial_pipeline,
+            partial_bind_group,
+            final_pipeline,
+            final_bind_group,
+            groups: groups as u32,
+        })
+    }
+
+    /// Adds both stages to `pass` (wgpu orders them).
+    pub fn record(&self, pass: &mut wgpu::ComputePass<'_>) {
+        pass.set_pipeline(&self.partial_pipeline);
+        pass.set_bind_group(0, &self.partial_bind_group, &[]);
+        pass.dispatch_workgroups(self.groups, 1, 1);
+        pass.set_pipeline(&self.final_pipeline);
+        pass.set_bind_group(0, &self.final_bind_group, &[]);
+        pass.dispatch_workgroups(1, 1, 1);
+    }
+
+    /// Records and submits on its own (does not wait).
+    pub fn run(&self, gpu: &Gpu) -> Result<()> {
+        gpu.run_pass("gradnorm", |pass| self.record(pass))
+    }
+}
+
+/// Norm and inf/NaN flag on the GPU, submitted at once (does not wait). Same argument order as
+/// [`crate::cpu::gradnorm::gradnorm`].
+pub fn gradnorm(gpu: &Gpu, norm: &GpuTensor, flag: &GpuTensor, grads: &GpuTensor) -> Result<()> {
+    GradNorm::new(gpu, norm, flag, grads)?.run(gpu)
+}
