@@ -358,5 +358,153 @@ fn elementwise(c: &mut Criterion) {
     group.finish();
 }
 
-criterion_group!(benches, embedding, layernorm, attention, elementwise);
+fn loss_and_optimizer(c: &mut Criterion) {
+    use kiln::kernels::adamw::AdamW;
+    use kiln::kernels::crossentropy::CrossEntropy;
+    use kiln::kernels::gradnorm::GradNorm;
+    use kiln::model::{ModelConfig, ParamLayout};
+    use kiln::training::{AdamWStep, CrossEntropySpec, ParamSegment};
+    let gpus = devices();
+    let mut group = c.benchmark_group("loss_optimizer");
+    configure(&mut group);
+    for s in SIZES {
+        let rows = s.b * s.t;
+        let spec = CrossEntropySpec::new(rows, s.vocab);
+        let targets: Vec<u32> = (0..rows).map(|i| (i * 31 % s.vocab) as u32).collect();
+        // The parameter count of the config at this size.
+        let n_layer = if s.c == 128 { 4 } else { 6 };
+        let model = ModelConfig {
+            n_layer,
+            n_head: s.heads,
+            n_embd: s.c,
+            block_size: s.t,
+            ..ModelConfig::default()
+        };
+        let n = ParamLayout::gpt(&model, s.vocab, 1).unwrap().num_params();
+        let segments = [ParamSegment {
+            offset: 0,
+            len: n,
+            decayed: true,
+        }];
+        for gpu in &gpus {
+            let p = gpu.precision();
+            let (logits, dlogits) = (
+                tensor(gpu, rows * s.vocab, 1),
+                tensor(gpu, rows * s.vocab, 2),
+            );
+            let (loss, tg) = (
+                f32_tensor(gpu, rows),
+                gpu.upload_u32("targets", &[rows], &targets).unwrap(),
+            );
+            let ce = CrossEntropy::new(gpu, &loss, &dlogits, &logits, &tg, None, &spec).unwrap();
+            // Reads the logits, writes the gradient.
+            group.throughput(Throughput::Bytes((2 * rows * s.vocab * 4) as u64));
+            gpu_case(
+                &mut group,
+                format!("crossentropy/gpu_{p}/{}", s.name),
+                gpu,
+                |pass| ce.record(pass),
+            );
+
+            let grads = tensor(gpu, n, 3);
+            let (norm, flag) = (
+                f32_tensor(gpu, 1),
+                gpu.zeros("flag", &[1], DType::U32).unwrap(),
+            );
+            let gn = GradNorm::new(gpu, &norm, &flag, &grads).unwrap();
+            group.throughput(Throughput::Bytes((n * 4) as u64));
+            gpu_case(
+                &mut group,
+                format!("gradnorm/gpu_{p}/{}", s.name),
+                gpu,
+                |pass| gn.record(pass),
+            );
+            let (master, m, v, working) = (
+                f32_tensor(gpu, n),
+                f32_tensor(gpu, n),
+                f32_tensor(gpu, n),
+                tensor(gpu, n, 4),
+            );
+            let skipped = gpu.zeros("skipped", &[1], DType::U32).unwrap();
+            let opt = AdamW::new(
+                gpu,
+                &master,
+                &working,
+                &m,
+                &v,
+                &skipped,
+                &grads,
+                &norm,
+                &flag,
+                &segments,
+                &AdamWStep::new(1),
+            )
+            .unwrap();
+            gn.run(gpu).unwrap();
+            // Reads grads, master, m, v; writes master, m, v and the working copy.
+            group.throughput(Throughput::Bytes((8 * n * 4) as u64));
+            gpu_case(
+                &mut group,
+                format!("adamw/gpu_{p}/{}", s.name),
+                gpu,
+                |pass| opt.record(pass),
+            );
+        }
+        let logits = fill(rows * s.vocab, 1);
+        let (mut loss, mut dlogits) = (vec![0.0; rows], vec![0.0; rows * s.vocab]);
+        group.throughput(Throughput::Bytes((2 * rows * s.vocab * 4) as u64));
+        group.bench_function(format!("crossentropy/cpu_ref/{}", s.name), |b| {
+            b.iter(|| {
+                kiln::cpu::crossentropy::crossentropy(
+                    &mut loss,
+                    &mut dlogits,
+                    &logits,
+                    &targets,
+                    1.0,
+                    &spec,
+                )
+                .unwrap()
+            })
+        });
+        let grads = fill(n, 3);
+        group.throughput(Throughput::Bytes((n * 4) as u64));
+        group.bench_function(format!("gradnorm/cpu_ref/{}", s.name), |b| {
+            b.iter(|| {
+                let (mut norm, mut flag) = (0.0, 0);
+                kiln::cpu::gradnorm::gradnorm(&mut norm, &mut flag, &grads);
+                norm
+            })
+        });
+        let (mut master, mut working, mut m, mut v, mut skipped) =
+            (fill(n, 5), vec![0.0; n], vec![0.0; n], vec![0.0; n], 0);
+        group.throughput(Throughput::Bytes((8 * n * 4) as u64));
+        group.bench_function(format!("adamw/cpu_ref/{}", s.name), |b| {
+            b.iter(|| {
+                kiln::cpu::adamw::adamw(
+                    &mut master,
+                    &mut working,
+                    &mut m,
+                    &mut v,
+                    &mut skipped,
+                    &grads,
+                    1.0,
+                    0,
+                    &segments,
+                    &AdamWStep::new(1),
+                )
+                .unwrap()
+            })
+        });
+    }
+    group.finish();
+}
+
+criterion_group!(
+    benches,
+    embedding,
+    layernorm,
+    attention,
+    elementwise,
+    loss_and_optimizer
+);
 criterion_main!(benches);
