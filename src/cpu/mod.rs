@@ -9,6 +9,7 @@ pub mod adamw;
 pub mod attention;
 pub mod crossentropy;
 pub mod embedding;
+pub mod gpt;
 pub mod gradnorm;
 pub mod layernorm;
 pub mod matmul;
