@@ -139,7 +139,7 @@ fn embedding(c: &mut Criterion) {
                 gpu.upload_u32("order", &[order.len()], &order).unwrap(),
                 gpu.upload_u32("starts", &[starts.len()], &starts).unwrap(),
             );
-            let (dwte, dwpe) = (f32_tensor(gpu, s.vocab * s.c), f32_tensor(gpu, s.t * s.c));
+            let (dwte, dwpe) = (tensor(gpu, s.vocab * s.c, 8), tensor(gpu, s.t * s.c, 9));
             let bwd =
                 EmbeddingBackward::new(gpu, &dwte, &dwpe, &out, &g_order, &g_starts, &shape, false)
                     .unwrap();

@@ -6,7 +6,8 @@
 //         order given by a counting sort of the batch that the host writes beside the tokens
 //         (order[starts[v]..starts[v + 1]]), so every run adds the same numbers in the same order.
 //   dwpe: one invocation per (t, c) of the whole table sums dout over the batch in increasing b.
-// With ACCUMULATE the sums are added to the gradient buffers (the token table is also the tied
+// Sums are f32; the gradients are stored in T like every other parameter gradient (the flat
+// gradient buffer has one precision). With ACCUMULATE the sums are added to the gradient buffers (the token table is also the tied
 // output head, whose gradient is written first).
 
 struct Params {
@@ -30,8 +31,8 @@ struct Params {
 @group(0) @binding(5) var<storage, read> dout: array<T>;
 @group(0) @binding(6) var<storage, read> order: array<u32>;
 @group(0) @binding(7) var<storage, read> starts: array<u32>;
-@group(0) @binding(8) var<storage, read_write> dwte: array<f32>;
-@group(0) @binding(9) var<storage, read_write> dwpe: array<f32>;
+@group(0) @binding(8) var<storage, read_write> dwte: array<T>;
+@group(0) @binding(9) var<storage, read_write> dwpe: array<T>;
 
 override WG: u32 = 64u;
 override ACCUMULATE: bool = false;
@@ -73,9 +74,9 @@ fn embedding_backward_wte(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_i
         sum += f32(dout[order[j] * c + ch]);
     }
     if ACCUMULATE {
-        sum = dwte[i] + sum;
+        sum = f32(dwte[i]) + sum;
     }
-    dwte[i] = sum;
+    dwte[i] = T(sum);
 }
 
 @compute @workgroup_size(WG, 1, 1)
@@ -93,7 +94,7 @@ fn embedding_backward_wpe(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_i
         }
     }
     if ACCUMULATE {
-        sum = dwpe[i] + sum;
+        sum = f32(dwpe[i]) + sum;
     }
-    dwpe[i] = sum;
+    dwpe[i] = T(sum);
 }

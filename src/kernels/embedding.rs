@@ -129,8 +129,8 @@ pub struct EmbeddingBackward {
 }
 
 impl EmbeddingBackward {
-    /// Gradients into the f32 tables `dwte` (V, C) and `dwpe` (positions, C), added to their
-    /// contents when `accumulate`.
+    /// Gradients into `dwte` (V, C) and `dwpe` (positions, C), in the precision of `dout`, added
+    /// to their contents when `accumulate`.
     #[allow(clippy::too_many_arguments)]
     pub fn new(
         gpu: &Gpu,
@@ -143,14 +143,6 @@ impl EmbeddingBackward {
         accumulate: bool,
     ) -> Result<Self> {
         check_sizes(shape, order, dwte.len(), dwpe.len(), dout.len())?;
-        for (name, t) in [("dwte", dwte), ("dwpe", dwpe)] {
-            if t.dtype() != DType::F32 {
-                return Err(Error::shape(
-                    "embedding",
-                    format!("{name} must be f32 (gradients accumulate in f32)"),
-                ));
-            }
-        }
         if starts.dtype() != DType::U32 || starts.len() != shape.vocab + 1 {
             return Err(Error::shape(
                 "embedding",
@@ -162,7 +154,7 @@ impl EmbeddingBackward {
                 ),
             ));
         }
-        let p = common_precision("embedding", &[dout])?;
+        let p = common_precision("embedding", &[dwte, dwpe, dout])?;
         let (c, v) = (shape.channels, shape.vocab);
         let wte = dispatch(
             gpu,
