@@ -150,12 +150,8 @@ fn gpu_matches_cpu() {
                 let g_order = gpu.upload_u32("order", &[order.len()], &order).unwrap();
                 let g_starts = gpu.upload_u32("starts", &[starts.len()], &starts).unwrap();
                 let g_dout = gpu.upload("dout", &[dout.len()], dt, &dout).unwrap();
-                let g_dwte = gpu
-                    .upload("dwte", &[wte.len()], dt, &start_te)
-                    .unwrap();
-                let g_dwpe = gpu
-                    .upload("dwpe", &[wpe.len()], dt, &start_pe)
-                    .unwrap();
+                let g_dwte = gpu.upload("dwte", &[wte.len()], dt, &start_te).unwrap();
+                let g_dwpe = gpu.upload("dwpe", &[wpe.len()], dt, &start_pe).unwrap();
                 let bwd = EmbeddingBackward::new(
                     gpu, &g_dwte, &g_dwpe, &g_dout, &g_order, &g_starts, &s, accumulate,
                 )

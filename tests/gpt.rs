@@ -77,3 +77,208 @@ fn cpu_gpt_gradients_match_finite_differences() {
         assert!(check_gradient("wrong", &params, &wrong, loss, fd).is_err());
     }
 }
+
+mod gpu_step {
+    use super::{init, tiny};
+    use crate::common::{Tolerance, assert_close, gpu};
+    use kiln::Precision;
+    use kiln::cpu::gpt::{GptBatch, gpt_loss_and_grads};
+    use kiln::model::gpu::GptGpu;
+    use kiln::training::AdamWStep;
+
+    fn batch_data(n: usize, vocab: usize, seed: usize) -> (Vec<u32>, Vec<u32>) {
+        let inputs = (0..n).map(|i| ((i * 7 + seed) % vocab) as u32).collect();
+        let targets = (0..n)
+            .map(|i| ((i * 5 + 3 * seed + 1) % vocab) as u32)
+            .collect();
+        (inputs, targets)
+    }
+
+    /// A full training step through the GPU and through the CPU reference on the same weights
+    /// and batch: the loss, every gradient tensor, then the weights after AdamW.
+    ///
+    /// Tolerances (f32 path). Loss: both sides sum ~B·T·V exp terms in f32 in different orders;
+    /// 1e-5 relative. Gradients: every tensor passes through up to ~6 chained f32 reductions of
+    /// length ≤ 4C or B·T (matmul, layer norm, softmax) summed in different orders (the CPU layer
+    /// norm sums in f64), each contributing ~1e-7 relative of its operands; gradients of size
+    /// ~1e-2 that are sums of cancelling terms of size ~1e-1 come out ~1e-6 absolute apart, so
+    /// 2e-5 absolute + 1e-3 relative. Weights after one AdamW step at lr 1e-2, computed on the CPU
+    /// from the same (GPU) gradients: both sides do the same f32 operations per element in the
+    /// same order, so 1e-6 absolute + 1e-6 relative.
+    #[test]
+    fn gpu_step_matches_cpu_step() {
+        let Some(gpu) = gpu(Precision::F32) else {
+            return;
+        };
+        for (bias, micro) in [(false, 1), (true, 1), (true, 2)] {
+            let model = tiny(bias);
+            let vocab = 11;
+            let batch = GptBatch { batch: 3, seq: 6 };
+            let g = GptGpu::new(gpu, &model, vocab, batch).unwrap();
+            let layout = g.layout().clone();
+            let master = init(&layout, 2);
+            g.set_weights(gpu, &master).unwrap();
+            let micro_batches: Vec<_> = (0..micro).map(|s| batch_data(18, vocab, s)).collect();
+            let step = AdamWStep {
+                t: 1,
+                lr: 1e-2,
+                weight_decay: 0.1,
+                grad_clip: 0.0,
+                ..AdamWStep::new(1)
+            };
+            g.step(gpu, &micro_batches, &step).unwrap();
+            let what = format!("bias={bias} micro={micro}");
+
+            let mut cpu_grads = vec![0.0; master.len()];
+            let mut cpu_loss = 0.0;
+            for (i, (inp, tgt)) in micro_batches.iter().enumerate() {
+                cpu_loss = gpt_loss_and_grads(
+                    &mut cpu_grads,
+                    &master,
+                    &layout,
+                    &model,
+                    vocab,
+                    inp,
+                    tgt,
+                    &batch,
+                    1.0 / micro as f32,
+                    i > 0,
+                )
+                .unwrap();
+            }
+            let gpu_loss = g.read_loss(gpu).unwrap();
+            assert!(
+                (gpu_loss - cpu_loss).abs() <= 1e-5 * cpu_loss.abs(),
+                "{what}: loss GPU {gpu_loss} CPU {cpu_loss}"
+            );
+            let gpu_grads = g.read_grads(gpu).unwrap();
+            let tol = Tolerance {
+                abs: 2e-5,
+                rel: 1e-3,
+            };
+            for t in layout.tensors() {
+                let r = t.offset..t.offset + t.len();
+                assert_close(
+                    &format!("{what} grad {}", t.name),
+                    &cpu_grads[r.clone()],
+                    &gpu_grads[r],
+                    tol,
+                );
+            }
+
+            // The update, on the CPU from the GPU's gradients: they were compared above, and Adam's
+            // first step divides each gradient by its own magnitude, so where |g| is near eps the
+            // allowed gradient differences would show up undamped in the weights.
+            let (mut norm, mut flag) = (0.0, 0);
+            kiln::cpu::gradnorm::gradnorm(&mut norm, &mut flag, &gpu_grads);
+            let segments: Vec<_> = {
+                // Same tiling as the GPU plan: tensors plus undecayed gaps.
+                let mut v = Vec::new();
+                let mut next = 0;
+                for t in layout.tensors() {
+                    if t.offset > next {
+                        v.push(kiln::training::ParamSegment {
+                            offset: next,
+                            len: t.offset - next,
+                            decayed: false,
+                        });
+                    }
+                    v.push(kiln::training::ParamSegment {
+                        offset: t.offset,
+                        len: t.len(),
+                        decayed: t.decayed,
+                    });
+                    next = t.offset + t.len();
+                }
+                if next < layout.buffer_len() {
+                    v.push(kiln::training::ParamSegment {
+                        offset: next,
+                        len: layout.buffer_len() - next,
+                        decayed: false,
+                    });
+                }
+                v
+            };
+            let n = master.len();
+            let (mut w, mut working, mut m, mut v, mut skipped) =
+                (master.clone(), vec![0.0; n], vec![0.0; n], vec![0.0; n], 0);
+            kiln::cpu::adamw::adamw(
+                &mut w,
+                &mut working,
+                &mut m,
+                &mut v,
+                &mut skipped,
+                &gpu_grads,
+                norm,
+                flag,
+                &segments,
+                &step,
+            )
+            .unwrap();
+            let gpu_w = g.read_master(gpu).unwrap();
+            assert_close(
+                &format!("{what} weights after AdamW"),
+                &w,
+                &gpu_w,
+                Tolerance {
+                    abs: 1e-6,
+                    rel: 1e-6,
+                },
+            );
+            assert!(
+                w.iter().zip(&master).any(|(a, b)| a != b),
+                "the step must change the weights"
+            );
+        }
+    }
+
+    /// A NaN in the gradients skips the update: weights and moments stay bit-identical and the
+    /// skip is counted.
+    #[test]
+    fn nan_gradient_skips_the_step() {
+        let Some(gpu) = gpu(Precision::F32) else {
+            return;
+        };
+        let model = tiny(false);
+        let vocab = 11;
+        let g = GptGpu::new(gpu, &model, vocab, GptBatch { batch: 2, seq: 4 }).unwrap();
+        let master = init(g.layout(), 3);
+        g.set_weights(gpu, &master).unwrap();
+        let data = vec![batch_data(8, vocab, 0)];
+        let step = AdamWStep {
+            t: 1,
+            lr: 1e-2,
+            ..AdamWStep::new(1)
+        };
+        g.step(gpu, &data, &step).unwrap();
+        let before = (g.read_master(gpu).unwrap(), g.read_moments(gpu).unwrap());
+        // Run forward/backward, then poison one gradient before the update.
+        g.set_step(gpu, &AdamWStep { t: 2, ..step }, 1).unwrap();
+        g.set_batch(gpu, &data[0].0, &data[0].1).unwrap();
+        gpu.submit("micro", |enc| {
+            g.record_zero_grads(enc);
+            let mut pass = enc.begin_compute_pass(&wgpu::ComputePassDescriptor {
+                label: None,
+                timestamp_writes: None,
+            });
+            g.record_micro_batch(&mut pass);
+        })
+        .unwrap();
+        let wte = g.layout().get("wte.weight").unwrap().offset;
+        let poisoned = g.grads().view("poison", wte, &[1]).unwrap();
+        gpu.write(&poisoned, &[f32::NAN]).unwrap();
+        gpu.run_pass("update", |pass| g.record_update(pass))
+            .unwrap();
+        let after = (g.read_master(gpu).unwrap(), g.read_moments(gpu).unwrap());
+        let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+        assert_eq!(bits(&before.0), bits(&after.0), "weights changed");
+        assert_eq!(bits(&before.1.0), bits(&after.1.0), "first moments changed");
+        assert_eq!(
+            bits(&before.1.1),
+            bits(&after.1.1),
+            "second moments changed"
+        );
+        let (skipped, _, flag) = g.read_update_stats(gpu).unwrap();
+        assert_eq!((skipped, flag), (1, 1));
+    }
+}

@@ -14,6 +14,41 @@ pub mod residual;
 pub mod tune;
 
 use crate::gpu::{Bind, DType, Gpu, GpuTensor, PipelineKey, Specialisation};
+
+/// Anything prepared once that adds its dispatches to a compute pass: what a step plan is a list
+/// of.
+pub trait Record {
+    /// Adds the dispatches to `pass`.
+    fn record_into(&self, pass: &mut wgpu::ComputePass<'_>);
+}
+
+macro_rules! impl_record {
+    ($($t:ty),* $(,)?) => {
+        $(impl Record for $t {
+            fn record_into(&self, pass: &mut wgpu::ComputePass<'_>) {
+                self.record(pass)
+            }
+        })*
+    };
+}
+
+impl_record!(
+    activation::GeluForward,
+    activation::GeluBackward,
+    adamw::AdamW,
+    attention::AttentionForward,
+    attention::AttentionBackward,
+    crossentropy::CrossEntropy,
+    embedding::EmbeddingForward,
+    embedding::EmbeddingBackward,
+    gradnorm::GradNorm,
+    layernorm::LayerNormForward,
+    layernorm::LayerNormBackward,
+    matmul::Matmul,
+    residual::ResidualForward,
+    residual::AddInplace,
+);
+
 use crate::{Error, Precision, Result};
 use std::sync::Arc;
 

@@ -1,6 +1,7 @@
 //! The model: its configuration and the parameter layout.
 
 pub mod config;
+pub mod gpu;
 pub mod layout;
 
 pub use config::{Config, DataConfig, Decay, ModelConfig, TokenizerKind, TrainConfig};

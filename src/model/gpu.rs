@@ -1,0 +1,823 @@
+//! The GPT on the GPU: every buffer and every dispatch of a training step built once, then
+//! recorded each step with no allocation and no waiting on the host.
+//!
+//! Parameters live in one flat buffer (the working copy, in the storage precision) described by
+//! [`ParamLayout`]; gradients (same precision) mirror it, as do the f32 master weights and Adam
+//! moments. Kernels address single tensors through views of those buffers, which the layout
+//! aligns to the adapter's storage-offset alignment. The forward, loss and backward of one
+//! micro-batch are one list of prepared ops ([`Record`]); the optimizer is another. The sequence
+//! mirrors [`crate::cpu::gpt`] op for op, which is what the whole-step test compares.
+
+use super::{ModelConfig, ParamLayout};
+use crate::cpu::gpt::GptBatch;
+use crate::gpu::{DType, Gpu, GpuTensor};
+use crate::kernels::Record;
+use crate::kernels::activation::{GeluBackward, GeluForward};
+use crate::kernels::adamw::AdamW;
+use crate::kernels::attention::{AttentionBackward, AttentionForward};
+use crate::kernels::crossentropy::CrossEntropy;
+use crate::kernels::embedding::{EmbeddingBackward, EmbeddingForward};
+use crate::kernels::gradnorm::GradNorm;
+use crate::kernels::layernorm::{LayerNormBackward, LayerNormForward};
+use crate::kernels::matmul::Matmul;
+use crate::kernels::residual::ResidualForward;
+use crate::ops::{AttentionShape, EmbeddingShape, LayerNormSpec, Layout, MatmulSpec};
+use crate::training::{AdamWStep, CrossEntropySpec, ParamSegment};
+use crate::{Error, Precision, Result};
+
+/// Per-layer activations kept for the backward pass.
+struct LayerActs {
+    input: GpuTensor,
+    ln1: GpuTensor,
+    ln1_mean: GpuTensor,
+    ln1_rstd: GpuTensor,
+    qkv: GpuTensor,
+    probs: GpuTensor,
+    att: GpuTensor,
+    resid: GpuTensor,
+    ln2: GpuTensor,
+    ln2_mean: GpuTensor,
+    ln2_rstd: GpuTensor,
+    fc: GpuTensor,
+    gelu: GpuTensor,
+}
+
+/// Buffers of the whole run (see the module docs).
+pub struct GptGpu {
+    model: ModelConfig,
+    vocab: usize,
+    batch: GptBatch,
+    precision: Precision,
+    layout: ParamLayout,
+    params: GpuTensor,
+    grads: GpuTensor,
+    master: GpuTensor,
+    exp_avg: GpuTensor,
+    exp_avg_sq: GpuTensor,
+    skipped: GpuTensor,
+    norm: GpuTensor,
+    flag: GpuTensor,
+    tokens: GpuTensor,
+    targets: GpuTensor,
+    order: GpuTensor,
+    starts: GpuTensor,
+    dloss_scale: GpuTensor,
+    losses: GpuTensor,
+    forward: Vec<Box<dyn Record>>,
+    loss: CrossEntropy,
+    backward: Vec<Box<dyn Record>>,
+    update: Vec<Box<dyn Record>>,
+    adamw: AdamW,
+    logits: GpuTensor,
+    // Kept alive for the bind groups above (wgpu keeps buffers alive through bind groups too;
+    // holding them also lets tests read intermediate values).
+    _acts: Vec<LayerActs>,
+    _scratch: Vec<GpuTensor>,
+}
+
+/// Views of one flat buffer by tensor name.
+struct Views<'a> {
+    layout: &'a ParamLayout,
+    flat: &'a GpuTensor,
+}
+
+impl Views<'_> {
+    fn get(&self, name: &str) -> Result<GpuTensor> {
+        let t = self
+            .layout
+            .get(name)
+            .ok_or_else(|| Error::shape("gpt", format!("the layout has no tensor {name}")))?;
+        self.flat.view(name, t.offset, &t.shape)
+    }
+    fn opt(&self, name: &str) -> Result<Option<GpuTensor>> {
+        match self.layout.get(name) {
+            Some(_) => self.get(name).map(Some),
+            None => Ok(None),
+        }
+    }
+}
+
+fn linear(
+    gpu: &Gpu,
+    y: &GpuTensor,
+    x: &GpuTensor,
+    w: &GpuTensor,
+    b: Option<&GpuTensor>,
+    rows: usize,
+    fan_in: usize,
+    fan_out: usize,
+) -> Result<Box<dyn Record>> {
+    Ok(Box::new(Matmul::new(
+        gpu,
+        y,
+        x,
+        w,
+        b,
+        &MatmulSpec::new(Layout::NT, rows, fan_out, fan_in),
+    )?))
+}
+
+/// dX = dY·W (overwritten), dW += dYᵀ·X, db += 1ᵀ·dY.
+#[allow(clippy::too_many_arguments)]
+fn linear_backward(
+    gpu: &Gpu,
+    ops: &mut Vec<Box<dyn Record>>,
+    dx: &GpuTensor,
+    dw: &GpuTensor,
+    db: Option<&GpuTensor>,
+    dy: &GpuTensor,
+    x: &GpuTensor,
+    w: &GpuTensor,
+    ones: &GpuTensor,
+    (rows, fan_in, fan_out): (usize, usize, usize),
+) -> Result<()> {
+    ops.push(Box::new(Matmul::new(
+        gpu,
+        dx,
+        dy,
+        w,
+        None,
+        &MatmulSpec::new(Layout::NN, rows, fan_in, fan_out),
+    )?));
+    ops.push(Box::new(Matmul::new(
+        gpu,
+        dw,
+        dy,
+        x,
+        None,
+        &MatmulSpec::new(Layout::TN, fan_out, fan_in, rows).accumulate(true),
+    )?));
+    if let Some(db) = db {
+        // The bias gradient is a column sum: a 1×rows by rows×fan_out product, deterministic.
+        ops.push(Box::new(Matmul::new(
+            gpu,
+            db,
+            ones,
+            dy,
+            None,
+            &MatmulSpec::new(Layout::TN, 1, fan_out, rows).accumulate(true),
+        )?));
+    }
+    Ok(())
+}
+
+impl GptGpu {
+    /// Allocates every buffer and prepares every dispatch for micro-batches of `batch`.
+    pub fn new(gpu: &Gpu, model: &ModelConfig, vocab: usize, batch: GptBatch) -> Result<Self> {
+        if batch.seq == 0 || batch.batch == 0 || batch.seq > model.block_size {
+            return Err(Error::shape(
+                "gpt",
+                format!(
+                    "batch {batch:?} must be non-empty with T ≤ block_size = {}",
+                    model.block_size
+                ),
+            ));
+        }
+        let precision = gpu.precision();
+        let dt = DType::from(precision);
+        // Every tensor starts where any storage binding may (alignment counted in the smallest
+        // element, f16), and at a multiple of 4 elements for the vectorised matmul.
+        let align = (gpu
+            .capabilities()
+            .limits
+            .min_storage_buffer_offset_alignment as usize
+            / 2)
+        .max(4);
+        let layout = ParamLayout::gpt(model, vocab, align)?;
+        let n = layout.buffer_len();
+        let params = gpu.zeros("params", &[n], dt)?;
+        let grads = gpu.zeros("grads", &[n], dt)?;
+        let master = gpu.zeros("master", &[n], DType::F32)?;
+        let exp_avg = gpu.zeros("adam m", &[n], DType::F32)?;
+        let exp_avg_sq = gpu.zeros("adam v", &[n], DType::F32)?;
+        let skipped = gpu.zeros("skipped steps", &[1], DType::U32)?;
+        let norm = gpu.zeros("grad norm", &[1], DType::F32)?;
+        let flag = gpu.zeros("nonfinite flag", &[1], DType::U32)?;
+
+        let (b, t, c) = (batch.batch, batch.seq, model.n_embd);
+        let bt = b * t;
+        let tokens = gpu.zeros("tokens", &[bt], DType::U32)?;
+        let targets = gpu.zeros("targets", &[bt], DType::U32)?;
+        let order = gpu.zeros("token order", &[bt], DType::U32)?;
+        let starts = gpu.zeros("token starts", &[vocab + 1], DType::U32)?;
+        let dloss_scale = gpu.upload("dloss scale", &[1], DType::F32, &[1.0])?;
+        let losses = gpu.zeros("losses", &[bt], DType::F32)?;
+        let ones = gpu.upload("ones", &[bt], dt, &vec![1.0; bt])?;
+        let zero_bias = gpu.zeros("zero norm bias", &[c], dt)?;
+        let scratch_dbias = gpu.zeros("unused norm bias grad", &[c], dt)?;
+
+        let p = Views {
+            layout: &layout,
+            flat: &params,
+        };
+        let g = Views {
+            layout: &layout,
+            flat: &grads,
+        };
+        let act = |name: &str, len: usize| gpu.zeros(name, &[len], dt);
+        let stat = |name: &str| gpu.zeros(name, &[bt], DType::F32);
+        let ln_spec = LayerNormSpec::new(bt, c);
+        let att_shape = AttentionShape {
+            batch: b,
+            seq: t,
+            channels: c,
+            heads: model.n_head,
+        };
+        let emb = EmbeddingShape {
+            batch: b,
+            seq: t,
+            channels: c,
+            vocab,
+            positions: model.block_size,
+        };
+
+        // ---- forward ----
+        let mut forward: Vec<Box<dyn Record>> = Vec::new();
+        let embedded = act("embedded", bt * c)?;
+        forward.push(Box::new(EmbeddingForward::new(
+            gpu,
+            &embedded,
+            &tokens,
+            &p.get("wte.weight")?,
+            &p.get("wpe.weight")?,
+            &emb,
+        )?));
+        let mut acts: Vec<LayerActs> = Vec::new();
+        let mut x = embedded;
+        for l in 0..model.n_layer {
+            let name = |s: &str| format!("h.{l}.{s}");
+            let a = LayerActs {
+                input: x,
+                ln1: act(&name("ln1"), bt * c)?,
+                ln1_mean: stat(&name("ln1 mean"))?,
+                ln1_rstd: stat(&name("ln1 rstd"))?,
+                qkv: act(&name("qkv"), bt * 3 * c)?,
+                probs: act(&name("probs"), att_shape.probs_len())?,
+                att: act(&name("att"), bt * c)?,
+                resid: act(&name("resid"), bt * c)?,
+                ln2: act(&name("ln2"), bt * c)?,
+                ln2_mean: stat(&name("ln2 mean"))?,
+                ln2_rstd: stat(&name("ln2 rstd"))?,
+                fc: act(&name("fc"), bt * 4 * c)?,
+                gelu: act(&name("gelu"), bt * 4 * c)?,
+            };
+            let proj = act(&name("attn proj"), bt * c)?;
+            let mlp = act(&name("mlp out"), bt * c)?;
+            let out = act(&name("out"), bt * c)?;
+            let ln1_b = p.opt(&name("ln_1.bias"))?;
+            forward.push(Box::new(LayerNormForward::new(
+                gpu,
+                &a.ln1,
+                &a.ln1_mean,
+                &a.ln1_rstd,
+                &a.input,
+                &p.get(&name("ln_1.weight"))?,
+                ln1_b.as_ref().unwrap_or(&zero_bias),
+                &ln_spec,
+            )?));
+            forward.push(linear(
+                gpu,
+                &a.qkv,
+                &a.ln1,
+                &p.get(&name("attn.c_attn.weight"))?,
+                p.opt(&name("attn.c_attn.bias"))?.as_ref(),
+                bt,
+                c,
+                3 * c,
+            )?);
+            forward.push(Box::new(AttentionForward::new(
+                gpu, &a.att, &a.probs, &a.qkv, &att_shape,
+            )?));
+            forward.push(linear(
+                gpu,
+                &proj,
+                &a.att,
+                &p.get(&name("attn.c_proj.weight"))?,
+                p.opt(&name("attn.c_proj.bias"))?.as_ref(),
+                bt,
+                c,
+                c,
+            )?);
+            forward.push(Box::new(ResidualForward::new(
+                gpu, &a.resid, &a.input, &proj,
+            )?));
+            let ln2_b = p.opt(&name("ln_2.bias"))?;
+            forward.push(Box::new(LayerNormForward::new(
+                gpu,
+                &a.ln2,
+                &a.ln2_mean,
+                &a.ln2_rstd,
+                &a.resid,
+                &p.get(&name("ln_2.weight"))?,
+                ln2_b.as_ref().unwrap_or(&zero_bias),
+                &ln_spec,
+            )?));
+            forward.push(linear(
+                gpu,
+                &a.fc,
+                &a.ln2,
+                &p.get(&name("mlp.c_fc.weight"))?,
+                p.opt(&name("mlp.c_fc.bias"))?.as_ref(),
+                bt,
+                c,
+                4 * c,
+            )?);
+            forward.push(Box::new(GeluForward::new(gpu, &a.gelu, &a.fc)?));
+            forward.push(linear(
+                gpu,
+                &mlp,
+                &a.gelu,
+                &p.get(&name("mlp.c_proj.weight"))?,
+                p.opt(&name("mlp.c_proj.bias"))?.as_ref(),
+                bt,
+                4 * c,
+                c,
+            )?);
+            forward.push(Box::new(ResidualForward::new(gpu, &out, &a.resid, &mlp)?));
+            acts.push(a);
+            x = out;
+        }
+        let final_in = x;
+        let lnf = act("lnf", bt * c)?;
+        let (lnf_mean, lnf_rstd) = (stat("lnf mean")?, stat("lnf rstd")?);
+        let lnf_b = p.opt("ln_f.bias")?;
+        forward.push(Box::new(LayerNormForward::new(
+            gpu,
+            &lnf,
+            &lnf_mean,
+            &lnf_rstd,
+            &final_in,
+            &p.get("ln_f.weight")?,
+            lnf_b.as_ref().unwrap_or(&zero_bias),
+            &ln_spec,
+        )?));
+        let logits = act("logits", bt * vocab)?;
+        let wte = p.get("wte.weight")?;
+        forward.push(linear(gpu, &logits, &lnf, &wte, None, bt, c, vocab)?);
+
+        // ---- loss: per-row loss and dlogits in one kernel ----
+        let dlogits = act("dlogits", bt * vocab)?;
+        let ce = CrossEntropy::new(
+            gpu,
+            &losses,
+            &dlogits,
+            &logits,
+            &targets,
+            Some(&dloss_scale),
+            &CrossEntropySpec::new(bt, vocab),
+        )?;
+        let loss = ce;
+
+        // ---- backward: the forward in reverse ----
+        let mut backward: Vec<Box<dyn Record>> = Vec::new();
+        let dlnf = act("dlnf", bt * c)?;
+        let dresid = act("dresid", bt * c)?;
+        linear_backward(
+            gpu,
+            &mut backward,
+            &dlnf,
+            &g.get("wte.weight")?,
+            None,
+            &dlogits,
+            &lnf,
+            &wte,
+            &ones,
+            (bt, c, vocab),
+        )?;
+        let acc_params = LayerNormSpec {
+            accumulate_params: true,
+            ..ln_spec
+        };
+        let gb_lnf = g.opt("ln_f.bias")?;
+        backward.push(Box::new(LayerNormBackward::new(
+            gpu,
+            &dresid,
+            &g.get("ln_f.weight")?,
+            gb_lnf.as_ref().unwrap_or(&scratch_dbias),
+            &dlnf,
+            &final_in,
+            &p.get("ln_f.weight")?,
+            &lnf_mean,
+            &lnf_rstd,
+            &acc_params,
+        )?));
+        let dgelu = act("dgelu", bt * 4 * c)?;
+        let dfc = act("dfc", bt * 4 * c)?;
+        let dln = act("dln", bt * c)?;
+        let datt = act("datt", bt * c)?;
+        let dqkv = act("dqkv", bt * 3 * c)?;
+        let dprobs = act("dprobs", att_shape.probs_len())?;
+        let acc_both = LayerNormSpec {
+            accumulate_input: true,
+            ..acc_params
+        };
+        for l in (0..model.n_layer).rev() {
+            let a = &acts[l];
+            let name = |s: &str| format!("h.{l}.{s}");
+            linear_backward(
+                gpu,
+                &mut backward,
+                &dgelu,
+                &g.get(&name("mlp.c_proj.weight"))?,
+                g.opt(&name("mlp.c_proj.bias"))?.as_ref(),
+                &dresid,
+                &a.gelu,
+                &p.get(&name("mlp.c_proj.weight"))?,
+                &ones,
+                (bt, 4 * c, c),
+            )?;
+            backward.push(Box::new(GeluBackward::new(
+                gpu, &dfc, &dgelu, &a.fc, false,
+            )?));
+            linear_backward(
+                gpu,
+                &mut backward,
+                &dln,
+                &g.get(&name("mlp.c_fc.weight"))?,
+                g.opt(&name("mlp.c_fc.bias"))?.as_ref(),
+                &dfc,
+                &a.ln2,
+                &p.get(&name("mlp.c_fc.weight"))?,
+                &ones,
+                (bt, c, 4 * c),
+            )?;
+            let gb = g.opt(&name("ln_2.bias"))?;
+            backward.push(Box::new(LayerNormBackward::new(
+                gpu,
+                &dresid,
+                &g.get(&name("ln_2.weight"))?,
+                gb.as_ref().unwrap_or(&scratch_dbias),
+                &dln,
+                &a.resid,
+                &p.get(&name("ln_2.weight"))?,
+                &a.ln2_mean,
+                &a.ln2_rstd,
+                &acc_both,
+            )?));
+            linear_backward(
+                gpu,
+                &mut backward,
+                &datt,
+                &g.get(&name("attn.c_proj.weight"))?,
+                g.opt(&name("attn.c_proj.bias"))?.as_ref(),
+                &dresid,
+                &a.att,
+                &p.get(&name("attn.c_proj.weight"))?,
+                &ones,
+                (bt, c, c),
+            )?;
+            backward.push(Box::new(AttentionBackward::new(
+                gpu, &dqkv, &dprobs, &datt, &a.qkv, &a.probs, &att_shape,
+            )?));
+            linear_backward(
+                gpu,
+                &mut backward,
+                &dln,
+                &g.get(&name("attn.c_attn.weight"))?,
+                g.opt(&name("attn.c_attn.bias"))?.as_ref(),
+                &dqkv,
+                &a.ln1,
+                &p.get(&name("attn.c_attn.weight"))?,
+                &ones,
+                (bt, c, 3 * c),
+            )?;
+            let gb = g.opt(&name("ln_1.bias"))?;
+            backward.push(Box::new(LayerNormBackward::new(
+                gpu,
+                &dresid,
+                &g.get(&name("ln_1.weight"))?,
+                gb.as_ref().unwrap_or(&scratch_dbias),
+                &dln,
+                &a.input,
+                &p.get(&name("ln_1.weight"))?,
+                &a.ln1_mean,
+                &a.ln1_rstd,
+                &acc_both,
+            )?));
+        }
+        backward.push(Box::new(EmbeddingBackward::new(
+            gpu,
+            &g.get("wte.weight")?,
+            &g.get("wpe.weight")?,
+            &dresid,
+            &order,
+            &starts,
+            &emb,
+            true,
+        )?));
+
+        // ---- update: global norm, then AdamW over the whole buffer ----
+        let segments = segments(&layout);
+        let grad_norm = GradNorm::new(gpu, &norm, &flag, &grads)?;
+        let adamw = AdamW::new(
+            gpu,
+            &master,
+            &params,
+            &exp_avg,
+            &exp_avg_sq,
+            &skipped,
+            &grads,
+            &norm,
+            &flag,
+            &segments,
+            &AdamWStep::new(1),
+        )?;
+        let update: Vec<Box<dyn Record>> = vec![Box::new(grad_norm)];
+
+        Ok(GptGpu {
+            model: model.clone(),
+            vocab,
+            batch,
+            precision,
+            layout,
+            params,
+            grads,
+            master,
+            exp_avg,
+            exp_avg_sq,
+            skipped,
+            norm,
+            flag,
+            tokens,
+            targets,
+            order,
+            starts,
+            dloss_scale,
+            losses,
+            forward,
+            loss,
+            backward,
+            update,
+            adamw,
+            logits,
+            _acts: acts,
+            _scratch: vec![
+                ones,
+                zero_bias,
+                scratch_dbias,
+                dlogits,
+                dlnf,
+                dresid,
+                dgelu,
+                dfc,
+                dln,
+                datt,
+                dqkv,
+                dprobs,
+                lnf,
+                final_in,
+                lnf_mean,
+                lnf_rstd,
+            ],
+        })
+    }
+
+    /// The parameter layout (aligned for this adapter).
+    pub fn layout(&self) -> &ParamLayout {
+        &self.layout
+    }
+
+    /// Storage precision of parameters, gradients and activations.
+    pub fn precision(&self) -> Precision {
+        self.precision
+    }
+
+    /// The micro-batch geometry the plan was built for.
+    pub fn batch(&self) -> GptBatch {
+        self.batch
+    }
+
+    /// Number of dispatches of one optimizer step with `micro_batches` micro-batches.
+    pub fn dispatches_per_step(&self, micro_batches: usize) -> usize {
+        micro_batches * (self.forward.len() + 1 + self.backward.len()) + self.update.len() + 1
+    }
+
+    /// Sets the f32 master weights and the working copy from a flat buffer laid out by
+    /// [`GptGpu::layout`], and zeroes the Adam moments.
+    pub fn set_weights(&self, gpu: &Gpu, master: &[f32]) -> Result<()> {
+        self.set_state(gpu, master, None)
+    }
+
+    /// Sets master weights, working copy and (when given) the Adam moments, e.g. from a checkpoint.
+    pub fn set_state(
+        &self,
+        gpu: &Gpu,
+        master: &[f32],
+        moments: Option<(&[f32], &[f32])>,
+    ) -> Result<()> {
+        gpu.write(&self.master, master)?;
+        gpu.write(&self.params, master)?;
+        match moments {
+            Some((m, v)) => {
+                gpu.write(&self.exp_avg, m)?;
+                gpu.write(&self.exp_avg_sq, v)?;
+            }
+            None => {
+                let zeros = vec![0.0; master.len()];
+                gpu.write(&self.exp_avg, &zeros)?;
+                gpu.write(&self.exp_avg_sq, &zeros)?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Writes one micro-batch's tokens, targets and the token index the embedding backward uses.
+    pub fn set_batch(&self, gpu: &Gpu, inputs: &[u32], targets: &[u32]) -> Result<()> {
+        let n = self.batch.batch * self.batch.seq;
+        if inputs.len() != n || targets.len() != n {
+            return Err(Error::shape(
+                "gpt",
+                format!(
+                    "a micro-batch needs {n} inputs and targets, got {} and {}",
+                    inputs.len(),
+                    targets.len()
+                ),
+            ));
+        }
+        if let Some(t) = targets
+            .iter()
+            .find(|&&t| t != u32::MAX && t as usize >= self.vocab)
+        {
+            return Err(Error::shape(
+                "gpt",
+                format!("target {t} is outside the vocabulary of {}", self.vocab),
+            ));
+        }
+        let (order, starts) = crate::cpu::embedding::token_index(inputs, self.vocab)?;
+        let q = gpu.queue();
+        q.write_buffer(
+            self.tokens.buffer(),
+            self.tokens.offset_bytes(),
+            bytemuck::cast_slice(inputs),
+        );
+        q.write_buffer(
+            self.targets.buffer(),
+            self.targets.offset_bytes(),
+            bytemuck::cast_slice(targets),
+        );
+        q.write_buffer(
+            self.order.buffer(),
+            self.order.offset_bytes(),
+            bytemuck::cast_slice(&order),
+        );
+        q.write_buffer(
+            self.starts.buffer(),
+            self.starts.offset_bytes(),
+            bytemuck::cast_slice(&starts),
+        );
+        Ok(())
+    }
+
+    /// Records forward, loss and backward of the micro-batch last set; parameter gradients are
+    /// added to the gradient buffer (see [`GptGpu::record_zero_grads`]).
+    pub fn record_micro_batch(&self, pass: &mut wgpu::ComputePass<'_>) {
+        self.record_eval(pass);
+        for op in &self.backward {
+            op.record_into(pass);
+        }
+    }
+
+    /// Records forward and loss only (evaluation).
+    pub fn record_eval(&self, pass: &mut wgpu::ComputePass<'_>) {
+        self.record_logits(pass);
+        self.loss.record(pass);
+    }
+
+    /// Records the forward to the logits only (inference).
+    pub fn record_logits(&self, pass: &mut wgpu::ComputePass<'_>) {
+        for op in &self.forward {
+            op.record_into(pass);
+        }
+    }
+
+    /// Clears the gradient buffer (before the first micro-batch of a step).
+    pub fn record_zero_grads(&self, encoder: &mut wgpu::CommandEncoder) {
+        encoder.clear_buffer(self.grads.buffer(), 0, None);
+    }
+
+    /// Records gradient norm and AdamW (whose step values [`GptGpu::set_step`] wrote).
+    pub fn record_update(&self, pass: &mut wgpu::ComputePass<'_>) {
+        for op in &self.update {
+            op.record_into(pass);
+        }
+        self.adamw.record(pass);
+    }
+
+    /// Writes the optimizer's per-step values and the loss-gradient scale for `micro_batches`.
+    pub fn set_step(&self, gpu: &Gpu, step: &AdamWStep, micro_batches: usize) -> Result<()> {
+        self.adamw.set_step(gpu, step)?;
+        // Each micro-batch contributes its mean loss's gradient / micro_batches, so the summed
+        // gradient is that of the mean over the whole step; times the loss scale.
+        let scale = (step.loss_scale / micro_batches as f64) as f32;
+        gpu.write(&self.dloss_scale, &[scale])
+    }
+
+    /// One optimizer step over `micro` (inputs, targets) pairs, submitted without waiting.
+    pub fn step(&self, gpu: &Gpu, micro: &[(Vec<u32>, Vec<u32>)], step: &AdamWStep) -> Result<()> {
+        if micro.is_empty() {
+            return Err(Error::shape("gpt", "a step needs at least one micro-batch"));
+        }
+        self.set_step(gpu, step, micro.len())?;
+        for (i, (inputs, targets)) in micro.iter().enumerate() {
+            // write_buffer lands at the next submit, so each micro-batch is its own submission.
+            self.set_batch(gpu, inputs, targets)?;
+            gpu.submit("micro-batch", |enc| {
+                if i == 0 {
+                    self.record_zero_grads(enc);
+                }
+                let mut pass = enc.begin_compute_pass(&wgpu::ComputePassDescriptor {
+                    label: Some("micro-batch"),
+                    timestamp_writes: None,
+                });
+                self.record_micro_batch(&mut pass);
+            })?;
+        }
+        gpu.run_pass("update", |pass| self.record_update(pass))
+    }
+
+    /// Mean loss over the non-ignored targets of the micro-batch last run (waits for the device).
+    pub fn read_loss(&self, gpu: &Gpu) -> Result<f32> {
+        let losses = gpu.read(&self.losses)?;
+        let count = gpu.read_u32(self.loss.count())?[0].max(1);
+        Ok((losses.iter().map(|&l| f64::from(l)).sum::<f64>() / f64::from(count)) as f32)
+    }
+
+    /// The one-element u32 tensor holding the number of non-ignored targets of the last loss.
+    pub fn target_count(&self) -> &GpuTensor {
+        self.loss.count()
+    }
+
+    /// The whole gradient buffer as f32 (waits), laid out by [`GptGpu::layout`].
+    pub fn read_grads(&self, gpu: &Gpu) -> Result<Vec<f32>> {
+        gpu.read(&self.grads)
+    }
+
+    /// The f32 master weights (waits).
+    pub fn read_master(&self, gpu: &Gpu) -> Result<Vec<f32>> {
+        gpu.read(&self.master)
+    }
+
+    /// The Adam moments (waits).
+    pub fn read_moments(&self, gpu: &Gpu) -> Result<(Vec<f32>, Vec<f32>)> {
+        Ok((gpu.read(&self.exp_avg)?, gpu.read(&self.exp_avg_sq)?))
+    }
+
+    /// Steps skipped for non-finite gradients so far, the last global norm and its flag (waits).
+    pub fn read_update_stats(&self, gpu: &Gpu) -> Result<(u32, f32, u32)> {
+        Ok((
+            gpu.read_u32(&self.skipped)?[0],
+            gpu.read(&self.norm)?[0],
+            gpu.read_u32(&self.flag)?[0],
+        ))
+    }
+
+    /// The logits of the micro-batch last run (waits).
+    pub fn read_logits(&self, gpu: &Gpu) -> Result<Vec<f32>> {
+        gpu.read(&self.logits)
+    }
+
+    /// The per-row loss tensor (f32, B·T), for asynchronous read-back by the training loop.
+    pub fn losses(&self) -> &GpuTensor {
+        &self.losses
+    }
+
+    /// The model configuration.
+    pub fn model(&self) -> &ModelConfig {
+        &self.model
+    }
+
+    /// The gradient buffer (for tests that inject values).
+    pub fn grads(&self) -> &GpuTensor {
+        &self.grads
+    }
+}
+
+/// The AdamW segment table: every layout tensor, plus the alignment gaps as undecayed segments
+/// so that the table tiles the whole buffer.
+fn segments(layout: &ParamLayout) -> Vec<ParamSegment> {
+    let mut out = Vec::new();
+    let mut next = 0;
+    for t in layout.tensors() {
+        if t.offset > next {
+            out.push(ParamSegment {
+                offset: next,
+                len: t.offset - next,
+                decayed: false,
+            });
+        }
+        out.push(ParamSegment {
+            offset: t.offset,
+            len: t.len(),
+            decayed: t.decayed,
+        });
+        next = t.offset + t.len();
+    }
+    if next < layout.buffer_len() {
+        out.push(ParamSegment {
+            offset: next,
+            len: layout.buffer_len() - next,
+            decayed: false,
+        });
+    }
+    out
+}
