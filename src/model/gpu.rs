@@ -97,6 +97,7 @@ impl Views<'_> {
     }
 }
 
+#[allow(clippy::too_many_arguments)]
 fn linear(
     gpu: &Gpu,
     y: &GpuTensor,
