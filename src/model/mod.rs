@@ -2,6 +2,7 @@
 
 pub mod config;
 pub mod gpu;
+pub mod init;
 pub mod layout;
 
 pub use config::{Config, DataConfig, Decay, ModelConfig, TokenizerKind, TrainConfig};

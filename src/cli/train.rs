@@ -1,0 +1,95 @@
+//! `kiln train` and `kiln eval`.
+
+use kiln::model::Config;
+use kiln::train::trainer::{TrainOptions, train};
+use kiln::{Error, Result};
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+
+#[derive(clap::Args, Debug)]
+pub struct TrainArgs {
+    /// TOML config file (see configs/).
+    #[arg(long)]
+    config: Option<PathBuf>,
+    /// UTF-8 text corpus (overrides data.path).
+    #[arg(long)]
+    data: Option<PathBuf>,
+    /// Output folder for checkpoints, metrics.jsonl and config.toml.
+    #[arg(long, default_value = "runs/latest")]
+    out: PathBuf,
+    /// Continue from the latest checkpoint in --out (or in DIR if given).
+    #[arg(long, value_name = "DIR", num_args = 0..=1, default_missing_value = "")]
+    resume: Option<PathBuf>,
+    /// Override a config value, e.g. --set train.lr=3e-4 (repeatable).
+    #[arg(long = "set", value_name = "KEY=VALUE")]
+    overrides: Vec<String>,
+    /// Stop after this many steps of this invocation (with a checkpoint).
+    #[arg(long)]
+    steps: Option<u64>,
+    /// No progress bar (log lines only).
+    #[arg(long)]
+    quiet: bool,
+}
+
+pub fn run(adapter: Option<String>, a: &TrainArgs) -> Result<()> {
+    let mut out = a.out.clone();
+    let resume = match &a.resume {
+        Some(dir) if !dir.as_os_str().is_empty() => {
+            out = dir.clone();
+            true
+        }
+        Some(_) => true,
+        None => false,
+    };
+    let config = match (&a.config, resume) {
+        (Some(path), _) => Config::load(path, &a.overrides)?,
+        (None, true) => {
+            let path = out.join("config.toml");
+            Config::load(&path, &a.overrides)?
+        }
+        (None, false) => Config::from_toml("", &a.overrides)?,
+    };
+    let data = a
+        .data
+        .clone()
+        .or_else(|| (!config.data.path.is_empty()).then(|| PathBuf::from(&config.data.path)))
+        .ok_or_else(|| Error::invalid("--data", "(none)", "give the corpus with --data FILE or data.path in the config"))?;
+    let stop = Arc::new(AtomicBool::new(false));
+    let flag = stop.clone();
+    // The first Ctrl-C finishes the step in flight, evaluates and checkpoints; a second one quits.
+    let _ = ctrlc::set_handler(move || {
+        if flag.swap(true, Ordering::SeqCst) {
+            std::process::exit(130);
+        }
+        eprintln!("\ninterrupted: saving a checkpoint after this step (Ctrl-C again to quit now)");
+    });
+    let opts = TrainOptions {
+        config,
+        data,
+        out_dir: out.clone(),
+        resume,
+        progress: !a.quiet && std::io::IsTerminal::is_terminal(&std::io::stderr()),
+        adapter,
+        stop_after: a.steps,
+    };
+    let s = train(&opts, &stop)?;
+    eprintln!(
+        "done: {} steps, val loss {}, {:.1} ms/step, {:.0} tokens/s, {:.2} model GFLOP/s, {} dispatches/step, {:.0} µs to encode and submit a step, {} skipped steps, precision {}",
+        s.steps,
+        s.val_loss.map(|v| format!("{v:.4}")).unwrap_or_else(|| "-".into()),
+        s.ms_per_step,
+        s.tokens_per_s,
+        s.model_gflops,
+        s.dispatches_per_step,
+        s.encode_us,
+        s.skipped_steps,
+        s.precision
+    );
+    if let Some(ck) = &s.checkpoint {
+        eprintln!("checkpoint: {}", ck.display());
+    }
+    eprintln!("metrics: {}", out.join("metrics.jsonl").display());
+    println!("{}", serde_json::to_string(&s).unwrap_or_default());
+    Ok(())
+}

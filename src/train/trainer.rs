@@ -1,0 +1,413 @@
+//! The training loop: batches, steps, asynchronous loss read-back, evaluation, metrics,
+//! checkpoints, resume and Ctrl-C.
+
+use super::checkpoint::{self, Checkpoint, TrainingState};
+use super::schedule::learning_rate;
+use crate::cpu::gpt::GptBatch;
+use crate::data::Dataset;
+use crate::gpu::{Gpu, GpuOptions};
+use crate::model::gpu::GptGpu;
+use crate::model::init::gpt2_init;
+use crate::model::{Config, ParamLayout};
+use crate::training::AdamWStep;
+use crate::{Error, Precision, PrecisionChoice, Result};
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Instant;
+
+/// What to train and where.
+#[derive(Clone, Debug)]
+pub struct TrainOptions {
+    /// The run's configuration (validated).
+    pub config: Config,
+    /// The corpus.
+    pub data: PathBuf,
+    /// Folder for checkpoints, metrics and the copy of the config.
+    pub out_dir: PathBuf,
+    /// Continue from the latest checkpoint in `out_dir`.
+    pub resume: bool,
+    /// Draw a progress bar on stderr.
+    pub progress: bool,
+    /// Adapter choice.
+    pub adapter: Option<String>,
+    /// Stop (with a checkpoint) after this many steps of this invocation, whatever max_steps says.
+    pub stop_after: Option<u64>,
+}
+
+/// What a run measured.
+#[derive(Clone, Debug, serde::Serialize)]
+pub struct TrainSummary {
+    /// Optimizer steps completed in total.
+    pub steps: u64,
+    /// Last validation loss measured.
+    pub val_loss: Option<f64>,
+    /// Mean wall-clock milliseconds per step over this invocation (evaluation excluded).
+    pub ms_per_step: f64,
+    /// Training tokens per second over this invocation.
+    pub tokens_per_s: f64,
+    /// Model FLOP/s: 6·params·tokens plus attention, over the step time.
+    pub model_gflops: f64,
+    /// Dispatches recorded per optimizer step.
+    pub dispatches_per_step: usize,
+    /// Mean host microseconds to encode and submit one step.
+    pub encode_us: f64,
+    /// Steps skipped for non-finite gradients.
+    pub skipped_steps: u64,
+    /// The last checkpoint written.
+    pub checkpoint: Option<PathBuf>,
+    /// Storage precision used.
+    pub precision: Precision,
+}
+
+/// One metrics line (JSON) per logged step and per evaluation, appended to `metrics.jsonl`.
+fn log_metric(out: &Path, value: &serde_json::Value) -> Result<()> {
+    let path = out.join("metrics.jsonl");
+    let mut f = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(&path)
+        .map_err(|source| Error::Io { path: path.display().to_string(), source })?;
+    writeln!(f, "{value}").map_err(|source| Error::Io { path: path.display().to_string(), source })
+}
+
+/// A ring of staging buffers the per-row losses of each step are copied into and mapped
+/// asynchronously, so the loop learns the loss of step k a few steps later without ever waiting
+/// for the step in flight.
+struct LossRing {
+    slots: Vec<Slot>,
+    rows: usize,
+}
+
+struct Slot {
+    buffer: wgpu::Buffer,
+    step: Option<u64>,
+    ready: Arc<Mutex<Option<std::result::Result<(), wgpu::BufferAsyncError>>>>,
+}
+
+impl LossRing {
+    fn new(gpu: &Gpu, rows: usize, n: usize) -> Self {
+        let slots = (0..n)
+            .map(|i| Slot {
+                buffer: gpu.device().create_buffer(&wgpu::BufferDescriptor {
+                    label: Some(&format!("loss ring {i}")),
+                    size: ((rows + 1) * 4) as u64,
+                    usage: wgpu::BufferUsages::MAP_READ | wgpu::BufferUsages::COPY_DST,
+                    mapped_at_creation: false,
+                }),
+                step: None,
+                ready: Arc::new(Mutex::new(None)),
+            })
+            .collect();
+        LossRing { slots, rows }
+    }
+
+    fn slot_for(step: u64, n: usize) -> usize {
+        (step % n as u64) as usize
+    }
+
+    /// Records the copy of this step's losses (and target count) into its slot.
+    fn record_copy(&self, enc: &mut wgpu::CommandEncoder, model: &GptGpu, step: u64) {
+        let slot = &self.slots[Self::slot_for(step, self.slots.len())];
+        let losses = model.losses();
+        enc.copy_buffer_to_buffer(losses.buffer(), losses.offset_bytes(), &slot.buffer, 0, (self.rows * 4) as u64);
+        let count = model.target_count();
+        enc.copy_buffer_to_buffer(count.buffer(), count.offset_bytes(), &slot.buffer, (self.rows * 4) as u64, 4);
+    }
+
+    /// After the step's submission: asks for the slot to be mapped when the GPU is done.
+    fn request(&mut self, step: u64) {
+        let n = self.slots.len();
+        let slot = &mut self.slots[Self::slot_for(step, n)];
+        slot.step = Some(step);
+        let ready = slot.ready.clone();
+        *ready.lock().unwrap_or_else(|e| e.into_inner()) = None;
+        slot.buffer.map_async(wgpu::MapMode::Read, .., move |r| {
+            *ready.lock().unwrap_or_else(|e| e.into_inner()) = Some(r);
+        });
+    }
+
+    /// Before reusing the slot of `step`: waits for the step that used it last (the oldest in
+    /// flight) and returns its loss.
+    fn drain_slot(&mut self, gpu: &Gpu, step: u64) -> Result<Option<(u64, f32)>> {
+        let n = self.slots.len();
+        let i = Self::slot_for(step, n);
+        if self.slots[i].step.is_none() {
+            return Ok(None);
+        }
+        // Poll rather than wait for the device: a full wait would also wait for the newer steps
+        // in flight, and the ring exists to keep those overlapping with the host.
+        while self.slots[i].ready.lock().unwrap_or_else(|e| e.into_inner()).is_none() {
+            let _ = gpu.device().poll(wgpu::PollType::Poll);
+            std::thread::sleep(std::time::Duration::from_micros(100));
+        }
+        self.take(i)
+    }
+
+    /// Losses of finished steps, without waiting.
+    fn harvest(&mut self, gpu: &Gpu) -> Result<Vec<(u64, f32)>> {
+        let _ = gpu.device().poll(wgpu::PollType::Poll);
+        let mut out = Vec::new();
+        let mut order: Vec<usize> = (0..self.slots.len()).filter(|&i| self.slots[i].step.is_some()).collect();
+        order.sort_by_key(|&i| self.slots[i].step);
+        for i in order {
+            if self.slots[i].ready.lock().unwrap_or_else(|e| e.into_inner()).is_none() {
+                break;
+            }
+            if let Some(x) = self.take(i)? {
+                out.push(x);
+            }
+        }
+        Ok(out)
+    }
+
+    /// Every loss still in flight (waits).
+    fn flush(&mut self, gpu: &Gpu) -> Result<Vec<(u64, f32)>> {
+        gpu.wait()?;
+        self.harvest(gpu)
+    }
+
+    fn take(&mut self, i: usize) -> Result<Option<(u64, f32)>> {
+        let slot = &mut self.slots[i];
+        let Some(step) = slot.step.take() else { return Ok(None) };
+        let result = slot.ready.lock().unwrap_or_else(|e| e.into_inner()).take();
+        if let Some(Err(e)) = result {
+            return Err(Error::Readback { what: "loss ring".into(), message: e.to_string() });
+        }
+        let loss = {
+            let view = slot
+                .buffer
+                .get_mapped_range(..)
+                .map_err(|e| Error::Readback { what: "loss ring".into(), message: e.to_string() })?;
+            let words: &[f32] = bytemuck::cast_slice(&view);
+            let count = bytemuck::cast::<f32, u32>(words[self.rows]).max(1);
+            (words[..self.rows].iter().map(|&l| f64::from(l)).sum::<f64>() / f64::from(count)) as f32
+        };
+        slot.buffer.unmap();
+        Ok(Some((step, loss)))
+    }
+}
+
+/// Mean loss over the fixed validation batches (waits for each).
+pub fn evaluate(gpu: &Gpu, model: &GptGpu, batches: &[crate::data::Batch]) -> Result<f64> {
+    let mut total = 0.0;
+    for b in batches {
+        model.set_batch(gpu, &b.inputs, &b.targets)?;
+        gpu.run_pass("eval", |pass| model.record_eval(pass))?;
+        total += f64::from(model.read_loss(gpu)?);
+    }
+    Ok(total / batches.len().max(1) as f64)
+}
+
+/// Model FLOPs of one token's forward and backward: 6 per parameter (the matmuls) plus the
+/// attention products, 12·n_layer·C·T (the PaLM appendix count).
+fn flops_per_token(config: &Config, params: usize, seq: usize) -> f64 {
+    let m = &config.model;
+    6.0 * params as f64 + 12.0 * (m.n_layer * m.n_embd * seq) as f64
+}
+
+/// Trains as `opts` says; `stop` (set by Ctrl-C) ends the run after the step in flight, with a
+/// checkpoint.
+pub fn train(opts: &TrainOptions, stop: &AtomicBool) -> Result<TrainSummary> {
+    let config = &opts.config;
+    config.validate()?;
+    if config.model.dropout > 0.0 {
+        return Err(Error::invalid(
+            "model.dropout",
+            config.model.dropout,
+            "dropout is not implemented yet; set model.dropout = 0",
+        ));
+    }
+    std::fs::create_dir_all(&opts.out_dir).map_err(|source| Error::Io { path: opts.out_dir.display().to_string(), source })?;
+    let resume = if opts.resume { Some(checkpoint::load_latest(&opts.out_dir)?) } else { None };
+    let data_config = match &resume {
+        Some(ck) => ck.config.data.clone(),
+        None => config.data.clone(),
+    };
+    let dataset = Dataset::load(&opts.data, &data_config, config.model.block_size)?;
+    let vocab = dataset.tokenizer().vocab_size();
+    let precision = match config.train.precision {
+        PrecisionChoice::Auto => PrecisionChoice::Auto,
+        p => p,
+    };
+    let gpu = Gpu::with_options(&GpuOptions { adapter: opts.adapter.clone(), precision })?;
+    let t = &config.train;
+    let batch = GptBatch { batch: t.batch_size, seq: config.model.block_size };
+    let model = GptGpu::new(&gpu, &config.model, vocab, batch)?;
+    let layout: ParamLayout = model.layout().clone();
+
+    let mut state = TrainingState { rng_seed: t.seed, ..TrainingState::default() };
+    match resume {
+        Some(ck) => {
+            checkpoint::check_compatible(&ck, config, &layout)?;
+            if ck.tokenizer_json != dataset.tokenizer().to_json()? {
+                return Err(Error::invalid(
+                    "--resume",
+                    opts.out_dir.display(),
+                    "the checkpoint's tokenizer differs from the corpus's; resume with the same data",
+                ));
+            }
+            let ck = ck.with_layout(&layout)?;
+            model.set_state(&gpu, &ck.master, Some((&ck.m, &ck.v)))?;
+            state = ck.state;
+            log::info!("resumed from step {}", state.step);
+        }
+        None => {
+            model.set_weights(&gpu, &gpt2_init(&layout, &config.model, t.seed))?;
+            let text = toml::to_string_pretty(config).map_err(|e| Error::Config { message: e.to_string() })?;
+            let path = opts.out_dir.join("config.toml");
+            std::fs::write(&path, text).map_err(|source| Error::Io { path: path.display().to_string(), source })?;
+            let _ = std::fs::remove_file(opts.out_dir.join("metrics.jsonl"));
+        }
+    }
+    let tokenizer_json = dataset.tokenizer().to_json()?;
+    let val = dataset.val_batches(t.eval_batches, t.batch_size, config.model.block_size, t.seed)?;
+    let accum = t.grad_accum_steps;
+    let tokens_per_step = (t.batch_size * config.model.block_size * accum) as u64;
+    let mut last_step = t.max_steps as u64;
+    if let Some(n) = opts.stop_after {
+        last_step = last_step.min(state.step + n);
+    }
+    let bar = if opts.progress {
+        let bar = indicatif::ProgressBar::new(t.max_steps as u64);
+        bar.set_style(
+            indicatif::ProgressStyle::with_template("{bar:30} {pos}/{len} {msg} [{elapsed} < {eta}]")
+                .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
+        );
+        bar.set_position(state.step);
+        Some(bar)
+    } else {
+        None
+    };
+
+    let mut ring = LossRing::new(&gpu, t.batch_size * config.model.block_size, 4);
+    let mut val_loss = None;
+    let mut last_ckpt = None;
+    let start = Instant::now();
+    let mut eval_time = 0.0;
+    let mut encode_time = 0.0;
+    let first_step = state.step;
+    let mut last_loss = f32::NAN;
+    let report = |bar: &Option<indicatif::ProgressBar>, step: u64, loss: f32, lr: f64, elapsed: f64, done: u64| -> Result<()> {
+        let tok_s = (done * tokens_per_step) as f64 / elapsed.max(1e-9);
+        log_metric(&opts.out_dir, &serde_json::json!({"step": step, "train_loss": loss, "lr": lr, "tokens_per_s": tok_s}))?;
+        if let Some(bar) = bar {
+            bar.set_message(format!("loss {loss:.4} lr {lr:.2e} {tok_s:.0} tok/s"));
+        }
+        Ok(())
+    };
+
+    let save = |state: &TrainingState| -> Result<PathBuf> {
+        let master = model.read_master(&gpu)?;
+        let (m, v) = model.read_moments(&gpu)?;
+        let ck = Checkpoint {
+            config: config.clone(),
+            tokenizer_json: tokenizer_json.clone(),
+            state: state.clone(),
+            layout: layout.clone(),
+            master,
+            m,
+            v,
+        };
+        checkpoint::save(&opts.out_dir, &ck, 3)
+    };
+
+    while state.step < last_step {
+        let step = state.step;
+        let lr = learning_rate(t, step);
+        let micro: Vec<(Vec<u32>, Vec<u32>)> = (0..accum as u32)
+            .map(|m| dataset.train_batch(step, m, t.batch_size, config.model.block_size, t.seed).map(|b| (b.inputs, b.targets)))
+            .collect::<Result<_>>()?;
+        // Make room in the loss ring: this waits for the step `ring.len()` steps back, not this one.
+        if let Some((s, loss)) = ring.drain_slot(&gpu, step)? {
+            last_loss = loss;
+            report(&bar, s, loss, learning_rate(t, s), start.elapsed().as_secs_f64() - eval_time, s + 1 - first_step)?;
+        }
+        let encode_start = Instant::now();
+        let adam = AdamWStep {
+            t: (step + 1).min(u32::MAX as u64) as u32,
+            lr,
+            beta1: t.beta1,
+            beta2: t.beta2,
+            eps: t.eps,
+            weight_decay: t.weight_decay,
+            grad_clip: t.grad_clip,
+            loss_scale: f64::from(state.loss_scale),
+        };
+        model.step(&gpu, &micro, &adam)?;
+        gpu.submit("loss copy", |enc| ring.record_copy(enc, &model, step))?;
+        ring.request(step);
+        encode_time += encode_start.elapsed().as_secs_f64();
+        state.step += 1;
+        state.tokens_seen += tokens_per_step;
+        for (s, loss) in ring.harvest(&gpu)? {
+            last_loss = loss;
+            report(&bar, s, loss, learning_rate(t, s), start.elapsed().as_secs_f64() - eval_time, s + 1 - first_step)?;
+        }
+        if let Some(bar) = &bar {
+            bar.set_position(state.step);
+        }
+        let stopping = stop.load(Ordering::Relaxed);
+        let eval_now = state.step.is_multiple_of(t.eval_interval as u64) || state.step == last_step || stopping;
+        if eval_now {
+            let e0 = Instant::now();
+            for (s, loss) in ring.flush(&gpu)? {
+                last_loss = loss;
+                report(&bar, s, loss, learning_rate(t, s), start.elapsed().as_secs_f64() - eval_time, s + 1 - first_step)?;
+            }
+            let v = evaluate(&gpu, &model, &val)?;
+            val_loss = Some(v);
+            if state.best_val_loss.is_none_or(|b| v < b) {
+                state.best_val_loss = Some(v);
+            }
+            let (skipped, _, _) = model.read_update_stats(&gpu)?;
+            state.skipped_steps = u64::from(skipped);
+            log_metric(
+                &opts.out_dir,
+                &serde_json::json!({"step": state.step, "val_loss": v, "val_ppl": v.exp(), "train_loss": last_loss, "skipped_steps": skipped}),
+            )?;
+            let line = format!("step {}: train loss {last_loss:.4}, val loss {v:.4}, val ppl {:.2}", state.step, v.exp());
+            match &bar {
+                Some(bar) => bar.println(line),
+                None => eprintln!("{line}"),
+            }
+            eval_time += e0.elapsed().as_secs_f64();
+        }
+        let ckpt_now = (t.checkpoint_interval > 0 && state.step.is_multiple_of(t.checkpoint_interval as u64))
+            || state.step == last_step
+            || stopping;
+        if ckpt_now {
+            let e0 = Instant::now();
+            for (s, loss) in ring.flush(&gpu)? {
+                report(&bar, s, loss, learning_rate(t, s), start.elapsed().as_secs_f64() - eval_time, s + 1 - first_step)?;
+            }
+            last_ckpt = Some(save(&state)?);
+            eval_time += e0.elapsed().as_secs_f64();
+        }
+        if stopping {
+            break;
+        }
+    }
+    for (s, loss) in ring.flush(&gpu)? {
+        report(&bar, s, loss, learning_rate(t, s), start.elapsed().as_secs_f64() - eval_time, s + 1 - first_step)?;
+    }
+    if let Some(bar) = &bar {
+        bar.finish_and_clear();
+    }
+    let done = state.step - first_step;
+    let train_s = (start.elapsed().as_secs_f64() - eval_time).max(1e-9);
+    let tokens_per_s = (done * tokens_per_step) as f64 / train_s;
+    Ok(TrainSummary {
+        steps: state.step,
+        val_loss,
+        ms_per_step: 1e3 * train_s / done.max(1) as f64,
+        tokens_per_s,
+        model_gflops: flops_per_token(config, layout.num_params(), config.model.block_size) * tokens_per_s / 1e9,
+        dispatches_per_step: model.dispatches_per_step(accum),
+        encode_us: 1e6 * encode_time / done.max(1) as f64,
+        skipped_steps: state.skipped_steps,
+        checkpoint: last_ckpt,
+        precision: model.precision(),
+    })
+}
