@@ -3,10 +3,13 @@
 //!
 //! Layers, bottom up: [`gpu`] (device, tensors, pipeline cache), [`shaders`] (the WGSL sources),
 //! [`kernels`] (one wrapper per kernel family), [`cpu`] (the f32 reference every kernel is tested
-//! against), [`ops`] (shape descriptions both share). See docs/ARCHITECTURE.md.
+//! against), [`ops`] (shape descriptions both share); beside them, [`model`] (configuration and
+//! parameter layout) and [`data`] (corpus, tokenizers, cached token ids, batches). See
+//! docs/ARCHITECTURE.md.
 #![warn(missing_docs)]
 
 pub mod cpu;
+pub mod data;
 mod error;
 pub mod gpu;
 pub mod kernels;
