@@ -383,6 +383,13 @@ fn with_tokenizer_uses_the_given_vocabulary() {
     let narrow = Tokenizer::Char(CharTokenizer::from_text("ab").unwrap());
     let e = err_message(Dataset::with_tokenizer(&path, narrow, 0.2, 4));
     assert!(e.contains("'c'"), "{e}");
+    let latin1 = write(&dir, "latin1.txt", b"abcabcabcabcabcabc\xe9abcabcabcabc");
+    let tokenizer = Tokenizer::Char(CharTokenizer::from_text("abc").unwrap());
+    let e = err_message(Dataset::with_tokenizer(&latin1, tokenizer, 0.2, 4));
+    assert!(
+        e.contains("latin1.txt") && e.contains("byte offset 18"),
+        "{e}"
+    );
 }
 
 fn char_dataset(len: usize, val_fraction: f64, block_size: usize) -> Dataset {

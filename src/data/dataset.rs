@@ -70,7 +70,6 @@ pub struct Batch {
 
 /// A tokenised corpus, split into training ids (the first `1 − val_fraction`) and validation ids
 /// (the rest), as nanoGPT splits it.
-#[derive(Debug)]
 pub struct Dataset {
     tokenizer: Tokenizer,
     tokens: Vec<u32>,
@@ -156,6 +155,9 @@ impl Dataset {
     ) -> Result<Dataset> {
         check_val_fraction(val_fraction)?;
         let bytes = read_corpus_bytes(path)?;
+        if tokenizer.kind() == TokenizerKind::Char {
+            utf8_for_char(&bytes, &format!("corpus {}", path.display()))?;
+        }
         let corpus_hash = digest(&[&bytes]);
         let cache = Cache::beside(path);
         Dataset::tokenize(
@@ -348,6 +350,20 @@ impl Dataset {
                 )
             })
             .collect()
+    }
+}
+
+impl std::fmt::Debug for Dataset {
+    // The ids can number billions; their counts say what matters.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Dataset")
+            .field("tokenizer", &self.tokenizer.kind())
+            .field("vocab_size", &self.tokenizer.vocab_size())
+            .field("train_tokens", &self.train_tokens().len())
+            .field("val_tokens", &self.val_tokens().len())
+            .field("tokenizer_cache", &self.tokenizer_cache)
+            .field("token_cache", &self.token_cache)
+            .finish()
     }
 }
 
