@@ -483,3 +483,19 @@ fn validation_batches_are_fixed() {
     let e = err_message(ds.val_batches(1, 0, 16, 7));
     assert!(e.contains("batch_size"), "{e}");
 }
+
+#[test]
+fn bpe_loads_added_special_tokens_as_gpt2_has_them() {
+    let json = small_bpe().to_json().unwrap();
+    let mut value: serde_json::Value = serde_json::from_str(&json).unwrap();
+    value["added_tokens"] = serde_json::json!([{
+        "id": 320, "content": "<|endoftext|>", "single_word": false, "lstrip": false,
+        "rstrip": false, "normalized": false, "special": true
+    }]);
+    let t = Tokenizer::from_json(&value.to_string()).unwrap();
+    assert_eq!(t.vocab_size(), 321);
+    let ids = t.encode("the king<|endoftext|>the queen").unwrap();
+    assert_eq!(ids.iter().filter(|&&id| id == 320).count(), 1, "{ids:?}");
+    assert_eq!(t.decode(&ids).unwrap(), "the king<|endoftext|>the queen");
+    assert_eq!(t.decode(&[320]).unwrap(), "<|endoftext|>");
+}
