@@ -98,6 +98,13 @@ pub enum Error {
         /// The parser's message, with the key and position.
         message: String,
     },
+    /// The corpus, a tokenizer or the token cache is unusable; the message says which and what to
+    /// do.
+    #[error("data: {message}")]
+    Data {
+        /// What was wrong, with the file, offsets and sizes involved, and what to do.
+        message: String,
+    },
     /// A file could not be read or written.
     #[error("{path}: {source}")]
     Io {
@@ -113,6 +120,13 @@ impl Error {
     pub fn shape(op: &'static str, message: impl fmt::Display) -> Self {
         Error::Shape {
             op,
+            message: message.to_string(),
+        }
+    }
+
+    /// Shorthand for [`Error::Data`].
+    pub fn data(message: impl fmt::Display) -> Self {
+        Error::Data {
             message: message.to_string(),
         }
     }

@@ -3,11 +3,14 @@
 //!
 //! Layers, bottom up: [`gpu`] (device, tensors, pipeline cache), [`shaders`] (the WGSL sources),
 //! [`kernels`] (one wrapper per kernel family), [`cpu`] (the f32 reference every kernel is tested
-//! against), [`ops`] and [`training`] (shape and settings descriptions both share). See
+//! against), [`ops`] and [`training`] (shape and settings descriptions both share); beside
+//! them, [`model`] (configuration, parameter layout, the GPU step) and [`data`] (corpus,
+//! tokenizers, cached token ids, batches). See
 //! docs/ARCHITECTURE.md.
 #![warn(missing_docs)]
 
 pub mod cpu;
+pub mod data;
 mod error;
 pub mod gpu;
 pub mod kernels;
