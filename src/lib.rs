@@ -14,6 +14,7 @@ pub mod model;
 pub mod ops;
 mod precision;
 pub mod shaders;
+pub mod train;
 
 pub use error::{Error, Result};
 pub use gpu::{Gpu, GpuOptions, GpuTensor};

@@ -1,0 +1,3 @@
+//! Training-run support: checkpoints.
+
+pub mod checkpoint;
