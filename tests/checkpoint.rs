@@ -21,8 +21,10 @@ fn model(n_layer: usize, n_embd: usize) -> ModelConfig {
 }
 
 fn config() -> Config {
-    let mut c = Config::default();
-    c.model = model(2, 8);
+    let mut c = Config {
+        model: model(2, 8),
+        ..Config::default()
+    };
     c.train.lr = 3e-4;
     c.train.min_lr = 3e-5;
     c
@@ -137,7 +139,6 @@ fn round_trip_is_bit_identical_across_layouts() {
     // NaN is not equal to itself: compare the rest of the state.
     let mut back = loaded.with_layout(&aligned).unwrap();
     back.state.metrics.pop();
-    let mut saved = saved;
     saved.state.metrics.pop();
     assert_same(&back, &saved);
     assert_eq!(checkpoint::latest_dir(&root).unwrap(), dir);
