@@ -361,6 +361,11 @@ fn save_refuses_what_load_would_reject() {
     assert!(e.contains("h.1.mlp.c_fc.weight[5]"), "{e}");
 
     let mut ckpt = checkpoint(1, &config(), &layout, 1);
+    ckpt.v[layout.get("wpe.weight").unwrap().offset] = f32::NAN;
+    let e = checkpoint::save(&root, &ckpt, 3).unwrap_err().to_string();
+    assert!(e.contains("checkpoint v wpe.weight[0] = NaN"), "{e}");
+
+    let mut ckpt = checkpoint(1, &config(), &layout, 1);
     ckpt.m.pop();
     let e = checkpoint::save(&root, &ckpt, 3).unwrap_err().to_string();
     assert!(e.contains("buffer m"), "{e}");
@@ -569,7 +574,7 @@ fn tensors_that_do_not_match_the_layout_are_reported() {
 }
 
 #[test]
-fn non_finite_master_weights_name_the_tensor() {
+fn non_finite_values_name_the_tensor() {
     let e = load_error("nan", |d| {
         rewrite(&d.join("model.safetensors"), |ts| {
             let t = ts

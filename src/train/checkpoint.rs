@@ -278,17 +278,19 @@ fn check_savable(ckpt: &Checkpoint) -> Result<()> {
             ));
         }
     }
-    for t in ckpt.layout.tensors() {
-        if let Some(i) = ckpt.master[t.offset..t.offset + t.len()]
-            .iter()
-            .position(|x| !x.is_finite())
-        {
-            return Err(Error::invalid(
-                format!("master weight {}[{i}]", t.name),
-                ckpt.master[t.offset + i],
-                "weights must be finite to be checkpointed; the run has diverged: resume from \
-                 an earlier checkpoint with a lower learning rate",
-            ));
+    for (what, buf) in [("master", &ckpt.master), ("m", &ckpt.m), ("v", &ckpt.v)] {
+        for t in ckpt.layout.tensors() {
+            if let Some(i) = buf[t.offset..t.offset + t.len()]
+                .iter()
+                .position(|x| !x.is_finite())
+            {
+                return Err(Error::invalid(
+                    format!("checkpoint {what} {}[{i}]", t.name),
+                    buf[t.offset + i],
+                    "weights and moments must be finite to be checkpointed; the run has \
+                     diverged: resume from an earlier checkpoint with a lower learning rate",
+                ));
+            }
         }
     }
     ckpt.config.validate()?;
@@ -460,7 +462,12 @@ fn prune(root: &Path, newest: u64, keep: usize) -> Result<()> {
     }
     let excess = regular.len().saturating_sub(keep);
     for path in &regular[..excess] {
-        remove_dir(path)?;
+        // Renamed first so that a crash in the middle of the deletion leaves an ignored `.tmp-*`
+        // folder rather than a `step-*` folder with some of its files gone.
+        let name = path.file_name().unwrap_or_default().to_string_lossy();
+        let doomed = root.join(format!(".tmp-delete-{name}-{}", std::process::id()));
+        fs::rename(path, &doomed).map_err(|e| io_err(path, e))?;
+        remove_dir(&doomed)?;
     }
     for entry in fs::read_dir(root).map_err(|e| io_err(root, e))? {
         let entry = entry.map_err(|e| io_err(root, e))?;
