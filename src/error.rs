@@ -105,6 +105,24 @@ pub enum Error {
         /// What was wrong, with the file, offsets and sizes involved, and what to do.
         message: String,
     },
+    /// A checkpoint file or folder is missing, truncated, corrupt or inconsistent.
+    #[error("checkpoint {path}: {message}")]
+    Checkpoint {
+        /// The file or folder at fault.
+        path: String,
+        /// What is wrong with it and what to do.
+        message: String,
+    },
+    /// A checkpoint was written by a run whose model differs from the one asked for.
+    #[error(
+        "checkpoint from a different config: {differences}.\n\
+         Resume with the checkpoint's model settings (see config.toml in its folder), or start a \
+         fresh run in another checkpoint directory."
+    )]
+    IncompatibleCheckpoint {
+        /// Each differing setting and tensor shape, as `checkpoint vs requested`.
+        differences: String,
+    },
     /// A file could not be read or written.
     #[error("{path}: {source}")]
     Io {

@@ -19,6 +19,7 @@ pub mod ops;
 mod precision;
 pub mod shaders;
 pub mod training;
+pub mod train;
 
 pub use error::{Error, Result};
 pub use gpu::{Gpu, GpuOptions, GpuTensor};

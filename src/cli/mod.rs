@@ -3,6 +3,7 @@
 mod bench;
 mod info;
 mod params;
+mod train;
 
 use clap::{Parser, Subcommand};
 use kiln::{Gpu, GpuOptions, PrecisionChoice, Result};
@@ -25,6 +26,8 @@ pub struct Args {
 enum Command {
     /// List every adapter, the one kiln picks, and the features and limits granted.
     Info(info::InfoArgs),
+    /// Train a GPT on a text corpus (progress, evaluation, checkpoints, resume).
+    Train(train::TrainArgs),
     /// Parameter counts of a config: per component, weights vs biases, and training-state bytes.
     Params(params::ParamsArgs),
     /// Time kernels on the GPU against the CPU reference.
@@ -47,5 +50,6 @@ pub fn run(args: Args) -> Result<()> {
         Command::Info(a) => info::run(&args, a),
         Command::Bench(b) => bench::run(&args, b),
         Command::Params(p) => params::run(p),
+        Command::Train(t) => train::run(args.adapter.clone(), t),
     }
 }

@@ -1,0 +1,5 @@
+//! Training runs: the learning-rate schedule, checkpoints and the training loop.
+
+pub mod checkpoint;
+pub mod schedule;
+pub mod trainer;
