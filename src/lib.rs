@@ -18,8 +18,8 @@ pub mod model;
 pub mod ops;
 mod precision;
 pub mod shaders;
-pub mod training;
 pub mod train;
+pub mod training;
 
 pub use error::{Error, Result};
 pub use gpu::{Gpu, GpuOptions, GpuTensor};

@@ -114,7 +114,7 @@ mod gpu_step {
             let model = tiny(bias);
             let vocab = 11;
             let batch = GptBatch { batch: 3, seq: 6 };
-            let g = GptGpu::new(gpu, &model, vocab, batch).unwrap();
+            let g = GptGpu::new(gpu, &model, vocab, batch, micro).unwrap();
             let layout = g.layout().clone();
             let master = init(&layout, 2);
             g.set_weights(gpu, &master).unwrap();
@@ -126,7 +126,7 @@ mod gpu_step {
                 grad_clip: 0.0,
                 ..AdamWStep::new(1)
             };
-            g.step(gpu, &micro_batches, &step).unwrap();
+            g.step(gpu, &micro_batches, &step, |_| {}).unwrap();
             let what = format!("bias={bias} micro={micro}");
 
             let mut cpu_grads = vec![0.0; master.len()];
@@ -241,7 +241,7 @@ mod gpu_step {
         };
         let model = tiny(false);
         let vocab = 11;
-        let g = GptGpu::new(gpu, &model, vocab, GptBatch { batch: 2, seq: 4 }).unwrap();
+        let g = GptGpu::new(gpu, &model, vocab, GptBatch { batch: 2, seq: 4 }, 1).unwrap();
         let master = init(g.layout(), 3);
         g.set_weights(gpu, &master).unwrap();
         let data = vec![batch_data(8, vocab, 0)];
@@ -250,7 +250,7 @@ mod gpu_step {
             lr: 1e-2,
             ..AdamWStep::new(1)
         };
-        g.step(gpu, &data, &step).unwrap();
+        g.step(gpu, &data, &step, |_| {}).unwrap();
         let before = (g.read_master(gpu).unwrap(), g.read_moments(gpu).unwrap());
         // Run forward/backward, then poison one gradient before the update.
         g.set_step(gpu, &AdamWStep { t: 2, ..step }, 1).unwrap();

@@ -54,7 +54,13 @@ pub fn run(adapter: Option<String>, a: &TrainArgs) -> Result<()> {
         .data
         .clone()
         .or_else(|| (!config.data.path.is_empty()).then(|| PathBuf::from(&config.data.path)))
-        .ok_or_else(|| Error::invalid("--data", "(none)", "give the corpus with --data FILE or data.path in the config"))?;
+        .ok_or_else(|| {
+            Error::invalid(
+                "--data",
+                "(none)",
+                "give the corpus with --data FILE or data.path in the config",
+            )
+        })?;
     let stop = Arc::new(AtomicBool::new(false));
     let flag = stop.clone();
     // The first Ctrl-C finishes the step in flight, evaluates and checkpoints; a second one quits.
@@ -75,14 +81,17 @@ pub fn run(adapter: Option<String>, a: &TrainArgs) -> Result<()> {
     };
     let s = train(&opts, &stop)?;
     eprintln!(
-        "done: {} steps, val loss {}, {:.1} ms/step, {:.0} tokens/s, {:.2} model GFLOP/s, {} dispatches/step, {:.0} µs to encode and submit a step, {} skipped steps, precision {}",
+        "done: {} steps, val loss {}, {:.1} ms/step, {:.0} tokens/s, {:.2} model GFLOP/s, {} dispatches/step, {:.0} µs to encode a step ({:.0} µs until its submit returned), {} skipped steps, precision {}",
         s.steps,
-        s.val_loss.map(|v| format!("{v:.4}")).unwrap_or_else(|| "-".into()),
+        s.val_loss
+            .map(|v| format!("{v:.4}"))
+            .unwrap_or_else(|| "-".into()),
         s.ms_per_step,
         s.tokens_per_s,
         s.model_gflops,
         s.dispatches_per_step,
         s.encode_us,
+        s.submit_us,
         s.skipped_steps,
         s.precision
     );

@@ -58,6 +58,8 @@ pub struct GptGpu {
     norm: GpuTensor,
     flag: GpuTensor,
     tokens: GpuTensor,
+    staged: GpuTensor,
+    micro_batches: usize,
     targets: GpuTensor,
     order: GpuTensor,
     starts: GpuTensor,
@@ -164,7 +166,22 @@ fn linear_backward(
 
 impl GptGpu {
     /// Allocates every buffer and prepares every dispatch for micro-batches of `batch`.
-    pub fn new(gpu: &Gpu, model: &ModelConfig, vocab: usize, batch: GptBatch) -> Result<Self> {
+    /// `micro_batches` is the most micro-batches one optimizer step will use (gradient
+    /// accumulation): their token buffers are allocated here too.
+    pub fn new(
+        gpu: &Gpu,
+        model: &ModelConfig,
+        vocab: usize,
+        batch: GptBatch,
+        micro_batches: usize,
+    ) -> Result<Self> {
+        if micro_batches == 0 {
+            return Err(Error::invalid(
+                "train.grad_accum_steps",
+                0,
+                "must be at least 1",
+            ));
+        }
         if batch.seq == 0 || batch.batch == 0 || batch.seq > model.block_size {
             return Err(Error::shape(
                 "gpt",
@@ -201,6 +218,13 @@ impl GptGpu {
         let targets = gpu.zeros("targets", &[bt], DType::U32)?;
         let order = gpu.zeros("token order", &[bt], DType::U32)?;
         let starts = gpu.zeros("token starts", &[vocab + 1], DType::U32)?;
+        // Every micro-batch of a step is uploaded at once and copied into place inside the step's
+        // single submission (see `step`).
+        let staged = gpu.zeros(
+            "staged batches",
+            &[micro_batches * (3 * bt + vocab + 1)],
+            DType::U32,
+        )?;
         let dloss_scale = gpu.upload("dloss scale", &[1], DType::F32, &[1.0])?;
         let losses = gpu.zeros("losses", &[bt], DType::F32)?;
         let ones = gpu.upload("ones", &[bt], dt, &vec![1.0; bt])?;
@@ -540,6 +564,8 @@ impl GptGpu {
             norm,
             flag,
             tokens,
+            staged,
+            micro_batches,
             targets,
             order,
             starts,
@@ -622,8 +648,9 @@ impl GptGpu {
         Ok(())
     }
 
-    /// Writes one micro-batch's tokens, targets and the token index the embedding backward uses.
-    pub fn set_batch(&self, gpu: &Gpu, inputs: &[u32], targets: &[u32]) -> Result<()> {
+    /// The u32 words of one micro-batch as the GPU wants them: tokens, targets, then the token
+    /// index (positions grouped by token, and each token's start) the embedding backward uses.
+    fn batch_words(&self, inputs: &[u32], targets: &[u32]) -> Result<Vec<u32>> {
         let n = self.batch.batch * self.batch.seq;
         if inputs.len() != n || targets.len() != n {
             return Err(Error::shape(
@@ -645,27 +672,52 @@ impl GptGpu {
             ));
         }
         let (order, starts) = crate::cpu::embedding::token_index(inputs, self.vocab)?;
+        let mut words = Vec::with_capacity(3 * n + starts.len());
+        words.extend_from_slice(inputs);
+        words.extend_from_slice(targets);
+        words.extend_from_slice(&order);
+        words.extend_from_slice(&starts);
+        Ok(words)
+    }
+
+    /// Records the copies that put staged micro-batch `i` in place for the next pass.
+    fn record_unstage(&self, encoder: &mut wgpu::CommandEncoder, i: usize) {
+        let n = (self.batch.batch * self.batch.seq) as u64;
+        let words = 3 * n + self.vocab as u64 + 1;
+        let base = self.staged.offset_bytes() + 4 * words * i as u64;
+        let src = self.staged.buffer();
+        for (k, (dst, len)) in [
+            (&self.tokens, n),
+            (&self.targets, n),
+            (&self.order, n),
+            (&self.starts, self.vocab as u64 + 1),
+        ]
+        .into_iter()
+        .enumerate()
+        {
+            let from = base + 4 * n * k as u64;
+            encoder.copy_buffer_to_buffer(src, from, dst.buffer(), dst.offset_bytes(), 4 * len);
+        }
+    }
+
+    /// Writes one micro-batch directly (evaluation and tests; a training step stages its
+    /// micro-batches instead).
+    pub fn set_batch(&self, gpu: &Gpu, inputs: &[u32], targets: &[u32]) -> Result<()> {
+        let words = self.batch_words(inputs, targets)?;
+        let n = inputs.len();
         let q = gpu.queue();
-        q.write_buffer(
-            self.tokens.buffer(),
-            self.tokens.offset_bytes(),
-            bytemuck::cast_slice(inputs),
-        );
-        q.write_buffer(
-            self.targets.buffer(),
-            self.targets.offset_bytes(),
-            bytemuck::cast_slice(targets),
-        );
-        q.write_buffer(
-            self.order.buffer(),
-            self.order.offset_bytes(),
-            bytemuck::cast_slice(&order),
-        );
-        q.write_buffer(
-            self.starts.buffer(),
-            self.starts.offset_bytes(),
-            bytemuck::cast_slice(&starts),
-        );
+        for (dst, range) in [
+            (&self.tokens, 0..n),
+            (&self.targets, n..2 * n),
+            (&self.order, 2 * n..3 * n),
+            (&self.starts, 3 * n..words.len()),
+        ] {
+            q.write_buffer(
+                dst.buffer(),
+                dst.offset_bytes(),
+                bytemuck::cast_slice(&words[range]),
+            );
+        }
         Ok(())
     }
 
@@ -713,27 +765,66 @@ impl GptGpu {
         gpu.write(&self.dloss_scale, &[scale])
     }
 
-    /// One optimizer step over `micro` (inputs, targets) pairs, submitted without waiting.
-    pub fn step(&self, gpu: &Gpu, micro: &[(Vec<u32>, Vec<u32>)], step: &AdamWStep) -> Result<()> {
-        if micro.is_empty() {
-            return Err(Error::shape("gpt", "a step needs at least one micro-batch"));
+    /// One optimizer step over `micro` (inputs, targets) pairs as ONE submission: the
+    /// micro-batches are uploaded together, then the command buffer clears the gradients, and for
+    /// each micro-batch copies its tokens into place and records forward, loss and backward, and
+    /// ends with the update. `after` may append more (the training loop's loss copy). Returns
+    /// the host seconds spent encoding (before the submit).
+    pub fn step(
+        &self,
+        gpu: &Gpu,
+        micro: &[(Vec<u32>, Vec<u32>)],
+        step: &AdamWStep,
+        after: impl FnOnce(&mut wgpu::CommandEncoder),
+    ) -> Result<f64> {
+        if micro.is_empty() || micro.len() > self.micro_batches {
+            return Err(Error::shape(
+                "gpt",
+                format!(
+                    "a step takes 1 to {} micro-batches (as built), got {}",
+                    self.micro_batches,
+                    micro.len()
+                ),
+            ));
         }
+        let start = std::time::Instant::now();
         self.set_step(gpu, step, micro.len())?;
-        for (i, (inputs, targets)) in micro.iter().enumerate() {
-            // write_buffer lands at the next submit, so each micro-batch is its own submission.
-            self.set_batch(gpu, inputs, targets)?;
-            gpu.submit("micro-batch", |enc| {
-                if i == 0 {
-                    self.record_zero_grads(enc);
-                }
-                let mut pass = enc.begin_compute_pass(&wgpu::ComputePassDescriptor {
-                    label: Some("micro-batch"),
-                    timestamp_writes: None,
-                });
-                self.record_micro_batch(&mut pass);
-            })?;
+        let mut words = Vec::new();
+        for (inputs, targets) in micro {
+            words.extend(self.batch_words(inputs, targets)?);
         }
-        gpu.run_pass("update", |pass| self.record_update(pass))
+        gpu.queue().write_buffer(
+            self.staged.buffer(),
+            self.staged.offset_bytes(),
+            bytemuck::cast_slice(&words),
+        );
+        let mut encoder = gpu
+            .device()
+            .create_command_encoder(&wgpu::CommandEncoderDescriptor {
+                label: Some("training step"),
+            });
+        self.record_zero_grads(&mut encoder);
+        for i in 0..micro.len() {
+            self.record_unstage(&mut encoder, i);
+            let mut pass = encoder.begin_compute_pass(&wgpu::ComputePassDescriptor {
+                label: Some("micro-batch"),
+                timestamp_writes: None,
+            });
+            self.record_micro_batch(&mut pass);
+        }
+        {
+            let mut pass = encoder.begin_compute_pass(&wgpu::ComputePassDescriptor {
+                label: Some("update"),
+                timestamp_writes: None,
+            });
+            self.record_update(&mut pass);
+        }
+        after(&mut encoder);
+        let commands = encoder.finish();
+        let encode_s = start.elapsed().as_secs_f64();
+        gpu.queue().submit([commands]);
+        gpu.check("training step")?;
+        Ok(encode_s)
     }
 
     /// Mean loss over the non-ignored targets of the micro-batch last run (waits for the device).

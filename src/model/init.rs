@@ -22,7 +22,11 @@ pub fn gpt2_init(layout: &ParamLayout, model: &ModelConfig, seed: u64) -> Vec<f3
         if t.name.ends_with(".bias") {
             continue;
         }
-        let std = if t.name.ends_with("c_proj.weight") { proj_std } else { 0.02 };
+        let std = if t.name.ends_with("c_proj.weight") {
+            proj_std
+        } else {
+            0.02
+        };
         for x in dst.iter_mut() {
             *x = (normal(&mut rng) * std) as f32;
         }

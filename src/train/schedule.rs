@@ -13,13 +13,19 @@ pub fn learning_rate(train: &TrainConfig, step: u64) -> f64 {
     }
     let total = train.max_steps as u64;
     if step >= total || total <= warmup {
-        return if train.decay == Decay::Constant { lr } else { min_lr };
+        return if train.decay == Decay::Constant {
+            lr
+        } else {
+            min_lr
+        };
     }
     let progress = (step - warmup) as f64 / (total - warmup) as f64;
     match train.decay {
         Decay::Constant => lr,
         Decay::Linear => lr + (min_lr - lr) * progress,
-        Decay::Cosine => min_lr + 0.5 * (1.0 + (std::f64::consts::PI * progress).cos()) * (lr - min_lr),
+        Decay::Cosine => {
+            min_lr + 0.5 * (1.0 + (std::f64::consts::PI * progress).cos()) * (lr - min_lr)
+        }
     }
 }
 
@@ -28,7 +34,14 @@ mod tests {
     use super::*;
 
     fn cfg(decay: Decay) -> TrainConfig {
-        TrainConfig { lr: 1e-3, min_lr: 1e-4, warmup_steps: 100, max_steps: 2000, decay, ..TrainConfig::default() }
+        TrainConfig {
+            lr: 1e-3,
+            min_lr: 1e-4,
+            warmup_steps: 100,
+            max_steps: 2000,
+            decay,
+            ..TrainConfig::default()
+        }
     }
 
     #[test]

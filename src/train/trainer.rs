@@ -10,7 +10,7 @@ use crate::model::gpu::GptGpu;
 use crate::model::init::gpt2_init;
 use crate::model::{Config, ParamLayout};
 use crate::training::AdamWStep;
-use crate::{Error, Precision, PrecisionChoice, Result};
+use crate::{Error, Precision, Result};
 use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -51,8 +51,12 @@ pub struct TrainSummary {
     pub model_gflops: f64,
     /// Dispatches recorded per optimizer step.
     pub dispatches_per_step: usize,
-    /// Mean host microseconds to encode and submit one step.
+    /// Mean host microseconds to build one step's command buffer (upload included).
     pub encode_us: f64,
+    /// Mean host microseconds from the start of encoding to the return of the submit. On an
+    /// adapter whose queue takes one submission at a time (lavapipe) the submit returns only when
+    /// the previous step has finished, so this includes waiting for the GPU.
+    pub submit_us: f64,
     /// Steps skipped for non-finite gradients.
     pub skipped_steps: u64,
     /// The last checkpoint written.
@@ -68,8 +72,14 @@ fn log_metric(out: &Path, value: &serde_json::Value) -> Result<()> {
         .create(true)
         .append(true)
         .open(&path)
-        .map_err(|source| Error::Io { path: path.display().to_string(), source })?;
-    writeln!(f, "{value}").map_err(|source| Error::Io { path: path.display().to_string(), source })
+        .map_err(|source| Error::Io {
+            path: path.display().to_string(),
+            source,
+        })?;
+    writeln!(f, "{value}").map_err(|source| Error::Io {
+        path: path.display().to_string(),
+        source,
+    })
 }
 
 /// A ring of staging buffers the per-row losses of each step are copied into and mapped
@@ -111,9 +121,21 @@ impl LossRing {
     fn record_copy(&self, enc: &mut wgpu::CommandEncoder, model: &GptGpu, step: u64) {
         let slot = &self.slots[Self::slot_for(step, self.slots.len())];
         let losses = model.losses();
-        enc.copy_buffer_to_buffer(losses.buffer(), losses.offset_bytes(), &slot.buffer, 0, (self.rows * 4) as u64);
+        enc.copy_buffer_to_buffer(
+            losses.buffer(),
+            losses.offset_bytes(),
+            &slot.buffer,
+            0,
+            (self.rows * 4) as u64,
+        );
         let count = model.target_count();
-        enc.copy_buffer_to_buffer(count.buffer(), count.offset_bytes(), &slot.buffer, (self.rows * 4) as u64, 4);
+        enc.copy_buffer_to_buffer(
+            count.buffer(),
+            count.offset_bytes(),
+            &slot.buffer,
+            (self.rows * 4) as u64,
+            4,
+        );
     }
 
     /// After the step's submission: asks for the slot to be mapped when the GPU is done.
@@ -138,7 +160,12 @@ impl LossRing {
         }
         // Poll rather than wait for the device: a full wait would also wait for the newer steps
         // in flight, and the ring exists to keep those overlapping with the host.
-        while self.slots[i].ready.lock().unwrap_or_else(|e| e.into_inner()).is_none() {
+        while self.slots[i]
+            .ready
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .is_none()
+        {
             let _ = gpu.device().poll(wgpu::PollType::Poll);
             std::thread::sleep(std::time::Duration::from_micros(100));
         }
@@ -149,10 +176,17 @@ impl LossRing {
     fn harvest(&mut self, gpu: &Gpu) -> Result<Vec<(u64, f32)>> {
         let _ = gpu.device().poll(wgpu::PollType::Poll);
         let mut out = Vec::new();
-        let mut order: Vec<usize> = (0..self.slots.len()).filter(|&i| self.slots[i].step.is_some()).collect();
+        let mut order: Vec<usize> = (0..self.slots.len())
+            .filter(|&i| self.slots[i].step.is_some())
+            .collect();
         order.sort_by_key(|&i| self.slots[i].step);
         for i in order {
-            if self.slots[i].ready.lock().unwrap_or_else(|e| e.into_inner()).is_none() {
+            if self.slots[i]
+                .ready
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .is_none()
+            {
                 break;
             }
             if let Some(x) = self.take(i)? {
@@ -170,19 +204,31 @@ impl LossRing {
 
     fn take(&mut self, i: usize) -> Result<Option<(u64, f32)>> {
         let slot = &mut self.slots[i];
-        let Some(step) = slot.step.take() else { return Ok(None) };
+        let Some(step) = slot.step.take() else {
+            return Ok(None);
+        };
         let result = slot.ready.lock().unwrap_or_else(|e| e.into_inner()).take();
         if let Some(Err(e)) = result {
-            return Err(Error::Readback { what: "loss ring".into(), message: e.to_string() });
+            return Err(Error::Readback {
+                what: "loss ring".into(),
+                message: e.to_string(),
+            });
         }
         let loss = {
             let view = slot
                 .buffer
                 .get_mapped_range(..)
-                .map_err(|e| Error::Readback { what: "loss ring".into(), message: e.to_string() })?;
+                .map_err(|e| Error::Readback {
+                    what: "loss ring".into(),
+                    message: e.to_string(),
+                })?;
             let words: &[f32] = bytemuck::cast_slice(&view);
             let count = bytemuck::cast::<f32, u32>(words[self.rows]).max(1);
-            (words[..self.rows].iter().map(|&l| f64::from(l)).sum::<f64>() / f64::from(count)) as f32
+            (words[..self.rows]
+                .iter()
+                .map(|&l| f64::from(l))
+                .sum::<f64>()
+                / f64::from(count)) as f32
         };
         slot.buffer.unmap();
         Ok(Some((step, loss)))
@@ -219,25 +265,38 @@ pub fn train(opts: &TrainOptions, stop: &AtomicBool) -> Result<TrainSummary> {
             "dropout is not implemented yet; set model.dropout = 0",
         ));
     }
-    std::fs::create_dir_all(&opts.out_dir).map_err(|source| Error::Io { path: opts.out_dir.display().to_string(), source })?;
-    let resume = if opts.resume { Some(checkpoint::load_latest(&opts.out_dir)?) } else { None };
+    std::fs::create_dir_all(&opts.out_dir).map_err(|source| Error::Io {
+        path: opts.out_dir.display().to_string(),
+        source,
+    })?;
+    let resume = if opts.resume {
+        Some(checkpoint::load_latest(&opts.out_dir)?)
+    } else {
+        None
+    };
     let data_config = match &resume {
         Some(ck) => ck.config.data.clone(),
         None => config.data.clone(),
     };
     let dataset = Dataset::load(&opts.data, &data_config, config.model.block_size)?;
     let vocab = dataset.tokenizer().vocab_size();
-    let precision = match config.train.precision {
-        PrecisionChoice::Auto => PrecisionChoice::Auto,
-        p => p,
-    };
-    let gpu = Gpu::with_options(&GpuOptions { adapter: opts.adapter.clone(), precision })?;
+    let precision = config.train.precision;
+    let gpu = Gpu::with_options(&GpuOptions {
+        adapter: opts.adapter.clone(),
+        precision,
+    })?;
     let t = &config.train;
-    let batch = GptBatch { batch: t.batch_size, seq: config.model.block_size };
-    let model = GptGpu::new(&gpu, &config.model, vocab, batch)?;
+    let batch = GptBatch {
+        batch: t.batch_size,
+        seq: config.model.block_size,
+    };
+    let model = GptGpu::new(&gpu, &config.model, vocab, batch, t.grad_accum_steps)?;
     let layout: ParamLayout = model.layout().clone();
 
-    let mut state = TrainingState { rng_seed: t.seed, ..TrainingState::default() };
+    let mut state = TrainingState {
+        rng_seed: t.seed,
+        ..TrainingState::default()
+    };
     match resume {
         Some(ck) => {
             checkpoint::check_compatible(&ck, config, &layout)?;
@@ -255,14 +314,24 @@ pub fn train(opts: &TrainOptions, stop: &AtomicBool) -> Result<TrainSummary> {
         }
         None => {
             model.set_weights(&gpu, &gpt2_init(&layout, &config.model, t.seed))?;
-            let text = toml::to_string_pretty(config).map_err(|e| Error::Config { message: e.to_string() })?;
+            let text = toml::to_string_pretty(config).map_err(|e| Error::Config {
+                message: e.to_string(),
+            })?;
             let path = opts.out_dir.join("config.toml");
-            std::fs::write(&path, text).map_err(|source| Error::Io { path: path.display().to_string(), source })?;
+            std::fs::write(&path, text).map_err(|source| Error::Io {
+                path: path.display().to_string(),
+                source,
+            })?;
             let _ = std::fs::remove_file(opts.out_dir.join("metrics.jsonl"));
         }
     }
     let tokenizer_json = dataset.tokenizer().to_json()?;
-    let val = dataset.val_batches(t.eval_batches, t.batch_size, config.model.block_size, t.seed)?;
+    let val = dataset.val_batches(
+        t.eval_batches,
+        t.batch_size,
+        config.model.block_size,
+        t.seed,
+    )?;
     let accum = t.grad_accum_steps;
     let tokens_per_step = (t.batch_size * config.model.block_size * accum) as u64;
     let mut last_step = t.max_steps as u64;
@@ -272,8 +341,10 @@ pub fn train(opts: &TrainOptions, stop: &AtomicBool) -> Result<TrainSummary> {
     let bar = if opts.progress {
         let bar = indicatif::ProgressBar::new(t.max_steps as u64);
         bar.set_style(
-            indicatif::ProgressStyle::with_template("{bar:30} {pos}/{len} {msg} [{elapsed} < {eta}]")
-                .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
+            indicatif::ProgressStyle::with_template(
+                "{bar:30} {pos}/{len} {msg} [{elapsed} < {eta}]",
+            )
+            .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
         );
         bar.set_position(state.step);
         Some(bar)
@@ -287,11 +358,21 @@ pub fn train(opts: &TrainOptions, stop: &AtomicBool) -> Result<TrainSummary> {
     let start = Instant::now();
     let mut eval_time = 0.0;
     let mut encode_time = 0.0;
+    let mut submit_time = 0.0;
     let first_step = state.step;
     let mut last_loss = f32::NAN;
-    let report = |bar: &Option<indicatif::ProgressBar>, step: u64, loss: f32, lr: f64, elapsed: f64, done: u64| -> Result<()> {
+    let report = |bar: &Option<indicatif::ProgressBar>,
+                  step: u64,
+                  loss: f32,
+                  lr: f64,
+                  elapsed: f64,
+                  done: u64|
+     -> Result<()> {
         let tok_s = (done * tokens_per_step) as f64 / elapsed.max(1e-9);
-        log_metric(&opts.out_dir, &serde_json::json!({"step": step, "train_loss": loss, "lr": lr, "tokens_per_s": tok_s}))?;
+        log_metric(
+            &opts.out_dir,
+            &serde_json::json!({"step": step, "train_loss": loss, "lr": lr, "tokens_per_s": tok_s}),
+        )?;
         if let Some(bar) = bar {
             bar.set_message(format!("loss {loss:.4} lr {lr:.2e} {tok_s:.0} tok/s"));
         }
@@ -317,14 +398,25 @@ pub fn train(opts: &TrainOptions, stop: &AtomicBool) -> Result<TrainSummary> {
         let step = state.step;
         let lr = learning_rate(t, step);
         let micro: Vec<(Vec<u32>, Vec<u32>)> = (0..accum as u32)
-            .map(|m| dataset.train_batch(step, m, t.batch_size, config.model.block_size, t.seed).map(|b| (b.inputs, b.targets)))
+            .map(|m| {
+                dataset
+                    .train_batch(step, m, t.batch_size, config.model.block_size, t.seed)
+                    .map(|b| (b.inputs, b.targets))
+            })
             .collect::<Result<_>>()?;
         // Make room in the loss ring: this waits for the step `ring.len()` steps back, not this one.
         if let Some((s, loss)) = ring.drain_slot(&gpu, step)? {
             last_loss = loss;
-            report(&bar, s, loss, learning_rate(t, s), start.elapsed().as_secs_f64() - eval_time, s + 1 - first_step)?;
+            report(
+                &bar,
+                s,
+                loss,
+                learning_rate(t, s),
+                start.elapsed().as_secs_f64() - eval_time,
+                s + 1 - first_step,
+            )?;
         }
-        let encode_start = Instant::now();
+        let submit_start = Instant::now();
         let adam = AdamWStep {
             t: (step + 1).min(u32::MAX as u64) as u32,
             lr,
@@ -335,26 +427,43 @@ pub fn train(opts: &TrainOptions, stop: &AtomicBool) -> Result<TrainSummary> {
             grad_clip: t.grad_clip,
             loss_scale: f64::from(state.loss_scale),
         };
-        model.step(&gpu, &micro, &adam)?;
-        gpu.submit("loss copy", |enc| ring.record_copy(enc, &model, step))?;
+        encode_time += model.step(&gpu, &micro, &adam, |enc| {
+            ring.record_copy(enc, &model, step)
+        })?;
+        submit_time += submit_start.elapsed().as_secs_f64();
         ring.request(step);
-        encode_time += encode_start.elapsed().as_secs_f64();
         state.step += 1;
         state.tokens_seen += tokens_per_step;
         for (s, loss) in ring.harvest(&gpu)? {
             last_loss = loss;
-            report(&bar, s, loss, learning_rate(t, s), start.elapsed().as_secs_f64() - eval_time, s + 1 - first_step)?;
+            report(
+                &bar,
+                s,
+                loss,
+                learning_rate(t, s),
+                start.elapsed().as_secs_f64() - eval_time,
+                s + 1 - first_step,
+            )?;
         }
         if let Some(bar) = &bar {
             bar.set_position(state.step);
         }
         let stopping = stop.load(Ordering::Relaxed);
-        let eval_now = state.step.is_multiple_of(t.eval_interval as u64) || state.step == last_step || stopping;
+        let eval_now = state.step.is_multiple_of(t.eval_interval as u64)
+            || state.step == last_step
+            || stopping;
         if eval_now {
             let e0 = Instant::now();
             for (s, loss) in ring.flush(&gpu)? {
                 last_loss = loss;
-                report(&bar, s, loss, learning_rate(t, s), start.elapsed().as_secs_f64() - eval_time, s + 1 - first_step)?;
+                report(
+                    &bar,
+                    s,
+                    loss,
+                    learning_rate(t, s),
+                    start.elapsed().as_secs_f64() - eval_time,
+                    s + 1 - first_step,
+                )?;
             }
             let v = evaluate(&gpu, &model, &val)?;
             val_loss = Some(v);
@@ -367,20 +476,32 @@ pub fn train(opts: &TrainOptions, stop: &AtomicBool) -> Result<TrainSummary> {
                 &opts.out_dir,
                 &serde_json::json!({"step": state.step, "val_loss": v, "val_ppl": v.exp(), "train_loss": last_loss, "skipped_steps": skipped}),
             )?;
-            let line = format!("step {}: train loss {last_loss:.4}, val loss {v:.4}, val ppl {:.2}", state.step, v.exp());
+            let line = format!(
+                "step {}: train loss {last_loss:.4}, val loss {v:.4}, val ppl {:.2}",
+                state.step,
+                v.exp()
+            );
             match &bar {
                 Some(bar) => bar.println(line),
                 None => eprintln!("{line}"),
             }
             eval_time += e0.elapsed().as_secs_f64();
         }
-        let ckpt_now = (t.checkpoint_interval > 0 && state.step.is_multiple_of(t.checkpoint_interval as u64))
+        let ckpt_now = (t.checkpoint_interval > 0
+            && state.step.is_multiple_of(t.checkpoint_interval as u64))
             || state.step == last_step
             || stopping;
         if ckpt_now {
             let e0 = Instant::now();
             for (s, loss) in ring.flush(&gpu)? {
-                report(&bar, s, loss, learning_rate(t, s), start.elapsed().as_secs_f64() - eval_time, s + 1 - first_step)?;
+                report(
+                    &bar,
+                    s,
+                    loss,
+                    learning_rate(t, s),
+                    start.elapsed().as_secs_f64() - eval_time,
+                    s + 1 - first_step,
+                )?;
             }
             last_ckpt = Some(save(&state)?);
             eval_time += e0.elapsed().as_secs_f64();
@@ -390,7 +511,14 @@ pub fn train(opts: &TrainOptions, stop: &AtomicBool) -> Result<TrainSummary> {
         }
     }
     for (s, loss) in ring.flush(&gpu)? {
-        report(&bar, s, loss, learning_rate(t, s), start.elapsed().as_secs_f64() - eval_time, s + 1 - first_step)?;
+        report(
+            &bar,
+            s,
+            loss,
+            learning_rate(t, s),
+            start.elapsed().as_secs_f64() - eval_time,
+            s + 1 - first_step,
+        )?;
     }
     if let Some(bar) = &bar {
         bar.finish_and_clear();
@@ -403,9 +531,12 @@ pub fn train(opts: &TrainOptions, stop: &AtomicBool) -> Result<TrainSummary> {
         val_loss,
         ms_per_step: 1e3 * train_s / done.max(1) as f64,
         tokens_per_s,
-        model_gflops: flops_per_token(config, layout.num_params(), config.model.block_size) * tokens_per_s / 1e9,
+        model_gflops: flops_per_token(config, layout.num_params(), config.model.block_size)
+            * tokens_per_s
+            / 1e9,
         dispatches_per_step: model.dispatches_per_step(accum),
         encode_us: 1e6 * encode_time / done.max(1) as f64,
+        submit_us: 1e6 * submit_time / done.max(1) as f64,
         skipped_steps: state.skipped_steps,
         checkpoint: last_ckpt,
         precision: model.precision(),
