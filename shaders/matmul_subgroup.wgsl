@@ -55,24 +55,7 @@ fn matmul_rows_subgroup(
         var va5: vec4<f32>;
         var va6: vec4<f32>;
         var va7: vec4<f32>;
-        if row0 + 32u <= dims.m {
-            var i = a_index(a_base, row0, kc);
-            va0 = vec4<f32>(f32(a[i]), f32(a[i + rs]), f32(a[i + 2u * rs]), f32(a[i + 3u * rs])) * live;
-            i += 4u * rs;
-            va1 = vec4<f32>(f32(a[i]), f32(a[i + rs]), f32(a[i + 2u * rs]), f32(a[i + 3u * rs])) * live;
-            i += 4u * rs;
-            va2 = vec4<f32>(f32(a[i]), f32(a[i + rs]), f32(a[i + 2u * rs]), f32(a[i + 3u * rs])) * live;
-            i += 4u * rs;
-            va3 = vec4<f32>(f32(a[i]), f32(a[i + rs]), f32(a[i + 2u * rs]), f32(a[i + 3u * rs])) * live;
-            i += 4u * rs;
-            va4 = vec4<f32>(f32(a[i]), f32(a[i + rs]), f32(a[i + 2u * rs]), f32(a[i + 3u * rs])) * live;
-            i += 4u * rs;
-            va5 = vec4<f32>(f32(a[i]), f32(a[i + rs]), f32(a[i + 2u * rs]), f32(a[i + 3u * rs])) * live;
-            i += 4u * rs;
-            va6 = vec4<f32>(f32(a[i]), f32(a[i + rs]), f32(a[i + 2u * rs]), f32(a[i + 3u * rs])) * live;
-            i += 4u * rs;
-            va7 = vec4<f32>(f32(a[i]), f32(a[i + rs]), f32(a[i + 2u * rs]), f32(a[i + 3u * rs])) * live;
-        } else {
+        {
             va0 = a_col4(a_base, row0 + 0u, kc) * live;
             va1 = a_col4(a_base, row0 + 4u, kc) * live;
             va2 = a_col4(a_base, row0 + 8u, kc) * live;
