@@ -12,6 +12,7 @@
 pub mod cpu;
 pub mod data;
 mod error;
+pub mod generate;
 pub mod gpu;
 pub mod kernels;
 pub mod model;

@@ -3,6 +3,7 @@
 mod bench;
 mod info;
 mod params;
+mod sample;
 mod train;
 
 use clap::{Parser, Subcommand};
@@ -28,6 +29,8 @@ enum Command {
     Info(info::InfoArgs),
     /// Train a GPT on a text corpus (progress, evaluation, checkpoints, resume).
     Train(train::TrainArgs),
+    /// Generate text from a checkpoint.
+    Sample(sample::SampleArgs),
     /// Parameter counts of a config: per component, weights vs biases, and training-state bytes.
     Params(params::ParamsArgs),
     /// Time kernels on the GPU against the CPU reference.
@@ -51,5 +54,6 @@ pub fn run(args: Args) -> Result<()> {
         Command::Bench(b) => bench::run(&args, b),
         Command::Params(p) => params::run(p),
         Command::Train(t) => train::run(args.adapter.clone(), t),
+        Command::Sample(s) => sample::run(args.adapter.clone(), args.precision, s),
     }
 }

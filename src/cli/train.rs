@@ -18,9 +18,9 @@ pub struct TrainArgs {
     /// Output folder for checkpoints, metrics.jsonl and config.toml.
     #[arg(long, default_value = "runs/latest")]
     out: PathBuf,
-    /// Continue from the latest checkpoint in --out (or in DIR if given).
-    #[arg(long, value_name = "DIR", num_args = 0..=1, default_missing_value = "")]
-    resume: Option<PathBuf>,
+    /// Continue from the latest checkpoint in --out (its config.toml is used unless --config).
+    #[arg(long)]
+    resume: bool,
     /// Override a config value, e.g. --set train.lr=3e-4 (repeatable).
     #[arg(long = "set", value_name = "KEY=VALUE")]
     overrides: Vec<String>,
@@ -33,15 +33,8 @@ pub struct TrainArgs {
 }
 
 pub fn run(adapter: Option<String>, a: &TrainArgs) -> Result<()> {
-    let mut out = a.out.clone();
-    let resume = match &a.resume {
-        Some(dir) if !dir.as_os_str().is_empty() => {
-            out = dir.clone();
-            true
-        }
-        Some(_) => true,
-        None => false,
-    };
+    let out = a.out.clone();
+    let resume = a.resume;
     let config = match (&a.config, resume) {
         (Some(path), _) => Config::load(path, &a.overrides)?,
         (None, true) => {

@@ -868,6 +868,14 @@ impl GptGpu {
         gpu.read(&self.logits)
     }
 
+    /// One position's logits of the batch last run forward (waits).
+    pub fn read_logits_row(&self, gpu: &Gpu, row: usize) -> Result<Vec<f32>> {
+        let view = self
+            .logits
+            .view("logits row", row * self.vocab, &[self.vocab])?;
+        gpu.read(&view)
+    }
+
     /// The per-row loss tensor (f32, B·T), for asynchronous read-back by the training loop.
     pub fn losses(&self) -> &GpuTensor {
         &self.losses

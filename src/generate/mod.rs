@@ -1,0 +1,8 @@
+//! Text generation from a trained checkpoint: sampling settings, the logits processors, stop
+//! sequences and the generation loop.
+
+pub mod processors;
+pub mod sampler;
+
+pub use processors::SamplingParams;
+pub use sampler::Generator;
