@@ -110,6 +110,47 @@ fn training_lowers_the_loss() {
         "loss went from {first} to {last}"
     );
     assert!(out.join("latest").exists() && out.join("config.toml").exists());
+
+    // `kiln eval` on the recorded corpus's validation split agrees with the run's last
+    // evaluation (same batches, same weights), and scores any file given with --data.
+    let e = kiln()
+        .args(["eval", "--checkpoint", out.to_str().unwrap()])
+        .output()
+        .unwrap();
+    assert!(e.status.success(), "{}", String::from_utf8_lossy(&e.stderr));
+    let report: serde_json::Value = serde_json::from_slice(&e.stdout).unwrap();
+    let metrics = std::fs::read_to_string(out.join("metrics.jsonl")).unwrap();
+    let last_val = metrics
+        .lines()
+        .rev()
+        .find_map(|l| {
+            serde_json::from_str::<serde_json::Value>(l)
+                .ok()?
+                .get("val_loss")?
+                .as_f64()
+        })
+        .unwrap();
+    assert!(
+        (report["loss"].as_f64().unwrap() - last_val).abs() < 1e-6,
+        "{report} vs {last_val}"
+    );
+    let e = kiln()
+        .args([
+            "eval",
+            "--checkpoint",
+            out.to_str().unwrap(),
+            "--data",
+            data.to_str().unwrap(),
+        ])
+        .output()
+        .unwrap();
+    let report: serde_json::Value = serde_json::from_slice(&e.stdout).unwrap();
+    let text_len = std::fs::read_to_string(&data).unwrap().chars().count() as u64;
+    assert_eq!(
+        report["tokens"].as_u64().unwrap(),
+        text_len - 1,
+        "every token after the first is scored once"
+    );
 }
 
 #[test]

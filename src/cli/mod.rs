@@ -29,6 +29,8 @@ enum Command {
     Info(info::InfoArgs),
     /// Train a GPT on a text corpus (progress, evaluation, checkpoints, resume).
     Train(train::TrainArgs),
+    /// Loss and perplexity of a checkpoint on its validation split or a text file.
+    Eval(train::EvalArgs),
     /// Generate text from a checkpoint.
     Sample(sample::SampleArgs),
     /// Parameter counts of a config: per component, weights vs biases, and training-state bytes.
@@ -54,6 +56,7 @@ pub fn run(args: Args) -> Result<()> {
         Command::Bench(b) => bench::run(&args, b),
         Command::Params(p) => params::run(p),
         Command::Train(t) => train::run(args.adapter.clone(), t),
+        Command::Eval(e) => train::eval(args.adapter.clone(), args.precision, e),
         Command::Sample(s) => sample::run(args.adapter.clone(), args.precision, s),
     }
 }

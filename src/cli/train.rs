@@ -95,3 +95,31 @@ pub fn run(adapter: Option<String>, a: &TrainArgs) -> Result<()> {
     println!("{}", serde_json::to_string(&s).unwrap_or_default());
     Ok(())
 }
+
+#[derive(clap::Args, Debug)]
+pub struct EvalArgs {
+    /// A run folder (its latest checkpoint) or a checkpoint folder.
+    #[arg(long)]
+    checkpoint: PathBuf,
+    /// Score this text file instead of the training corpus's validation split.
+    #[arg(long)]
+    data: Option<PathBuf>,
+    /// At most this many validation batches (default: the config's eval_batches).
+    #[arg(long, default_value_t = usize::MAX)]
+    batches: usize,
+}
+
+pub fn eval(adapter: Option<String>, precision: kiln::PrecisionChoice, a: &EvalArgs) -> Result<()> {
+    let r = kiln::train::eval::eval_checkpoint(
+        &a.checkpoint,
+        a.data.as_deref(),
+        a.batches,
+        &kiln::GpuOptions { adapter, precision },
+    )?;
+    eprintln!(
+        "{}: loss {:.4}, perplexity {:.2} over {} tokens",
+        r.checkpoint, r.loss, r.perplexity, r.tokens
+    );
+    println!("{}", serde_json::to_string(&r).unwrap_or_default());
+    Ok(())
+}

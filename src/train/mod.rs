@@ -1,5 +1,6 @@
 //! Training runs: the learning-rate schedule, checkpoints and the training loop.
 
 pub mod checkpoint;
+pub mod eval;
 pub mod schedule;
 pub mod trainer;

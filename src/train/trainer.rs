@@ -235,15 +235,21 @@ impl LossRing {
     }
 }
 
-/// Mean loss over the fixed validation batches (waits for each).
+/// Mean loss per scored token over `batches` (waits for each); targets equal to `u32::MAX` are
+/// not scored.
 pub fn evaluate(gpu: &Gpu, model: &GptGpu, batches: &[crate::data::Batch]) -> Result<f64> {
-    let mut total = 0.0;
+    let (mut total, mut count) = (0.0f64, 0u64);
     for b in batches {
         model.set_batch(gpu, &b.inputs, &b.targets)?;
         gpu.run_pass("eval", |pass| model.record_eval(pass))?;
-        total += f64::from(model.read_loss(gpu)?);
+        total += gpu
+            .read(model.losses())?
+            .iter()
+            .map(|&l| f64::from(l))
+            .sum::<f64>();
+        count += u64::from(gpu.read_u32(model.target_count())?[0]);
     }
-    Ok(total / batches.len().max(1) as f64)
+    Ok(total / count.max(1) as f64)
 }
 
 /// Model FLOPs of one token's forward and backward: 6 per parameter (the matmuls) plus the
@@ -256,7 +262,15 @@ fn flops_per_token(config: &Config, params: usize, seq: usize) -> f64 {
 /// Trains as `opts` says; `stop` (set by Ctrl-C) ends the run after the step in flight, with a
 /// checkpoint.
 pub fn train(opts: &TrainOptions, stop: &AtomicBool) -> Result<TrainSummary> {
-    let config = &opts.config;
+    // The corpus is recorded in the saved config, so `kiln eval` can find the validation split.
+    let mut config = opts.config.clone();
+    if config.data.path.is_empty() {
+        config.data.path = std::fs::canonicalize(&opts.data)
+            .unwrap_or_else(|_| opts.data.clone())
+            .display()
+            .to_string();
+    }
+    let config = &config;
     config.validate()?;
     if config.model.dropout > 0.0 {
         return Err(Error::invalid(
