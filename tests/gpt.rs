@@ -171,34 +171,7 @@ mod gpu_step {
             // allowed gradient differences would show up undamped in the weights.
             let (mut norm, mut flag) = (0.0, 0);
             kiln::cpu::gradnorm::gradnorm(&mut norm, &mut flag, &gpu_grads);
-            let segments: Vec<_> = {
-                // Same tiling as the GPU plan: tensors plus undecayed gaps.
-                let mut v = Vec::new();
-                let mut next = 0;
-                for t in layout.tensors() {
-                    if t.offset > next {
-                        v.push(kiln::training::ParamSegment {
-                            offset: next,
-                            len: t.offset - next,
-                            decayed: false,
-                        });
-                    }
-                    v.push(kiln::training::ParamSegment {
-                        offset: t.offset,
-                        len: t.len(),
-                        decayed: t.decayed,
-                    });
-                    next = t.offset + t.len();
-                }
-                if next < layout.buffer_len() {
-                    v.push(kiln::training::ParamSegment {
-                        offset: next,
-                        len: layout.buffer_len() - next,
-                        decayed: false,
-                    });
-                }
-                v
-            };
+            let segments = layout.adamw_segments();
             let n = master.len();
             let (mut w, mut working, mut m, mut v, mut skipped) =
                 (master.clone(), vec![0.0; n], vec![0.0; n], vec![0.0; n], 0);

@@ -22,7 +22,7 @@ use crate::kernels::layernorm::{LayerNormBackward, LayerNormForward};
 use crate::kernels::matmul::Matmul;
 use crate::kernels::residual::ResidualForward;
 use crate::ops::{AttentionShape, EmbeddingShape, LayerNormSpec, Layout, MatmulSpec};
-use crate::training::{AdamWStep, CrossEntropySpec, ParamSegment};
+use crate::training::{AdamWStep, CrossEntropySpec};
 use crate::{Error, Precision, Result};
 
 /// Per-layer activations kept for the backward pass.
@@ -532,7 +532,7 @@ impl GptGpu {
         )?));
 
         // ---- update: global norm, then AdamW over the whole buffer ----
-        let segments = segments(&layout);
+        let segments = layout.adamw_segments();
         let grad_norm = GradNorm::new(gpu, &norm, &flag, &grads)?;
         let adamw = AdamW::new(
             gpu,
@@ -890,34 +890,4 @@ impl GptGpu {
     pub fn grads(&self) -> &GpuTensor {
         &self.grads
     }
-}
-
-/// The AdamW segment table: every layout tensor, plus the alignment gaps as undecayed segments
-/// so that the table tiles the whole buffer.
-fn segments(layout: &ParamLayout) -> Vec<ParamSegment> {
-    let mut out = Vec::new();
-    let mut next = 0;
-    for t in layout.tensors() {
-        if t.offset > next {
-            out.push(ParamSegment {
-                offset: next,
-                len: t.offset - next,
-                decayed: false,
-            });
-        }
-        out.push(ParamSegment {
-            offset: t.offset,
-            len: t.len(),
-            decayed: t.decayed,
-        });
-        next = t.offset + t.len();
-    }
-    if next < layout.buffer_len() {
-        out.push(ParamSegment {
-            offset: next,
-            len: layout.buffer_len() - next,
-            decayed: false,
-        });
-    }
-    out
 }

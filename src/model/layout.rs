@@ -208,6 +208,37 @@ impl ParamLayout {
             .sum()
     }
 
+    /// The AdamW segment table: every tensor with its decay flag, plus the alignment gaps as
+    /// undecayed segments, so that the table tiles the whole buffer as the kernel requires.
+    pub fn adamw_segments(&self) -> Vec<crate::training::ParamSegment> {
+        use crate::training::ParamSegment;
+        let mut out = Vec::new();
+        let mut next = 0;
+        for t in &self.tensors {
+            if t.offset > next {
+                out.push(ParamSegment {
+                    offset: next,
+                    len: t.offset - next,
+                    decayed: false,
+                });
+            }
+            out.push(ParamSegment {
+                offset: t.offset,
+                len: t.len(),
+                decayed: t.decayed,
+            });
+            next = t.offset + t.len();
+        }
+        if next < self.total {
+            out.push(ParamSegment {
+                offset: next,
+                len: self.total - next,
+                decayed: false,
+            });
+        }
+        out
+    }
+
     /// Bytes of training state resident on the GPU per parameter buffer element: the working copy
     /// (`param_bytes` each: 2 for f16, 4 for f32), f32 master weights, f32 Adam m and v, and f32
     /// gradients.

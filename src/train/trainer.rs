@@ -375,20 +375,20 @@ pub fn train(opts: &TrainOptions, stop: &AtomicBool) -> Result<TrainSummary> {
     let mut submit_time = 0.0;
     let first_step = state.step;
     let mut last_loss = f32::NAN;
-    let report = |bar: &Option<indicatif::ProgressBar>,
-                  step: u64,
-                  loss: f32,
-                  lr: f64,
-                  elapsed: f64,
-                  done: u64|
-     -> Result<()> {
-        let tok_s = (done * tokens_per_step) as f64 / elapsed.max(1e-9);
-        log_metric(
-            &opts.out_dir,
-            &serde_json::json!({"step": step, "train_loss": loss, "lr": lr, "tokens_per_s": tok_s}),
-        )?;
-        if let Some(bar) = bar {
-            bar.set_message(format!("loss {loss:.4} lr {lr:.2e} {tok_s:.0} tok/s"));
+    // Logs the losses that came back (steps in order) and shows the last on the bar.
+    let report = |losses: Vec<(u64, f32)>, eval_time: f64, last_loss: &mut f32| -> Result<()> {
+        let elapsed = (start.elapsed().as_secs_f64() - eval_time).max(1e-9);
+        for (step, loss) in losses {
+            *last_loss = loss;
+            let lr = learning_rate(t, step);
+            let tok_s = ((step + 1 - first_step) * tokens_per_step) as f64 / elapsed;
+            log_metric(
+                &opts.out_dir,
+                &serde_json::json!({"step": step, "train_loss": loss, "lr": lr, "tokens_per_s": tok_s}),
+            )?;
+            if let Some(bar) = &bar {
+                bar.set_message(format!("loss {loss:.4} lr {lr:.2e} {tok_s:.0} tok/s"));
+            }
         }
         Ok(())
     };
@@ -419,17 +419,11 @@ pub fn train(opts: &TrainOptions, stop: &AtomicBool) -> Result<TrainSummary> {
             })
             .collect::<Result<_>>()?;
         // Make room in the loss ring: this waits for the step `ring.len()` steps back, not this one.
-        if let Some((s, loss)) = ring.drain_slot(&gpu, step)? {
-            last_loss = loss;
-            report(
-                &bar,
-                s,
-                loss,
-                learning_rate(t, s),
-                start.elapsed().as_secs_f64() - eval_time,
-                s + 1 - first_step,
-            )?;
-        }
+        report(
+            ring.drain_slot(&gpu, step)?.into_iter().collect(),
+            eval_time,
+            &mut last_loss,
+        )?;
         let submit_start = Instant::now();
         let adam = AdamWStep {
             t: (step + 1).min(u32::MAX as u64) as u32,
@@ -448,17 +442,7 @@ pub fn train(opts: &TrainOptions, stop: &AtomicBool) -> Result<TrainSummary> {
         ring.request(step);
         state.step += 1;
         state.tokens_seen += tokens_per_step;
-        for (s, loss) in ring.harvest(&gpu)? {
-            last_loss = loss;
-            report(
-                &bar,
-                s,
-                loss,
-                learning_rate(t, s),
-                start.elapsed().as_secs_f64() - eval_time,
-                s + 1 - first_step,
-            )?;
-        }
+        report(ring.harvest(&gpu)?, eval_time, &mut last_loss)?;
         if let Some(bar) = &bar {
             bar.set_position(state.step);
         }
@@ -468,17 +452,7 @@ pub fn train(opts: &TrainOptions, stop: &AtomicBool) -> Result<TrainSummary> {
             || stopping;
         if eval_now {
             let e0 = Instant::now();
-            for (s, loss) in ring.flush(&gpu)? {
-                last_loss = loss;
-                report(
-                    &bar,
-                    s,
-                    loss,
-                    learning_rate(t, s),
-                    start.elapsed().as_secs_f64() - eval_time,
-                    s + 1 - first_step,
-                )?;
-            }
+            report(ring.flush(&gpu)?, eval_time, &mut last_loss)?;
             let v = evaluate(&gpu, &model, &val)?;
             val_loss = Some(v);
             if state.best_val_loss.is_none_or(|b| v < b) {
@@ -507,16 +481,7 @@ pub fn train(opts: &TrainOptions, stop: &AtomicBool) -> Result<TrainSummary> {
             || stopping;
         if ckpt_now {
             let e0 = Instant::now();
-            for (s, loss) in ring.flush(&gpu)? {
-                report(
-                    &bar,
-                    s,
-                    loss,
-                    learning_rate(t, s),
-                    start.elapsed().as_secs_f64() - eval_time,
-                    s + 1 - first_step,
-                )?;
-            }
+            report(ring.flush(&gpu)?, eval_time, &mut last_loss)?;
             last_ckpt = Some(save(&state)?);
             eval_time += e0.elapsed().as_secs_f64();
         }
@@ -524,16 +489,7 @@ pub fn train(opts: &TrainOptions, stop: &AtomicBool) -> Result<TrainSummary> {
             break;
         }
     }
-    for (s, loss) in ring.flush(&gpu)? {
-        report(
-            &bar,
-            s,
-            loss,
-            learning_rate(t, s),
-            start.elapsed().as_secs_f64() - eval_time,
-            s + 1 - first_step,
-        )?;
-    }
+    report(ring.flush(&gpu)?, eval_time, &mut last_loss)?;
     if let Some(bar) = &bar {
         bar.finish_and_clear();
     }
