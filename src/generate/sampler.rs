@@ -95,7 +95,6 @@ impl Generator {
             ));
         }
         let truncated = tokens.len().saturating_sub(self.block_size);
-        let prompt_len = tokens.len();
         let mut rng = rand::rngs::StdRng::seed_from_u64(params.seed);
         let mut out_ids: Vec<u32> = Vec::new();
         let mut printed = 0usize; // bytes of decoded output already handed to on_text
@@ -156,7 +155,6 @@ impl Generator {
         if text.len() > printed {
             on_text(&text[printed..]);
         }
-        let _ = prompt_len;
         Ok(Generation {
             tokens: out_ids.len(),
             text,
