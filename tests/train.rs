@@ -89,17 +89,24 @@ fn train_losses(out: &Path) -> BTreeMap<u64, String> {
     map
 }
 
-#[test]
-fn training_lowers_the_loss() {
-    let dir = tempdir("falls");
+/// Trains the tiny model for `steps` steps on a fresh corpus in a fresh folder and checks it
+/// succeeded; returns (corpus, run folder).
+fn train_tiny(name: &str, steps: u32) -> (PathBuf, PathBuf) {
+    let dir = tempdir(name);
     let data = corpus(&dir);
     let out = dir.join("run");
-    let st = kiln().args(tiny_args(&data, &out, 60)).output().unwrap();
+    let st = kiln().args(tiny_args(&data, &out, steps)).output().unwrap();
     assert!(
         st.status.success(),
         "{}",
         String::from_utf8_lossy(&st.stderr)
     );
+    (data, out)
+}
+
+#[test]
+fn training_lowers_the_loss() {
+    let (data, out) = train_tiny("falls", 60);
     let losses = train_losses(&out);
     let first: f64 = losses[&0].parse().unwrap();
     let last: f64 = losses[&59].parse().unwrap();
@@ -275,15 +282,7 @@ fn bad_input_is_a_clear_error() {
 
 #[test]
 fn resuming_with_a_different_model_is_refused() {
-    let dir = tempdir("mismatch");
-    let data = corpus(&dir);
-    let out = dir.join("run");
-    let st = kiln().args(tiny_args(&data, &out, 30)).output().unwrap();
-    assert!(
-        st.status.success(),
-        "{}",
-        String::from_utf8_lossy(&st.stderr)
-    );
+    let (data, out) = train_tiny("mismatch", 30);
     let mut args = tiny_args(&data, &out, 60);
     args.extend(["--resume".into(), "--set".into(), "model.n_layer=3".into()]);
     let r = kiln().args(&args).output().unwrap();
@@ -298,15 +297,7 @@ fn resuming_with_a_different_model_is_refused() {
 #[test]
 fn sampling_is_seeded_and_stops_across_token_boundaries() {
     use kiln::generate::{Generator, SamplingParams};
-    let dir = tempdir("sample");
-    let data = corpus(&dir);
-    let out = dir.join("run");
-    let st = kiln().args(tiny_args(&data, &out, 30)).output().unwrap();
-    assert!(
-        st.status.success(),
-        "{}",
-        String::from_utf8_lossy(&st.stderr)
-    );
+    let (_, out) = train_tiny("sample", 30);
     let g = Generator::load(&out, &kiln::GpuOptions::default()).unwrap();
     let params = SamplingParams {
         temperature: 1.0,
