@@ -2,7 +2,9 @@
 // (torch.optim.AdamW, single-tensor path):
 //
 //     g     = grads[i] / loss_scale, times grad_clip / (norm / loss_scale) when that norm exceeds
-//             grad_clip > 0
+//             grad_clip > 0, where loss_scale = step.loss_scale * scale[0]: the host's factor
+//             (the micro-batch count, since each micro-batch adds the gradient of its own mean
+//             loss) times the dynamic loss scale, which lives on the GPU (shaders/lossscale.wgsl)
 //     w     = w * (1 - lr*wd)                       only for elements of decayed tensors
 //     m     = lerp(m, g, 1 - beta1)                 PyTorch's lerp, both branches
 //     v     = v * beta2 + ((1 - beta2) * g) * g     addcmul
@@ -59,6 +61,7 @@ struct Step {
 @group(0) @binding(9) var<storage, read> flag: array<u32>;
 @group(0) @binding(10) var<storage, read_write> skipped: array<u32>;
 @group(0) @binding(11) var<storage, read> ranges: array<vec2<u32>>;
+@group(0) @binding(12) var<storage, read> scale: array<f32>;
 
 const WG: u32 = 256u;
 
@@ -77,10 +80,16 @@ fn decayed(i: u32) -> bool {
     return lo > 0u && i < ranges[lo - 1u].y;
 }
 
+// Both factors are powers of two or small integers in practice, so the product is exact and
+// equals the single loss_scale of the CPU reference.
+fn loss_scale() -> f32 {
+    return step.loss_scale * scale[0];
+}
+
 // The factor that turns a raw (loss-scaled) gradient into the clipped, unscaled one is applied as
 // a division by loss_scale and then a multiplication by the clip factor, the CPU reference's order.
 fn clip_factor() -> f32 {
-    let unscaled = norm[0] / step.loss_scale;
+    let unscaled = norm[0] / loss_scale();
     if (step.grad_clip > 0.0 && unscaled > step.grad_clip) {
         return step.grad_clip / unscaled;
     }
@@ -98,8 +107,8 @@ fn skip(gid: u32) -> bool {
     return false;
 }
 
-fn update(i: u32, raw: f32, clip: f32) {
-    let g = raw / step.loss_scale * clip;
+fn update(i: u32, raw: f32, ls: f32, clip: f32) {
+    let g = raw / ls * clip;
     var w = weights[i];
     if (decayed(i)) {
         w = w * step.decay_factor;
@@ -126,9 +135,10 @@ fn adamw(@builtin(global_invocation_id) id: vec3<u32>) {
     if (skip(id.x)) {
         return;
     }
+    let ls = loss_scale();
     let clip = clip_factor();
     for (var i = id.x; i < params.n; i += params.groups * WG) {
-        update(i, f32(grads[i]), clip);
+        update(i, f32(grads[i]), ls, clip);
     }
 }
 
@@ -138,8 +148,9 @@ fn adamw_f32_grads(@builtin(global_invocation_id) id: vec3<u32>) {
     if (skip(id.x)) {
         return;
     }
+    let ls = loss_scale();
     let clip = clip_factor();
     for (var i = id.x; i < params.n; i += params.groups * WG) {
-        update(i, grads_f32[i], clip);
+        update(i, grads_f32[i], ls, clip);
     }
 }

@@ -246,3 +246,77 @@ pub struct AdamWScalars {
     /// Pads the struct to 48 bytes.
     pub _pad: [f32; 3],
 }
+
+/// Dynamic loss scaling for f16 gradients: the rule of PyTorch's `GradScaler`, run on the GPU by
+/// [`crate::kernels::lossscale::LossScaler`] (see shaders/lossscale.wgsl).
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct LossScaling {
+    /// The scale of the first step.
+    pub init_scale: f32,
+    /// Factor applied after `growth_interval` clean steps in a row.
+    pub growth_factor: f32,
+    /// Factor applied after a step whose gradients overflowed (that step is skipped).
+    pub backoff_factor: f32,
+    /// Clean steps in a row before the scale grows.
+    pub growth_interval: u32,
+    /// Lower bound of the scale.
+    pub min_scale: f32,
+    /// Upper bound of the scale.
+    pub max_scale: f32,
+}
+
+impl Default for LossScaling {
+    /// PyTorch's defaults (2¹⁶, ×2 after 2000 clean steps, ×0.5 on overflow), kept within
+    /// [2⁻²⁴, 2²⁴].
+    fn default() -> Self {
+        LossScaling {
+            init_scale: 65536.0,
+            growth_factor: 2.0,
+            backoff_factor: 0.5,
+            growth_interval: 2000,
+            min_scale: 1.0 / 16_777_216.0,
+            max_scale: 16_777_216.0,
+        }
+    }
+}
+
+impl LossScaling {
+    /// Checks that every factor moves the scale the way its name says and that the bounds hold
+    /// the initial scale.
+    pub fn validate(&self) -> Result<()> {
+        let bad = |key: &str, value: f64, rule: &str| Err(Error::invalid(key, value, rule));
+        if !(self.min_scale > 0.0 && self.min_scale <= self.max_scale && self.max_scale.is_finite())
+        {
+            return bad(
+                "loss_scale min_scale",
+                f64::from(self.min_scale),
+                "must be > 0 and <= a finite max_scale",
+            );
+        }
+        if !(self.init_scale >= self.min_scale && self.init_scale <= self.max_scale) {
+            return bad(
+                "loss_scale init_scale",
+                f64::from(self.init_scale),
+                &format!("must be in [{}, {}]", self.min_scale, self.max_scale),
+            );
+        }
+        if !(self.growth_factor >= 1.0 && self.growth_factor.is_finite()) {
+            return bad(
+                "loss_scale growth_factor",
+                f64::from(self.growth_factor),
+                "must be finite and >= 1",
+            );
+        }
+        if !(self.backoff_factor > 0.0 && self.backoff_factor < 1.0) {
+            return bad(
+                "loss_scale backoff_factor",
+                f64::from(self.backoff_factor),
+                "must be in (0, 1)",
+            );
+        }
+        if self.growth_interval == 0 {
+            return bad("loss_scale growth_interval", 0.0, "must be at least 1");
+        }
+        Ok(())
+    }
+}

@@ -38,6 +38,17 @@ const WEIGHT_TOL: Tolerance = Tolerance {
     rel: 1e-6,
 };
 
+/// The part of the loss scale the GPU kernel reads from its scale tensor (a power of two).
+const DYNAMIC_SCALE: f64 = 8.0;
+
+/// The GPU's settings for a CPU step: the loss scale split between the step and the tensor.
+fn gpu_step(step: &AdamWStep) -> AdamWStep {
+    AdamWStep {
+        loss_scale: step.loss_scale / DYNAMIC_SCALE,
+        ..*step
+    }
+}
+
 /// The optimizer state on the GPU and its CPU mirror.
 struct State {
     params: GpuTensor,
@@ -48,6 +59,9 @@ struct State {
     grads: GpuTensor,
     norm: GpuTensor,
     flag: GpuTensor,
+    /// The dynamic loss scale, DYNAMIC_SCALE: the GPU step's own loss_scale is the CPU's divided
+    /// by it, so the product the kernel forms is tested.
+    scale: GpuTensor,
     cpu_params: Vec<f32>,
     cpu_working: Vec<f32>,
     cpu_m: Vec<f32>,
@@ -68,6 +82,9 @@ impl State {
             grads: gpu.zeros("grads", &[n], grad_dtype).unwrap(),
             norm: gpu.zeros("norm", &[1], DType::F32).unwrap(),
             flag: gpu.zeros("flag", &[1], DType::U32).unwrap(),
+            scale: gpu
+                .upload("scale", &[1], DType::F32, &[DYNAMIC_SCALE as f32])
+                .unwrap(),
             cpu_params: w,
             cpu_working: vec![0.0; n],
             cpu_m: vec![0.0; n],
@@ -88,8 +105,9 @@ impl State {
             &self.grads,
             &self.norm,
             &self.flag,
+            &self.scale,
             segments,
-            step,
+            &gpu_step(step),
         )
         .unwrap();
         (gn, opt)
@@ -105,7 +123,7 @@ impl State {
         step: &AdamWStep,
     ) {
         gpu.write(&self.grads, grads).unwrap();
-        ops.1.set_step(gpu, step).unwrap();
+        ops.1.set_step(gpu, &gpu_step(step)).unwrap();
         gpu.run_pass("train step", |pass| {
             ops.0.record(pass);
             ops.1.record(pass);
@@ -340,7 +358,8 @@ fn bad_arguments_are_errors_naming_the_op() {
     let step = AdamWStep::new(1);
     let new = |grads: &GpuTensor, working: &GpuTensor, segs: &[ParamSegment], step: &AdamWStep| {
         AdamW::new(
-            gpu, &s.params, working, &s.m, &s.v, &s.skipped, grads, &s.norm, &s.flag, segs, step,
+            gpu, &s.params, working, &s.m, &s.v, &s.skipped, grads, &s.norm, &s.flag, &s.scale,
+            segs, step,
         )
         .err()
         .expect("must be an error")
@@ -388,6 +407,7 @@ fn bad_arguments_are_errors_naming_the_op() {
             &s16.grads,
             &s16.norm,
             &s16.flag,
+            &s16.scale,
             &segs,
             &step,
         )

@@ -72,6 +72,7 @@ fn checkpoint(step: u64, config: &Config, layout: &ParamLayout, seed: u64) -> Ch
             step,
             tokens_seen: step * 4096,
             loss_scale: 32768.0,
+            loss_scale_run: 17,
             skipped_steps: 3,
             best_val_loss: Some(1.875),
             rng_seed: 0xDEAD_BEEF_0000_0001,

@@ -84,7 +84,7 @@ mod gpu_step {
     use kiln::Precision;
     use kiln::cpu::gpt::{GptBatch, gpt_loss_and_grads};
     use kiln::model::gpu::GptGpu;
-    use kiln::training::AdamWStep;
+    use kiln::training::{AdamWStep, LossScaling};
 
     fn batch_data(n: usize, vocab: usize, seed: usize) -> (Vec<u32>, Vec<u32>) {
         let inputs = (0..n).map(|i| ((i * 7 + seed) % vocab) as u32).collect();
@@ -141,7 +141,9 @@ mod gpu_step {
                     inp,
                     tgt,
                     &batch,
-                    1.0 / micro as f32,
+                    // Each micro-batch adds its own mean loss's gradient; AdamW divides by the
+                    // micro-batch count.
+                    1.0,
                     i > 0,
                 )
                 .unwrap();
@@ -175,6 +177,10 @@ mod gpu_step {
             let n = master.len();
             let (mut w, mut working, mut m, mut v, mut skipped) =
                 (master.clone(), vec![0.0; n], vec![0.0; n], vec![0.0; n], 0);
+            let cpu_step = AdamWStep {
+                loss_scale: micro as f64,
+                ..step
+            };
             kiln::cpu::adamw::adamw(
                 &mut w,
                 &mut working,
@@ -185,7 +191,7 @@ mod gpu_step {
                 norm,
                 flag,
                 &segments,
-                &step,
+                &cpu_step,
             )
             .unwrap();
             let gpu_w = g.read_master(gpu).unwrap();
@@ -253,5 +259,106 @@ mod gpu_step {
         );
         let (skipped, _, flag) = g.read_update_stats(gpu).unwrap();
         assert_eq!((skipped, flag), (1, 1));
+    }
+
+    /// Dynamic loss scaling by a power of two changes nothing in f32: the gradients come out
+    /// exactly `scale` times larger (every op is linear in the loss gradient and scaling by 2^k
+    /// is exact away from overflow and underflow) and AdamW divides it out again, so two steps
+    /// with and without scaling leave bit-identical weights, and a clean run grows the scale
+    /// after `growth_interval` steps.
+    #[test]
+    fn loss_scaling_is_exact_and_grows() {
+        let Some(gpu) = gpu(Precision::F32) else {
+            return;
+        };
+        let model = tiny(true);
+        let vocab = 11;
+        let batch = GptBatch { batch: 2, seq: 5 };
+        let data = vec![batch_data(10, vocab, 1), batch_data(10, vocab, 2)];
+        let run = |scaling: Option<LossScaling>| {
+            let mut g = GptGpu::new(gpu, &model, vocab, batch, 2).unwrap();
+            g.set_weights(gpu, &init(g.layout(), 5)).unwrap();
+            if let Some(s) = scaling {
+                g.enable_loss_scaling(gpu, &s).unwrap();
+            }
+            let mut grads = Vec::new();
+            for t in 1..=3 {
+                let step = AdamWStep {
+                    lr: 1e-2,
+                    grad_clip: 1.0,
+                    ..AdamWStep::new(t)
+                };
+                g.step(gpu, &data, &step, |_| {}).unwrap();
+                grads.push(g.read_grads(gpu).unwrap());
+            }
+            let scale = scaling.map(|_| g.loss_scale_state(gpu).unwrap());
+            (g.read_master(gpu).unwrap(), grads, scale)
+        };
+        let (plain_w, plain_g, _) = run(None);
+        let settings = LossScaling {
+            init_scale: 1024.0,
+            growth_interval: 2,
+            ..LossScaling::default()
+        };
+        let (scaled_w, scaled_g, state) = run(Some(settings));
+        // Steps 1 and 2 ran at 1024; the second clean step doubled the scale for step 3.
+        for (step, (p, s)) in plain_g.iter().zip(&scaled_g).enumerate() {
+            let factor = if step < 2 { 1024.0 } else { 2048.0 };
+            let bad = p.iter().zip(s).position(|(p, s)| p * factor != *s);
+            assert_eq!(bad, None, "step {}: gradient not exactly scaled", step + 1);
+        }
+        let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+        assert_eq!(bits(&plain_w), bits(&scaled_w), "scaling changed the weights");
+        assert_eq!(state, Some((2048.0, 1)));
+    }
+
+    /// An f16 run whose scale is far too large overflows, skips those steps without touching the
+    /// weights, halves the scale each time, and then trains.
+    #[test]
+    fn overflowing_scale_backs_off() {
+        let Some(gpu) = gpu(Precision::F16) else {
+            return;
+        };
+        let model = tiny(false);
+        let vocab = 11;
+        let mut g = GptGpu::new(gpu, &model, vocab, GptBatch { batch: 2, seq: 4 }, 1).unwrap();
+        g.set_weights(gpu, &init(g.layout(), 3)).unwrap();
+        // 2^24 times a gradient of order 1e-1 is far past f16's 65504.
+        g.enable_loss_scaling(
+            gpu,
+            &LossScaling {
+                init_scale: 16_777_216.0,
+                ..LossScaling::default()
+            },
+        )
+        .unwrap();
+        let data = vec![batch_data(8, vocab, 0)];
+        let start = g.read_master(gpu).unwrap();
+        let mut skipped_before = 0;
+        let mut scale = 16_777_216.0;
+        let mut trained = false;
+        for t in 1..=24 {
+            let step = AdamWStep {
+                lr: 1e-2,
+                ..AdamWStep::new(t)
+            };
+            g.step(gpu, &data, &step, |_| {}).unwrap();
+            let (skipped, _, flag) = g.read_update_stats(gpu).unwrap();
+            let (new_scale, _) = g.loss_scale_state(gpu).unwrap();
+            if flag != 0 {
+                assert_eq!(skipped, skipped_before + 1, "step {t}: skip not counted");
+                assert_eq!(new_scale, scale / 2.0, "step {t}: scale not halved");
+                assert!(!trained, "step {t}: overflow after a clean step at a lower scale");
+                assert_eq!(g.read_master(gpu).unwrap(), start, "step {t}: weights changed");
+            } else {
+                trained = true;
+                assert_eq!(new_scale, scale, "step {t}: a clean step changed the scale");
+            }
+            skipped_before = skipped;
+            scale = new_scale;
+        }
+        assert!(skipped_before >= 3, "only {skipped_before} overflowing steps at 2^24");
+        assert!(trained, "still overflowing at scale {scale}");
+        assert_ne!(g.read_master(gpu).unwrap(), start, "the clean steps did not train");
     }
 }

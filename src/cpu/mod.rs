@@ -12,5 +12,6 @@ pub mod embedding;
 pub mod gpt;
 pub mod gradnorm;
 pub mod layernorm;
+pub mod lossscale;
 pub mod matmul;
 pub mod residual;

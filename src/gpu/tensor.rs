@@ -232,6 +232,19 @@ impl Gpu {
         Ok(())
     }
 
+    /// Overwrites a u32 tensor.
+    pub fn write_u32(&self, t: &GpuTensor, data: &[u32]) -> Result<()> {
+        check_len("write_u32", t, data.len())?;
+        if t.dtype != DType::U32 {
+            return Err(Error::shape(
+                "write_u32",
+                format!("tensor {} is {:?}, not u32; use write", t.label, t.dtype),
+            ));
+        }
+        self.write_bytes(t, bytemuck::cast_slice(data));
+        Ok(())
+    }
+
     fn write_bytes(&self, t: &GpuTensor, bytes: &[u8]) {
         // write_buffer needs a multiple of 4 bytes: an odd-length f16 tensor gets one pad element.
         if bytes.len().is_multiple_of(4) {

@@ -40,8 +40,10 @@ impl AdamW {
     /// Prepares the step over `params` (f32 master weights), `exp_avg` and `exp_avg_sq` (f32
     /// moments), writing `working` (the T copy the forward pass reads) and counting skipped steps
     /// in `skipped` (u32, 1 element). `grads` are f32 or T; `norm` (f32) and `flag` (u32) are
-    /// [`super::gradnorm::GradNorm`]'s outputs for those gradients. `segments` must tile the
-    /// buffer; `step` gives the first step's settings (see [`AdamW::set_step`]).
+    /// [`super::gradnorm::GradNorm`]'s outputs for those gradients. `scale` (f32, 1 element) is
+    /// the dynamic loss scale, which multiplies `step.loss_scale` (1 when there is none).
+    /// `segments` must tile the buffer; `step` gives the first step's settings (see
+    /// [`AdamW::set_step`]).
     #[allow(clippy::too_many_arguments)]
     pub fn new(
         gpu: &Gpu,
@@ -53,6 +55,7 @@ impl AdamW {
         grads: &GpuTensor,
         norm: &GpuTensor,
         flag: &GpuTensor,
+        scale: &GpuTensor,
         segments: &[ParamSegment],
         step: &AdamWStep,
     ) -> Result<Self> {
@@ -64,6 +67,7 @@ impl AdamW {
         expect_tensor(OP, "skipped", skipped, DType::U32, 1)?;
         expect_tensor(OP, "norm", norm, DType::F32, 1)?;
         expect_tensor(OP, "flag", flag, DType::U32, 1)?;
+        expect_tensor(OP, "scale", scale, DType::F32, 1)?;
         let precision = match working.dtype() {
             DType::F16 => Precision::F16,
             DType::F32 => Precision::F32,
@@ -107,6 +111,7 @@ impl AdamW {
                 ("grads", grads),
                 ("norm", norm),
                 ("flag", flag),
+                ("scale", scale),
             ],
         )?;
         step.validate()?;
@@ -166,6 +171,7 @@ impl AdamW {
                 (9, flag.bind()),
                 (10, skipped.bind()),
                 (11, Bind::whole(&ranges_buf)),
+                (12, scale.bind()),
             ],
         );
         gpu.check("preparing adamw")?;
@@ -215,8 +221,11 @@ pub fn adamw(
     segments: &[ParamSegment],
     step: &AdamWStep,
 ) -> Result<()> {
+    // No dynamic scale here: step.loss_scale is the whole factor.
+    let one = gpu.upload("adamw unit scale", &[1], DType::F32, &[1.0])?;
     AdamW::new(
-        gpu, params, working, exp_avg, exp_avg_sq, skipped, grads, norm, flag, segments, step,
+        gpu, params, working, exp_avg, exp_avg_sq, skipped, grads, norm, flag, &one, segments,
+        step,
     )?
     .run(gpu)
 }

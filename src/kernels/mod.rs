@@ -9,6 +9,7 @@ pub mod crossentropy;
 pub mod embedding;
 pub mod gradnorm;
 pub mod layernorm;
+pub mod lossscale;
 pub mod matmul;
 pub mod residual;
 pub mod tune;
@@ -36,6 +37,7 @@ impl_record!(
     activation::GeluForward,
     activation::GeluBackward,
     adamw::AdamW,
+    lossscale::LossScaler,
     attention::AttentionForward,
     attention::AttentionBackward,
     crossentropy::CrossEntropy,

@@ -5,6 +5,7 @@
 //! same way whether it came from the file or the command line.
 
 use crate::precision::PrecisionChoice;
+use crate::training::LossScaling;
 use crate::{Error, Result};
 use serde::{Deserialize, Serialize};
 use std::path::Path;
@@ -108,6 +109,11 @@ pub struct TrainConfig {
     pub seed: u64,
     /// Storage precision.
     pub precision: PrecisionChoice,
+    /// The first dynamic loss scale of an f16 run (f32 runs need none and use none).
+    pub init_loss_scale: f64,
+    /// Clean steps in a row after which an f16 run doubles its loss scale (it halves it, and
+    /// skips the step, when gradients overflow).
+    pub loss_scale_growth_interval: usize,
 }
 
 impl Default for TrainConfig {
@@ -130,6 +136,8 @@ impl Default for TrainConfig {
             checkpoint_interval: 500,
             seed: 1337,
             precision: PrecisionChoice::Auto,
+            init_loss_scale: 65536.0,
+            loss_scale_growth_interval: 2000,
         }
     }
 }
@@ -199,6 +207,15 @@ impl Config {
         })
     }
 
+    /// The dynamic loss scaling an f16 run uses.
+    pub fn loss_scaling(&self) -> LossScaling {
+        LossScaling {
+            init_scale: self.train.init_loss_scale as f32,
+            growth_interval: self.train.loss_scale_growth_interval as u32,
+            ..LossScaling::default()
+        }
+    }
+
     /// Checks every rule that does not depend on the data or the adapter.
     pub fn validate(&self) -> Result<()> {
         let m = &self.model;
@@ -213,6 +230,7 @@ impl Config {
             ("train.max_steps", t.max_steps),
             ("train.eval_interval", t.eval_interval),
             ("train.eval_batches", t.eval_batches),
+            ("train.loss_scale_growth_interval", t.loss_scale_growth_interval),
         ];
         for (key, v) in positive {
             if v == 0 {
@@ -261,6 +279,23 @@ impl Config {
                 "train.eps",
                 t.eps,
                 "must be a finite number > 0",
+            ));
+        }
+        let limits = LossScaling::default();
+        if !(t.init_loss_scale >= f64::from(limits.min_scale)
+            && t.init_loss_scale <= f64::from(limits.max_scale))
+        {
+            return Err(Error::invalid(
+                "train.init_loss_scale",
+                t.init_loss_scale,
+                format!("must be in [2^-24, 2^24] = [{}, {}]", limits.min_scale, limits.max_scale),
+            ));
+        }
+        if t.loss_scale_growth_interval > u32::MAX as usize {
+            return Err(Error::invalid(
+                "train.loss_scale_growth_interval",
+                t.loss_scale_growth_interval,
+                "must fit in 32 bits",
             ));
         }
         let d = &self.data;

@@ -19,10 +19,11 @@ use crate::kernels::crossentropy::CrossEntropy;
 use crate::kernels::embedding::{EmbeddingBackward, EmbeddingForward};
 use crate::kernels::gradnorm::GradNorm;
 use crate::kernels::layernorm::{LayerNormBackward, LayerNormForward};
+use crate::kernels::lossscale::LossScaler;
 use crate::kernels::matmul::Matmul;
 use crate::kernels::residual::ResidualForward;
 use crate::ops::{AttentionShape, EmbeddingShape, LayerNormSpec, Layout, MatmulSpec};
-use crate::training::{AdamWStep, CrossEntropySpec};
+use crate::training::{AdamWStep, CrossEntropySpec, LossScaling};
 use crate::{Error, Precision, Result};
 
 /// Per-layer activations kept for the backward pass.
@@ -63,7 +64,9 @@ pub struct GptGpu {
     targets: GpuTensor,
     order: GpuTensor,
     starts: GpuTensor,
-    dloss_scale: GpuTensor,
+    loss_scale: GpuTensor,
+    scale_run: GpuTensor,
+    scaler: Option<LossScaler>,
     losses: GpuTensor,
     forward: Vec<Box<dyn Record>>,
     loss: CrossEntropy,
@@ -225,7 +228,9 @@ impl GptGpu {
             &[micro_batches * (3 * bt + vocab + 1)],
             DType::U32,
         )?;
-        let dloss_scale = gpu.upload("dloss scale", &[1], DType::F32, &[1.0])?;
+        // The dynamic loss scale (1 until enable_loss_scaling) and its run of clean steps.
+        let loss_scale = gpu.upload("loss scale", &[1], DType::F32, &[1.0])?;
+        let scale_run = gpu.zeros("loss scale clean run", &[1], DType::U32)?;
         let losses = gpu.zeros("losses", &[bt], DType::F32)?;
         let ones = gpu.upload("ones", &[bt], dt, &vec![1.0; bt])?;
         let zero_bias = gpu.zeros("zero norm bias", &[c], dt)?;
@@ -388,7 +393,7 @@ impl GptGpu {
             &dlogits,
             &logits,
             &targets,
-            Some(&dloss_scale),
+            Some(&loss_scale),
             &CrossEntropySpec::new(bt, vocab),
         )?;
         let loss = ce;
@@ -544,6 +549,7 @@ impl GptGpu {
             &grads,
             &norm,
             &flag,
+            &loss_scale,
             &segments,
             &AdamWStep::new(1),
         )?;
@@ -569,7 +575,9 @@ impl GptGpu {
             targets,
             order,
             starts,
-            dloss_scale,
+            loss_scale,
+            scale_run,
+            scaler: None,
             losses,
             forward,
             loss,
@@ -748,21 +756,58 @@ impl GptGpu {
         encoder.clear_buffer(self.grads.buffer(), 0, None);
     }
 
-    /// Records gradient norm and AdamW (whose step values [`GptGpu::set_step`] wrote).
+    /// Records gradient norm, AdamW (whose step values [`GptGpu::set_step`] wrote) and, when
+    /// enabled, the loss-scale update.
     pub fn record_update(&self, pass: &mut wgpu::ComputePass<'_>) {
         for op in &self.update {
             op.record_into(pass);
         }
         self.adamw.record(pass);
+        if let Some(scaler) = &self.scaler {
+            scaler.record(pass);
+        }
     }
 
-    /// Writes the optimizer's per-step values and the loss-gradient scale for `micro_batches`.
+    /// Writes the optimizer's per-step values for a step of `micro_batches`.
+    ///
+    /// Each micro-batch adds the (loss-scaled) gradient of its own mean loss to the gradient
+    /// buffer, so the sum is `micro_batches` times the gradient of the step's mean loss: AdamW
+    /// divides by `step.loss_scale × micro_batches × ` the dynamic scale.
     pub fn set_step(&self, gpu: &Gpu, step: &AdamWStep, micro_batches: usize) -> Result<()> {
-        self.adamw.set_step(gpu, step)?;
-        // Each micro-batch contributes its mean loss's gradient / micro_batches, so the summed
-        // gradient is that of the mean over the whole step; times the loss scale.
-        let scale = (step.loss_scale / micro_batches as f64) as f32;
-        gpu.write(&self.dloss_scale, &[scale])
+        let mut step = *step;
+        step.loss_scale *= micro_batches as f64;
+        self.adamw.set_step(gpu, &step)
+    }
+
+    /// Turns on dynamic loss scaling (for f16 gradients): from the next step on, the loss
+    /// gradient is multiplied by a scale that backs off when gradients overflow and grows after
+    /// a run of clean steps, all on the GPU. Sets the scale to `settings.init_scale`.
+    pub fn enable_loss_scaling(&mut self, gpu: &Gpu, settings: &LossScaling) -> Result<()> {
+        self.scaler = Some(LossScaler::new(
+            gpu,
+            &self.loss_scale,
+            &self.scale_run,
+            &self.flag,
+            settings,
+        )?);
+        self.set_loss_scale_state(gpu, settings.init_scale, 0)
+    }
+
+    /// The dynamic loss scale and its run of clean steps (waits for the device).
+    pub fn loss_scale_state(&self, gpu: &Gpu) -> Result<(f32, u32)> {
+        Ok((
+            gpu.read(&self.loss_scale)?[0],
+            gpu.read_u32(&self.scale_run)?[0],
+        ))
+    }
+
+    /// Restores the dynamic loss scale and its run of clean steps (a resumed run).
+    pub fn set_loss_scale_state(&self, gpu: &Gpu, scale: f32, run: u32) -> Result<()> {
+        if !(scale.is_finite() && scale > 0.0) {
+            return Err(Error::invalid("loss scale", scale, "must be finite and > 0"));
+        }
+        gpu.write(&self.loss_scale, &[scale])?;
+        gpu.write_u32(&self.scale_run, &[run])
     }
 
     /// One optimizer step over `micro` (inputs, targets) pairs as ONE submission: the

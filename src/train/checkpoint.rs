@@ -64,6 +64,9 @@ pub struct TrainingState {
     pub tokens_seen: u64,
     /// Current dynamic loss scale (1 when loss scaling is off).
     pub loss_scale: f32,
+    /// Clean steps in a row counted towards the next growth of the loss scale.
+    #[serde(default)]
+    pub loss_scale_run: u32,
     /// Steps skipped because the gradients overflowed.
     pub skipped_steps: u64,
     /// Lowest validation loss seen, if any evaluation has run.
@@ -81,6 +84,7 @@ impl Default for TrainingState {
             step: 0,
             tokens_seen: 0,
             loss_scale: 1.0,
+            loss_scale_run: 0,
             skipped_steps: 0,
             best_val_loss: None,
             rng_seed: 0,

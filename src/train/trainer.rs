@@ -304,8 +304,13 @@ pub fn train(opts: &TrainOptions, stop: &AtomicBool) -> Result<TrainSummary> {
         batch: t.batch_size,
         seq: config.model.block_size,
     };
-    let model = GptGpu::new(&gpu, &config.model, vocab, batch, t.grad_accum_steps)?;
+    let mut model = GptGpu::new(&gpu, &config.model, vocab, batch, t.grad_accum_steps)?;
     let layout: ParamLayout = model.layout().clone();
+    // f16 gradients need loss scaling; f32 ones neither need nor get it (the scale stays 1).
+    let scaling = model.precision() == Precision::F16;
+    if scaling {
+        model.enable_loss_scaling(&gpu, &config.loss_scaling())?;
+    }
 
     let mut state = TrainingState {
         rng_seed: t.seed,
@@ -324,10 +329,16 @@ pub fn train(opts: &TrainOptions, stop: &AtomicBool) -> Result<TrainSummary> {
             let ck = ck.with_layout(&layout)?;
             model.set_state(&gpu, &ck.master, Some((&ck.m, &ck.v)))?;
             state = ck.state;
+            if scaling {
+                model.set_loss_scale_state(&gpu, state.loss_scale, state.loss_scale_run)?;
+            }
             log::info!("resumed from step {}", state.step);
         }
         None => {
             model.set_weights(&gpu, &gpt2_init(&layout, &config.model, t.seed))?;
+            if scaling {
+                state.loss_scale = config.loss_scaling().init_scale;
+            }
             let text = toml::to_string_pretty(config).map_err(|e| Error::Config {
                 message: e.to_string(),
             })?;
@@ -393,6 +404,16 @@ pub fn train(opts: &TrainOptions, stop: &AtomicBool) -> Result<TrainSummary> {
         Ok(())
     };
 
+    // The GPU counts skipped steps from 0 in this process; the state holds the whole run's.
+    let skipped_before = state.skipped_steps;
+    let read_gpu_state = |state: &mut TrainingState| -> Result<()> {
+        let (skipped, _, _) = model.read_update_stats(&gpu)?;
+        state.skipped_steps = skipped_before + u64::from(skipped);
+        if scaling {
+            (state.loss_scale, state.loss_scale_run) = model.loss_scale_state(&gpu)?;
+        }
+        Ok(())
+    };
     let save = |state: &TrainingState| -> Result<PathBuf> {
         let master = model.read_master(&gpu)?;
         let (m, v) = model.read_moments(&gpu)?;
@@ -433,7 +454,8 @@ pub fn train(opts: &TrainOptions, stop: &AtomicBool) -> Result<TrainSummary> {
             eps: t.eps,
             weight_decay: t.weight_decay,
             grad_clip: t.grad_clip,
-            loss_scale: f64::from(state.loss_scale),
+            // The dynamic scale lives on the GPU; there is no static one.
+            loss_scale: 1.0,
         };
         encode_time += model.step(&gpu, &micro, &adam, |enc| {
             ring.record_copy(enc, &model, step)
@@ -458,11 +480,10 @@ pub fn train(opts: &TrainOptions, stop: &AtomicBool) -> Result<TrainSummary> {
             if state.best_val_loss.is_none_or(|b| v < b) {
                 state.best_val_loss = Some(v);
             }
-            let (skipped, _, _) = model.read_update_stats(&gpu)?;
-            state.skipped_steps = u64::from(skipped);
+            read_gpu_state(&mut state)?;
             log_metric(
                 &opts.out_dir,
-                &serde_json::json!({"step": state.step, "val_loss": v, "val_ppl": v.exp(), "train_loss": last_loss, "skipped_steps": skipped}),
+                &serde_json::json!({"step": state.step, "val_loss": v, "val_ppl": v.exp(), "train_loss": last_loss, "skipped_steps": state.skipped_steps, "loss_scale": state.loss_scale}),
             )?;
             let line = format!(
                 "step {}: train loss {last_loss:.4}, val loss {v:.4}, val ppl {:.2}",
@@ -482,6 +503,7 @@ pub fn train(opts: &TrainOptions, stop: &AtomicBool) -> Result<TrainSummary> {
         if ckpt_now {
             let e0 = Instant::now();
             report(ring.flush(&gpu)?, eval_time, &mut last_loss)?;
+            read_gpu_state(&mut state)?;
             last_ckpt = Some(save(&state)?);
             eval_time += e0.elapsed().as_secs_f64();
         }
