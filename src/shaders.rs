@@ -16,6 +16,7 @@ const ELEMENTWISE: &str = include_str!("../shaders/elementwise.wgsl");
 const CROSSENTROPY: &str = include_str!("../shaders/crossentropy.wgsl");
 const GRADNORM: &str = include_str!("../shaders/gradnorm.wgsl");
 const ADAMW: &str = include_str!("../shaders/adamw.wgsl");
+const DROPOUT: &str = include_str!("../shaders/dropout.wgsl");
 const LOSSSCALE: &str = include_str!("../shaders/lossscale.wgsl");
 
 /// Every shader module: (name, the files it is made of, in order). A module made of several
@@ -33,6 +34,7 @@ pub const MODULES: &[(&str, &[&str])] = &[
     ("gradnorm", &[GRADNORM]),
     ("adamw", &[ADAMW]),
     ("lossscale", &[LOSSSCALE]),
+    ("dropout", &[DROPOUT]),
 ];
 
 /// The concatenated source of a module, without the precision prelude.

@@ -83,6 +83,7 @@ mod gpu_step {
     use crate::common::{Tolerance, assert_close, gpu};
     use kiln::Precision;
     use kiln::cpu::gpt::{GptBatch, gpt_loss_and_grads};
+    use kiln::kernels::dropout::DropoutState;
     use kiln::model::gpu::GptGpu;
     use kiln::training::{AdamWStep, LossScaling};
 
@@ -308,7 +309,11 @@ mod gpu_step {
             assert_eq!(bad, None, "step {}: gradient not exactly scaled", step + 1);
         }
         let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
-        assert_eq!(bits(&plain_w), bits(&scaled_w), "scaling changed the weights");
+        assert_eq!(
+            bits(&plain_w),
+            bits(&scaled_w),
+            "scaling changed the weights"
+        );
         assert_eq!(state, Some((2048.0, 1)));
     }
 
@@ -348,8 +353,15 @@ mod gpu_step {
             if flag != 0 {
                 assert_eq!(skipped, skipped_before + 1, "step {t}: skip not counted");
                 assert_eq!(new_scale, scale / 2.0, "step {t}: scale not halved");
-                assert!(!trained, "step {t}: overflow after a clean step at a lower scale");
-                assert_eq!(g.read_master(gpu).unwrap(), start, "step {t}: weights changed");
+                assert!(
+                    !trained,
+                    "step {t}: overflow after a clean step at a lower scale"
+                );
+                assert_eq!(
+                    g.read_master(gpu).unwrap(),
+                    start,
+                    "step {t}: weights changed"
+                );
             } else {
                 trained = true;
                 assert_eq!(new_scale, scale, "step {t}: a clean step changed the scale");
@@ -357,8 +369,84 @@ mod gpu_step {
             skipped_before = skipped;
             scale = new_scale;
         }
-        assert!(skipped_before >= 3, "only {skipped_before} overflowing steps at 2^24");
+        assert!(
+            skipped_before >= 3,
+            "only {skipped_before} overflowing steps at 2^24"
+        );
         assert!(trained, "still overflowing at scale {scale}");
-        assert_ne!(g.read_master(gpu).unwrap(), start, "the clean steps did not train");
+        assert_ne!(
+            g.read_master(gpu).unwrap(),
+            start,
+            "the clean steps did not train"
+        );
+    }
+
+    /// With dropout on (p = 0.2 on the attention probabilities and both residual branches), the
+    /// backward must use the forward's masks: the directional derivative of the loss along a
+    /// random direction d, by central differences of two forwards with the same mask, matches
+    /// grads·d. Tolerance: the f32 loss (~2.5) is rounded at ~3e-7, so the quotient with h = 1e-3
+    /// carries ~3e-4 of noise, and truncation is O(h²); 1e-3 absolute + 1e-2 relative. The same
+    /// check with the gradients of another mask must fail, and turning dropout off must change
+    /// the loss.
+    #[test]
+    fn dropout_backward_uses_the_forward_masks() {
+        let Some(gpu) = gpu(Precision::F32) else {
+            return;
+        };
+        let model = kiln::model::ModelConfig {
+            dropout: 0.2,
+            ..tiny(true)
+        };
+        let vocab = 11;
+        let g = GptGpu::new(gpu, &model, vocab, GptBatch { batch: 2, seq: 6 }, 1).unwrap();
+        let w = init(g.layout(), 8);
+        let (inputs, targets) = batch_data(12, vocab, 4);
+        let run = |w: &[f32], dropout: Option<DropoutState>| {
+            g.set_weights(gpu, w).unwrap();
+            g.set_batch(gpu, &inputs, &targets).unwrap();
+            if let Some(d) = dropout {
+                g.set_dropout(gpu, &d).unwrap();
+            }
+            gpu.submit("micro", |enc| {
+                g.record_zero_grads(enc);
+                let mut pass = enc.begin_compute_pass(&wgpu::ComputePassDescriptor {
+                    label: None,
+                    timestamp_writes: None,
+                });
+                g.record_micro_batch(&mut pass);
+            })
+            .unwrap();
+            (g.read_loss(gpu).unwrap(), g.read_grads(gpu).unwrap())
+        };
+        let mask = DropoutState::new(0.2, 1234);
+        let (loss, grads) = run(&w, Some(mask));
+        let (loss_off, _) = run(&w, None);
+        assert_ne!(loss, loss_off, "dropout did not change the loss");
+        let (_, other_grads) = run(&w, Some(DropoutState::new(0.2, 4321)));
+
+        let d = crate::common::random(w.len(), 77);
+        let h = 1e-3f32;
+        let shifted =
+            |sign: f32| -> Vec<f32> { w.iter().zip(&d).map(|(w, d)| w + sign * h * d).collect() };
+        let numeric = (f64::from(run(&shifted(1.0), Some(mask)).0)
+            - f64::from(run(&shifted(-1.0), Some(mask)).0))
+            / (2.0 * f64::from(h));
+        let along = |g: &[f32]| -> f64 {
+            g.iter()
+                .zip(&d)
+                .map(|(g, d)| f64::from(*g) * f64::from(*d))
+                .sum()
+        };
+        let tol = |a: f64| 1e-3 + 1e-2 * a.abs();
+        let analytic = along(&grads);
+        assert!(
+            (numeric - analytic).abs() <= tol(analytic),
+            "directional derivative: finite differences {numeric}, backward {analytic}"
+        );
+        let wrong = along(&other_grads);
+        assert!(
+            (numeric - wrong).abs() > tol(wrong),
+            "another mask's gradient also passed: {numeric} vs {wrong}"
+        );
     }
 }

@@ -224,8 +224,7 @@ pub fn adamw(
     // No dynamic scale here: step.loss_scale is the whole factor.
     let one = gpu.upload("adamw unit scale", &[1], DType::F32, &[1.0])?;
     AdamW::new(
-        gpu, params, working, exp_avg, exp_avg_sq, skipped, grads, norm, flag, &one, segments,
-        step,
+        gpu, params, working, exp_avg, exp_avg_sq, skipped, grads, norm, flag, &one, segments, step,
     )?
     .run(gpu)
 }

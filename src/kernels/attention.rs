@@ -7,6 +7,7 @@
 //! only per-row statistics is the planned replacement. The matmuls also compute the masked upper
 //! triangle of the scores (wasted, half of those products) for the same reason.
 
+use super::dropout::Dropout;
 use super::matmul::Matmul;
 use super::{Dispatch, common_precision, grid};
 use crate::gpu::{Bind, Gpu, GpuTensor, Specialisation};
@@ -98,10 +99,40 @@ fn check_tensors(
     shape.validate(qkv.len(), out.len(), probs.len())
 }
 
+/// Dropout on the attention probabilities: where the dropped copy goes, the 4-word dropout state
+/// tensor (see [`super::dropout::DropoutState`]) and the site number of this layer's mask.
+#[derive(Clone, Copy)]
+pub struct AttentionDropout<'a> {
+    /// Receives dropout(probs); same shape and precision as probs.
+    pub dropped: &'a GpuTensor,
+    /// The step's dropout state.
+    pub state: &'a GpuTensor,
+    /// Distinguishes this mask from the others of the step.
+    pub site: u32,
+}
+
+impl AttentionDropout<'_> {
+    fn check(&self, shape: &AttentionShape, probs: &GpuTensor) -> Result<()> {
+        if self.dropped.len() != shape.probs_len() || self.dropped.dtype() != probs.dtype() {
+            return Err(Error::shape(
+                "attention",
+                format!(
+                    "the dropped probabilities {} must be {:?} with {} elements like probs",
+                    self.dropped.label(),
+                    probs.dtype(),
+                    shape.probs_len()
+                ),
+            ));
+        }
+        Ok(())
+    }
+}
+
 /// The forward pass, prepared once: `probs = softmax(mask(q·kᵀ/√hs))`, `out = probs·v`.
 pub struct AttentionForward {
     scores: Matmul,
     softmax: Dispatch,
+    dropout: Option<Dropout>,
     weighted: Matmul,
 }
 
@@ -114,6 +145,20 @@ impl AttentionForward {
         probs: &GpuTensor,
         qkv: &GpuTensor,
         shape: &AttentionShape,
+    ) -> Result<Self> {
+        Self::with_dropout(gpu, out, probs, qkv, shape, None)
+    }
+
+    /// [`AttentionForward::new`] with dropout on the probabilities: `probs` keeps the softmax
+    /// (the backward needs it) and `dropout.dropped` receives the dropped, rescaled copy that
+    /// weights the values.
+    pub fn with_dropout(
+        gpu: &Gpu,
+        out: &GpuTensor,
+        probs: &GpuTensor,
+        qkv: &GpuTensor,
+        shape: &AttentionShape,
+        dropout: Option<AttentionDropout<'_>>,
     ) -> Result<Self> {
         check_tensors(shape, qkv, out, probs)?;
         common_precision("attention", &[out, probs, qkv])?;
@@ -132,14 +177,25 @@ impl AttentionForward {
             &[(1, probs.bind())],
             probs,
         )?;
+        let (drop, weights) = match dropout {
+            Some(d) => {
+                d.check(shape, probs)?;
+                (
+                    Some(Dropout::new(gpu, d.dropped, Some(probs), d.state, d.site)?),
+                    d.dropped,
+                )
+            }
+            None => (None, probs),
+        };
         let mut w = per_head(shape, Layout::NN, t, hs, t);
         w.a = square_block(shape);
         w.b = head_block(shape, 3 * c, 2 * c);
         w.c = head_block(shape, c, 0);
-        let weighted = Matmul::new(gpu, out, probs, qkv, None, &w)?;
+        let weighted = Matmul::new(gpu, out, weights, qkv, None, &w)?;
         Ok(AttentionForward {
             scores,
             softmax,
+            dropout: drop,
             weighted,
         })
     }
@@ -148,6 +204,9 @@ impl AttentionForward {
     pub fn record(&self, pass: &mut wgpu::ComputePass<'_>) {
         self.scores.record(pass);
         self.softmax.record(pass);
+        if let Some(d) = &self.dropout {
+            d.record(pass);
+        }
         self.weighted.record(pass);
     }
 
@@ -161,6 +220,7 @@ impl AttentionForward {
 pub struct AttentionBackward {
     dprobs_from_dout: Matmul,
     dv: Matmul,
+    dropout: Option<Dropout>,
     softmax: Dispatch,
     dq: Matmul,
     dk: Matmul,
@@ -177,6 +237,23 @@ impl AttentionBackward {
         qkv: &GpuTensor,
         probs: &GpuTensor,
         shape: &AttentionShape,
+    ) -> Result<Self> {
+        Self::with_dropout(gpu, dqkv, dprobs, dout, qkv, probs, shape, None)
+    }
+
+    /// [`AttentionBackward::new`] for a forward built with dropout: the values' gradient uses
+    /// the dropped probabilities, and dP is passed back through the same mask before the softmax
+    /// backward (which uses `probs`, the softmax before dropout).
+    #[allow(clippy::too_many_arguments)]
+    pub fn with_dropout(
+        gpu: &Gpu,
+        dqkv: &GpuTensor,
+        dprobs: &GpuTensor,
+        dout: &GpuTensor,
+        qkv: &GpuTensor,
+        probs: &GpuTensor,
+        shape: &AttentionShape,
+        dropout: Option<AttentionDropout<'_>>,
     ) -> Result<Self> {
         check_tensors(shape, qkv, dout, probs)?;
         check_tensors(shape, dqkv, dout, dprobs)?;
@@ -196,12 +273,22 @@ impl AttentionBackward {
         s.b = head_block(shape, 3 * c, 2 * c);
         s.c = square_block(shape);
         let dprobs_from_dout = Matmul::new(gpu, dprobs, dout, qkv, None, &s)?;
-        // dv = Pᵀ·dO
+        // dv = Pᵀ·dO, with the dropped P when there is dropout; then dP through the same mask.
+        let (drop, weights) = match dropout {
+            Some(d) => {
+                d.check(shape, probs)?;
+                (
+                    Some(Dropout::new(gpu, dprobs, None, d.state, d.site)?),
+                    d.dropped,
+                )
+            }
+            None => (None, probs),
+        };
         let mut s = per_head(shape, Layout::TN, t, hs, t);
         s.a = square_block(shape);
         s.b = head_block(shape, c, 0);
         s.c = head_block(shape, 3 * c, 2 * c);
-        let dv = Matmul::new(gpu, dqkv, probs, dout, None, &s)?;
+        let dv = Matmul::new(gpu, dqkv, weights, dout, None, &s)?;
         // dS = P ⊙ (dP − rowsum(P ⊙ dP)), in place in dprobs.
         let softmax = softmax(
             gpu,
@@ -227,6 +314,7 @@ impl AttentionBackward {
         Ok(AttentionBackward {
             dprobs_from_dout,
             dv,
+            dropout: drop,
             softmax,
             dq,
             dk,
@@ -237,6 +325,9 @@ impl AttentionBackward {
     pub fn record(&self, pass: &mut wgpu::ComputePass<'_>) {
         self.dprobs_from_dout.record(pass);
         self.dv.record(pass);
+        if let Some(d) = &self.dropout {
+            d.record(pass);
+        }
         self.softmax.record(pass);
         self.dq.record(pass);
         self.dk.record(pass);

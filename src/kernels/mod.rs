@@ -6,6 +6,7 @@ pub mod adamw;
 pub mod attention;
 mod checks;
 pub mod crossentropy;
+pub mod dropout;
 pub mod embedding;
 pub mod gradnorm;
 pub mod layernorm;
@@ -38,6 +39,7 @@ impl_record!(
     activation::GeluBackward,
     adamw::AdamW,
     lossscale::LossScaler,
+    dropout::Dropout,
     attention::AttentionForward,
     attention::AttentionBackward,
     crossentropy::CrossEntropy,

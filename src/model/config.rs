@@ -230,7 +230,10 @@ impl Config {
             ("train.max_steps", t.max_steps),
             ("train.eval_interval", t.eval_interval),
             ("train.eval_batches", t.eval_batches),
-            ("train.loss_scale_growth_interval", t.loss_scale_growth_interval),
+            (
+                "train.loss_scale_growth_interval",
+                t.loss_scale_growth_interval,
+            ),
         ];
         for (key, v) in positive {
             if v == 0 {
@@ -288,7 +291,10 @@ impl Config {
             return Err(Error::invalid(
                 "train.init_loss_scale",
                 t.init_loss_scale,
-                format!("must be in [2^-24, 2^24] = [{}, {}]", limits.min_scale, limits.max_scale),
+                format!(
+                    "must be in [2^-24, 2^24] = [{}, {}]",
+                    limits.min_scale, limits.max_scale
+                ),
             ));
         }
         if t.loss_scale_growth_interval > u32::MAX as usize {

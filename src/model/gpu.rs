@@ -14,8 +14,9 @@ use crate::gpu::{DType, Gpu, GpuTensor};
 use crate::kernels::Record;
 use crate::kernels::activation::{GeluBackward, GeluForward};
 use crate::kernels::adamw::AdamW;
-use crate::kernels::attention::{AttentionBackward, AttentionForward};
+use crate::kernels::attention::{AttentionBackward, AttentionDropout, AttentionForward};
 use crate::kernels::crossentropy::CrossEntropy;
+use crate::kernels::dropout::{Dropout, DropoutState};
 use crate::kernels::embedding::{EmbeddingBackward, EmbeddingForward};
 use crate::kernels::gradnorm::GradNorm;
 use crate::kernels::layernorm::{LayerNormBackward, LayerNormForward};
@@ -41,7 +42,14 @@ struct LayerActs {
     ln2_rstd: GpuTensor,
     fc: GpuTensor,
     gelu: GpuTensor,
+    /// The attention probabilities after dropout (only with dropout).
+    dropped: Option<GpuTensor>,
+    /// Dropout sites: attention probabilities, attention branch, MLP branch.
+    sites: [u32; 3],
 }
+
+/// u32 words of a staged [`DropoutState`].
+const DROPOUT_WORDS: usize = 4;
 
 /// Buffers of the whole run (see the module docs).
 pub struct GptGpu {
@@ -66,6 +74,8 @@ pub struct GptGpu {
     starts: GpuTensor,
     loss_scale: GpuTensor,
     scale_run: GpuTensor,
+    dropout_state: GpuTensor,
+    dropout_seed: u64,
     scaler: Option<LossScaler>,
     losses: GpuTensor,
     forward: Vec<Box<dyn Record>>,
@@ -225,12 +235,17 @@ impl GptGpu {
         // single submission (see `step`).
         let staged = gpu.zeros(
             "staged batches",
-            &[micro_batches * (3 * bt + vocab + 1)],
+            &[micro_batches * (3 * bt + vocab + 1 + DROPOUT_WORDS)],
             DType::U32,
         )?;
         // The dynamic loss scale (1 until enable_loss_scaling) and its run of clean steps.
         let loss_scale = gpu.upload("loss scale", &[1], DType::F32, &[1.0])?;
         let scale_run = gpu.zeros("loss scale clean run", &[1], DType::U32)?;
+        // Staged with each micro-batch (a fresh mask per step and micro-batch); off until then.
+        let dropout_state = gpu.zeros("dropout state", &[DROPOUT_WORDS], DType::U32)?;
+        let dropping = model.dropout > 0.0;
+        let mut sites = 0u32..;
+        let mut next_site = move || sites.next().unwrap_or(0);
         let losses = gpu.zeros("losses", &[bt], DType::F32)?;
         let ones = gpu.upload("ones", &[bt], dt, &vec![1.0; bt])?;
         let zero_bias = gpu.zeros("zero norm bias", &[c], dt)?;
@@ -276,7 +291,7 @@ impl GptGpu {
         let mut x = embedded;
         for l in 0..model.n_layer {
             let name = |s: &str| format!("h.{l}.{s}");
-            let a = LayerActs {
+            let mut a = LayerActs {
                 input: x,
                 ln1: act(&name("ln1"), bt * c)?,
                 ln1_mean: stat(&name("ln1 mean"))?,
@@ -290,6 +305,12 @@ impl GptGpu {
                 ln2_rstd: stat(&name("ln2 rstd"))?,
                 fc: act(&name("fc"), bt * 4 * c)?,
                 gelu: act(&name("gelu"), bt * 4 * c)?,
+                dropped: if dropping {
+                    Some(act(&name("probs dropped"), att_shape.probs_len())?)
+                } else {
+                    None
+                },
+                sites: [0; 3],
             };
             let proj = act(&name("attn proj"), bt * c)?;
             let mlp = act(&name("mlp out"), bt * c)?;
@@ -315,8 +336,24 @@ impl GptGpu {
                 c,
                 3 * c,
             )?);
-            forward.push(Box::new(AttentionForward::new(
-                gpu, &a.att, &a.probs, &a.qkv, &att_shape,
+            let site_probs = next_site();
+            let site_attn = next_site();
+            let site_mlp = next_site();
+            let att_dropout = match &a.dropped {
+                Some(d) => Some(AttentionDropout {
+                    dropped: d,
+                    state: &dropout_state,
+                    site: site_probs,
+                }),
+                None => None,
+            };
+            forward.push(Box::new(AttentionForward::with_dropout(
+                gpu,
+                &a.att,
+                &a.probs,
+                &a.qkv,
+                &att_shape,
+                att_dropout,
             )?));
             forward.push(linear(
                 gpu,
@@ -328,6 +365,15 @@ impl GptGpu {
                 c,
                 c,
             )?);
+            if dropping {
+                forward.push(Box::new(Dropout::new(
+                    gpu,
+                    &proj,
+                    None,
+                    &dropout_state,
+                    site_attn,
+                )?));
+            }
             forward.push(Box::new(ResidualForward::new(
                 gpu, &a.resid, &a.input, &proj,
             )?));
@@ -363,7 +409,17 @@ impl GptGpu {
                 4 * c,
                 c,
             )?);
+            if dropping {
+                forward.push(Box::new(Dropout::new(
+                    gpu,
+                    &mlp,
+                    None,
+                    &dropout_state,
+                    site_mlp,
+                )?));
+            }
             forward.push(Box::new(ResidualForward::new(gpu, &out, &a.resid, &mlp)?));
+            a.sites = [site_probs, site_attn, site_mlp];
             acts.push(a);
             x = out;
         }
@@ -441,16 +497,33 @@ impl GptGpu {
             accumulate_input: true,
             ..acc_params
         };
+        // The gradient reaching a dropped residual branch: dropout(dresid), same mask.
+        let dbranch = act("dbranch", bt * c)?;
+        let branch_grad = |backward: &mut Vec<Box<dyn Record>>, site| -> Result<&GpuTensor> {
+            if !dropping {
+                return Ok(&dresid);
+            }
+            backward.push(Box::new(Dropout::new(
+                gpu,
+                &dbranch,
+                Some(&dresid),
+                &dropout_state,
+                site,
+            )?));
+            Ok(&dbranch)
+        };
         for l in (0..model.n_layer).rev() {
             let a = &acts[l];
             let name = |s: &str| format!("h.{l}.{s}");
+            let [site_probs, site_attn, site_mlp] = a.sites;
+            let dmlp = branch_grad(&mut backward, site_mlp)?;
             linear_backward(
                 gpu,
                 &mut backward,
                 &dgelu,
                 &g.get(&name("mlp.c_proj.weight"))?,
                 g.opt(&name("mlp.c_proj.bias"))?.as_ref(),
-                &dresid,
+                dmlp,
                 &a.gelu,
                 &p.get(&name("mlp.c_proj.weight"))?,
                 &ones,
@@ -484,20 +557,33 @@ impl GptGpu {
                 &a.ln2_rstd,
                 &acc_both,
             )?));
+            let dproj = branch_grad(&mut backward, site_attn)?;
             linear_backward(
                 gpu,
                 &mut backward,
                 &datt,
                 &g.get(&name("attn.c_proj.weight"))?,
                 g.opt(&name("attn.c_proj.bias"))?.as_ref(),
-                &dresid,
+                dproj,
                 &a.att,
                 &p.get(&name("attn.c_proj.weight"))?,
                 &ones,
                 (bt, c, c),
             )?;
-            backward.push(Box::new(AttentionBackward::new(
-                gpu, &dqkv, &dprobs, &datt, &a.qkv, &a.probs, &att_shape,
+            let att_dropout = a.dropped.as_ref().map(|d| AttentionDropout {
+                dropped: d,
+                state: &dropout_state,
+                site: site_probs,
+            });
+            backward.push(Box::new(AttentionBackward::with_dropout(
+                gpu,
+                &dqkv,
+                &dprobs,
+                &datt,
+                &a.qkv,
+                &a.probs,
+                &att_shape,
+                att_dropout,
             )?));
             linear_backward(
                 gpu,
@@ -577,6 +663,8 @@ impl GptGpu {
             starts,
             loss_scale,
             scale_run,
+            dropout_state,
+            dropout_seed: 0,
             scaler: None,
             losses,
             forward,
@@ -658,7 +746,12 @@ impl GptGpu {
 
     /// The u32 words of one micro-batch as the GPU wants them: tokens, targets, then the token
     /// index (positions grouped by token, and each token's start) the embedding backward uses.
-    fn batch_words(&self, inputs: &[u32], targets: &[u32]) -> Result<Vec<u32>> {
+    fn batch_words(
+        &self,
+        inputs: &[u32],
+        targets: &[u32],
+        dropout: &DropoutState,
+    ) -> Result<Vec<u32>> {
         let n = self.batch.batch * self.batch.seq;
         if inputs.len() != n || targets.len() != n {
             return Err(Error::shape(
@@ -685,40 +778,41 @@ impl GptGpu {
         words.extend_from_slice(targets);
         words.extend_from_slice(&order);
         words.extend_from_slice(&starts);
+        words.extend_from_slice(bytemuck::cast_slice(std::slice::from_ref(dropout)));
         Ok(words)
     }
 
     /// Records the copies that put staged micro-batch `i` in place for the next pass.
     fn record_unstage(&self, encoder: &mut wgpu::CommandEncoder, i: usize) {
         let n = (self.batch.batch * self.batch.seq) as u64;
-        let words = 3 * n + self.vocab as u64 + 1;
-        let base = self.staged.offset_bytes() + 4 * words * i as u64;
+        let words = 3 * n + self.vocab as u64 + 1 + DROPOUT_WORDS as u64;
+        let mut from = self.staged.offset_bytes() + 4 * words * i as u64;
         let src = self.staged.buffer();
-        for (k, (dst, len)) in [
+        for (dst, len) in [
             (&self.tokens, n),
             (&self.targets, n),
             (&self.order, n),
             (&self.starts, self.vocab as u64 + 1),
-        ]
-        .into_iter()
-        .enumerate()
-        {
-            let from = base + 4 * n * k as u64;
+            (&self.dropout_state, DROPOUT_WORDS as u64),
+        ] {
             encoder.copy_buffer_to_buffer(src, from, dst.buffer(), dst.offset_bytes(), 4 * len);
+            from += 4 * len;
         }
     }
 
-    /// Writes one micro-batch directly (evaluation and tests; a training step stages its
-    /// micro-batches instead).
+    /// Writes one micro-batch directly, with dropout off (evaluation and tests; a training step
+    /// stages its micro-batches instead). See [`GptGpu::set_dropout`] to turn it on.
     pub fn set_batch(&self, gpu: &Gpu, inputs: &[u32], targets: &[u32]) -> Result<()> {
-        let words = self.batch_words(inputs, targets)?;
+        let words = self.batch_words(inputs, targets, &DropoutState::off())?;
         let n = inputs.len();
         let q = gpu.queue();
+        let end = words.len() - DROPOUT_WORDS;
         for (dst, range) in [
             (&self.tokens, 0..n),
             (&self.targets, n..2 * n),
             (&self.order, 2 * n..3 * n),
-            (&self.starts, 3 * n..words.len()),
+            (&self.starts, 3 * n..end),
+            (&self.dropout_state, end..words.len()),
         ] {
             q.write_buffer(
                 dst.buffer(),
@@ -779,6 +873,18 @@ impl GptGpu {
         self.adamw.set_step(gpu, &step)
     }
 
+    /// Seeds the dropout masks of the training steps: step `t`'s micro-batch `i` uses the stream
+    /// [`DropoutState::key_for`]`(seed, t, i)`, so a resumed run draws the same masks.
+    pub fn set_dropout_seed(&mut self, seed: u64) {
+        self.dropout_seed = seed;
+    }
+
+    /// Sets the dropout of the next passes recorded after [`GptGpu::set_batch`] (tests use it to
+    /// run a forward and backward with a known mask).
+    pub fn set_dropout(&self, gpu: &Gpu, state: &DropoutState) -> Result<()> {
+        crate::kernels::dropout::write_state(gpu, &self.dropout_state, state)
+    }
+
     /// Turns on dynamic loss scaling (for f16 gradients): from the next step on, the loss
     /// gradient is multiplied by a scale that backs off when gradients overflow and grows after
     /// a run of clean steps, all on the GPU. Sets the scale to `settings.init_scale`.
@@ -804,7 +910,11 @@ impl GptGpu {
     /// Restores the dynamic loss scale and its run of clean steps (a resumed run).
     pub fn set_loss_scale_state(&self, gpu: &Gpu, scale: f32, run: u32) -> Result<()> {
         if !(scale.is_finite() && scale > 0.0) {
-            return Err(Error::invalid("loss scale", scale, "must be finite and > 0"));
+            return Err(Error::invalid(
+                "loss scale",
+                scale,
+                "must be finite and > 0",
+            ));
         }
         gpu.write(&self.loss_scale, &[scale])?;
         gpu.write_u32(&self.scale_run, &[run])
@@ -835,8 +945,10 @@ impl GptGpu {
         let start = std::time::Instant::now();
         self.set_step(gpu, step, micro.len())?;
         let mut words = Vec::new();
-        for (inputs, targets) in micro {
-            words.extend(self.batch_words(inputs, targets)?);
+        for (i, (inputs, targets)) in micro.iter().enumerate() {
+            let key = DropoutState::key_for(self.dropout_seed, u64::from(step.t), i as u32);
+            let dropout = DropoutState::new(self.model.dropout, key);
+            words.extend(self.batch_words(inputs, targets, &dropout)?);
         }
         gpu.queue().write_buffer(
             self.staged.buffer(),

@@ -272,13 +272,6 @@ pub fn train(opts: &TrainOptions, stop: &AtomicBool) -> Result<TrainSummary> {
     }
     let config = &config;
     config.validate()?;
-    if config.model.dropout > 0.0 {
-        return Err(Error::invalid(
-            "model.dropout",
-            config.model.dropout,
-            "dropout is not implemented yet; set model.dropout = 0",
-        ));
-    }
     std::fs::create_dir_all(&opts.out_dir).map_err(|source| Error::Io {
         path: opts.out_dir.display().to_string(),
         source,
@@ -311,6 +304,7 @@ pub fn train(opts: &TrainOptions, stop: &AtomicBool) -> Result<TrainSummary> {
     if scaling {
         model.enable_loss_scaling(&gpu, &config.loss_scaling())?;
     }
+    model.set_dropout_seed(t.seed);
 
     let mut state = TrainingState {
         rng_seed: t.seed,
