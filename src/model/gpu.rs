@@ -339,14 +339,11 @@ impl GptGpu {
             let site_probs = next_site();
             let site_attn = next_site();
             let site_mlp = next_site();
-            let att_dropout = match &a.dropped {
-                Some(d) => Some(AttentionDropout {
-                    dropped: d,
-                    state: &dropout_state,
-                    site: site_probs,
-                }),
-                None => None,
-            };
+            let att_dropout = a.dropped.as_ref().map(|d| AttentionDropout {
+                dropped: d,
+                state: &dropout_state,
+                site: site_probs,
+            });
             forward.push(Box::new(AttentionForward::with_dropout(
                 gpu,
                 &a.att,
