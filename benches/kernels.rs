@@ -10,6 +10,7 @@ use criterion::{
 use kiln::gpu::DType;
 use kiln::kernels::activation::{GeluBackward, GeluForward};
 use kiln::kernels::attention::{AttentionBackward, AttentionForward};
+use kiln::kernels::dropout::{Dropout, DropoutState};
 use kiln::kernels::embedding::{EmbeddingBackward, EmbeddingForward};
 use kiln::kernels::layernorm::{LayerNormBackward, LayerNormForward};
 use kiln::kernels::residual::ResidualForward;
@@ -336,6 +337,17 @@ fn elementwise(c: &mut Criterion) {
                 gpu,
                 |pass| res.record(pass),
             );
+            // Dropout on a residual branch (B, T, C), p = 0.2, out of place as in the backward.
+            let state = gpu.upload_u32("dropout state", &[4], &[0; 4]).unwrap();
+            kiln::kernels::dropout::write_state(gpu, &state, &DropoutState::new(0.2, 7)).unwrap();
+            let drop = Dropout::new(gpu, &o, Some(&a), &state, 3).unwrap();
+            group.throughput(Throughput::Bytes((2 * n * 4) as u64));
+            gpu_case(
+                &mut group,
+                format!("dropout/gpu_{p}/{}", s.name),
+                gpu,
+                |pass| drop.record(pass),
+            );
         }
         let x = fill(hidden, 1);
         let mut y = vec![0.0; hidden];
@@ -353,6 +365,11 @@ fn elementwise(c: &mut Criterion) {
         group.throughput(Throughput::Bytes((3 * n * 4) as u64));
         group.bench_function(format!("residual/cpu_ref/{}", s.name), |b| {
             b.iter(|| kiln::cpu::residual::residual_forward(&mut o, &a, &bb).unwrap())
+        });
+        group.throughput(Throughput::Bytes((2 * n * 4) as u64));
+        let state = DropoutState::new(0.2, 7);
+        group.bench_function(format!("dropout/cpu_ref/{}", s.name), |b| {
+            b.iter(|| kiln::cpu::dropout::dropout(&mut o, &a, &state, 3))
         });
     }
     group.finish();
@@ -426,6 +443,7 @@ fn loss_and_optimizer(c: &mut Criterion) {
                 tensor(gpu, n, 4),
             );
             let skipped = gpu.zeros("skipped", &[1], DType::U32).unwrap();
+            let scale = gpu.upload("loss scale", &[1], DType::F32, &[1.0]).unwrap();
             let opt = AdamW::new(
                 gpu,
                 &master,
@@ -436,6 +454,7 @@ fn loss_and_optimizer(c: &mut Criterion) {
                 &grads,
                 &norm,
                 &flag,
+                &scale,
                 &segments,
                 &AdamWStep::new(1),
             )
