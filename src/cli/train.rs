@@ -15,7 +15,7 @@ pub struct TrainArgs {
     /// UTF-8 text corpus (overrides data.path).
     #[arg(long)]
     data: Option<PathBuf>,
-    /// Output folder for checkpoints, metrics.jsonl and config.toml.
+    /// Output folder for checkpoints, metrics.jsonl, loss.png and config.toml.
     #[arg(long, default_value = "runs/latest")]
     out: PathBuf,
     /// Continue from the latest checkpoint in --out (its config.toml is used unless --config).
@@ -92,6 +92,7 @@ pub fn run(adapter: Option<String>, a: &TrainArgs) -> Result<()> {
         eprintln!("checkpoint: {}", ck.display());
     }
     eprintln!("metrics: {}", out.join("metrics.jsonl").display());
+    eprintln!("loss curve: {}", out.join("loss.png").display());
     println!("{}", serde_json::to_string(&s).unwrap_or_default());
     Ok(())
 }

@@ -2,5 +2,6 @@
 
 pub mod checkpoint;
 pub mod eval;
+pub mod plot;
 pub mod schedule;
 pub mod trainer;

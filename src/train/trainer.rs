@@ -351,6 +351,14 @@ pub fn train(opts: &TrainOptions, stop: &AtomicBool) -> Result<TrainSummary> {
         config.model.block_size,
         t.seed,
     )?;
+    let plot_title = format!(
+        "{} layers x {} wide, {} heads, context {} ({})",
+        config.model.n_layer,
+        config.model.n_embd,
+        config.model.n_head,
+        config.model.block_size,
+        model.precision()
+    );
     let accum = t.grad_accum_steps;
     let tokens_per_step = (t.batch_size * config.model.block_size * accum) as u64;
     let mut last_step = t.max_steps as u64;
@@ -479,6 +487,10 @@ pub fn train(opts: &TrainOptions, stop: &AtomicBool) -> Result<TrainSummary> {
                 &opts.out_dir,
                 &serde_json::json!({"step": state.step, "val_loss": v, "val_ppl": v.exp(), "train_loss": last_loss, "skipped_steps": state.skipped_steps, "loss_scale": state.loss_scale}),
             )?;
+            // A picture that cannot be drawn is not worth stopping a run for.
+            if let Err(e) = super::plot::plot_run(&opts.out_dir, &plot_title) {
+                log::warn!("could not draw the loss curve: {e}");
+            }
             let line = format!(
                 "step {}: train loss {last_loss:.4}, val loss {v:.4}, val ppl {:.2}",
                 state.step,
