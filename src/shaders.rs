@@ -17,6 +17,7 @@ const CROSSENTROPY: &str = include_str!("../shaders/crossentropy.wgsl");
 const GRADNORM: &str = include_str!("../shaders/gradnorm.wgsl");
 const ADAMW: &str = include_str!("../shaders/adamw.wgsl");
 const DROPOUT: &str = include_str!("../shaders/dropout.wgsl");
+const DECODE: &str = include_str!("../shaders/decode.wgsl");
 const LOSSSCALE: &str = include_str!("../shaders/lossscale.wgsl");
 
 /// Every shader module: (name, the files it is made of, in order). A module made of several
@@ -35,6 +36,7 @@ pub const MODULES: &[(&str, &[&str])] = &[
     ("adamw", &[ADAMW]),
     ("lossscale", &[LOSSSCALE]),
     ("dropout", &[DROPOUT]),
+    ("decode", &[DECODE]),
 ];
 
 /// The concatenated source of a module, without the precision prelude.

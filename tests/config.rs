@@ -66,8 +66,9 @@ fn shipped_configs_parse() {
 #[test]
 fn overrides_apply_and_are_validated() {
     let c = Config::from_toml(
-        "",
+        "[sample]\ntop_p = 0.9\nstop = [\"\\n\\n\"]\n",
         &[
+            "sample.max_tokens=42".into(),
             "train.lr=3e-4".into(),
             "model.n_layer=6".into(),
             "data.tokenizer=bpe".into(),
@@ -76,6 +77,10 @@ fn overrides_apply_and_are_validated() {
     .unwrap();
     assert_eq!(c.train.lr, 3e-4);
     assert_eq!(c.model.n_layer, 6);
+    assert_eq!(
+        (c.sample.top_p, c.sample.max_tokens, c.sample.stop.clone()),
+        (0.9, 42, vec!["\n\n".to_string()])
+    );
     assert_eq!(c.data.tokenizer, kiln::model::TokenizerKind::Bpe);
     let e = err("", &["train.lr=-1"]);
     assert!(
@@ -126,6 +131,17 @@ fn invalid_values_name_key_value_and_rule() {
             "[data]\nval_fraction = 0.0\n",
             "data.val_fraction",
             "(0, 1)",
+        ),
+        (
+            "[sample]\ntemperature = -1.0\n",
+            "sample.temperature",
+            "≥ 0",
+        ),
+        ("[sample]\ntop_k = 0\n", "sample.top_k", "at least 1"),
+        (
+            "[train]\ninit_loss_scale = 0.0\n",
+            "train.init_loss_scale",
+            "[2^-24, 2^24]",
         ),
     ];
     for (text, key, rule) in cases {

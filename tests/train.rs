@@ -367,4 +367,31 @@ fn sampling_is_seeded_and_stops_across_token_boundaries() {
         )
         .unwrap_err();
     assert!(e.to_string().contains("top_p"), "{e}");
+
+    // `kiln sample` takes its defaults from a [sample] table (here --config's), and flags win.
+    let toml = out.join("sample.toml");
+    std::fs::write(&toml, "[sample]\nmax_tokens = 7\ntemperature = 0.0\n").unwrap();
+    let sample = |extra: &[&str]| {
+        let mut args = vec![
+            "sample",
+            "--checkpoint",
+            out.to_str().unwrap(),
+            "--config",
+            toml.to_str().unwrap(),
+            "--prompt",
+            "ROMEO:",
+        ];
+        args.extend_from_slice(extra);
+        kiln().args(args).output().unwrap()
+    };
+    let o = sample(&[]);
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(o.status.success() && err.contains(": 7 tokens;"), "{err}");
+    let o = sample(&["--max-tokens", "4"]);
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(err.contains(": 4 tokens;"), "{err}");
+    std::fs::write(&toml, "[sample]\ntop_p = 0.0\n").unwrap();
+    let o = sample(&[]);
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(!o.status.success() && err.contains("sample.top_p"), "{err}");
 }

@@ -1,6 +1,6 @@
 //! `kiln sample`: generate text from a checkpoint.
 
-use kiln::generate::{Generator, SamplingParams};
+use kiln::generate::Generator;
 use kiln::{Error, GpuOptions, PrecisionChoice, Result};
 use std::io::Write;
 use std::path::PathBuf;
@@ -16,33 +16,36 @@ pub struct SampleArgs {
     /// Read the prompt from a file.
     #[arg(long)]
     prompt_file: Option<PathBuf>,
-    /// Softmax temperature; 0 is greedy.
-    #[arg(long, default_value_t = 0.8)]
-    temperature: f32,
-    /// Keep the k most likely tokens.
-    #[arg(long, default_value_t = 200)]
-    top_k: usize,
-    /// Nucleus sampling threshold in (0, 1].
-    #[arg(long, default_value_t = 1.0)]
-    top_p: f32,
-    /// CTRL repetition penalty (1 = off).
-    #[arg(long, default_value_t = 1.0)]
-    repetition_penalty: f32,
-    /// Subtracted per previous occurrence (0 = off).
-    #[arg(long, default_value_t = 0.0)]
-    frequency_penalty: f32,
-    /// Subtracted once if present (0 = off).
-    #[arg(long, default_value_t = 0.0)]
-    presence_penalty: f32,
-    /// Stop before this text (repeatable).
+    /// Softmax temperature; 0 is greedy. [default: the checkpoint config's [sample] table, else 0.8]
+    #[arg(long)]
+    temperature: Option<f32>,
+    /// Keep the k most likely tokens. [default: [sample], else 200]
+    #[arg(long)]
+    top_k: Option<usize>,
+    /// Nucleus sampling threshold in (0, 1]. [default: [sample], else 1]
+    #[arg(long)]
+    top_p: Option<f32>,
+    /// CTRL repetition penalty (1 = off). [default: [sample], else 1]
+    #[arg(long)]
+    repetition_penalty: Option<f32>,
+    /// Subtracted per previous occurrence (0 = off). [default: [sample], else 0]
+    #[arg(long)]
+    frequency_penalty: Option<f32>,
+    /// Subtracted once if present (0 = off). [default: [sample], else 0]
+    #[arg(long)]
+    presence_penalty: Option<f32>,
+    /// Stop before this text (repeatable; replaces [sample]'s list).
     #[arg(long)]
     stop: Vec<String>,
-    /// Tokens to generate at most.
-    #[arg(long, default_value_t = 500)]
-    max_tokens: usize,
-    /// Seed of the draw.
-    #[arg(long, default_value_t = 1337)]
-    seed: u64,
+    /// Tokens to generate at most. [default: [sample], else 500]
+    #[arg(long)]
+    max_tokens: Option<usize>,
+    /// Seed of the draw. [default: [sample], else 1337]
+    #[arg(long)]
+    seed: Option<u64>,
+    /// Settings from this TOML file's [sample] table instead of the checkpoint's.
+    #[arg(long)]
+    config: Option<PathBuf>,
     /// Samples to draw (seeds seed, seed+1, ...).
     #[arg(long, default_value_t = 1)]
     num_samples: usize,
@@ -57,19 +60,38 @@ pub fn run(adapter: Option<String>, precision: PrecisionChoice, a: &SampleArgs) 
         None => a.prompt.clone(),
     };
     let generator = Generator::load(&a.checkpoint, &GpuOptions { adapter, precision })?;
+    // The checkpoint's [sample] table (or --config's), then each flag given.
+    let mut base = match &a.config {
+        Some(path) => kiln::model::Config::load(path, &[])?.sample,
+        None => generator.default_params().clone(),
+    };
+    let set = |v: Option<f32>, field: &mut f32| {
+        if let Some(v) = v {
+            *field = v;
+        }
+    };
+    set(a.temperature, &mut base.temperature);
+    set(a.top_p, &mut base.top_p);
+    set(a.repetition_penalty, &mut base.repetition_penalty);
+    set(a.frequency_penalty, &mut base.frequency_penalty);
+    set(a.presence_penalty, &mut base.presence_penalty);
+    if let Some(k) = a.top_k {
+        base.top_k = Some(k);
+    }
+    if let Some(n) = a.max_tokens {
+        base.max_tokens = n;
+    }
+    if let Some(seed) = a.seed {
+        base.seed = seed;
+    }
+    if !a.stop.is_empty() {
+        base.stop = a.stop.clone();
+    }
+    base.validate()?;
     let mut stdout = std::io::stdout();
     for i in 0..a.num_samples {
-        let params = SamplingParams {
-            temperature: a.temperature,
-            top_k: Some(a.top_k),
-            top_p: a.top_p,
-            repetition_penalty: a.repetition_penalty,
-            frequency_penalty: a.frequency_penalty,
-            presence_penalty: a.presence_penalty,
-            max_tokens: a.max_tokens,
-            stop: a.stop.clone(),
-            seed: a.seed + i as u64,
-        };
+        let mut params = base.clone();
+        params.seed = base.seed + i as u64;
         let _ = write!(stdout, "{prompt}");
         let g = generator.generate(&prompt, &params, |piece| {
             let _ = write!(stdout, "{piece}");
@@ -84,10 +106,12 @@ pub fn run(adapter: Option<String>, precision: PrecisionChoice, a: &SampleArgs) 
         }
         let decode_tps = g.tokens.saturating_sub(1) as f64 / g.decode_s.max(1e-9);
         eprintln!(
-            "sample {}: {} tokens; prefill {:.1} ms, decode {:.1} tokens/s (whole-window recompute per token)",
+            "sample {}: {} tokens; prefill {} prompt tokens in {:.1} ms ({:.0} tokens/s), decode {:.1} tokens/s (key/value cache)",
             i + 1,
             g.tokens,
+            g.prompt_tokens,
             g.prefill_s * 1e3,
+            g.prompt_tokens as f64 / g.prefill_s.max(1e-9),
             decode_tps
         );
         if a.num_samples > 1 {

@@ -8,6 +8,7 @@ pub mod activation;
 pub mod adamw;
 pub mod attention;
 pub mod crossentropy;
+pub mod decode;
 pub mod dropout;
 pub mod embedding;
 pub mod gpt;

@@ -1,14 +1,21 @@
 //! The generation loop over a checkpoint.
 //!
-//! This first version recomputes the whole window for every new token (the model is built for a
-//! batch of one sequence of `block_size` tokens; causal attention makes the padding after the
-//! last real token irrelevant to its logits). A key/value cache that processes only the new
-//! token is the planned replacement.
+//! Prefill runs the ordinary forward pass over the prompt (the model is built for one sequence
+//! of `block_size` tokens; causal attention makes the padding after the last real token
+//! irrelevant to its logits), which leaves every layer's keys and values in its activation
+//! buffers. Each further token then runs through [`KvDecoder`] alone, attending over that cache.
+//!
+//! When the cache is full (prompt plus output reach `block_size`), the model's learned absolute
+//! positions rule out sliding the cache by one, so the last `block_size / 2` tokens are prefilled
+//! again and decoding continues from there: the context then holds between half and all of the
+//! block. [`Generator::set_kv_cache`]`(false)` recomputes the last `block_size` tokens for every
+//! token instead (slower; the reference the cache is tested against).
 
 use super::processors::{SamplingParams, next_token};
 use crate::cpu::gpt::GptBatch;
 use crate::data::Tokenizer;
 use crate::gpu::{Gpu, GpuOptions};
+use crate::model::decode::KvDecoder;
 use crate::model::gpu::GptGpu;
 use crate::train::checkpoint;
 use crate::{Error, Result};
@@ -19,6 +26,9 @@ use std::path::Path;
 pub struct Generator {
     gpu: Gpu,
     model: GptGpu,
+    decoder: KvDecoder,
+    kv_cache: bool,
+    defaults: SamplingParams,
     tokenizer: Tokenizer,
     block_size: usize,
 }
@@ -30,11 +40,16 @@ pub struct Generation {
     pub text: String,
     /// Tokens generated.
     pub tokens: usize,
+    /// Their ids.
+    pub ids: Vec<u32>,
+    /// Prompt tokens the prefill ran on (after any truncation).
+    pub prompt_tokens: usize,
     /// Prompt tokens dropped from the front because the prompt was longer than the context.
     pub truncated_prompt_tokens: usize,
-    /// Seconds spent on the prompt's first forward pass.
+    /// Seconds of the prompt's forward pass (its logits read back).
     pub prefill_s: f64,
-    /// Seconds spent generating the rest.
+    /// Seconds from the end of the prefill to the last token: sampling every token and running
+    /// all but the first through the decoder.
     pub decode_s: f64,
 }
 
@@ -63,12 +78,38 @@ impl Generator {
         let layout = model.layout().clone();
         let ck = ck.with_layout(&layout)?;
         model.set_weights(&gpu, &ck.master)?;
+        let decoder = KvDecoder::new(&gpu, &model)?;
         Ok(Generator {
             gpu,
             model,
+            decoder,
+            kv_cache: true,
+            defaults: ck.config.sample.clone(),
             tokenizer,
             block_size,
         })
+    }
+
+    /// The sampling settings of the checkpoint's config (its `[sample]` table).
+    pub fn default_params(&self) -> &SamplingParams {
+        &self.defaults
+    }
+
+    /// Whether tokens after the prompt run through the key/value cache (the default) or
+    /// recompute the whole window.
+    pub fn set_kv_cache(&mut self, on: bool) {
+        self.kv_cache = on;
+    }
+
+    /// The forward pass over `context` (at most block_size tokens), filling the cache; returns
+    /// the logits after its last token.
+    fn prefill(&self, context: &[u32]) -> Result<Vec<f32>> {
+        let mut inputs = vec![0u32; self.block_size];
+        inputs[..context.len()].copy_from_slice(context);
+        self.model.set_batch(&self.gpu, &inputs, &inputs)?;
+        self.gpu
+            .run_pass("prefill", |pass| self.model.record_logits(pass))?;
+        self.model.read_logits_row(&self.gpu, context.len() - 1)
     }
 
     /// The tokenizer of the checkpoint.
@@ -98,23 +139,30 @@ impl Generator {
         let mut rng = rand::rngs::StdRng::seed_from_u64(params.seed);
         let mut out_ids: Vec<u32> = Vec::new();
         let mut printed = 0usize; // bytes of decoded output already handed to on_text
-        let (mut prefill_s, mut decode_s) = (0.0, 0.0);
         let mut text = String::new();
+        let t0 = std::time::Instant::now();
+        let window = &tokens[truncated..];
+        let prompt_tokens = window.len();
+        let mut logits = self.prefill(window)?;
+        // The position the next token takes in the cache.
+        let mut pos = window.len();
+        let prefill_s = t0.elapsed().as_secs_f64();
+        let t1 = std::time::Instant::now();
         for i in 0..params.max_tokens {
-            let t0 = std::time::Instant::now();
-            let window = &tokens[tokens.len().saturating_sub(self.block_size)..];
-            let mut inputs = vec![0u32; self.block_size];
-            inputs[..window.len()].copy_from_slice(window);
-            self.model.set_batch(&self.gpu, &inputs, &inputs)?;
-            self.gpu
-                .run_pass("generate", |pass| self.model.record_logits(pass))?;
-            let mut logits = self.model.read_logits_row(&self.gpu, window.len() - 1)?;
-            let next = next_token(&mut logits, &tokens, params, &mut rng);
-            if i == 0 {
-                prefill_s += t0.elapsed().as_secs_f64();
-            } else {
-                decode_s += t0.elapsed().as_secs_f64();
+            if i > 0 {
+                let last = *tokens.last().unwrap_or(&0);
+                logits = if !self.kv_cache {
+                    self.prefill(&tokens[tokens.len().saturating_sub(self.block_size)..])?
+                } else if pos == self.block_size {
+                    let keep = &tokens[tokens.len() - self.block_size / 2..];
+                    pos = keep.len();
+                    self.prefill(keep)?
+                } else {
+                    pos += 1;
+                    self.decoder.decode(&self.gpu, last, pos - 1)?
+                };
             }
+            let next = next_token(&mut logits, &tokens, params, &mut rng);
             tokens.push(next);
             out_ids.push(next);
             text = String::from_utf8_lossy(&self.tokenizer.decode_bytes(&out_ids)?).into_owned();
@@ -157,10 +205,12 @@ impl Generator {
         }
         Ok(Generation {
             tokens: out_ids.len(),
+            ids: out_ids,
+            prompt_tokens,
             text,
             truncated_prompt_tokens: truncated,
             prefill_s,
-            decode_s,
+            decode_s: t1.elapsed().as_secs_f64(),
         })
     }
 }

@@ -6,6 +6,7 @@ pub mod adamw;
 pub mod attention;
 mod checks;
 pub mod crossentropy;
+pub mod decode;
 pub mod dropout;
 pub mod embedding;
 pub mod gradnorm;
@@ -40,6 +41,8 @@ impl_record!(
     adamw::AdamW,
     lossscale::LossScaler,
     dropout::Dropout,
+    decode::EmbedOne,
+    decode::AttendOne,
     attention::AttentionForward,
     attention::AttentionBackward,
     crossentropy::CrossEntropy,

@@ -4,6 +4,7 @@
 //! `--set section.key=value` overrides apply before validation, so a bad value is reported the
 //! same way whether it came from the file or the command line.
 
+use crate::generate::SamplingParams;
 use crate::precision::PrecisionChoice;
 use crate::training::LossScaling;
 use crate::{Error, Result};
@@ -20,6 +21,8 @@ pub struct Config {
     pub train: TrainConfig,
     /// Corpus and tokenizer.
     pub data: DataConfig,
+    /// Default sampling settings of `kiln sample` for this model (its flags override them).
+    pub sample: SamplingParams,
 }
 
 /// A GPT-2-style decoder: learned positions, layer norm, GELU MLP, tied embedding and head.
@@ -304,6 +307,14 @@ impl Config {
                 "must fit in 32 bits",
             ));
         }
+        self.sample.validate().map_err(|e| match e {
+            Error::Invalid { key, value, rule } => Error::Invalid {
+                key: format!("sample.{}", key.trim_start_matches("sample.")),
+                value,
+                rule,
+            },
+            other => other,
+        })?;
         let d = &self.data;
         if !(d.val_fraction > 0.0 && d.val_fraction < 1.0) {
             return Err(Error::invalid(

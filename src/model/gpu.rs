@@ -86,7 +86,7 @@ pub struct GptGpu {
     logits: GpuTensor,
     // Kept alive for the bind groups above (wgpu keeps buffers alive through bind groups too;
     // holding them also lets tests read intermediate values).
-    _acts: Vec<LayerActs>,
+    acts: Vec<LayerActs>,
     _scratch: Vec<GpuTensor>,
 }
 
@@ -670,7 +670,7 @@ impl GptGpu {
             update,
             adamw,
             logits,
-            _acts: acts,
+            acts,
             _scratch: vec![
                 ones,
                 zero_bias,
@@ -1033,6 +1033,34 @@ impl GptGpu {
     /// The per-row loss tensor (f32, B·T), for asynchronous read-back by the training loop.
     pub fn losses(&self) -> &GpuTensor {
         &self.losses
+    }
+
+    /// A view of one parameter tensor of the working (T) copy, by layout name.
+    pub(crate) fn param(&self, name: &str) -> Result<GpuTensor> {
+        Views {
+            layout: &self.layout,
+            flat: &self.params,
+        }
+        .get(name)
+    }
+
+    /// [`GptGpu::param`] for a tensor the layout may lack (biases).
+    pub(crate) fn param_opt(&self, name: &str) -> Result<Option<GpuTensor>> {
+        Views {
+            layout: &self.layout,
+            flat: &self.params,
+        }
+        .opt(name)
+    }
+
+    /// Layer `l`'s q|k|v activations, (B·T, 3C): what the key/value cache of inference reuses.
+    pub(crate) fn layer_qkv(&self, l: usize) -> &GpuTensor {
+        &self.acts[l].qkv
+    }
+
+    /// Vocabulary size.
+    pub fn vocab(&self) -> usize {
+        self.vocab
     }
 
     /// The model configuration.

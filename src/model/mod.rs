@@ -1,6 +1,7 @@
 //! The model: its configuration and the parameter layout.
 
 pub mod config;
+pub mod decode;
 pub mod gpu;
 pub mod init;
 pub mod layout;
