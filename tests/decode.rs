@@ -129,8 +129,8 @@ fn decoder_logits_match_the_full_forward() {
     // afterwards, so each refills the cache from scratch: the comparison is at every length).
     let _ = full(5);
     let mut decoded = Vec::new();
-    for pos in 5..seq.len() {
-        decoded.push(dec.decode(gpu, seq[pos], pos).unwrap());
+    for (pos, &token) in seq.iter().enumerate().skip(5) {
+        decoded.push(dec.decode(gpu, token, pos).unwrap());
     }
     for (i, logits) in decoded.iter().enumerate() {
         let len = 6 + i;
