@@ -82,7 +82,7 @@ fn train_losses(out: &Path) -> BTreeMap<u64, String> {
     let mut map = BTreeMap::new();
     for line in text.lines() {
         let v: serde_json::Value = serde_json::from_str(line).unwrap();
-        if v.get("val_loss").is_none() {
+        if v.get("val_loss").is_none() && v.get("train_loss").is_some() {
             map.insert(v["step"].as_u64().unwrap(), v["train_loss"].to_string());
         }
     }
@@ -117,6 +117,34 @@ fn training_lowers_the_loss() {
         "loss went from {first} to {last}"
     );
     assert!(out.join("latest").exists() && out.join("config.toml").exists());
+    // The finished run scored its whole validation split once more.
+    let metrics = std::fs::read_to_string(out.join("metrics.jsonl")).unwrap();
+    let full: serde_json::Value = metrics
+        .lines()
+        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+        .find(|v| v.get("full_val_loss").is_some())
+        .expect("no full_val_loss record");
+    assert!(
+        full["full_val_loss"].as_f64().unwrap().is_finite()
+            && full["full_val_tokens"].as_u64() > Some(0),
+        "{full}"
+    );
+    // ... the same number `kiln eval --data` gives for the validation split's text (the corpus
+    // is ASCII, one token per byte; the split is the last 10%).
+    let text = std::fs::read_to_string(&data).unwrap();
+    let val_file = out.join("val.txt");
+    std::fs::write(&val_file, &text[(text.len() as f64 * 0.9) as usize..]).unwrap();
+    let e = kiln()
+        .args(["eval", "--checkpoint", out.to_str().unwrap(), "--data"])
+        .arg(&val_file)
+        .output()
+        .unwrap();
+    let report: serde_json::Value = serde_json::from_slice(&e.stdout).unwrap();
+    assert_eq!(report["tokens"], full["full_val_tokens"]);
+    assert!(
+        (report["loss"].as_f64().unwrap() - full["full_val_loss"].as_f64().unwrap()).abs() < 1e-6,
+        "{report} vs {full}"
+    );
     let png = std::fs::read(out.join("loss.png")).unwrap();
     assert_eq!(&png[..4], b"\x89PNG", "loss.png is not a PNG");
 

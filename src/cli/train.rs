@@ -88,6 +88,13 @@ pub fn run(adapter: Option<String>, a: &TrainArgs) -> Result<()> {
         s.skipped_steps,
         s.precision
     );
+    if let Some(v) = s.full_val_loss {
+        eprintln!(
+            "validation loss over the whole validation split: {v:.4} (perplexity {:.2}, {} tokens)",
+            v.exp(),
+            s.full_val_tokens
+        );
+    }
     if let Some(ck) = &s.checkpoint {
         eprintln!("checkpoint: {}", ck.display());
     }

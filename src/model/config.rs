@@ -106,6 +106,10 @@ pub struct TrainConfig {
     pub eval_interval: usize,
     /// Validation batches per evaluation.
     pub eval_batches: usize,
+    /// When the run reaches max_steps, also score every token of the validation split (in
+    /// consecutive windows, as `kiln eval --data` does): the exact validation loss rather than
+    /// the eval_batches estimate. Costs one forward pass over the split.
+    pub final_eval_full_split: bool,
     /// Steps between checkpoints (0: only at the end).
     pub checkpoint_interval: usize,
     /// Seed of initialisation, batches and dropout.
@@ -137,6 +141,7 @@ impl Default for TrainConfig {
             eval_interval: 250,
             eval_batches: 20,
             checkpoint_interval: 500,
+            final_eval_full_split: true,
             seed: 1337,
             precision: PrecisionChoice::Auto,
             init_loss_scale: 65536.0,

@@ -45,7 +45,7 @@ pub fn eval_checkpoint(
             &tokenizer.encode(&crate::data::read_corpus(path)?)?,
             t.batch_size,
             block,
-            path,
+            &path.display().to_string(),
         )?,
         None => {
             if ck.config.data.path.is_empty() {
@@ -99,11 +99,10 @@ pub fn eval_checkpoint(
 /// Consecutive windows of `block + 1` tokens covering `ids`, `batch` to a batch. The last
 /// batch's unused rows and positions get the ignore target (`u32::MAX`), so every token is scored
 /// exactly once and nothing is scored twice.
-fn windows(ids: &[u32], batch: usize, block: usize, path: &Path) -> Result<Vec<Batch>> {
+pub(crate) fn windows(ids: &[u32], batch: usize, block: usize, what: &str) -> Result<Vec<Batch>> {
     if ids.len() < 2 {
         return Err(Error::data(format!(
-            "{}: needs at least two tokens to score",
-            path.display()
+            "{what}: needs at least two tokens to score"
         )));
     }
     let mut out = Vec::new();

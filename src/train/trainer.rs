@@ -43,6 +43,11 @@ pub struct TrainSummary {
     pub steps: u64,
     /// Last validation loss measured.
     pub val_loss: Option<f64>,
+    /// Validation loss over every token of the validation split, measured when the run reached
+    /// max_steps (with `train.final_eval_full_split`).
+    pub full_val_loss: Option<f64>,
+    /// Tokens that measurement scored.
+    pub full_val_tokens: u64,
     /// Mean wall-clock milliseconds per step over this invocation (evaluation excluded).
     pub ms_per_step: f64,
     /// Training tokens per second over this invocation.
@@ -521,12 +526,34 @@ pub fn train(opts: &TrainOptions, stop: &AtomicBool) -> Result<TrainSummary> {
     if let Some(bar) = &bar {
         bar.finish_and_clear();
     }
+    let (mut full_val_loss, mut full_val_tokens) = (None, 0);
+    if t.final_eval_full_split && state.step == t.max_steps as u64 && !stop.load(Ordering::Relaxed)
+    {
+        let batches = super::eval::windows(
+            dataset.val_tokens(),
+            t.batch_size,
+            config.model.block_size,
+            "the validation split",
+        )?;
+        full_val_tokens = batches
+            .iter()
+            .map(|b| b.targets.iter().filter(|&&x| x != u32::MAX).count() as u64)
+            .sum();
+        let v = evaluate(&gpu, &model, &batches)?;
+        full_val_loss = Some(v);
+        log_metric(
+            &opts.out_dir,
+            &serde_json::json!({"step": state.step, "full_val_loss": v, "full_val_ppl": v.exp(), "full_val_tokens": full_val_tokens}),
+        )?;
+    }
     let done = state.step - first_step;
     let train_s = (start.elapsed().as_secs_f64() - eval_time).max(1e-9);
     let tokens_per_s = (done * tokens_per_step) as f64 / train_s;
     Ok(TrainSummary {
         steps: state.step,
         val_loss,
+        full_val_loss,
+        full_val_tokens,
         ms_per_step: 1e3 * train_s / done.max(1) as f64,
         tokens_per_s,
         model_gflops: flops_per_token(config, layout.num_params(), config.model.block_size)
