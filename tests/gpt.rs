@@ -87,6 +87,20 @@ mod gpu_step {
     use kiln::model::gpu::GptGpu;
     use kiln::training::{AdamWStep, LossScaling};
 
+    /// Clears the gradients and runs forward, loss and backward of the batch last set, as one
+    /// submission (no update).
+    fn run_micro_batch(gpu: &kiln::Gpu, g: &GptGpu) {
+        gpu.submit("micro", |enc| {
+            g.record_zero_grads(enc);
+            let mut pass = enc.begin_compute_pass(&wgpu::ComputePassDescriptor {
+                label: None,
+                timestamp_writes: None,
+            });
+            g.record_micro_batch(&mut pass);
+        })
+        .unwrap();
+    }
+
     fn batch_data(n: usize, vocab: usize, seed: usize) -> (Vec<u32>, Vec<u32>) {
         let inputs = (0..n).map(|i| ((i * 7 + seed) % vocab) as u32).collect();
         let targets = (0..n)
@@ -235,15 +249,7 @@ mod gpu_step {
         // Run forward/backward, then poison one gradient before the update.
         g.set_step(gpu, &AdamWStep { t: 2, ..step }, 1).unwrap();
         g.set_batch(gpu, &data[0].0, &data[0].1).unwrap();
-        gpu.submit("micro", |enc| {
-            g.record_zero_grads(enc);
-            let mut pass = enc.begin_compute_pass(&wgpu::ComputePassDescriptor {
-                label: None,
-                timestamp_writes: None,
-            });
-            g.record_micro_batch(&mut pass);
-        })
-        .unwrap();
+        run_micro_batch(gpu, &g);
         let wte = g.layout().get("wte.weight").unwrap().offset;
         let poisoned = g.grads().view("poison", wte, &[1]).unwrap();
         gpu.write(&poisoned, &[f32::NAN]).unwrap();
@@ -407,15 +413,7 @@ mod gpu_step {
             if let Some(d) = dropout {
                 g.set_dropout(gpu, &d).unwrap();
             }
-            gpu.submit("micro", |enc| {
-                g.record_zero_grads(enc);
-                let mut pass = enc.begin_compute_pass(&wgpu::ComputePassDescriptor {
-                    label: None,
-                    timestamp_writes: None,
-                });
-                g.record_micro_batch(&mut pass);
-            })
-            .unwrap();
+            run_micro_batch(gpu, &g);
             (g.read_loss(gpu).unwrap(), g.read_grads(gpu).unwrap())
         };
         let mask = DropoutState::new(0.2, 1234);

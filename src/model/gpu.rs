@@ -44,8 +44,28 @@ struct LayerActs {
     gelu: GpuTensor,
     /// The attention probabilities after dropout (only with dropout).
     dropped: Option<GpuTensor>,
-    /// Dropout sites: attention probabilities, attention branch, MLP branch.
-    sites: [u32; 3],
+}
+
+impl LayerActs {
+    /// The dropout of this layer's attention probabilities, when there is one.
+    fn attention_dropout<'a>(
+        &'a self,
+        state: &'a GpuTensor,
+        site: u32,
+    ) -> Option<AttentionDropout<'a>> {
+        self.dropped.as_ref().map(|dropped| AttentionDropout {
+            dropped,
+            state,
+            site,
+        })
+    }
+}
+
+/// Layer `l`'s dropout sites, distinct across the network: attention probabilities, attention
+/// branch, MLP branch.
+fn dropout_sites(l: usize) -> [u32; 3] {
+    let base = 3 * l as u32;
+    [base, base + 1, base + 2]
 }
 
 /// u32 words of a staged [`DropoutState`].
@@ -244,8 +264,6 @@ impl GptGpu {
         // Staged with each micro-batch (a fresh mask per step and micro-batch); off until then.
         let dropout_state = gpu.zeros("dropout state", &[DROPOUT_WORDS], DType::U32)?;
         let dropping = model.dropout > 0.0;
-        let mut sites = 0u32..;
-        let mut next_site = move || sites.next().unwrap_or(0);
         let losses = gpu.zeros("losses", &[bt], DType::F32)?;
         let ones = gpu.upload("ones", &[bt], dt, &vec![1.0; bt])?;
         let zero_bias = gpu.zeros("zero norm bias", &[c], dt)?;
@@ -291,7 +309,7 @@ impl GptGpu {
         let mut x = embedded;
         for l in 0..model.n_layer {
             let name = |s: &str| format!("h.{l}.{s}");
-            let mut a = LayerActs {
+            let a = LayerActs {
                 input: x,
                 ln1: act(&name("ln1"), bt * c)?,
                 ln1_mean: stat(&name("ln1 mean"))?,
@@ -310,7 +328,6 @@ impl GptGpu {
                 } else {
                     None
                 },
-                sites: [0; 3],
             };
             let proj = act(&name("attn proj"), bt * c)?;
             let mlp = act(&name("mlp out"), bt * c)?;
@@ -336,14 +353,8 @@ impl GptGpu {
                 c,
                 3 * c,
             )?);
-            let site_probs = next_site();
-            let site_attn = next_site();
-            let site_mlp = next_site();
-            let att_dropout = a.dropped.as_ref().map(|d| AttentionDropout {
-                dropped: d,
-                state: &dropout_state,
-                site: site_probs,
-            });
+            let [site_probs, site_attn, site_mlp] = dropout_sites(l);
+            let att_dropout = a.attention_dropout(&dropout_state, site_probs);
             forward.push(Box::new(AttentionForward::with_dropout(
                 gpu,
                 &a.att,
@@ -416,7 +427,6 @@ impl GptGpu {
                 )?));
             }
             forward.push(Box::new(ResidualForward::new(gpu, &out, &a.resid, &mlp)?));
-            a.sites = [site_probs, site_attn, site_mlp];
             acts.push(a);
             x = out;
         }
@@ -512,7 +522,7 @@ impl GptGpu {
         for l in (0..model.n_layer).rev() {
             let a = &acts[l];
             let name = |s: &str| format!("h.{l}.{s}");
-            let [site_probs, site_attn, site_mlp] = a.sites;
+            let [site_probs, site_attn, site_mlp] = dropout_sites(l);
             let dmlp = branch_grad(&mut backward, site_mlp)?;
             linear_backward(
                 gpu,
@@ -567,11 +577,7 @@ impl GptGpu {
                 &ones,
                 (bt, c, c),
             )?;
-            let att_dropout = a.dropped.as_ref().map(|d| AttentionDropout {
-                dropped: d,
-                state: &dropout_state,
-                site: site_probs,
-            });
+            let att_dropout = a.attention_dropout(&dropout_state, site_probs);
             backward.push(Box::new(AttentionBackward::with_dropout(
                 gpu,
                 &dqkv,
