@@ -8,6 +8,7 @@ use crate::{Error, Precision, Result};
 
 const MATMUL: &str = include_str!("../shaders/matmul.wgsl");
 const MATMUL_SUBGROUP: &str = include_str!("../shaders/matmul_subgroup.wgsl");
+const MATMUL_TEXTURE: &str = include_str!("../shaders/matmul_texture.wgsl");
 const ATTENTION: &str = include_str!("../shaders/attention.wgsl");
 const EMBEDDING: &str = include_str!("../shaders/embedding.wgsl");
 const LAYERNORM: &str = include_str!("../shaders/layernorm.wgsl");
@@ -26,6 +27,7 @@ const LOSSSCALE: &str = include_str!("../shaders/lossscale.wgsl");
 pub const MODULES: &[(&str, &[&str])] = &[
     ("matmul", &[MATMUL]),
     ("matmul_subgroup", &[MATMUL, MATMUL_SUBGROUP]),
+    ("matmul_texture", &[MATMUL, MATMUL_TEXTURE]),
     ("attention", &[ATTENTION]),
     ("embedding", &[EMBEDDING]),
     ("layernorm", &[LAYERNORM]),

@@ -239,3 +239,134 @@ fn autotuned_choice_is_cached_and_correct() {
     kiln::cpu::matmul::matmul(&mut want, &a, &b, None, &spec).unwrap();
     assert_close("autotuned", &want, &gpu.read(&gc).unwrap(), tolerance(p));
 }
+
+/// The texture variant must really run here whenever subgroups of 8 or more are granted (every
+/// test above skips variants that cannot run), including K with several 32-wide rounds and a
+/// remainder.
+#[test]
+fn texture_variant_runs_where_subgroups_allow() {
+    for p in Precision::ALL {
+        let Some(gpu) = gpu(p) else { continue };
+        let caps = gpu.capabilities();
+        if !(caps.subgroup && caps.subgroup_size.0 >= 8) {
+            continue;
+        }
+        for layout in Layout::ALL {
+            let spec = MatmulSpec::new(layout, 70, 37, 1000);
+            assert!(MatmulVariant::Texture.supports(gpu, &spec));
+            check(gpu, MatmulVariant::Texture, &spec, true, 11);
+        }
+    }
+}
+
+/// Operands that do not fit a texture are refused with an error, not a device failure.
+#[test]
+fn texture_variant_refuses_operands_over_the_texture_limit() {
+    let gpu = gpu(Precision::F32).unwrap();
+    let side = gpu.capabilities().limits.max_texture_dimension_2d as usize;
+    let spec = MatmulSpec::new(Layout::NN, side + 1, 1, 1);
+    assert!(!MatmulVariant::Texture.supports(gpu, &spec));
+    let a = gpu.zeros("a", &[spec.a_len()], DType::F32).unwrap();
+    let b = gpu.zeros("b", &[spec.b_len()], DType::F32).unwrap();
+    let c = gpu.zeros("c", &[spec.c_len()], DType::F32).unwrap();
+    let e = Matmul::with_variant(gpu, MatmulVariant::Texture, &c, &a, &b, None, &spec)
+        .err()
+        .expect("a packed A taller than the texture limit must be refused");
+    assert!(e.to_string().contains("cannot run here"), "{e}");
+}
+
+/// Products of one shape share their scratch textures. Recorded back to back in one pass, each
+/// must still see its own operands: the second product's packing may only overwrite the textures
+/// after the first product has read them.
+#[test]
+fn products_sharing_scratch_textures_stay_apart() {
+    let gpu = gpu(Precision::F32).unwrap();
+    let spec = MatmulSpec::new(Layout::NT, 45, 38, 70);
+    if !MatmulVariant::Texture.supports(gpu, &spec) {
+        return;
+    }
+    let p = Precision::F32;
+    let mut products = Vec::new();
+    for seed in [21, 31, 41] {
+        let a = random(spec.a_len(), seed);
+        let b = random(spec.b_len(), seed + 1);
+        let ga = gpu.upload("a", &[a.len()], p.into(), &a).unwrap();
+        let gb = gpu.upload("b", &[b.len()], p.into(), &b).unwrap();
+        let gc = gpu.zeros("c", &[spec.c_len()], p.into()).unwrap();
+        let mm =
+            Matmul::with_variant(gpu, MatmulVariant::Texture, &gc, &ga, &gb, None, &spec).unwrap();
+        let mut want = vec![0.0; spec.c_len()];
+        kiln::cpu::matmul::matmul(&mut want, &a, &b, None, &spec).unwrap();
+        products.push((mm, gc, want));
+    }
+    gpu.run_pass("three products", |pass| {
+        for (mm, _, _) in &products {
+            mm.record(pass);
+        }
+    })
+    .unwrap();
+    for (i, (_, gc, want)) in products.iter().enumerate() {
+        assert_close(
+            &format!("product {i} of three sharing textures"),
+            want,
+            &gpu.read(gc).unwrap(),
+            tolerance(p),
+        );
+    }
+}
+
+/// Every variant performs the same fused multiply-adds in the same order (increasing k, f32
+/// accumulator per element of C), so they agree bit for bit. The tuner may then pick any of them,
+/// in any process, without changing a result: a resumed training run replays the same losses.
+#[test]
+fn every_variant_gives_bit_identical_results() {
+    for p in Precision::ALL {
+        let Some(gpu) = gpu(p) else { continue };
+        let dt = DType::from(p);
+        for (i, &(m, n, k, batch)) in [(67, 129, 31, 1), (70, 37, 1000, 1), (33, 47, 29, 3)]
+            .iter()
+            .enumerate()
+        {
+            for layout in Layout::ALL {
+                let spec = MatmulSpec::new(layout, m, n, k).batched(batch);
+                let a = round_to(p, &random(spec.a_len(), 50 + i as u64));
+                let b = round_to(p, &random(spec.b_len(), 60 + i as u64));
+                let bias = round_to(p, &random(spec.n, 70 + i as u64));
+                let ga = gpu.upload("a", &[a.len()], dt, &a).unwrap();
+                let gb = gpu.upload("b", &[b.len()], dt, &b).unwrap();
+                let gbias = gpu.upload("bias", &[bias.len()], dt, &bias).unwrap();
+                let mut first: Option<(MatmulVariant, Vec<f32>)> = None;
+                for variant in MatmulVariant::ALL {
+                    if !variant.supports(gpu, &spec) {
+                        continue;
+                    }
+                    let gc = gpu.zeros("c", &[spec.c_len()], dt).unwrap();
+                    Matmul::with_variant(gpu, variant, &gc, &ga, &gb, Some(&gbias), &spec)
+                        .unwrap()
+                        .run(gpu)
+                        .unwrap();
+                    let got = gpu.read(&gc).unwrap();
+                    match &first {
+                        None => first = Some((variant, got)),
+                        Some((v0, want)) => {
+                            let differ = want
+                                .iter()
+                                .zip(&got)
+                                .position(|(x, y)| x.to_bits() != y.to_bits());
+                            if let Some(j) = differ {
+                                panic!(
+                                    "{p} {layout:?} {m}x{n}x{k} batch {batch}: {} and {} differ \
+                                     at {j}: {} vs {}",
+                                    v0.name(),
+                                    variant.name(),
+                                    want[j],
+                                    got[j]
+                                );
+                            }
+                        }
+                    }
+                }
+            }
+        }
+    }
+}

@@ -31,7 +31,7 @@ pub struct MatmulArgs {
     /// Operand layout: nn (C = A·B), nt (Y = X·Wᵀ), tn (dW = dYᵀ·X), tt.
     #[arg(long, default_value = "nn")]
     layout: Layout,
-    /// Kernel variant: auto (measured per shape), tiled, tiled_vec4, rows, rows_subgroup or rows_subgroup_shuffle.
+    /// Kernel variant: auto (measured per shape), tiled, tiled_vec4, rows, rows_subgroup, rows_subgroup_shuffle or texture.
     #[arg(long, default_value = "auto")]
     variant: String,
     /// Timed GPU runs (after one warm-up run).
@@ -94,7 +94,7 @@ fn matmul(args: &Args, a: &MatmulArgs) -> Result<()> {
                     Error::invalid(
                         "--variant",
                         name,
-                        "expected auto or one of tiled, tiled_vec4, rows, rows_subgroup, rows_subgroup_shuffle",
+                        "expected auto or one of tiled, tiled_vec4, rows, rows_subgroup, rows_subgroup_shuffle, texture",
                     )
                 })?;
             Matmul::with_variant(&gpu, variant, &gc, &ga, &gb, None, &spec)?

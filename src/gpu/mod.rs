@@ -3,12 +3,14 @@
 mod adapter;
 mod capabilities;
 mod pipeline;
+mod scratch;
 mod tensor;
 mod timing;
 
 pub use adapter::AdapterSummary;
 pub use capabilities::Capabilities;
 pub use pipeline::{PipelineKey, Specialisation};
+pub use scratch::{SCRATCH_FORMAT, ScratchTexture};
 pub use tensor::{Bind, DType, GpuTensor};
 pub use timing::median;
 
@@ -33,6 +35,7 @@ pub struct Gpu {
     pipelines: pipeline::PipelineCache,
     errors: Arc<Mutex<Vec<String>>>,
     pub(crate) tuning: crate::kernels::tune::TuneCache,
+    scratch: scratch::ScratchTextures,
 }
 
 /// Every adapter wgpu can see on this machine, in the order `--adapter INDEX` uses.
@@ -142,6 +145,7 @@ impl Gpu {
             pipelines: pipeline::PipelineCache::default(),
             errors,
             tuning: Default::default(),
+            scratch: Default::default(),
         })
     }
 

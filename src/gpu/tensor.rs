@@ -46,30 +46,49 @@ pub struct GpuTensor {
     label: String,
 }
 
-/// A range of a buffer to bind to a shader slot: a whole buffer (uniforms) or a tensor's range.
+/// A resource to bind to a shader slot: a range of a buffer (a whole uniform buffer or a
+/// tensor's elements) or a texture view.
 #[derive(Clone, Copy, Debug)]
-pub struct Bind<'a> {
-    buffer: &'a wgpu::Buffer,
-    offset: u64,
-    size: Option<std::num::NonZeroU64>,
+pub struct Bind<'a>(BindResource<'a>);
+
+#[derive(Clone, Copy, Debug)]
+enum BindResource<'a> {
+    Buffer {
+        buffer: &'a wgpu::Buffer,
+        offset: u64,
+        size: Option<std::num::NonZeroU64>,
+    },
+    Texture(&'a wgpu::TextureView),
 }
 
 impl<'a> Bind<'a> {
     /// All of `buffer`.
     pub fn whole(buffer: &'a wgpu::Buffer) -> Self {
-        Bind {
+        Bind(BindResource::Buffer {
             buffer,
             offset: 0,
             size: None,
-        }
+        })
+    }
+
+    /// A texture view (sampled or storage, as the shader declares it).
+    pub fn texture(view: &'a wgpu::TextureView) -> Self {
+        Bind(BindResource::Texture(view))
     }
 
     pub(crate) fn resource(&self) -> wgpu::BindingResource<'a> {
-        wgpu::BindingResource::Buffer(wgpu::BufferBinding {
-            buffer: self.buffer,
-            offset: self.offset,
-            size: self.size,
-        })
+        match self.0 {
+            BindResource::Buffer {
+                buffer,
+                offset,
+                size,
+            } => wgpu::BindingResource::Buffer(wgpu::BufferBinding {
+                buffer,
+                offset,
+                size,
+            }),
+            BindResource::Texture(view) => wgpu::BindingResource::TextureView(view),
+        }
     }
 }
 
@@ -89,11 +108,11 @@ impl GpuTensor {
     pub fn bind(&self) -> Bind<'_> {
         let bytes = (self.len().max(1) * self.dtype.size()).div_ceil(4) * 4;
         let bytes = (bytes as u64).min(self.buffer.size() - self.offset);
-        Bind {
+        Bind(BindResource::Buffer {
             buffer: &self.buffer,
             offset: self.offset,
             size: std::num::NonZeroU64::new(bytes),
-        }
+        })
     }
 
     /// A tensor of `shape` over the elements starting at `offset` (in elements) of this one,

@@ -21,16 +21,21 @@ pub enum MatmulVariant {
     RowsSubgroup,
     /// `RowsSubgroup` restricted to its generic `subgroupShuffle` loop.
     RowsSubgroupShuffle,
+    /// Operands packed into rgba32float textures by two extra dispatches, then 32×4 blocks per
+    /// invocation with A shared across the subgroup (needs SUBGROUP with subgroups of at least
+    /// 8, and the packed operands within the adapter's texture limits).
+    Texture,
 }
 
 impl MatmulVariant {
     /// Every variant.
-    pub const ALL: [MatmulVariant; 5] = [
+    pub const ALL: [MatmulVariant; 6] = [
         MatmulVariant::Tiled,
         MatmulVariant::TiledVec4,
         MatmulVariant::Rows,
         MatmulVariant::RowsSubgroup,
         MatmulVariant::RowsSubgroupShuffle,
+        MatmulVariant::Texture,
     ];
 
     /// Name used in logs, benchmarks and the tuning cache.
@@ -41,12 +46,14 @@ impl MatmulVariant {
             MatmulVariant::Rows => "rows",
             MatmulVariant::RowsSubgroup => "rows_subgroup",
             MatmulVariant::RowsSubgroupShuffle => "rows_subgroup_shuffle",
+            MatmulVariant::Texture => "texture",
         }
     }
 
     fn module(self) -> &'static str {
         match self {
             MatmulVariant::RowsSubgroup | MatmulVariant::RowsSubgroupShuffle => "matmul_subgroup",
+            MatmulVariant::Texture => "matmul_texture",
             _ => "matmul",
         }
     }
@@ -59,6 +66,7 @@ impl MatmulVariant {
             MatmulVariant::RowsSubgroup | MatmulVariant::RowsSubgroupShuffle => {
                 "matmul_rows_subgroup"
             }
+            MatmulVariant::Texture => "matmul_texture",
         }
     }
 
@@ -68,6 +76,14 @@ impl MatmulVariant {
             MatmulVariant::TiledVec4 => vec4_ok(spec),
             MatmulVariant::RowsSubgroup | MatmulVariant::RowsSubgroupShuffle => {
                 gpu.capabilities().subgroup
+            }
+            MatmulVariant::Texture => {
+                let caps = gpu.capabilities();
+                let [a, b] = packed_sizes(spec);
+                caps.subgroup
+                    && caps.subgroup_size.0 >= 8
+                    && gpu.scratch_texture_fits(a)
+                    && gpu.scratch_texture_fits(b)
             }
             _ => true,
         }
@@ -85,6 +101,21 @@ const ROWS_WG_X: usize = 64;
 /// Block of C per `matmul_rows_subgroup` invocation (constants in the shader too).
 const SUBGROUP_BLOCK_ROWS: usize = 32;
 const SUBGROUP_BLOCK_COLS: usize = 4;
+
+/// Block of C per `matmul_texture` invocation (rows; the columns are one texel, 4).
+const TEXTURE_BLOCK_ROWS: usize = 32;
+/// K is padded to whole rounds of the texture kernel: 8 lanes by 4 values.
+const TEXTURE_K_ROUND: usize = 32;
+
+/// Sizes (width, height, layers in texels) of the packed A and B of the texture variant.
+fn packed_sizes(spec: &MatmulSpec) -> [[u32; 3]; 2] {
+    let kp = spec.k.div_ceil(TEXTURE_K_ROUND).max(1) * TEXTURE_K_ROUND;
+    let u = |x: usize| u32::try_from(x).unwrap_or(u32::MAX);
+    [
+        [u(kp / 4), u(spec.m), u(spec.batch)],
+        [u(spec.n.div_ceil(4)), u(kp), u(spec.batch)],
+    ]
+}
 
 /// True when every vec4 the vectorised kernel loads lies inside one row of one matrix.
 pub fn vec4_ok(spec: &MatmulSpec) -> bool {
@@ -173,11 +204,17 @@ impl Dims {
     }
 }
 
-/// One product, ready to record: pipeline, bound buffers and workgroup counts, built once.
-pub struct Matmul {
+/// One dispatch of a product.
+struct Dispatch {
     pipeline: Arc<wgpu::ComputePipeline>,
     bind_group: wgpu::BindGroup,
     workgroups: [u32; 3],
+}
+
+/// One product, ready to record: pipelines, bound buffers and workgroup counts, built once.
+/// Most variants are one dispatch; the texture variant packs both operands first.
+pub struct Matmul {
+    dispatches: Vec<Dispatch>,
     variant: MatmulVariant,
     spec: MatmulSpec,
 }
@@ -217,7 +254,8 @@ impl Matmul {
                 "matmul",
                 format!(
                     "variant {} cannot run here (tiled_vec4 needs 4-aligned extents and strides, \
-                     rows_subgroup the SUBGROUP feature); {spec:?}",
+                     rows_subgroup the SUBGROUP feature, texture subgroups of 8 or more and \
+                     operands within the texture size limits); {spec:?}",
                     variant.name()
                 ),
             ));
@@ -236,65 +274,138 @@ impl Matmul {
                 .with("TILE_N", TILE_N as u32)
                 .with("TILE_K", TILE_K as u32),
         };
-        let pipeline = gpu.pipeline(&PipelineKey {
+        let key = |entry: &'static str, constants: Specialisation| PipelineKey {
             family: variant.module(),
-            entry: variant.entry(),
+            entry,
             precision,
             constants,
-        })?;
+        };
         let dims = gpu.uniform("matmul dims", &Dims::new(spec));
         // Unused bias slot: bind A again (read-only either way); HAS_BIAS keeps it unread.
         let bias_buf = bias.unwrap_or(a).bind();
-        let mut entries = vec![(0, Bind::whole(&dims)), (3, bias_buf), (4, c.bind())];
-        match variant {
-            MatmulVariant::TiledVec4 => entries.extend([(5, a.bind()), (6, b.bind())]),
-            _ => entries.extend([(1, a.bind()), (2, b.bind())]),
-        }
-        let bind_group = gpu.bind_group("matmul", &pipeline, &entries);
-        let workgroups = match variant {
-            MatmulVariant::Rows => [
-                groups(spec.n, ROWS_WG_X),
-                groups(spec.m, ROWS),
-                spec.batch as u32,
-            ],
-            MatmulVariant::RowsSubgroup | MatmulVariant::RowsSubgroupShuffle => [
-                groups(spec.n, SUBGROUP_BLOCK_COLS * ROWS_WG_X),
-                groups(spec.m, SUBGROUP_BLOCK_ROWS),
-                spec.batch as u32,
-            ],
-            _ => [
-                groups(spec.n, TILE_N),
-                groups(spec.m, TILE_M),
-                spec.batch as u32,
-            ],
-        };
         let max = gpu
             .capabilities()
             .limits
             .max_compute_workgroups_per_dimension;
-        if workgroups.iter().any(|&w| w > max) {
-            return Err(Error::shape(
+        let mut dispatches = Vec::new();
+        let mut push = |label: &str,
+                        pipeline: Arc<wgpu::ComputePipeline>,
+                        entries: &[(u32, Bind<'_>)],
+                        workgroups: [u32; 3]|
+         -> Result<()> {
+            if workgroups.iter().any(|&w| w > max) {
+                return Err(Error::shape(
+                    "matmul",
+                    format!(
+                        "{workgroups:?} workgroups exceed the adapter's {max} per dimension for {spec:?}"
+                    ),
+                ));
+            }
+            let bind_group = gpu.bind_group(label, &pipeline, entries);
+            dispatches.push(Dispatch {
+                pipeline,
+                bind_group,
+                workgroups,
+            });
+            Ok(())
+        };
+        if variant == MatmulVariant::Texture {
+            let [a_size, b_size] = packed_sizes(spec);
+            let a_packed = gpu.scratch_texture("matmul a", a_size)?;
+            let b_packed = gpu.scratch_texture("matmul b", b_size)?;
+            let pack_groups = |s: [u32; 3]| [s[0].div_ceil(64), s[1], s[2]];
+            let pack_a = gpu.pipeline(&key("matmul_pack_a", constants.clone()))?;
+            push(
+                "matmul pack a",
+                pack_a,
+                &[
+                    (0, Bind::whole(&dims)),
+                    (1, a.bind()),
+                    (7, Bind::texture(a_packed.view())),
+                ],
+                pack_groups(a_size),
+            )?;
+            let pack_b = gpu.pipeline(&key("matmul_pack_b", constants.clone()))?;
+            push(
+                "matmul pack b",
+                pack_b,
+                &[
+                    (0, Bind::whole(&dims)),
+                    (2, b.bind()),
+                    (7, Bind::texture(b_packed.view())),
+                ],
+                pack_groups(b_size),
+            )?;
+            let multiply = gpu.pipeline(&key(
+                "matmul_texture",
+                constants.with("ROWS_WG_X", ROWS_WG_X as u32),
+            ))?;
+            push(
                 "matmul",
-                format!(
-                    "{workgroups:?} workgroups exceed the adapter's {max} per dimension for {spec:?}"
-                ),
-            ));
+                multiply,
+                &[
+                    (0, Bind::whole(&dims)),
+                    (3, bias_buf),
+                    (4, c.bind()),
+                    (8, Bind::texture(a_packed.view())),
+                    (9, Bind::texture(b_packed.view())),
+                ],
+                [
+                    groups(spec.n.div_ceil(4), ROWS_WG_X),
+                    groups(spec.m, TEXTURE_BLOCK_ROWS),
+                    spec.batch as u32,
+                ],
+            )?;
+        } else {
+            let constants = match variant {
+                MatmulVariant::Rows | MatmulVariant::RowsSubgroup => {
+                    constants.with("ROWS_WG_X", ROWS_WG_X as u32)
+                }
+                _ => constants
+                    .with("TILE_M", TILE_M as u32)
+                    .with("TILE_N", TILE_N as u32)
+                    .with("TILE_K", TILE_K as u32),
+            };
+            let pipeline = gpu.pipeline(&key(variant.entry(), constants))?;
+            let mut entries = vec![(0, Bind::whole(&dims)), (3, bias_buf), (4, c.bind())];
+            match variant {
+                MatmulVariant::TiledVec4 => entries.extend([(5, a.bind()), (6, b.bind())]),
+                _ => entries.extend([(1, a.bind()), (2, b.bind())]),
+            }
+            let workgroups = match variant {
+                MatmulVariant::Rows => [
+                    groups(spec.n, ROWS_WG_X),
+                    groups(spec.m, ROWS),
+                    spec.batch as u32,
+                ],
+                MatmulVariant::RowsSubgroup | MatmulVariant::RowsSubgroupShuffle => [
+                    groups(spec.n, SUBGROUP_BLOCK_COLS * ROWS_WG_X),
+                    groups(spec.m, SUBGROUP_BLOCK_ROWS),
+                    spec.batch as u32,
+                ],
+                _ => [
+                    groups(spec.n, TILE_N),
+                    groups(spec.m, TILE_M),
+                    spec.batch as u32,
+                ],
+            };
+            push("matmul", pipeline, &entries, workgroups)?;
         }
         Ok(Matmul {
-            pipeline,
-            bind_group,
-            workgroups,
+            dispatches,
             variant,
             spec: *spec,
         })
     }
 
-    /// Adds the dispatch to `pass`.
+    /// Adds the product's dispatches to `pass`.
     pub fn record(&self, pass: &mut wgpu::ComputePass<'_>) {
-        pass.set_pipeline(&self.pipeline);
-        pass.set_bind_group(0, &self.bind_group, &[]);
-        let [x, y, z] = self.workgroups;
-        pass.dispatch_workgroups(x, y, z);
+        for d in &self.dispatches {
+            pass.set_pipeline(&d.pipeline);
+            pass.set_bind_group(0, &d.bind_group, &[]);
+            let [x, y, z] = d.workgroups;
+            pass.dispatch_workgroups(x, y, z);
+        }
     }
 
     /// Records and submits the product on its own (does not wait).

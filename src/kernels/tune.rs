@@ -1,7 +1,8 @@
 //! Choosing a kernel variant per adapter, precision and shape bucket by measuring the candidates.
 //!
 //! The fastest matmul variant differs between adapters (workgroup-memory tiles win on GPUs, the
-//! barrier-free kernel on CPU-backed lavapipe) and between shapes. The first product of each
+//! texture-operand kernel on CPU-backed lavapipe) and between shapes. Every variant computes
+//! bit-identical results, so the choice only changes speed. The first product of each
 //! (precision, layout, power-of-two M/N/K/batch bucket, vec4 alignment) times every variant that
 //! can run it on scratch buffers of that exact shape and keeps the fastest for the process.
 //! `KILN_AUTOTUNE=0` turns measuring off and uses a fixed rule by adapter type instead.
@@ -66,10 +67,15 @@ fn bucket(x: usize) -> u32 {
     x.next_power_of_two().trailing_zeros()
 }
 
-/// The rule used without measurement: barrier-free kernel on software adapters, tiles elsewhere.
+/// The rule used without measurement: on software adapters the texture kernel where it can run
+/// and C has at least one full 32-row block (packing B is then shared by 32 rows or more; a
+/// decode step's single row would pay for packing a whole weight matrix), else the barrier-free
+/// ones; tiles elsewhere.
 pub fn default_matmul_variant(gpu: &Gpu, spec: &MatmulSpec) -> MatmulVariant {
     if gpu.capabilities().adapter.software {
-        if gpu.capabilities().subgroup {
+        if spec.m >= 32 && MatmulVariant::Texture.supports(gpu, spec) {
+            MatmulVariant::Texture
+        } else if gpu.capabilities().subgroup {
             MatmulVariant::RowsSubgroup
         } else {
             MatmulVariant::Rows
