@@ -336,9 +336,12 @@ impl Matmul {
                 ],
                 pack_groups(b_size),
             )?;
+            // A narrow C gets a narrower workgroup rather than idle invocations that repeat the
+            // last column's loads (powers of two, to bound the number of pipelines compiled).
+            let wg_x = spec.n.div_ceil(4).next_power_of_two().clamp(8, ROWS_WG_X);
             let multiply = gpu.pipeline(&key(
                 "matmul_texture",
-                constants.with("ROWS_WG_X", ROWS_WG_X as u32),
+                constants.with("ROWS_WG_X", wg_x as u32),
             ))?;
             push(
                 "matmul",
@@ -351,7 +354,7 @@ impl Matmul {
                     (9, Bind::texture(b_packed.view())),
                 ],
                 [
-                    groups(spec.n.div_ceil(4), ROWS_WG_X),
+                    groups(spec.n.div_ceil(4), wg_x),
                     groups(spec.m, TEXTURE_BLOCK_ROWS),
                     spec.batch as u32,
                 ],
