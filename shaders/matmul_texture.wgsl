@@ -60,6 +60,75 @@ fn matmul_pack_b(@builtin(global_invocation_id) gid: vec3<u32>) {
     textureStore(packed, gid.xy, gid.z, v);
 }
 
+// Vec4 packing, used when vec4_ok holds (contiguous extents, leading dimensions, offsets and
+// batch strides all multiples of 4, as for matmul_tiled_vec4). Where the texel runs along the
+// operand's contiguous dimension one vec4 load fills it; where it runs across it (A with
+// TRANS_A, B with TRANS_B) an invocation loads a 4x4 block as four vec4 along the contiguous
+// dimension and writes four texels, so no load is a scalar one.
+@compute @workgroup_size(64, 1, 1)
+fn matmul_pack_a_vec4(@builtin(global_invocation_id) gid: vec3<u32>) {
+    let size = textureDimensions(packed);
+    let base = batch_base(gid.z, dims.a_offset, dims.a_outer, dims.a_inner);
+    if TRANS_A {
+        // Rows 4 gid.y .. 4 gid.y + 3 (M is a multiple of 4) by texel gid.x.
+        let row = 4u * gid.y;
+        if gid.x >= size.x || row >= size.y {
+            return;
+        }
+        var v: array<vec4<f32>, 4>;
+        for (var j = 0u; j < 4u; j++) {
+            let kk = 4u * gid.x + j;
+            if kk < dims.k {
+                v[j] = vec4<f32>(a4[a_index(base, row, kk) / 4u]);
+            }
+        }
+        for (var i = 0u; i < 4u; i++) {
+            textureStore(packed, vec2<u32>(gid.x, row + i), gid.z, vec4<f32>(v[0][i], v[1][i], v[2][i], v[3][i]));
+        }
+    } else {
+        if gid.x >= size.x || gid.y >= size.y {
+            return;
+        }
+        var v = vec4<f32>(0.0);
+        if 4u * gid.x < dims.k {
+            v = vec4<f32>(a4[a_index(base, gid.y, 4u * gid.x) / 4u]);
+        }
+        textureStore(packed, gid.xy, gid.z, v);
+    }
+}
+
+@compute @workgroup_size(64, 1, 1)
+fn matmul_pack_b_vec4(@builtin(global_invocation_id) gid: vec3<u32>) {
+    let size = textureDimensions(packed);
+    let base = batch_base(gid.z, dims.b_offset, dims.b_outer, dims.b_inner);
+    if TRANS_B {
+        // k rows 4 gid.y .. 4 gid.y + 3 by texel gid.x (K is a multiple of 4).
+        let kk = 4u * gid.y;
+        if gid.x >= size.x || kk >= size.y {
+            return;
+        }
+        var v: array<vec4<f32>, 4>;
+        for (var j = 0u; j < 4u; j++) {
+            let col = 4u * gid.x + j;
+            if col < dims.n && kk < dims.k {
+                v[j] = vec4<f32>(b4[b_index(base, kk, col) / 4u]);
+            }
+        }
+        for (var i = 0u; i < 4u; i++) {
+            textureStore(packed, vec2<u32>(gid.x, kk + i), gid.z, vec4<f32>(v[0][i], v[1][i], v[2][i], v[3][i]));
+        }
+    } else {
+        if gid.x >= size.x || gid.y >= size.y {
+            return;
+        }
+        var v = vec4<f32>(0.0);
+        if gid.y < dims.k {
+            v = vec4<f32>(b4[b_index(base, gid.y, 4u * gid.x) / 4u]);
+        }
+        textureStore(packed, gid.xy, gid.z, v);
+    }
+}
+
 // Texel (k4, row) of the packed A; rows past M are clamped (their results are never stored).
 fn a_texel(z: u32, k4: u32, row: u32) -> vec4<f32> {
     return textureLoad(a_packed, vec2<u32>(k4, min(row, dims.m - 1u)), z, 0);

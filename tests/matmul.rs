@@ -323,9 +323,14 @@ fn every_variant_gives_bit_identical_results() {
     for p in Precision::ALL {
         let Some(gpu) = gpu(p) else { continue };
         let dt = DType::from(p);
-        for (i, &(m, n, k, batch)) in [(67, 129, 31, 1), (70, 37, 1000, 1), (33, 47, 29, 3)]
-            .iter()
-            .enumerate()
+        for (i, &(m, n, k, batch)) in [
+            (67, 129, 31, 1),
+            (70, 37, 1000, 1),
+            (33, 47, 29, 3),
+            (68, 132, 36, 2),
+        ]
+        .iter()
+        .enumerate()
         {
             for layout in Layout::ALL {
                 let spec = MatmulSpec::new(layout, m, n, k).batched(batch);

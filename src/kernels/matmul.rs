@@ -313,28 +313,45 @@ impl Matmul {
             let [a_size, b_size] = packed_sizes(spec);
             let a_packed = gpu.scratch_texture("matmul a", a_size)?;
             let b_packed = gpu.scratch_texture("matmul b", b_size)?;
-            let pack_groups = |s: [u32; 3]| [s[0].div_ceil(64), s[1], s[2]];
-            let pack_a = gpu.pipeline(&key("matmul_pack_a", constants.clone()))?;
+            // With vec4 loads, an operand whose texels run across its contiguous dimension is
+            // packed four texel rows per invocation.
+            let vec4 = vec4_ok(spec);
+            let pack_groups = |s: [u32; 3], rows_per_invocation: u32| {
+                [s[0].div_ceil(64), s[1] / rows_per_invocation, s[2]]
+            };
+            let (pack_a, a_slot, a_rows) = if vec4 {
+                let rows = if spec.layout.trans_a() { 4 } else { 1 };
+                ("matmul_pack_a_vec4", 5, rows)
+            } else {
+                ("matmul_pack_a", 1, 1)
+            };
+            let (pack_b, b_slot, b_rows) = if vec4 {
+                let rows = if spec.layout.trans_b() { 4 } else { 1 };
+                ("matmul_pack_b_vec4", 6, rows)
+            } else {
+                ("matmul_pack_b", 2, 1)
+            };
+            let pipeline = gpu.pipeline(&key(pack_a, constants.clone()))?;
             push(
                 "matmul pack a",
-                pack_a,
+                pipeline,
                 &[
                     (0, Bind::whole(&dims)),
-                    (1, a.bind()),
+                    (a_slot, a.bind()),
                     (7, Bind::texture(a_packed.view())),
                 ],
-                pack_groups(a_size),
+                pack_groups(a_size, a_rows),
             )?;
-            let pack_b = gpu.pipeline(&key("matmul_pack_b", constants.clone()))?;
+            let pipeline = gpu.pipeline(&key(pack_b, constants.clone()))?;
             push(
                 "matmul pack b",
-                pack_b,
+                pipeline,
                 &[
                     (0, Bind::whole(&dims)),
-                    (2, b.bind()),
+                    (b_slot, b.bind()),
                     (7, Bind::texture(b_packed.view())),
                 ],
-                pack_groups(b_size),
+                pack_groups(b_size, b_rows),
             )?;
             // A narrow C gets a narrower workgroup rather than idle invocations that repeat the
             // last column's loads (powers of two, to bound the number of pipelines compiled).
