@@ -18,8 +18,14 @@
 // of every addition, so the result is bit-identical from run to run, while the partial stage still
 // gives a GPU (channels x blocks) invocations of work instead of only `channels`.
 //
-// Rows are indexed by a 2-D grid of workgroups, row = wg.y * groups_x + wg.x, so that more rows
-// than the adapter's 65535-per-dimension limit can be covered.
+//   layernorm_forward_rows,           one invocation per row, ROWS_WG rows per workgroup: no
+//   layernorm_backward_input_rows     workgroup memory and no barriers, for CPU-backed adapters
+//                                     (lavapipe), where a barrier costs more than the whole
+//                                     row's arithmetic. Sums run in increasing channel order.
+//
+// Rows are indexed by a 2-D grid of workgroups, row = wg.y * groups_x + wg.x (times ROWS_WG plus
+// the invocation for the _rows entries), so that more rows than the adapter's 65535-per-dimension
+// limit can be covered.
 
 struct Dims {
     rows: u32,
@@ -56,6 +62,8 @@ struct Dims {
 override WG: u32 = 256u;
 // Invocations per workgroup (along channels) of the two parameter stages.
 override PARAM_WG: u32 = 64u;
+// Rows per workgroup of the _rows entries.
+override ROWS_WG: u32 = 64u;
 override ACCUMULATE_INPUT: bool = false;
 override ACCUMULATE_PARAMS: bool = false;
 
@@ -115,6 +123,36 @@ fn layernorm_forward(
     }
 }
 
+@compute @workgroup_size(ROWS_WG)
+fn layernorm_forward_rows(
+    @builtin(workgroup_id) wg: vec3<u32>,
+    @builtin(local_invocation_index) lid: u32,
+) {
+    let row = (wg.y * dims.groups_x + wg.x) * ROWS_WG + lid;
+    if row >= dims.rows {
+        return;
+    }
+    let c = dims.channels;
+    let base = row * c;
+    var s = 0.0;
+    for (var i = 0u; i < c; i++) {
+        s += f32(inp[base + i]);
+    }
+    let m = s / f32(c);
+    var q = 0.0;
+    for (var i = 0u; i < c; i++) {
+        let d = f32(inp[base + i]) - m;
+        q += d * d;
+    }
+    let r = inverseSqrt(q / f32(c) + dims.eps);
+    for (var i = 0u; i < c; i++) {
+        let n = (f32(inp[base + i]) - m) * r;
+        out[base + i] = T(n * f32(weight[i]) + f32(bias[i]));
+    }
+    mean_out[row] = m;
+    rstd_out[row] = r;
+}
+
 // dinp = rstd * (g - mean(g) - n * mean(g * n)), g = dout * weight, n = (x - mean) * rstd.
 @compute @workgroup_size(WG)
 fn layernorm_backward_input(
@@ -137,6 +175,37 @@ fn layernorm_backward_input(
     }
     let means = workgroup_sum(lid, acc) / f32(c);
     for (var i = lid; i < c; i += WG) {
+        let g = f32(dout[base + i]) * f32(weight[i]);
+        let n = (f32(inp[base + i]) - m) * r;
+        var v = r * (g - means.x - n * means.y);
+        if ACCUMULATE_INPUT {
+            v += f32(dinp[base + i]);
+        }
+        dinp[base + i] = T(v);
+    }
+}
+
+@compute @workgroup_size(ROWS_WG)
+fn layernorm_backward_input_rows(
+    @builtin(workgroup_id) wg: vec3<u32>,
+    @builtin(local_invocation_index) lid: u32,
+) {
+    let row = (wg.y * dims.groups_x + wg.x) * ROWS_WG + lid;
+    if row >= dims.rows {
+        return;
+    }
+    let c = dims.channels;
+    let base = row * c;
+    let m = mean_in[row];
+    let r = rstd_in[row];
+    var acc = vec2<f32>(0.0);
+    for (var i = 0u; i < c; i++) {
+        let g = f32(dout[base + i]) * f32(weight[i]);
+        let n = (f32(inp[base + i]) - m) * r;
+        acc += vec2<f32>(g, g * n);
+    }
+    let means = acc / f32(c);
+    for (var i = 0u; i < c; i++) {
         let g = f32(dout[base + i]) * f32(weight[i]);
         let n = (f32(inp[base + i]) - m) * r;
         var v = r * (g - means.x - n * means.y);

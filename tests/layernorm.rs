@@ -7,6 +7,7 @@ use common::gradcheck::{GradCheck, check_gradient, weighted_sum};
 use common::{Tolerance, assert_close, gpu, random, round_to};
 use kiln::cpu::layernorm as cpu;
 use kiln::gpu::DType;
+use kiln::kernels::RowKernel;
 use kiln::kernels::layernorm::{
     LayerNormBackward, LayerNormForward, layernorm_backward, layernorm_forward,
 };
@@ -139,27 +140,35 @@ fn forward_matches_cpu(precision: Precision) {
                 upload(gpu, "weight", &case.weight),
                 upload(gpu, "bias", &case.bias),
             );
-            layernorm_forward(gpu, &out, &mean, &rstd, &inp, &w, &b, &case.spec).unwrap();
-            let what = format!("layernorm forward {precision} rows={rows} C={c}");
-            let tol = forward_tolerance(precision);
-            assert_close(&what, &want, &gpu.read(&out).unwrap(), tol);
-            let m = gpu.read(&mean).unwrap();
-            assert_close(&format!("{what} mean"), &want_mean, &m, STATS_TOLERANCE);
-            let r = gpu.read(&rstd).unwrap();
-            assert_close(&format!("{what} rstd"), &want_rstd, &r, STATS_TOLERANCE);
+            for kernel in RowKernel::ALL {
+                LayerNormForward::with_kernel(
+                    gpu, kernel, &out, &mean, &rstd, &inp, &w, &b, &case.spec,
+                )
+                .unwrap()
+                .run(gpu)
+                .unwrap();
+                let what = format!("layernorm forward {kernel:?} {precision} rows={rows} C={c}");
+                let tol = forward_tolerance(precision);
+                assert_close(&what, &want, &gpu.read(&out).unwrap(), tol);
+                let m = gpu.read(&mean).unwrap();
+                assert_close(&format!("{what} mean"), &want_mean, &m, STATS_TOLERANCE);
+                let r = gpu.read(&rstd).unwrap();
+                assert_close(&format!("{what} rstd"), &want_rstd, &r, STATS_TOLERANCE);
+            }
         }
     }
 }
 
 /// Runs the GPU backward on `case` with the CPU forward's statistics, starting the gradients
 /// from `init` (dinp, dweight, dbias), and returns them.
-fn gpu_backward(gpu: &Gpu, case: &Case, init: &[Vec<f32>; 3]) -> [Vec<f32>; 3] {
+fn gpu_backward(gpu: &Gpu, kernel: RowKernel, case: &Case, init: &[Vec<f32>; 3]) -> [Vec<f32>; 3] {
     let (_, mean, rstd) = case.cpu_forward();
     let dinp = upload(gpu, "dinp", &init[0]);
     let dweight = upload(gpu, "dweight", &init[1]);
     let dbias = upload(gpu, "dbias", &init[2]);
-    layernorm_backward(
+    LayerNormBackward::with_kernel(
         gpu,
+        kernel,
         &dinp,
         &dweight,
         &dbias,
@@ -170,6 +179,8 @@ fn gpu_backward(gpu: &Gpu, case: &Case, init: &[Vec<f32>; 3]) -> [Vec<f32>; 3] {
         &upload_f32(gpu, "rstd", &rstd),
         &case.spec,
     )
+    .unwrap()
+    .run(gpu)
     .unwrap();
     [dinp, dweight, dbias].map(|t| gpu.read(&t).unwrap())
 }
@@ -211,21 +222,23 @@ fn backward_matches_cpu(precision: Precision) {
                     round_to(precision, &random(c, seed + 8)),
                     round_to(precision, &random(c, seed + 9)),
                 ];
-                let got = gpu_backward(gpu, &case, &init);
                 let want = cpu_backward(&case, &init);
-                for (name, (w, g)) in ["dinp", "dweight", "dbias"]
-                    .iter()
-                    .zip(want.iter().zip(&got))
-                {
-                    assert_close(
-                        &format!(
-                            "layernorm backward {name} {precision} rows={rows} C={c} \
-                             accumulate_input={acc_in} accumulate_params={acc_params}"
-                        ),
-                        w,
-                        g,
-                        backward_tolerance(precision),
-                    );
+                for kernel in RowKernel::ALL {
+                    let got = gpu_backward(gpu, kernel, &case, &init);
+                    for (name, (w, g)) in ["dinp", "dweight", "dbias"]
+                        .iter()
+                        .zip(want.iter().zip(&got))
+                    {
+                        assert_close(
+                            &format!(
+                                "layernorm backward {name} {kernel:?} {precision} rows={rows} \
+                                 C={c} accumulate_input={acc_in} accumulate_params={acc_params}"
+                            ),
+                            w,
+                            g,
+                            backward_tolerance(precision),
+                        );
+                    }
                 }
             }
         }
@@ -501,7 +514,7 @@ fn single_channel_rows_are_exact() {
 }
 
 /// More rows than the 65535 workgroups allowed per dimension: the forward and the input
-/// gradient run one workgroup per row on a 2-D grid (2 × 32800 here), which must reach every row
+/// gradient (in the workgroup-per-row layout) run one workgroup per row on a 2-D grid (2 × 32800 here), which must reach every row
 /// exactly once. Two channels keep it to about two seconds on lavapipe.
 #[test]
 fn rows_past_workgroup_limit_f32() {
@@ -517,7 +530,20 @@ fn rows_past_workgroup_limit_f32() {
         upload(gpu, "weight", &case.weight),
         upload(gpu, "bias", &case.bias),
     );
-    layernorm_forward(gpu, &out, &mean, &rstd, &inp, &w, &b, &case.spec).unwrap();
+    LayerNormForward::with_kernel(
+        gpu,
+        RowKernel::Workgroup,
+        &out,
+        &mean,
+        &rstd,
+        &inp,
+        &w,
+        &b,
+        &case.spec,
+    )
+    .unwrap()
+    .run(gpu)
+    .unwrap();
     let tol = forward_tolerance(Precision::F32);
     assert_close("forward 65600 rows", &want, &gpu.read(&out).unwrap(), tol);
     assert_close(
@@ -533,7 +559,7 @@ fn rows_past_workgroup_limit_f32() {
         STATS_TOLERANCE,
     );
     let zeros = [vec![0.0; rows * c], vec![0.0; c], vec![0.0; c]];
-    let got = gpu_backward(gpu, &case, &zeros);
+    let got = gpu_backward(gpu, RowKernel::Workgroup, &case, &zeros);
     let want = cpu_backward(&case, &zeros);
     for (name, (w, g)) in NAMES.iter().zip(want.iter().zip(&got)) {
         assert_close(name, w, g, backward_tolerance(Precision::F32));

@@ -12,6 +12,25 @@ use std::time::Instant;
 pub enum BenchCommand {
     /// C = op(A)·op(B): GFLOP/s of the GPU kernel and of the CPU reference.
     Matmul(MatmulArgs),
+    /// One training step of a config's model: the whole step, then each op on its own, grouped
+    /// by kernel, to show where the time goes.
+    Step(StepArgs),
+}
+
+#[derive(clap::Args, Debug)]
+pub struct StepArgs {
+    /// TOML config file (see configs/); without it, the built-in defaults.
+    #[arg(long)]
+    config: Option<std::path::PathBuf>,
+    /// Override a config value, e.g. --set model.n_layer=6 (repeatable).
+    #[arg(long = "set", value_name = "KEY=VALUE")]
+    overrides: Vec<String>,
+    /// Vocabulary size of the model (65 is character-level Shakespeare).
+    #[arg(long, default_value_t = 65)]
+    vocab: usize,
+    /// Timed runs of the step and of each op (after one warm-up run).
+    #[arg(long, default_value_t = 5)]
+    runs: usize,
 }
 
 #[derive(clap::Args, Debug)]
@@ -45,7 +64,121 @@ pub struct MatmulArgs {
 pub fn run(args: &Args, cmd: &BenchCommand) -> Result<()> {
     match cmd {
         BenchCommand::Matmul(m) => matmul(args, m),
+        BenchCommand::Step(s) => step(args, s),
     }
+}
+
+fn step(args: &Args, a: &StepArgs) -> Result<()> {
+    use kiln::cpu::gpt::GptBatch;
+    use kiln::model::Config;
+    use kiln::model::gpu::GptGpu;
+    if a.runs == 0 {
+        return Err(Error::invalid(
+            "--runs",
+            0,
+            "at least one timed run is needed",
+        ));
+    }
+    if a.vocab < 2 {
+        return Err(Error::invalid("--vocab", a.vocab, "at least 2 tokens"));
+    }
+    let config = match &a.config {
+        Some(path) => Config::load(path, &a.overrides)?,
+        None => Config::from_toml("", &a.overrides)?,
+    };
+    let gpu = args.open_gpu()?;
+    let (m, t) = (&config.model, &config.train);
+    let batch = GptBatch {
+        batch: t.batch_size,
+        seq: m.block_size,
+    };
+    let model = GptGpu::new(&gpu, m, a.vocab, batch, 1)?;
+    model.set_weights(
+        &gpu,
+        &kiln::model::init::gpt2_init(model.layout(), m, t.seed),
+    )?;
+    let mut rng = rand::rngs::StdRng::seed_from_u64(t.seed);
+    let tokens = batch.batch * batch.seq;
+    let mut ids = || -> Vec<u32> {
+        (0..tokens)
+            .map(|_| rng.random_range(0..a.vocab as u32))
+            .collect()
+    };
+    let micro = vec![(ids(), ids())];
+    let adam = kiln::training::AdamWStep::new(1);
+    // The whole step as training submits it.
+    let mut whole = Vec::new();
+    for i in 0..=a.runs {
+        let start = Instant::now();
+        model.step(&gpu, &micro, &adam, |_| {})?;
+        gpu.wait()?;
+        if i > 0 {
+            whole.push(start.elapsed().as_secs_f64());
+        }
+    }
+    let whole = median(&whole);
+    model.set_batch(&gpu, &micro[0].0, &micro[0].1)?;
+    model.set_step(&gpu, &adam, 1)?;
+    let ops = model.profile(&gpu, a.runs)?;
+    let sum: f64 = ops.iter().map(|o| o.seconds).sum();
+
+    // Grouped by kernel type, largest first.
+    let mut groups: Vec<(&str, usize, f64)> = Vec::new();
+    for op in &ops {
+        match groups.iter_mut().find(|g| g.0 == op.name) {
+            Some(g) => {
+                g.1 += 1;
+                g.2 += op.seconds;
+            }
+            None => groups.push((op.name, 1, op.seconds)),
+        }
+    }
+    groups.sort_by(|x, y| y.2.total_cmp(&x.2));
+    let mut phases: Vec<(&str, f64)> = Vec::new();
+    for op in &ops {
+        match phases.iter_mut().find(|p| p.0 == op.phase) {
+            Some(p) => p.1 += op.seconds,
+            None => phases.push((op.phase, op.seconds)),
+        }
+    }
+    println!(
+        "step of a {}-layer, {}-wide, {}-head GPT, batch {} x {} tokens, vocab {}, {} on {}",
+        m.n_layer,
+        m.n_embd,
+        m.n_head,
+        batch.batch,
+        batch.seq,
+        a.vocab,
+        gpu.precision(),
+        gpu.capabilities().adapter.name
+    );
+    println!(
+        "whole step: {:.2} ms ({:.0} tokens/s); the {} ops timed alone add up to {:.2} ms",
+        whole * 1e3,
+        tokens as f64 / whole,
+        ops.len(),
+        sum * 1e3
+    );
+    println!(
+        "by phase: {}",
+        phases
+            .iter()
+            .map(|(p, s)| format!("{p} {:.2} ms", s * 1e3))
+            .collect::<Vec<_>>()
+            .join(", ")
+    );
+    println!(
+        "{:<32} {:>5} {:>10} {:>7}",
+        "op", "count", "total ms", "share"
+    );
+    for (name, count, s) in groups {
+        println!(
+            "{name:<32} {count:>5} {:>10.2} {:>6.1}%",
+            s * 1e3,
+            100.0 * s / sum
+        );
+    }
+    Ok(())
 }
 
 fn matmul(args: &Args, a: &MatmulArgs) -> Result<()> {

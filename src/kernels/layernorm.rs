@@ -1,7 +1,7 @@
 //! The layernorm family (shaders/layernorm.wgsl): the pre-attention, pre-MLP and final
 //! normalisations of a GPT-2 block, forward and backward.
 
-use super::{Dispatch, common_precision, distinct, expect_f32, grid, groups};
+use super::{Dispatch, RowKernel, common_precision, distinct, expect_f32, grid, groups};
 use crate::gpu::{Bind, DType, Gpu, GpuTensor, Specialisation};
 use crate::ops::{Extent, LayerNormSpec};
 use crate::{Error, Result};
@@ -15,6 +15,8 @@ const PARAM_WG: usize = 64;
 /// blocks to run in parallel, large enough that the scratch (2 · blocks · channels f32) stays a
 /// fraction of the activation it reduces (2/32 of it at f32, 4/32 at f16).
 const ROWS_PER_BLOCK: usize = 32;
+/// Rows per workgroup of the one-invocation-per-row entries.
+const ROWS_WG: usize = 64;
 
 /// The uniform block `Dims` of the shader.
 #[repr(C)]
@@ -31,8 +33,16 @@ struct Dims {
 }
 
 /// The row grid and the uniform block for `spec`.
-fn dims(gpu: &Gpu, op: &'static str, spec: &LayerNormSpec) -> Result<([u32; 3], Dims)> {
-    let rows = grid(gpu, op, spec.rows)?;
+fn dims(
+    gpu: &Gpu,
+    op: &'static str,
+    spec: &LayerNormSpec,
+    kernel: RowKernel,
+) -> Result<([u32; 3], Dims)> {
+    let rows = match kernel {
+        RowKernel::Workgroup => grid(gpu, op, spec.rows)?,
+        RowKernel::Invocation => grid(gpu, op, spec.rows.div_ceil(ROWS_WG))?,
+    };
     let max = gpu
         .capabilities()
         .limits
@@ -64,17 +74,49 @@ fn dims(gpu: &Gpu, op: &'static str, spec: &LayerNormSpec) -> Result<([u32; 3], 
     ))
 }
 
-/// The forward, ready to record: one workgroup per row.
+/// The forward, ready to record: one workgroup or one invocation per row ([`RowKernel`]).
 pub struct LayerNormForward {
     dispatch: Dispatch,
 }
 
+/// Entry point and specialisation of the row-wise kernel `name` in `kernel`'s layout.
+fn row_entry(name: &'static str, kernel: RowKernel) -> (&'static str, Specialisation) {
+    match kernel {
+        RowKernel::Workgroup => (name, Specialisation::default().with("WG", WG)),
+        RowKernel::Invocation => (
+            match name {
+                "layernorm_forward" => "layernorm_forward_rows",
+                _ => "layernorm_backward_input_rows",
+            },
+            Specialisation::default().with("ROWS_WG", ROWS_WG as u32),
+        ),
+    }
+}
+
 impl LayerNormForward {
     /// Prepares `out = layernorm(inp)·weight + bias`, saving `mean` and `rstd` (f32 tensors of
-    /// `spec.rows` elements whatever the storage precision).
+    /// `spec.rows` elements whatever the storage precision), in the adapter's row layout
+    /// ([`RowKernel::for_adapter`]).
     #[allow(clippy::too_many_arguments)]
     pub fn new(
         gpu: &Gpu,
+        out: &GpuTensor,
+        mean: &GpuTensor,
+        rstd: &GpuTensor,
+        inp: &GpuTensor,
+        weight: &GpuTensor,
+        bias: &GpuTensor,
+        spec: &LayerNormSpec,
+    ) -> Result<Self> {
+        let kernel = RowKernel::for_adapter(gpu);
+        Self::with_kernel(gpu, kernel, out, mean, rstd, inp, weight, bias, spec)
+    }
+
+    /// As [`LayerNormForward::new`] with an explicit row layout.
+    #[allow(clippy::too_many_arguments)]
+    pub fn with_kernel(
+        gpu: &Gpu,
+        kernel: RowKernel,
         out: &GpuTensor,
         mean: &GpuTensor,
         rstd: &GpuTensor,
@@ -103,14 +145,15 @@ impl LayerNormForward {
             &[out, mean, rstd],
             &[out, mean, rstd, inp, weight, bias],
         )?;
-        let (rows, dims) = dims(gpu, op, spec)?;
+        let (rows, dims) = dims(gpu, op, spec, kernel)?;
         let dims = gpu.uniform("layernorm dims", &dims);
+        let (entry, constants) = row_entry("layernorm_forward", kernel);
         let dispatch = Dispatch::new(
             gpu,
             "layernorm",
-            "layernorm_forward",
+            entry,
             precision,
-            Specialisation::default().with("WG", WG),
+            constants,
             &[
                 (0, Bind::whole(&dims)),
                 (1, inp.bind()),
@@ -149,10 +192,32 @@ impl LayerNormBackward {
     /// Prepares the gradients of [`LayerNormForward`]: `dinp` (overwritten, or added to with
     /// `spec.accumulate_input`), `dweight` and `dbias` (overwritten, or added to with
     /// `spec.accumulate_params`), from `dout`, the forward's input and weight and its saved
-    /// `mean` and `rstd` (f32). Allocates a scratch of 2 · ⌈rows/32⌉ · channels f32.
+    /// `mean` and `rstd` (f32). Allocates a scratch of 2 · ⌈rows/32⌉ · channels f32. Uses the
+    /// adapter's row layout ([`RowKernel::for_adapter`]) for the input gradient.
     #[allow(clippy::too_many_arguments)]
     pub fn new(
         gpu: &Gpu,
+        dinp: &GpuTensor,
+        dweight: &GpuTensor,
+        dbias: &GpuTensor,
+        dout: &GpuTensor,
+        inp: &GpuTensor,
+        weight: &GpuTensor,
+        mean: &GpuTensor,
+        rstd: &GpuTensor,
+        spec: &LayerNormSpec,
+    ) -> Result<Self> {
+        let kernel = RowKernel::for_adapter(gpu);
+        Self::with_kernel(
+            gpu, kernel, dinp, dweight, dbias, dout, inp, weight, mean, rstd, spec,
+        )
+    }
+
+    /// As [`LayerNormBackward::new`] with an explicit row layout.
+    #[allow(clippy::too_many_arguments)]
+    pub fn with_kernel(
+        gpu: &Gpu,
+        kernel: RowKernel,
         dinp: &GpuTensor,
         dweight: &GpuTensor,
         dbias: &GpuTensor,
@@ -185,7 +250,7 @@ impl LayerNormBackward {
             &[dinp, dweight, dbias],
             &[dinp, dweight, dbias, dout, inp, weight, mean, rstd],
         )?;
-        let (rows, d) = dims(gpu, op, spec)?;
+        let (rows, d) = dims(gpu, op, spec, kernel)?;
         let blocks = d.blocks as usize;
         let scratch = gpu.zeros(
             "layernorm_backward scratch",
@@ -193,14 +258,13 @@ impl LayerNormBackward {
             DType::F32,
         )?;
         let dims = gpu.uniform("layernorm dims", &d);
+        let (entry, constants) = row_entry("layernorm_backward_input", kernel);
         let input = Dispatch::new(
             gpu,
             "layernorm",
-            "layernorm_backward_input",
+            entry,
             precision,
-            Specialisation::default()
-                .with("WG", WG)
-                .with("ACCUMULATE_INPUT", spec.accumulate_input as u8),
+            constants.with("ACCUMULATE_INPUT", spec.accumulate_input as u8),
             &[
                 (0, Bind::whole(&dims)),
                 (1, inp.bind()),

@@ -18,11 +18,38 @@ pub mod tune;
 
 use crate::gpu::{Bind, DType, Gpu, GpuTensor, PipelineKey, Specialisation};
 
+/// How a row-wise kernel (a reduction over each row, then an elementwise pass) is laid out.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum RowKernel {
+    /// One workgroup per row, reduced in workgroup memory: coalesced loads, what GPUs want.
+    Workgroup,
+    /// One invocation per row, no workgroup memory and no barriers: what CPU-backed adapters
+    /// (lavapipe) want, where a barrier costs more than a row's arithmetic.
+    Invocation,
+}
+
+impl RowKernel {
+    /// Both layouts.
+    pub const ALL: [RowKernel; 2] = [RowKernel::Workgroup, RowKernel::Invocation];
+
+    /// The layout for `gpu`'s kind of adapter: per invocation on software adapters, per
+    /// workgroup elsewhere.
+    pub fn for_adapter(gpu: &Gpu) -> RowKernel {
+        if gpu.capabilities().adapter.software {
+            RowKernel::Invocation
+        } else {
+            RowKernel::Workgroup
+        }
+    }
+}
+
 /// Anything prepared once that adds its dispatches to a compute pass: what a step plan is a list
 /// of.
 pub trait Record {
     /// Adds the dispatches to `pass`.
     fn record_into(&self, pass: &mut wgpu::ComputePass<'_>);
+    /// The op's type, as `module::Type` (profiles group by it).
+    fn op_name(&self) -> &'static str;
 }
 
 macro_rules! impl_record {
@@ -30,6 +57,9 @@ macro_rules! impl_record {
         $(impl Record for $t {
             fn record_into(&self, pass: &mut wgpu::ComputePass<'_>) {
                 self.record(pass)
+            }
+            fn op_name(&self) -> &'static str {
+                stringify!($t)
             }
         })*
     };

@@ -110,6 +110,17 @@ pub struct GptGpu {
     _scratch: Vec<GpuTensor>,
 }
 
+/// One op of a training step timed on its own ([`GptGpu::profile`]).
+#[derive(Clone, Debug)]
+pub struct OpTime {
+    /// `forward`, `loss`, `backward` or `update`.
+    pub phase: &'static str,
+    /// The op's type, e.g. `matmul::Matmul`.
+    pub name: &'static str,
+    /// Median seconds of the op alone, submit to completion.
+    pub seconds: f64,
+}
+
 /// Views of one flat buffer by tensor name.
 struct Views<'a> {
     layout: &'a ParamLayout,
@@ -985,6 +996,40 @@ impl GptGpu {
         gpu.queue().submit([commands]);
         gpu.check("training step")?;
         Ok(encode_s)
+    }
+
+    /// Times every prepared op of a step on its own: `runs` submissions of the op alone after a
+    /// warm-up, each waited for, median kept. Runs the update too, so the weights change; use a
+    /// model built for profiling, with a batch already set ([`GptGpu::set_batch`]) and the step
+    /// values written ([`GptGpu::set_step`]). Each time includes one submission's overhead,
+    /// which a real step pays once for all ops.
+    pub fn profile(&self, gpu: &Gpu, runs: usize) -> Result<Vec<OpTime>> {
+        let mut phases: Vec<(&'static str, Vec<&dyn Record>)> = vec![
+            ("forward", self.forward.iter().map(|o| o.as_ref()).collect()),
+            ("loss", vec![&self.loss as &dyn Record]),
+            (
+                "backward",
+                self.backward.iter().map(|o| o.as_ref()).collect(),
+            ),
+        ];
+        let mut update: Vec<&dyn Record> = self.update.iter().map(|o| o.as_ref()).collect();
+        update.push(&self.adamw);
+        if let Some(scaler) = &self.scaler {
+            update.push(scaler);
+        }
+        phases.push(("update", update));
+        let mut times = Vec::new();
+        for (phase, ops) in phases {
+            for op in ops {
+                let t = gpu.time_runs(op.op_name(), 1, runs, |p| op.record_into(p))?;
+                times.push(OpTime {
+                    phase,
+                    name: op.op_name(),
+                    seconds: crate::gpu::median(&t),
+                });
+            }
+        }
+        Ok(times)
     }
 
     /// Mean loss over the non-ignored targets of the micro-batch last run (waits for the device).
