@@ -2,7 +2,9 @@
 //
 // The products (scores = q·kᵀ·scale, out = P·v and the four of the backward) run on the matmul
 // family, addressing each (batch, head) block inside the (B, T, 3C) qkv buffer in place. These
-// kernels take one row of the (B·n_head·T, T) score matrix per workgroup. Row r is query position
+// kernels take one row of the (B·n_head·T, T) score matrix per workgroup (the _rows entries: per
+// invocation, ROWS_WG rows per workgroup, with no workgroup memory and no barriers, for CPU-backed
+// adapters such as lavapipe where barriers dominate). Row r is query position
 // t = r mod T, which may attend to keys 0..=t: the causal mask is applied here, by position,
 // rather than by adding -inf to the scores.
 //
@@ -27,6 +29,7 @@ struct Params {
 @group(0) @binding(3) var<storage, read_write> dprobs: array<T>;
 
 override WG: u32 = 128u;
+override ROWS_WG: u32 = 64u;
 
 var<workgroup> partial: array<f32, WG>;
 
@@ -105,6 +108,55 @@ fn softmax_causal_backward(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_
     }
     dot = workgroup_sum(lid, dot);
     for (var s = lid; s < seq; s += WG) {
+        var d = 0.0;
+        if s < live {
+            d = f32(probs[base + s]) * (f32(dprobs[base + s]) - dot);
+        }
+        dprobs[base + s] = T(d);
+    }
+}
+
+@compute @workgroup_size(ROWS_WG, 1, 1)
+fn softmax_causal_forward_rows(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_index) lid: u32) {
+    let row = (wg.x + wg.y * params.groups_x) * ROWS_WG + lid;
+    if row >= params.rows {
+        return;
+    }
+    let seq = params.seq;
+    let base = row * seq;
+    let live = row % seq + 1u;
+    var m = -3.402823e38;
+    for (var s = 0u; s < live; s++) {
+        m = max(m, f32(scores[base + s]));
+    }
+    var sum = 0.0;
+    for (var s = 0u; s < live; s++) {
+        sum += exp(f32(scores[base + s]) - m);
+    }
+    let inv = 1.0 / sum;
+    for (var s = 0u; s < seq; s++) {
+        var p = 0.0;
+        if s < live {
+            p = exp(f32(scores[base + s]) - m) * inv;
+        }
+        scores[base + s] = T(p);
+    }
+}
+
+@compute @workgroup_size(ROWS_WG, 1, 1)
+fn softmax_causal_backward_rows(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_index) lid: u32) {
+    let row = (wg.x + wg.y * params.groups_x) * ROWS_WG + lid;
+    if row >= params.rows {
+        return;
+    }
+    let seq = params.seq;
+    let base = row * seq;
+    let live = row % seq + 1u;
+    var dot = 0.0;
+    for (var s = 0u; s < live; s++) {
+        dot += f32(probs[base + s]) * f32(dprobs[base + s]);
+    }
+    for (var s = 0u; s < seq; s++) {
         var d = 0.0;
         if s < live {
             d = f32(probs[base + s]) * (f32(dprobs[base + s]) - dot);

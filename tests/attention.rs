@@ -7,6 +7,7 @@ use common::{Tolerance, assert_close, gpu, random, round_to};
 use kiln::Precision;
 use kiln::cpu::attention::{attention_backward, attention_forward};
 use kiln::gpu::DType;
+use kiln::kernels::RowKernel;
 use kiln::kernels::attention::{AttentionBackward, AttentionForward};
 use kiln::ops::AttentionShape;
 
@@ -107,49 +108,52 @@ fn gpu_matches_cpu_forward_and_backward() {
             let dout = round_to(p, &random(b * t * c, 6));
             let (out, probs) = cpu_forward(&qkv, &s);
             // The GPU backward starts from its own stored probabilities: use those on the CPU too.
-            let g_qkv = gpu.upload("qkv", &[qkv.len()], dt, &qkv).unwrap();
-            let g_out = gpu.zeros("out", &[out.len()], dt).unwrap();
-            let g_probs = gpu.zeros("probs", &[probs.len()], dt).unwrap();
-            AttentionForward::new(gpu, &g_out, &g_probs, &g_qkv, &s)
-                .unwrap()
-                .run(gpu)
-                .unwrap();
-            let what = format!("{p} {s:?}");
-            assert_close(
-                &format!("probs {what}"),
-                &probs,
-                &gpu.read(&g_probs).unwrap(),
-                tolerance(p),
-            );
-            assert_close(
-                &format!("out {what}"),
-                &out,
-                &gpu.read(&g_out).unwrap(),
-                tolerance(p),
-            );
-
-            let gpu_probs = gpu.read(&g_probs).unwrap();
-            let mut dqkv = vec![0.0; qkv.len()];
-            attention_backward(&mut dqkv, &dout, &qkv, &gpu_probs, &s).unwrap();
-            let g_dout = gpu.upload("dout", &[dout.len()], dt, &dout).unwrap();
-            let g_dqkv = gpu.zeros("dqkv", &[qkv.len()], dt).unwrap();
-            let g_dprobs = gpu.zeros("dprobs", &[probs.len()], dt).unwrap();
-            let bwd =
-                AttentionBackward::new(gpu, &g_dqkv, &g_dprobs, &g_dout, &g_qkv, &g_probs, &s)
+            for kernel in RowKernel::ALL {
+                let g_qkv = gpu.upload("qkv", &[qkv.len()], dt, &qkv).unwrap();
+                let g_out = gpu.zeros("out", &[out.len()], dt).unwrap();
+                let g_probs = gpu.zeros("probs", &[probs.len()], dt).unwrap();
+                AttentionForward::with_row_kernel(gpu, &g_out, &g_probs, &g_qkv, &s, None, kernel)
+                    .unwrap()
+                    .run(gpu)
                     .unwrap();
-            bwd.run(gpu).unwrap();
-            let first = gpu.read(&g_dqkv).unwrap();
-            assert_close(&format!("dqkv {what}"), &dqkv, &first, tolerance(p));
-            // Determinism: the same inputs give bit-identical gradients.
-            bwd.run(gpu).unwrap();
-            let second = gpu.read(&g_dqkv).unwrap();
-            assert!(
-                first
-                    .iter()
-                    .zip(&second)
-                    .all(|(a, b)| a.to_bits() == b.to_bits()),
-                "attention backward is not deterministic ({what})"
-            );
+                let what = format!("{p} {kernel:?} {s:?}");
+                assert_close(
+                    &format!("probs {what}"),
+                    &probs,
+                    &gpu.read(&g_probs).unwrap(),
+                    tolerance(p),
+                );
+                assert_close(
+                    &format!("out {what}"),
+                    &out,
+                    &gpu.read(&g_out).unwrap(),
+                    tolerance(p),
+                );
+
+                let gpu_probs = gpu.read(&g_probs).unwrap();
+                let mut dqkv = vec![0.0; qkv.len()];
+                attention_backward(&mut dqkv, &dout, &qkv, &gpu_probs, &s).unwrap();
+                let g_dout = gpu.upload("dout", &[dout.len()], dt, &dout).unwrap();
+                let g_dqkv = gpu.zeros("dqkv", &[qkv.len()], dt).unwrap();
+                let g_dprobs = gpu.zeros("dprobs", &[probs.len()], dt).unwrap();
+                let bwd = AttentionBackward::with_row_kernel(
+                    gpu, &g_dqkv, &g_dprobs, &g_dout, &g_qkv, &g_probs, &s, None, kernel,
+                )
+                .unwrap();
+                bwd.run(gpu).unwrap();
+                let first = gpu.read(&g_dqkv).unwrap();
+                assert_close(&format!("dqkv {what}"), &dqkv, &first, tolerance(p));
+                // Determinism: the same inputs give bit-identical gradients.
+                bwd.run(gpu).unwrap();
+                let second = gpu.read(&g_dqkv).unwrap();
+                assert!(
+                    first
+                        .iter()
+                        .zip(&second)
+                        .all(|(a, b)| a.to_bits() == b.to_bits()),
+                    "attention backward is not deterministic ({what})"
+                );
+            }
         }
     }
 }

@@ -9,12 +9,14 @@
 
 use super::dropout::Dropout;
 use super::matmul::Matmul;
-use super::{Dispatch, common_precision, grid};
+use super::{Dispatch, RowKernel, common_precision, grid};
 use crate::gpu::{Bind, Gpu, GpuTensor, Specialisation};
 use crate::ops::{AttentionShape, Layout, MatmulSpec, Operand};
 use crate::{Error, Result};
 
 const WG: u32 = 128;
+/// Rows per workgroup of the one-invocation-per-row softmax.
+const ROWS_WG: usize = 64;
 
 #[repr(C)]
 #[derive(Clone, Copy, bytemuck::Pod, bytemuck::Zeroable)]
@@ -60,13 +62,25 @@ fn per_head(shape: &AttentionShape, layout: Layout, m: usize, n: usize, k: usize
 fn softmax(
     gpu: &Gpu,
     entry: &'static str,
+    kernel: RowKernel,
     shape: &AttentionShape,
     buffers: &[(u32, Bind<'_>)],
     probs: &GpuTensor,
 ) -> Result<Dispatch> {
     let precision = common_precision("attention", &[probs])?;
     let rows = shape.batch * shape.heads * shape.seq;
-    let workgroups = grid(gpu, "attention", rows)?;
+    let (entry, constants, groups) = match kernel {
+        RowKernel::Workgroup => (entry, Specialisation::default().with("WG", WG), rows),
+        RowKernel::Invocation => (
+            match entry {
+                "softmax_causal_forward" => "softmax_causal_forward_rows",
+                _ => "softmax_causal_backward_rows",
+            },
+            Specialisation::default().with("ROWS_WG", ROWS_WG as u32),
+            rows.div_ceil(ROWS_WG),
+        ),
+    };
+    let workgroups = grid(gpu, "attention", groups)?;
     let params = gpu.uniform(
         "attention softmax params",
         &Params {
@@ -78,7 +92,6 @@ fn softmax(
     );
     let mut entries = vec![(0, Bind::whole(&params))];
     entries.extend_from_slice(buffers);
-    let constants = Specialisation::default().with("WG", WG);
     Dispatch::new(
         gpu,
         "attention",
@@ -160,6 +173,20 @@ impl AttentionForward {
         shape: &AttentionShape,
         dropout: Option<AttentionDropout<'_>>,
     ) -> Result<Self> {
+        let kernel = RowKernel::for_adapter(gpu);
+        Self::with_row_kernel(gpu, out, probs, qkv, shape, dropout, kernel)
+    }
+
+    /// [`AttentionForward::with_dropout`] with an explicit layout for the softmax rows.
+    pub fn with_row_kernel(
+        gpu: &Gpu,
+        out: &GpuTensor,
+        probs: &GpuTensor,
+        qkv: &GpuTensor,
+        shape: &AttentionShape,
+        dropout: Option<AttentionDropout<'_>>,
+        kernel: RowKernel,
+    ) -> Result<Self> {
         check_tensors(shape, qkv, out, probs)?;
         common_precision("attention", &[out, probs, qkv])?;
         let (t, c) = (shape.seq, shape.channels);
@@ -173,6 +200,7 @@ impl AttentionForward {
         let softmax = softmax(
             gpu,
             "softmax_causal_forward",
+            kernel,
             shape,
             &[(1, probs.bind())],
             probs,
@@ -255,6 +283,23 @@ impl AttentionBackward {
         shape: &AttentionShape,
         dropout: Option<AttentionDropout<'_>>,
     ) -> Result<Self> {
+        let kernel = RowKernel::for_adapter(gpu);
+        Self::with_row_kernel(gpu, dqkv, dprobs, dout, qkv, probs, shape, dropout, kernel)
+    }
+
+    /// [`AttentionBackward::with_dropout`] with an explicit layout for the softmax rows.
+    #[allow(clippy::too_many_arguments)]
+    pub fn with_row_kernel(
+        gpu: &Gpu,
+        dqkv: &GpuTensor,
+        dprobs: &GpuTensor,
+        dout: &GpuTensor,
+        qkv: &GpuTensor,
+        probs: &GpuTensor,
+        shape: &AttentionShape,
+        dropout: Option<AttentionDropout<'_>>,
+        kernel: RowKernel,
+    ) -> Result<Self> {
         check_tensors(shape, qkv, dout, probs)?;
         check_tensors(shape, dqkv, dout, dprobs)?;
         common_precision("attention", &[dqkv, dprobs, dout, qkv, probs])?;
@@ -293,6 +338,7 @@ impl AttentionBackward {
         let softmax = softmax(
             gpu,
             "softmax_causal_backward",
+            kernel,
             shape,
             &[(2, probs.bind()), (3, dprobs.bind())],
             probs,
