@@ -11,7 +11,11 @@
 // Two entry points, recorded in this order into one pass:
 //   count_targets  one workgroup counts the non-ignored targets into count[0] (integer, so the
 //                  order of the sum cannot change the result);
-//   crossentropy   one workgroup per row.
+//   crossentropy   one workgroup per row, or
+//   crossentropy_rows  one invocation per row (ROWS_WG rows per workgroup, no workgroup memory
+//                  and no barriers): for CPU-backed adapters such as lavapipe, where barriers
+//                  cost more than the row's arithmetic. Its sweep is the same online loop over
+//                  the whole row in increasing j.
 //
 // The row's max and sum of exponentials are found in one sweep with the online rescaling trick
 // (s is the sum of exp(x - m) for the running max m), each invocation over a strided slice,
@@ -35,6 +39,7 @@ struct Params {
 @group(0) @binding(6) var<storage, read_write> count: array<u32>;
 
 const WG: u32 = 256u;
+override ROWS_WG: u32 = 64u;
 // Below any finite logit a caller could mean; -inf is avoided because exp(-inf - -inf) is NaN.
 const LOWEST: f32 = -3.0e38;
 
@@ -132,6 +137,52 @@ fn crossentropy(
             g = nan();
         } else if (!ignored) {
             let p = exp(f32(logits[base + j]) - row_max) * inv_sum;
+            g = (p - select(0.0, 1.0, j == tgt)) * coef;
+        }
+        dlogits[base + j] = T(g);
+    }
+}
+
+@compute @workgroup_size(ROWS_WG)
+fn crossentropy_rows(
+    @builtin(workgroup_id) wg: vec3<u32>,
+    @builtin(local_invocation_index) lid: u32,
+) {
+    let row = (wg.x + wg.y * params.groups_x) * ROWS_WG + lid;
+    if (row >= params.n) {
+        return;
+    }
+    let v = params.v;
+    let base = row * v;
+    var m = LOWEST;
+    var s = 0.0;
+    for (var j = 0u; j < v; j++) {
+        let x = f32(logits[base + j]);
+        if (x > m) {
+            s = s * exp(m - x) + 1.0;
+            m = x;
+        } else {
+            s += exp(x - m);
+        }
+    }
+    let tgt = targets[row];
+    let ignored = tgt == params.ignore_index;
+    let bad = !ignored && tgt >= v;
+    var l = 0.0;
+    if (bad) {
+        l = nan();
+    } else if (!ignored) {
+        l = (m - f32(logits[base + tgt])) + log(s);
+    }
+    loss[row] = l;
+    let coef = dloss_scale[0] / f32(max(count[0], 1u));
+    let inv_sum = 1.0 / s;
+    for (var j = 0u; j < v; j++) {
+        var g = 0.0;
+        if (bad) {
+            g = nan();
+        } else if (!ignored) {
+            let p = exp(f32(logits[base + j]) - m) * inv_sum;
             g = (p - select(0.0, 1.0, j == tgt)) * coef;
         }
         dlogits[base + j] = T(g);

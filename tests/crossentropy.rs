@@ -6,6 +6,7 @@ mod common;
 
 use common::{Tolerance, assert_close, gpu, random, round_to};
 use kiln::gpu::DType;
+use kiln::kernels::RowKernel;
 use kiln::kernels::crossentropy::CrossEntropy;
 use kiln::training::CrossEntropySpec;
 use kiln::{Gpu, GpuTensor, Precision};
@@ -183,6 +184,7 @@ struct GpuRun {
 /// Uploads, runs and reads back; `logits` must already be rounded to the device's precision.
 fn run_gpu(
     gpu: &Gpu,
+    kernel: RowKernel,
     logits: &[f32],
     targets: &[u32],
     scale: Option<f32>,
@@ -195,7 +197,8 @@ fn run_gpu(
     let loss = gpu.zeros("loss", &[spec.n], DType::F32).unwrap();
     let grad = gpu.zeros("dlogits", &[nv], dt).unwrap();
     let gs: Option<GpuTensor> = scale.map(|s| gpu.upload("scale", &[1], DType::F32, &[s]).unwrap());
-    let op = CrossEntropy::new(gpu, &loss, &grad, &gl, &gt, gs.as_ref(), spec).unwrap();
+    let op = CrossEntropy::with_row_kernel(gpu, kernel, &loss, &grad, &gl, &gt, gs.as_ref(), spec)
+        .unwrap();
     op.run(gpu).unwrap();
     GpuRun {
         loss: gpu.read(&loss).unwrap(),
@@ -208,18 +211,25 @@ fn run_gpu(
 fn check(gpu: &Gpu, x: &[f32], t: &[u32], scale: Option<f32>, spec: &CrossEntropySpec) -> GpuRun {
     let p = gpu.precision();
     let x = round_to(p, x);
-    let got = run_gpu(gpu, &x, t, scale, spec);
     let (loss, grad, count) = cpu(&x, t, scale.unwrap_or(1.0), spec);
-    let what = format!("{p} n={} v={} scale={scale:?}", spec.n, spec.v);
-    assert_eq!(got.count as usize, count, "{what}: count");
-    assert_close(&format!("{what} loss"), &loss, &got.loss, loss_tolerance());
-    assert_close(
-        &format!("{what} dlogits"),
-        &grad,
-        &got.grad,
-        grad_tolerance(p),
-    );
-    got
+    let mut last = None;
+    for kernel in RowKernel::ALL {
+        if !kernel.supports(gpu, spec.v, 2) {
+            continue;
+        }
+        let got = run_gpu(gpu, kernel, &x, t, scale, spec);
+        let what = format!("{p} {kernel:?} n={} v={} scale={scale:?}", spec.n, spec.v);
+        assert_eq!(got.count as usize, count, "{what}: count");
+        assert_close(&format!("{what} loss"), &loss, &got.loss, loss_tolerance());
+        assert_close(
+            &format!("{what} dlogits"),
+            &grad,
+            &got.grad,
+            grad_tolerance(p),
+        );
+        last = Some(got);
+    }
+    last.expect("RowKernel::ALL is not empty")
 }
 
 fn gpu_matches_cpu(p: Precision) {
@@ -232,6 +242,7 @@ fn gpu_matches_cpu(p: Precision) {
         (3, 50257, None, None),
         (3, 50257, Some(2), Some(0.5)),
         (2, 300, None, None),
+        (130, 65, Some(3), None),
     ];
     for (i, &(n, v, ignore_every, scale)) in cases.iter().enumerate() {
         let spec = CrossEntropySpec::new(n, v);
@@ -265,7 +276,14 @@ fn custom_ignore_index_and_invalid_target() {
     assert!(got.grad[65..130].iter().all(|&g| g == 0.0));
 
     let bad = [3, 65, u32::MAX, 0];
-    let got = run_gpu(gpu, &x, &bad, None, &spec);
+    let got = run_gpu(
+        gpu,
+        RowKernel::for_rows(gpu, spec.v, 2),
+        &x,
+        &bad,
+        None,
+        &spec,
+    );
     assert!(
         got.loss[2].is_nan(),
         "loss of the invalid row: {}",
@@ -302,7 +320,14 @@ fn every_target_ignored_gives_zero_loss_and_gradient() {
         let Some(gpu) = gpu(p) else { continue };
         let spec = CrossEntropySpec::new(3, 65);
         let x = round_to(p, &logits(3 * 65, 2.0, 11));
-        let got = run_gpu(gpu, &x, &[IGNORE; 3], Some(8.0), &spec);
+        let got = run_gpu(
+            gpu,
+            RowKernel::for_rows(gpu, spec.v, 2),
+            &x,
+            &[IGNORE; 3],
+            Some(8.0),
+            &spec,
+        );
         assert_eq!(got.count, 0);
         assert!(got.loss.iter().all(|&l| l == 0.0), "{p}: {:?}", got.loss);
         assert!(got.grad.iter().all(|&g| g == 0.0), "{p}");
@@ -396,8 +421,22 @@ fn gradient_is_bit_identical_across_runs() {
         let spec = CrossEntropySpec::new(3, 50257);
         let x = round_to(p, &logits(3 * 50257, 4.0, 31));
         let t = targets(3, 50257, 32, None);
-        let a = run_gpu(gpu, &x, &t, None, &spec);
-        let b = run_gpu(gpu, &x, &t, None, &spec);
+        let a = run_gpu(
+            gpu,
+            RowKernel::for_rows(gpu, spec.v, 2),
+            &x,
+            &t,
+            None,
+            &spec,
+        );
+        let b = run_gpu(
+            gpu,
+            RowKernel::for_rows(gpu, spec.v, 2),
+            &x,
+            &t,
+            None,
+            &spec,
+        );
         let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
         assert_eq!(
             bits(&a.grad),
@@ -469,4 +508,35 @@ fn bad_shapes_are_errors_naming_the_op() {
         .expect_err("cpu shape error")
         .to_string();
     assert!(e.starts_with("crossentropy:"), "{e}");
+}
+
+/// One invocation per row walks GPT-2's 50257 logits twice, past llvmpipe's 65535 loop
+/// iterations per invocation (after which its loops stop silently): that layout is refused there
+/// with an error, and the default layout falls back to a workgroup per row.
+#[test]
+fn rows_too_long_for_the_loop_budget_are_refused() {
+    let gpu = gpu(Precision::F32).unwrap();
+    let spec = CrossEntropySpec::new(2, 50257);
+    if !gpu.capabilities().adapter.name.contains("llvmpipe") {
+        return;
+    }
+    assert!(!RowKernel::Invocation.supports(gpu, spec.v, 2));
+    assert_eq!(RowKernel::for_rows(gpu, spec.v, 2), RowKernel::Workgroup);
+    let logits = gpu.zeros("logits", &[2 * 50257], DType::F32).unwrap();
+    let grad = gpu.zeros("grad", &[2 * 50257], DType::F32).unwrap();
+    let targets = gpu.upload_u32("targets", &[2], &[0, 1]).unwrap();
+    let loss = gpu.zeros("loss", &[2], DType::F32).unwrap();
+    let e = CrossEntropy::with_row_kernel(
+        gpu,
+        RowKernel::Invocation,
+        &loss,
+        &grad,
+        &logits,
+        &targets,
+        None,
+        &spec,
+    )
+    .err()
+    .expect("the per-invocation layout must be refused");
+    assert!(e.to_string().contains("loop budget"), "{e}");
 }

@@ -375,3 +375,42 @@ fn every_variant_gives_bit_identical_results() {
         }
     }
 }
+
+/// A long K (a weight gradient over 70000 tokens): every variant that says it can run the product
+/// sums all K terms, the others refuse it, and the tuned choice is right. On llvmpipe loops stop
+/// silently after 65535 iterations per invocation, which some variants would pass.
+#[test]
+fn long_k_is_summed_completely_or_refused() {
+    let gpu = gpu(Precision::F32).unwrap();
+    let k = 70_000;
+    for layout in [Layout::NN, Layout::TN] {
+        let spec = MatmulSpec::new(layout, 3, 5, k);
+        // Ones: every element of C is exactly K in f32.
+        let a = gpu
+            .upload("a", &[spec.a_len()], DType::F32, &vec![1.0; spec.a_len()])
+            .unwrap();
+        let b = gpu
+            .upload("b", &[spec.b_len()], DType::F32, &vec![1.0; spec.b_len()])
+            .unwrap();
+        let want = vec![k as f32; spec.c_len()];
+        for variant in MatmulVariant::ALL {
+            let c = gpu.zeros("c", &[spec.c_len()], DType::F32).unwrap();
+            match Matmul::with_variant(gpu, variant, &c, &a, &b, None, &spec) {
+                Ok(mm) => {
+                    mm.run(gpu).unwrap();
+                    assert_eq!(gpu.read(&c).unwrap(), want, "{} K={k}", variant.name());
+                }
+                Err(e) => {
+                    assert!(!variant.supports(gpu, &spec), "{}: {e}", variant.name());
+                    assert!(e.to_string().contains("cannot run here"), "{e}");
+                }
+            }
+        }
+        let c = gpu.zeros("c", &[spec.c_len()], DType::F32).unwrap();
+        Matmul::new(gpu, &c, &a, &b, None, &spec)
+            .unwrap()
+            .run(gpu)
+            .unwrap();
+        assert_eq!(gpu.read(&c).unwrap(), want, "tuned choice, K={k}");
+    }
+}

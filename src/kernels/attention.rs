@@ -17,6 +17,9 @@ use crate::{Error, Result};
 const WG: u32 = 128;
 /// Rows per workgroup of the one-invocation-per-row softmax.
 const ROWS_WG: usize = 64;
+/// Walks over a row of the softmax forward (max, sum, output) and backward (dot, output).
+const FORWARD_PASSES: usize = 3;
+const BACKWARD_PASSES: usize = 2;
 
 #[repr(C)]
 #[derive(Clone, Copy, bytemuck::Pod, bytemuck::Zeroable)]
@@ -68,6 +71,21 @@ fn softmax(
     probs: &GpuTensor,
 ) -> Result<Dispatch> {
     let precision = common_precision("attention", &[probs])?;
+    let passes = if entry == "softmax_causal_forward" {
+        FORWARD_PASSES
+    } else {
+        BACKWARD_PASSES
+    };
+    if !kernel.supports(gpu, shape.seq, passes) {
+        return Err(Error::shape(
+            "attention",
+            format!(
+                "{kernel:?} softmax rows of {} exceed this adapter's loop budget; use \
+                 RowKernel::for_rows",
+                shape.seq
+            ),
+        ));
+    }
     let rows = shape.batch * shape.heads * shape.seq;
     let (entry, constants, groups) = match kernel {
         RowKernel::Workgroup => (entry, Specialisation::default().with("WG", WG), rows),
@@ -173,7 +191,7 @@ impl AttentionForward {
         shape: &AttentionShape,
         dropout: Option<AttentionDropout<'_>>,
     ) -> Result<Self> {
-        let kernel = RowKernel::for_adapter(gpu);
+        let kernel = RowKernel::for_rows(gpu, shape.seq, FORWARD_PASSES);
         Self::with_row_kernel(gpu, out, probs, qkv, shape, dropout, kernel)
     }
 
@@ -283,7 +301,7 @@ impl AttentionBackward {
         shape: &AttentionShape,
         dropout: Option<AttentionDropout<'_>>,
     ) -> Result<Self> {
-        let kernel = RowKernel::for_adapter(gpu);
+        let kernel = RowKernel::for_rows(gpu, shape.seq, BACKWARD_PASSES);
         Self::with_row_kernel(gpu, dqkv, dprobs, dout, qkv, probs, shape, dropout, kernel)
     }
 

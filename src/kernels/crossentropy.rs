@@ -2,7 +2,12 @@
 //! gradient with respect to the logits, one workgroup per position.
 
 use super::checks::{expect_distinct, expect_tensor};
-use super::common_precision;
+use super::{RowKernel, common_precision};
+
+/// Rows per workgroup of the one-invocation-per-row kernel.
+const ROWS_WG: usize = 64;
+/// Walks over a row: the online max and sum, then the gradient.
+const PASSES: usize = 2;
 use crate::gpu::Bind;
 use crate::gpu::{DType, Gpu, GpuTensor, PipelineKey, Specialisation};
 use crate::training::CrossEntropySpec;
@@ -48,6 +53,31 @@ impl CrossEntropy {
         dloss_scale: Option<&GpuTensor>,
         spec: &CrossEntropySpec,
     ) -> Result<Self> {
+        let kernel = RowKernel::for_rows(gpu, spec.v, PASSES);
+        Self::with_row_kernel(
+            gpu,
+            kernel,
+            loss,
+            dlogits,
+            logits,
+            targets,
+            dloss_scale,
+            spec,
+        )
+    }
+
+    /// [`CrossEntropy::new`] with an explicit row layout.
+    #[allow(clippy::too_many_arguments)]
+    pub fn with_row_kernel(
+        gpu: &Gpu,
+        kernel: RowKernel,
+        loss: &GpuTensor,
+        dlogits: &GpuTensor,
+        logits: &GpuTensor,
+        targets: &GpuTensor,
+        dloss_scale: Option<&GpuTensor>,
+        spec: &CrossEntropySpec,
+    ) -> Result<Self> {
         const OP: &str = "crossentropy";
         let precision = common_precision(OP, &[logits, dlogits])?;
         spec.validate(logits.len(), targets.len(), loss.len(), dlogits.len())?;
@@ -64,14 +94,29 @@ impl CrossEntropy {
             all.push(("dloss_scale", s));
         }
         expect_distinct(OP, &all)?;
+        if !kernel.supports(gpu, spec.v, PASSES) {
+            return Err(Error::shape(
+                OP,
+                format!(
+                    "{kernel:?} rows of {} logits exceed this adapter's loop budget; use \
+                     RowKernel::for_rows",
+                    spec.v
+                ),
+            ));
+        }
 
         let max = gpu
             .capabilities()
             .limits
             .max_compute_workgroups_per_dimension as usize;
-        // One workgroup per row, folded into a second dimension past the per-dimension limit.
-        let groups_x = spec.n.clamp(1, max);
-        let groups_y = spec.n.div_ceil(groups_x);
+        // One workgroup per row (or per ROWS_WG rows), folded into a second dimension past the
+        // per-dimension limit.
+        let groups = match kernel {
+            RowKernel::Workgroup => spec.n,
+            RowKernel::Invocation => spec.n.div_ceil(ROWS_WG),
+        };
+        let groups_x = groups.clamp(1, max);
+        let groups_y = groups.div_ceil(groups_x);
         if groups_y > max {
             return Err(Error::shape(
                 OP,
@@ -83,14 +128,22 @@ impl CrossEntropy {
         }
         let workgroups = [groups_x as u32, groups_y as u32, 1];
 
-        let key = |entry| PipelineKey {
+        let key = |entry, constants| PipelineKey {
             family: "crossentropy",
             entry,
             precision,
-            constants: Specialisation::default(),
+            constants,
         };
-        let count_pipeline = gpu.pipeline(&key("count_targets"))?;
-        let pipeline = gpu.pipeline(&key("crossentropy"))?;
+        let count_pipeline = gpu.pipeline(&key("count_targets", Specialisation::default()))?;
+        let pipeline = match kernel {
+            RowKernel::Workgroup => {
+                gpu.pipeline(&key("crossentropy", Specialisation::default()))?
+            }
+            RowKernel::Invocation => gpu.pipeline(&key(
+                "crossentropy_rows",
+                Specialisation::default().with("ROWS_WG", ROWS_WG as u32),
+            ))?,
+        };
         let params = gpu.uniform(
             "crossentropy params",
             &Params {

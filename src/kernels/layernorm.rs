@@ -17,6 +17,30 @@ const PARAM_WG: usize = 64;
 const ROWS_PER_BLOCK: usize = 32;
 /// Rows per workgroup of the one-invocation-per-row entries.
 const ROWS_WG: usize = 64;
+/// Walks over a row of the forward (mean, variance, output) and of the input gradient.
+const FORWARD_PASSES: usize = 3;
+const BACKWARD_PASSES: usize = 2;
+
+/// Refuses a row layout that cannot run rows of `spec.channels` on `gpu`.
+fn check_kernel(
+    gpu: &Gpu,
+    op: &'static str,
+    kernel: RowKernel,
+    spec: &LayerNormSpec,
+    passes: usize,
+) -> Result<()> {
+    if kernel.supports(gpu, spec.channels, passes) {
+        return Ok(());
+    }
+    Err(Error::shape(
+        op,
+        format!(
+            "{kernel:?} rows of {} channels exceed this adapter's loop budget; use \
+             RowKernel::for_rows",
+            spec.channels
+        ),
+    ))
+}
 
 /// The uniform block `Dims` of the shader.
 #[repr(C)]
@@ -96,7 +120,7 @@ fn row_entry(name: &'static str, kernel: RowKernel) -> (&'static str, Specialisa
 impl LayerNormForward {
     /// Prepares `out = layernorm(inp)·weight + bias`, saving `mean` and `rstd` (f32 tensors of
     /// `spec.rows` elements whatever the storage precision), in the adapter's row layout
-    /// ([`RowKernel::for_adapter`]).
+    /// ([`RowKernel::for_rows`]).
     #[allow(clippy::too_many_arguments)]
     pub fn new(
         gpu: &Gpu,
@@ -108,7 +132,7 @@ impl LayerNormForward {
         bias: &GpuTensor,
         spec: &LayerNormSpec,
     ) -> Result<Self> {
-        let kernel = RowKernel::for_adapter(gpu);
+        let kernel = RowKernel::for_rows(gpu, spec.channels, FORWARD_PASSES);
         Self::with_kernel(gpu, kernel, out, mean, rstd, inp, weight, bias, spec)
     }
 
@@ -145,6 +169,7 @@ impl LayerNormForward {
             &[out, mean, rstd],
             &[out, mean, rstd, inp, weight, bias],
         )?;
+        check_kernel(gpu, op, kernel, spec, FORWARD_PASSES)?;
         let (rows, dims) = dims(gpu, op, spec, kernel)?;
         let dims = gpu.uniform("layernorm dims", &dims);
         let (entry, constants) = row_entry("layernorm_forward", kernel);
@@ -193,7 +218,7 @@ impl LayerNormBackward {
     /// `spec.accumulate_input`), `dweight` and `dbias` (overwritten, or added to with
     /// `spec.accumulate_params`), from `dout`, the forward's input and weight and its saved
     /// `mean` and `rstd` (f32). Allocates a scratch of 2 · ⌈rows/32⌉ · channels f32. Uses the
-    /// adapter's row layout ([`RowKernel::for_adapter`]) for the input gradient.
+    /// adapter's row layout ([`RowKernel::for_rows`]) for the input gradient.
     #[allow(clippy::too_many_arguments)]
     pub fn new(
         gpu: &Gpu,
@@ -207,7 +232,7 @@ impl LayerNormBackward {
         rstd: &GpuTensor,
         spec: &LayerNormSpec,
     ) -> Result<Self> {
-        let kernel = RowKernel::for_adapter(gpu);
+        let kernel = RowKernel::for_rows(gpu, spec.channels, BACKWARD_PASSES);
         Self::with_kernel(
             gpu, kernel, dinp, dweight, dbias, dout, inp, weight, mean, rstd, spec,
         )
@@ -250,6 +275,7 @@ impl LayerNormBackward {
             &[dinp, dweight, dbias],
             &[dinp, dweight, dbias, dout, inp, weight, mean, rstd],
         )?;
+        check_kernel(gpu, op, kernel, spec, BACKWARD_PASSES)?;
         let (rows, d) = dims(gpu, op, spec, kernel)?;
         let blocks = d.blocks as usize;
         let scratch = gpu.zeros(

@@ -1,6 +1,6 @@
 //! The matmul family (shaders/matmul.wgsl): every product of a linear layer and of attention.
 
-use super::{common_precision, groups};
+use super::{common_precision, groups, loop_budget_ok};
 use crate::gpu::{Bind, Gpu, GpuTensor, PipelineKey, Specialisation};
 use crate::ops::MatmulSpec;
 use crate::{Error, Result};
@@ -72,6 +72,24 @@ impl MatmulVariant {
 
     /// Whether this variant can run `spec` on `gpu`.
     pub fn supports(self, gpu: &Gpu, spec: &MatmulSpec) -> bool {
+        loop_budget_ok(gpu, self.loop_iterations(spec)) && self.can_run(gpu, spec)
+    }
+
+    /// An upper estimate of the loop iterations one invocation runs for `spec` (see
+    /// [`loop_budget_ok`]): the K loop and what it contains, plus the stores.
+    fn loop_iterations(self, spec: &MatmulSpec) -> usize {
+        let k = spec.k;
+        match self {
+            // Per K tile: the two staging loops and the 16-step multiply, 28 iterations as
+            // measured on llvmpipe (37445 of K = 40000 terms summed).
+            MatmulVariant::Tiled | MatmulVariant::TiledVec4 => (k / TILE_K + 1) * 28 + 64,
+            MatmulVariant::Rows | MatmulVariant::RowsSubgroupShuffle => k + 64,
+            MatmulVariant::RowsSubgroup => k / 8 + 64,
+            MatmulVariant::Texture => k / TEXTURE_K_ROUND + 256,
+        }
+    }
+
+    fn can_run(self, gpu: &Gpu, spec: &MatmulSpec) -> bool {
         match self {
             MatmulVariant::TiledVec4 => vec4_ok(spec),
             MatmulVariant::RowsSubgroup | MatmulVariant::RowsSubgroupShuffle => {
@@ -255,7 +273,8 @@ impl Matmul {
                 format!(
                     "variant {} cannot run here (tiled_vec4 needs 4-aligned extents and strides, \
                      rows_subgroup the SUBGROUP feature, texture subgroups of 8 or more and \
-                     operands within the texture size limits); {spec:?}",
+                     operands within the texture size limits; on llvmpipe every variant's K \
+                     loop must fit the loop budget); {spec:?}",
                     variant.name()
                 ),
             ));

@@ -32,15 +32,42 @@ impl RowKernel {
     /// Both layouts.
     pub const ALL: [RowKernel; 2] = [RowKernel::Workgroup, RowKernel::Invocation];
 
-    /// The layout for `gpu`'s kind of adapter: per invocation on software adapters, per
-    /// workgroup elsewhere.
-    pub fn for_adapter(gpu: &Gpu) -> RowKernel {
-        if gpu.capabilities().adapter.software {
+    /// The layout for `gpu`'s kind of adapter and a kernel that walks each row `passes` times
+    /// over `row_len` elements: per invocation on software adapters (while the walk fits the
+    /// loop budget, see [`loop_budget_ok`]), per workgroup elsewhere.
+    pub fn for_rows(gpu: &Gpu, row_len: usize, passes: usize) -> RowKernel {
+        if gpu.capabilities().adapter.software
+            && RowKernel::Invocation.supports(gpu, row_len, passes)
+        {
             RowKernel::Invocation
         } else {
             RowKernel::Workgroup
         }
     }
+
+    /// Whether this layout computes a kernel walking each row `passes` times over `row_len`
+    /// elements correctly on `gpu` (one invocation per row is limited by the loop budget).
+    pub fn supports(self, gpu: &Gpu, row_len: usize, passes: usize) -> bool {
+        match self {
+            RowKernel::Workgroup => true,
+            RowKernel::Invocation => loop_budget_ok(gpu, row_len.saturating_mul(passes)),
+        }
+    }
+}
+
+/// Loop iterations one shader invocation may run in total on llvmpipe (lavapipe): gallivm guards
+/// against infinite loops with one counter per invocation, shared by all its loops, and leaves
+/// every loop once 65535 iterations have run, silently, so a longer kernel computes a wrong
+/// result. (Measured: a tiled matmul summed 37445 of K = 40000 terms, a one-invocation-per-row
+/// cross-entropy wrote 15277 of 50257 gradients after a first pass of 50257.)
+pub const LLVMPIPE_LOOP_BUDGET: usize = 65_535;
+
+/// Whether `iterations` loop iterations per invocation (an upper estimate, with what the kernel
+/// spends outside its main loops) run to completion on `gpu`: always, except past
+/// [`LLVMPIPE_LOOP_BUDGET`] on llvmpipe.
+pub fn loop_budget_ok(gpu: &Gpu, iterations: usize) -> bool {
+    let name = gpu.capabilities().adapter.name.to_ascii_lowercase();
+    !name.contains("llvmpipe") || iterations.saturating_add(256) <= LLVMPIPE_LOOP_BUDGET
 }
 
 /// Anything prepared once that adds its dispatches to a compute pass: what a step plan is a list
