@@ -529,6 +529,8 @@ pub fn train(opts: &TrainOptions, stop: &AtomicBool) -> Result<TrainSummary> {
     let (mut full_val_loss, mut full_val_tokens) = (None, 0);
     if t.final_eval_full_split && state.step == t.max_steps as u64 && !stop.load(Ordering::Relaxed)
     {
+        // Not training time: kept out of ms/step and tokens/s like the periodic evaluations.
+        let e0 = Instant::now();
         let batches = super::eval::windows(
             dataset.val_tokens(),
             t.batch_size,
@@ -545,6 +547,7 @@ pub fn train(opts: &TrainOptions, stop: &AtomicBool) -> Result<TrainSummary> {
             &opts.out_dir,
             &serde_json::json!({"step": state.step, "full_val_loss": v, "full_val_ppl": v.exp(), "full_val_tokens": full_val_tokens}),
         )?;
+        eval_time += e0.elapsed().as_secs_f64();
     }
     let done = state.step - first_step;
     let train_s = (start.elapsed().as_secs_f64() - eval_time).max(1e-9);
