@@ -62,6 +62,56 @@ fn workgroup_sum(lid: u32, v: f32) -> f32 {
     return r;
 }
 
+// The passes over one row, shared by both layouts. Row r attends to the first `live` keys; an
+// invocation covers positions first, first + stride, ...: (lid, WG) when a workgroup shares the
+// row, (0, 1) when it owns it.
+
+fn row_max(base: u32, live: u32, first: u32, stride: u32) -> f32 {
+    var m = -3.402823e38;
+    for (var s = first; s < live; s += stride) {
+        m = max(m, f32(scores[base + s]));
+    }
+    return m;
+}
+
+fn row_exp_sum(base: u32, live: u32, m: f32, first: u32, stride: u32) -> f32 {
+    var sum = 0.0;
+    for (var s = first; s < live; s += stride) {
+        sum += exp(f32(scores[base + s]) - m);
+    }
+    return sum;
+}
+
+// Probabilities in place, zero past `live`. `inv` is 1 / the row's sum of exponentials.
+fn row_probabilities(base: u32, live: u32, m: f32, inv: f32, first: u32, stride: u32) {
+    for (var s = first; s < params.seq; s += stride) {
+        var p = 0.0;
+        if s < live {
+            p = exp(f32(scores[base + s]) - m) * inv;
+        }
+        scores[base + s] = T(p);
+    }
+}
+
+fn row_dot(base: u32, live: u32, first: u32, stride: u32) -> f32 {
+    var dot = 0.0;
+    for (var s = first; s < live; s += stride) {
+        dot += f32(probs[base + s]) * f32(dprobs[base + s]);
+    }
+    return dot;
+}
+
+// dS = P * (dP - dot), in place in dprobs, zero past `live`.
+fn row_score_gradient(base: u32, live: u32, dot: f32, first: u32, stride: u32) {
+    for (var s = first; s < params.seq; s += stride) {
+        var d = 0.0;
+        if s < live {
+            d = f32(probs[base + s]) * (f32(dprobs[base + s]) - dot);
+        }
+        dprobs[base + s] = T(d);
+    }
+}
+
 @compute @workgroup_size(WG, 1, 1)
 fn softmax_causal_forward(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_index) lid: u32) {
     let row = wg.x + wg.y * params.groups_x;
@@ -69,28 +119,12 @@ fn softmax_causal_forward(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_i
     if row >= params.rows {
         return;
     }
-    let seq = params.seq;
-    let base = row * seq;
-    let live = row % seq + 1u;
-
-    var m = -3.402823e38;
-    for (var s = lid; s < live; s += WG) {
-        m = max(m, f32(scores[base + s]));
-    }
-    m = workgroup_max(lid, m);
-    var sum = 0.0;
-    for (var s = lid; s < live; s += WG) {
-        sum += exp(f32(scores[base + s]) - m);
-    }
-    // live >= 1 and the maximum term is exp(0) = 1, so sum >= 1.
-    let inv = 1.0 / workgroup_sum(lid, sum);
-    for (var s = lid; s < seq; s += WG) {
-        var p = 0.0;
-        if s < live {
-            p = exp(f32(scores[base + s]) - m) * inv;
-        }
-        scores[base + s] = T(p);
-    }
+    let base = row * params.seq;
+    let live = row % params.seq + 1u;
+    let m = workgroup_max(lid, row_max(base, live, lid, WG));
+    // live >= 1 and the maximum term is exp(0) = 1, so the sum is >= 1.
+    let inv = 1.0 / workgroup_sum(lid, row_exp_sum(base, live, m, lid, WG));
+    row_probabilities(base, live, m, inv, lid, WG);
 }
 
 @compute @workgroup_size(WG, 1, 1)
@@ -99,21 +133,10 @@ fn softmax_causal_backward(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_
     if row >= params.rows {
         return;
     }
-    let seq = params.seq;
-    let base = row * seq;
-    let live = row % seq + 1u;
-    var dot = 0.0;
-    for (var s = lid; s < live; s += WG) {
-        dot += f32(probs[base + s]) * f32(dprobs[base + s]);
-    }
-    dot = workgroup_sum(lid, dot);
-    for (var s = lid; s < seq; s += WG) {
-        var d = 0.0;
-        if s < live {
-            d = f32(probs[base + s]) * (f32(dprobs[base + s]) - dot);
-        }
-        dprobs[base + s] = T(d);
-    }
+    let base = row * params.seq;
+    let live = row % params.seq + 1u;
+    let dot = workgroup_sum(lid, row_dot(base, live, lid, WG));
+    row_score_gradient(base, live, dot, lid, WG);
 }
 
 @compute @workgroup_size(ROWS_WG, 1, 1)
@@ -122,25 +145,11 @@ fn softmax_causal_forward_rows(@builtin(workgroup_id) wg: vec3<u32>, @builtin(lo
     if row >= params.rows {
         return;
     }
-    let seq = params.seq;
-    let base = row * seq;
-    let live = row % seq + 1u;
-    var m = -3.402823e38;
-    for (var s = 0u; s < live; s++) {
-        m = max(m, f32(scores[base + s]));
-    }
-    var sum = 0.0;
-    for (var s = 0u; s < live; s++) {
-        sum += exp(f32(scores[base + s]) - m);
-    }
-    let inv = 1.0 / sum;
-    for (var s = 0u; s < seq; s++) {
-        var p = 0.0;
-        if s < live {
-            p = exp(f32(scores[base + s]) - m) * inv;
-        }
-        scores[base + s] = T(p);
-    }
+    let base = row * params.seq;
+    let live = row % params.seq + 1u;
+    let m = row_max(base, live, 0u, 1u);
+    let inv = 1.0 / row_exp_sum(base, live, m, 0u, 1u);
+    row_probabilities(base, live, m, inv, 0u, 1u);
 }
 
 @compute @workgroup_size(ROWS_WG, 1, 1)
@@ -149,18 +158,7 @@ fn softmax_causal_backward_rows(@builtin(workgroup_id) wg: vec3<u32>, @builtin(l
     if row >= params.rows {
         return;
     }
-    let seq = params.seq;
-    let base = row * seq;
-    let live = row % seq + 1u;
-    var dot = 0.0;
-    for (var s = 0u; s < live; s++) {
-        dot += f32(probs[base + s]) * f32(dprobs[base + s]);
-    }
-    for (var s = 0u; s < seq; s++) {
-        var d = 0.0;
-        if s < live {
-            d = f32(probs[base + s]) * (f32(dprobs[base + s]) - dot);
-        }
-        dprobs[base + s] = T(d);
-    }
+    let base = row * params.seq;
+    let live = row % params.seq + 1u;
+    row_score_gradient(base, live, row_dot(base, live, 0u, 1u), 0u, 1u);
 }

@@ -73,6 +73,56 @@ fn nan() -> f32 {
     return bitcast<f32>(0x7fc00000u);
 }
 
+// The passes over one row, shared by both layouts. An invocation covers logits first,
+// first + stride, ...: (lid, WG) when a workgroup shares the row, (0, 1) when it owns it.
+
+// (max, sum of exp(x - max)) over the invocation's logits, by online rescaling.
+fn row_max_sum(base: u32, first: u32, stride: u32) -> vec2<f32> {
+    var m = LOWEST;
+    var s = 0.0;
+    for (var j = first; j < params.v; j += stride) {
+        let x = f32(logits[base + j]);
+        if (x > m) {
+            s = s * exp(m - x) + 1.0;
+            m = x;
+        } else {
+            s += exp(x - m);
+        }
+    }
+    return vec2<f32>(m, s);
+}
+
+// The row's loss: NaN for an out-of-range target, 0 when ignored.
+fn row_loss(base: u32, tgt: u32, m: f32, sum: f32) -> f32 {
+    if (tgt != params.ignore_index && tgt >= params.v) {
+        return nan();
+    }
+    if (tgt == params.ignore_index) {
+        return 0.0;
+    }
+    // (max - x_t) first: both are f32 values of similar size, so the difference is exact or
+    // nearly so even for logits of 1e4, and the small log(sum) is added last.
+    return (m - f32(logits[base + tgt])) + log(sum);
+}
+
+fn row_gradient(base: u32, tgt: u32, m: f32, sum: f32, first: u32, stride: u32) {
+    let ignored = tgt == params.ignore_index;
+    let bad = !ignored && tgt >= params.v;
+    // count >= 1 whenever some row is not ignored, and this row's gradient is zero otherwise.
+    let coef = dloss_scale[0] / f32(max(count[0], 1u));
+    let inv_sum = 1.0 / sum;
+    for (var j = first; j < params.v; j += stride) {
+        var g = 0.0;
+        if (bad) {
+            g = nan();
+        } else if (!ignored) {
+            let p = exp(f32(logits[base + j]) - m) * inv_sum;
+            g = (p - select(0.0, 1.0, j == tgt)) * coef;
+        }
+        dlogits[base + j] = T(g);
+    }
+}
+
 @compute @workgroup_size(WG)
 fn crossentropy(
     @builtin(workgroup_id) wg: vec3<u32>,
@@ -83,22 +133,10 @@ fn crossentropy(
     if (row >= params.n) {
         return;
     }
-    let v = params.v;
-    let base = row * v;
-
-    var m = LOWEST;
-    var s = 0.0;
-    for (var j = lid; j < v; j += WG) {
-        let x = f32(logits[base + j]);
-        if (x > m) {
-            s = s * exp(m - x) + 1.0;
-            m = x;
-        } else {
-            s += exp(x - m);
-        }
-    }
-    red_max[lid] = m;
-    red_sum[lid] = s;
+    let base = row * params.v;
+    let part = row_max_sum(base, lid, WG);
+    red_max[lid] = part.x;
+    red_sum[lid] = part.y;
     workgroupBarrier();
     for (var k = WG / 2u; k > 0u; k >>= 1u) {
         if (lid < k) {
@@ -110,37 +148,13 @@ fn crossentropy(
         }
         workgroupBarrier();
     }
-    let row_max = red_max[0];
+    let m = red_max[0];
     let sum = red_sum[0];
-
     let tgt = targets[row];
-    let ignored = tgt == params.ignore_index;
-    let bad = !ignored && tgt >= v;
     if (lid == 0u) {
-        var l = 0.0;
-        if (bad) {
-            l = nan();
-        } else if (!ignored) {
-            // (max - x_t) first: both are f32 values of similar size, so the difference is exact
-            // or nearly so even for logits of 1e4, and the small log(sum) is added last.
-            l = (row_max - f32(logits[base + tgt])) + log(sum);
-        }
-        loss[row] = l;
+        loss[row] = row_loss(base, tgt, m, sum);
     }
-
-    // count >= 1 whenever some row is not ignored, and this row's gradient is zero otherwise.
-    let coef = dloss_scale[0] / f32(max(count[0], 1u));
-    let inv_sum = 1.0 / sum;
-    for (var j = lid; j < v; j += WG) {
-        var g = 0.0;
-        if (bad) {
-            g = nan();
-        } else if (!ignored) {
-            let p = exp(f32(logits[base + j]) - row_max) * inv_sum;
-            g = (p - select(0.0, 1.0, j == tgt)) * coef;
-        }
-        dlogits[base + j] = T(g);
-    }
+    row_gradient(base, tgt, m, sum, lid, WG);
 }
 
 @compute @workgroup_size(ROWS_WG)
@@ -152,39 +166,9 @@ fn crossentropy_rows(
     if (row >= params.n) {
         return;
     }
-    let v = params.v;
-    let base = row * v;
-    var m = LOWEST;
-    var s = 0.0;
-    for (var j = 0u; j < v; j++) {
-        let x = f32(logits[base + j]);
-        if (x > m) {
-            s = s * exp(m - x) + 1.0;
-            m = x;
-        } else {
-            s += exp(x - m);
-        }
-    }
+    let base = row * params.v;
+    let ms = row_max_sum(base, 0u, 1u);
     let tgt = targets[row];
-    let ignored = tgt == params.ignore_index;
-    let bad = !ignored && tgt >= v;
-    var l = 0.0;
-    if (bad) {
-        l = nan();
-    } else if (!ignored) {
-        l = (m - f32(logits[base + tgt])) + log(s);
-    }
-    loss[row] = l;
-    let coef = dloss_scale[0] / f32(max(count[0], 1u));
-    let inv_sum = 1.0 / s;
-    for (var j = 0u; j < v; j++) {
-        var g = 0.0;
-        if (bad) {
-            g = nan();
-        } else if (!ignored) {
-            let p = exp(f32(logits[base + j]) - m) * inv_sum;
-            g = (p - select(0.0, 1.0, j == tgt)) * coef;
-        }
-        dlogits[base + j] = T(g);
-    }
+    loss[row] = row_loss(base, tgt, ms.x, ms.y);
+    row_gradient(base, tgt, ms.x, ms.y, 0u, 1u);
 }

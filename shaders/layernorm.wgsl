@@ -86,6 +86,59 @@ fn workgroup_sum(lid: u32, v: vec2<f32>) -> vec2<f32> {
     return total;
 }
 
+// The passes over one row, shared by both layouts. An invocation covers channels first,
+// first + stride, ...: (lid, WG) when a workgroup shares the row, (0, 1) when it owns it.
+
+fn row_sum(base: u32, first: u32, stride: u32) -> f32 {
+    var s = 0.0;
+    for (var i = first; i < dims.channels; i += stride) {
+        s += f32(inp[base + i]);
+    }
+    return s;
+}
+
+// A second pass over the row rather than E[x^2] - m^2, which cancels catastrophically when |mean|
+// is large against the spread.
+fn row_squared_deviations(base: u32, m: f32, first: u32, stride: u32) -> f32 {
+    var q = 0.0;
+    for (var i = first; i < dims.channels; i += stride) {
+        let d = f32(inp[base + i]) - m;
+        q += d * d;
+    }
+    return q;
+}
+
+fn row_normalise(base: u32, m: f32, r: f32, first: u32, stride: u32) {
+    for (var i = first; i < dims.channels; i += stride) {
+        let n = (f32(inp[base + i]) - m) * r;
+        out[base + i] = T(n * f32(weight[i]) + f32(bias[i]));
+    }
+}
+
+// sum(g) and sum(g * n), g = dout * weight, n = (x - mean) * rstd.
+fn row_gradient_sums(base: u32, m: f32, r: f32, first: u32, stride: u32) -> vec2<f32> {
+    var acc = vec2<f32>(0.0);
+    for (var i = first; i < dims.channels; i += stride) {
+        let g = f32(dout[base + i]) * f32(weight[i]);
+        let n = (f32(inp[base + i]) - m) * r;
+        acc += vec2<f32>(g, g * n);
+    }
+    return acc;
+}
+
+// dinp = rstd * (g - mean(g) - n * mean(g * n)).
+fn row_input_gradient(base: u32, m: f32, r: f32, means: vec2<f32>, first: u32, stride: u32) {
+    for (var i = first; i < dims.channels; i += stride) {
+        let g = f32(dout[base + i]) * f32(weight[i]);
+        let n = (f32(inp[base + i]) - m) * r;
+        var v = r * (g - means.x - n * means.y);
+        if ACCUMULATE_INPUT {
+            v += f32(dinp[base + i]);
+        }
+        dinp[base + i] = T(v);
+    }
+}
+
 @compute @workgroup_size(WG)
 fn layernorm_forward(
     @builtin(workgroup_id) wg: vec3<u32>,
@@ -96,27 +149,13 @@ fn layernorm_forward(
     if row >= dims.rows {
         return;
     }
-    let c = dims.channels;
-    let base = row * c;
+    let c = f32(dims.channels);
+    let base = row * dims.channels;
     // Strided by WG so that consecutive invocations read consecutive elements.
-    var s = 0.0;
-    for (var i = lid; i < c; i += WG) {
-        s += f32(inp[base + i]);
-    }
-    let m = workgroup_sum(lid, vec2<f32>(s, 0.0)).x / f32(c);
-    // A second pass over the row rather than E[x^2] - m^2, which cancels catastrophically
-    // when |mean| is large against the spread.
-    var q = 0.0;
-    for (var i = lid; i < c; i += WG) {
-        let d = f32(inp[base + i]) - m;
-        q += d * d;
-    }
-    let variance = workgroup_sum(lid, vec2<f32>(q, 0.0)).x / f32(c);
-    let r = inverseSqrt(variance + dims.eps);
-    for (var i = lid; i < c; i += WG) {
-        let n = (f32(inp[base + i]) - m) * r;
-        out[base + i] = T(n * f32(weight[i]) + f32(bias[i]));
-    }
+    let m = workgroup_sum(lid, vec2<f32>(row_sum(base, lid, WG), 0.0)).x / c;
+    let q = workgroup_sum(lid, vec2<f32>(row_squared_deviations(base, m, lid, WG), 0.0)).x;
+    let r = inverseSqrt(q / c + dims.eps);
+    row_normalise(base, m, r, lid, WG);
     if lid == 0u {
         mean_out[row] = m;
         rstd_out[row] = r;
@@ -132,28 +171,15 @@ fn layernorm_forward_rows(
     if row >= dims.rows {
         return;
     }
-    let c = dims.channels;
-    let base = row * c;
-    var s = 0.0;
-    for (var i = 0u; i < c; i++) {
-        s += f32(inp[base + i]);
-    }
-    let m = s / f32(c);
-    var q = 0.0;
-    for (var i = 0u; i < c; i++) {
-        let d = f32(inp[base + i]) - m;
-        q += d * d;
-    }
-    let r = inverseSqrt(q / f32(c) + dims.eps);
-    for (var i = 0u; i < c; i++) {
-        let n = (f32(inp[base + i]) - m) * r;
-        out[base + i] = T(n * f32(weight[i]) + f32(bias[i]));
-    }
+    let c = f32(dims.channels);
+    let base = row * dims.channels;
+    let m = row_sum(base, 0u, 1u) / c;
+    let r = inverseSqrt(row_squared_deviations(base, m, 0u, 1u) / c + dims.eps);
+    row_normalise(base, m, r, 0u, 1u);
     mean_out[row] = m;
     rstd_out[row] = r;
 }
 
-// dinp = rstd * (g - mean(g) - n * mean(g * n)), g = dout * weight, n = (x - mean) * rstd.
 @compute @workgroup_size(WG)
 fn layernorm_backward_input(
     @builtin(workgroup_id) wg: vec3<u32>,
@@ -163,26 +189,11 @@ fn layernorm_backward_input(
     if row >= dims.rows {
         return;
     }
-    let c = dims.channels;
-    let base = row * c;
+    let base = row * dims.channels;
     let m = mean_in[row];
     let r = rstd_in[row];
-    var acc = vec2<f32>(0.0);
-    for (var i = lid; i < c; i += WG) {
-        let g = f32(dout[base + i]) * f32(weight[i]);
-        let n = (f32(inp[base + i]) - m) * r;
-        acc += vec2<f32>(g, g * n);
-    }
-    let means = workgroup_sum(lid, acc) / f32(c);
-    for (var i = lid; i < c; i += WG) {
-        let g = f32(dout[base + i]) * f32(weight[i]);
-        let n = (f32(inp[base + i]) - m) * r;
-        var v = r * (g - means.x - n * means.y);
-        if ACCUMULATE_INPUT {
-            v += f32(dinp[base + i]);
-        }
-        dinp[base + i] = T(v);
-    }
+    let sums = workgroup_sum(lid, row_gradient_sums(base, m, r, lid, WG));
+    row_input_gradient(base, m, r, sums / f32(dims.channels), lid, WG);
 }
 
 @compute @workgroup_size(ROWS_WG)
@@ -194,26 +205,11 @@ fn layernorm_backward_input_rows(
     if row >= dims.rows {
         return;
     }
-    let c = dims.channels;
-    let base = row * c;
+    let base = row * dims.channels;
     let m = mean_in[row];
     let r = rstd_in[row];
-    var acc = vec2<f32>(0.0);
-    for (var i = 0u; i < c; i++) {
-        let g = f32(dout[base + i]) * f32(weight[i]);
-        let n = (f32(inp[base + i]) - m) * r;
-        acc += vec2<f32>(g, g * n);
-    }
-    let means = acc / f32(c);
-    for (var i = 0u; i < c; i++) {
-        let g = f32(dout[base + i]) * f32(weight[i]);
-        let n = (f32(inp[base + i]) - m) * r;
-        var v = r * (g - means.x - n * means.y);
-        if ACCUMULATE_INPUT {
-            v += f32(dinp[base + i]);
-        }
-        dinp[base + i] = T(v);
-    }
+    let sums = row_gradient_sums(base, m, r, 0u, 1u);
+    row_input_gradient(base, m, r, sums / f32(dims.channels), 0u, 1u);
 }
 
 // Consecutive invocations own consecutive channels, so each row's loads coalesce.

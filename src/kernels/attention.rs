@@ -15,8 +15,6 @@ use crate::ops::{AttentionShape, Layout, MatmulSpec, Operand};
 use crate::{Error, Result};
 
 const WG: u32 = 128;
-/// Rows per workgroup of the one-invocation-per-row softmax.
-const ROWS_WG: usize = 64;
 /// Walks over a row of the softmax forward (max, sum, output) and backward (dot, output).
 const FORWARD_PASSES: usize = 3;
 const BACKWARD_PASSES: usize = 2;
@@ -61,44 +59,42 @@ fn per_head(shape: &AttentionShape, layout: Layout, m: usize, n: usize, k: usize
     s
 }
 
+/// Which causal softmax kernel to prepare: its entry points in the two row layouts and how many
+/// times it walks a row.
+struct SoftmaxPass {
+    entry: &'static str,
+    rows_entry: &'static str,
+    passes: usize,
+}
+
+const SOFTMAX_FORWARD: SoftmaxPass = SoftmaxPass {
+    entry: "softmax_causal_forward",
+    rows_entry: "softmax_causal_forward_rows",
+    passes: FORWARD_PASSES,
+};
+const SOFTMAX_BACKWARD: SoftmaxPass = SoftmaxPass {
+    entry: "softmax_causal_backward",
+    rows_entry: "softmax_causal_backward_rows",
+    passes: BACKWARD_PASSES,
+};
+
 /// The causal softmax kernel (forward or backward) over every row of the (B·n_head·T, T) matrix.
 fn softmax(
     gpu: &Gpu,
-    entry: &'static str,
+    pass: &SoftmaxPass,
     kernel: RowKernel,
     shape: &AttentionShape,
     buffers: &[(u32, Bind<'_>)],
     probs: &GpuTensor,
 ) -> Result<Dispatch> {
     let precision = common_precision("attention", &[probs])?;
-    let passes = if entry == "softmax_causal_forward" {
-        FORWARD_PASSES
-    } else {
-        BACKWARD_PASSES
-    };
-    if !kernel.supports(gpu, shape.seq, passes) {
-        return Err(Error::shape(
-            "attention",
-            format!(
-                "{kernel:?} softmax rows of {} exceed this adapter's loop budget; use \
-                 RowKernel::for_rows",
-                shape.seq
-            ),
-        ));
-    }
+    kernel.check(gpu, "attention", shape.seq, pass.passes)?;
     let rows = shape.batch * shape.heads * shape.seq;
-    let (entry, constants, groups) = match kernel {
-        RowKernel::Workgroup => (entry, Specialisation::default().with("WG", WG), rows),
-        RowKernel::Invocation => (
-            match entry {
-                "softmax_causal_forward" => "softmax_causal_forward_rows",
-                _ => "softmax_causal_backward_rows",
-            },
-            Specialisation::default().with("ROWS_WG", ROWS_WG as u32),
-            rows.div_ceil(ROWS_WG),
-        ),
-    };
-    let workgroups = grid(gpu, "attention", groups)?;
+    let (entry, constants) = kernel.entry(
+        (pass.entry, Specialisation::default().with("WG", WG)),
+        pass.rows_entry,
+    );
+    let workgroups = grid(gpu, "attention", kernel.workgroups(rows))?;
     let params = gpu.uniform(
         "attention softmax params",
         &Params {
@@ -217,7 +213,7 @@ impl AttentionForward {
         let scores = Matmul::new(gpu, probs, qkv, qkv, None, &s)?;
         let softmax = softmax(
             gpu,
-            "softmax_causal_forward",
+            &SOFTMAX_FORWARD,
             kernel,
             shape,
             &[(1, probs.bind())],
@@ -355,7 +351,7 @@ impl AttentionBackward {
         // dS = P ⊙ (dP − rowsum(P ⊙ dP)), in place in dprobs.
         let softmax = softmax(
             gpu,
-            "softmax_causal_backward",
+            &SOFTMAX_BACKWARD,
             kernel,
             shape,
             &[(2, probs.bind()), (3, dprobs.bind())],

@@ -4,8 +4,6 @@
 use super::checks::{expect_distinct, expect_tensor};
 use super::{RowKernel, common_precision};
 
-/// Rows per workgroup of the one-invocation-per-row kernel.
-const ROWS_WG: usize = 64;
 /// Walks over a row: the online max and sum, then the gradient.
 const PASSES: usize = 2;
 use crate::gpu::Bind;
@@ -94,16 +92,7 @@ impl CrossEntropy {
             all.push(("dloss_scale", s));
         }
         expect_distinct(OP, &all)?;
-        if !kernel.supports(gpu, spec.v, PASSES) {
-            return Err(Error::shape(
-                OP,
-                format!(
-                    "{kernel:?} rows of {} logits exceed this adapter's loop budget; use \
-                     RowKernel::for_rows",
-                    spec.v
-                ),
-            ));
-        }
+        kernel.check(gpu, OP, spec.v, PASSES)?;
 
         let max = gpu
             .capabilities()
@@ -111,10 +100,7 @@ impl CrossEntropy {
             .max_compute_workgroups_per_dimension as usize;
         // One workgroup per row (or per ROWS_WG rows), folded into a second dimension past the
         // per-dimension limit.
-        let groups = match kernel {
-            RowKernel::Workgroup => spec.n,
-            RowKernel::Invocation => spec.n.div_ceil(ROWS_WG),
-        };
+        let groups = kernel.workgroups(spec.n);
         let groups_x = groups.clamp(1, max);
         let groups_y = groups.div_ceil(groups_x);
         if groups_y > max {
@@ -135,15 +121,11 @@ impl CrossEntropy {
             constants,
         };
         let count_pipeline = gpu.pipeline(&key("count_targets", Specialisation::default()))?;
-        let pipeline = match kernel {
-            RowKernel::Workgroup => {
-                gpu.pipeline(&key("crossentropy", Specialisation::default()))?
-            }
-            RowKernel::Invocation => gpu.pipeline(&key(
-                "crossentropy_rows",
-                Specialisation::default().with("ROWS_WG", ROWS_WG as u32),
-            ))?,
-        };
+        let (entry, constants) = kernel.entry(
+            ("crossentropy", Specialisation::default()),
+            "crossentropy_rows",
+        );
+        let pipeline = gpu.pipeline(&key(entry, constants))?;
         let params = gpu.uniform(
             "crossentropy params",
             &Params {

@@ -15,32 +15,9 @@ const PARAM_WG: usize = 64;
 /// blocks to run in parallel, large enough that the scratch (2 · blocks · channels f32) stays a
 /// fraction of the activation it reduces (2/32 of it at f32, 4/32 at f16).
 const ROWS_PER_BLOCK: usize = 32;
-/// Rows per workgroup of the one-invocation-per-row entries.
-const ROWS_WG: usize = 64;
 /// Walks over a row of the forward (mean, variance, output) and of the input gradient.
 const FORWARD_PASSES: usize = 3;
 const BACKWARD_PASSES: usize = 2;
-
-/// Refuses a row layout that cannot run rows of `spec.channels` on `gpu`.
-fn check_kernel(
-    gpu: &Gpu,
-    op: &'static str,
-    kernel: RowKernel,
-    spec: &LayerNormSpec,
-    passes: usize,
-) -> Result<()> {
-    if kernel.supports(gpu, spec.channels, passes) {
-        return Ok(());
-    }
-    Err(Error::shape(
-        op,
-        format!(
-            "{kernel:?} rows of {} channels exceed this adapter's loop budget; use \
-             RowKernel::for_rows",
-            spec.channels
-        ),
-    ))
-}
 
 /// The uniform block `Dims` of the shader.
 #[repr(C)]
@@ -63,10 +40,7 @@ fn dims(
     spec: &LayerNormSpec,
     kernel: RowKernel,
 ) -> Result<([u32; 3], Dims)> {
-    let rows = match kernel {
-        RowKernel::Workgroup => grid(gpu, op, spec.rows)?,
-        RowKernel::Invocation => grid(gpu, op, spec.rows.div_ceil(ROWS_WG))?,
-    };
+    let rows = grid(gpu, op, kernel.workgroups(spec.rows))?;
     let max = gpu
         .capabilities()
         .limits
@@ -101,20 +75,6 @@ fn dims(
 /// The forward, ready to record: one workgroup or one invocation per row ([`RowKernel`]).
 pub struct LayerNormForward {
     dispatch: Dispatch,
-}
-
-/// Entry point and specialisation of the row-wise kernel `name` in `kernel`'s layout.
-fn row_entry(name: &'static str, kernel: RowKernel) -> (&'static str, Specialisation) {
-    match kernel {
-        RowKernel::Workgroup => (name, Specialisation::default().with("WG", WG)),
-        RowKernel::Invocation => (
-            match name {
-                "layernorm_forward" => "layernorm_forward_rows",
-                _ => "layernorm_backward_input_rows",
-            },
-            Specialisation::default().with("ROWS_WG", ROWS_WG as u32),
-        ),
-    }
 }
 
 impl LayerNormForward {
@@ -169,10 +129,16 @@ impl LayerNormForward {
             &[out, mean, rstd],
             &[out, mean, rstd, inp, weight, bias],
         )?;
-        check_kernel(gpu, op, kernel, spec, FORWARD_PASSES)?;
+        kernel.check(gpu, op, spec.channels, FORWARD_PASSES)?;
         let (rows, dims) = dims(gpu, op, spec, kernel)?;
         let dims = gpu.uniform("layernorm dims", &dims);
-        let (entry, constants) = row_entry("layernorm_forward", kernel);
+        let (entry, constants) = kernel.entry(
+            (
+                "layernorm_forward",
+                Specialisation::default().with("WG", WG),
+            ),
+            "layernorm_forward_rows",
+        );
         let dispatch = Dispatch::new(
             gpu,
             "layernorm",
@@ -275,7 +241,7 @@ impl LayerNormBackward {
             &[dinp, dweight, dbias],
             &[dinp, dweight, dbias, dout, inp, weight, mean, rstd],
         )?;
-        check_kernel(gpu, op, kernel, spec, BACKWARD_PASSES)?;
+        kernel.check(gpu, op, spec.channels, BACKWARD_PASSES)?;
         let (rows, d) = dims(gpu, op, spec, kernel)?;
         let blocks = d.blocks as usize;
         let scratch = gpu.zeros(
@@ -284,7 +250,13 @@ impl LayerNormBackward {
             DType::F32,
         )?;
         let dims = gpu.uniform("layernorm dims", &d);
-        let (entry, constants) = row_entry("layernorm_backward_input", kernel);
+        let (entry, constants) = kernel.entry(
+            (
+                "layernorm_backward_input",
+                Specialisation::default().with("WG", WG),
+            ),
+            "layernorm_backward_input_rows",
+        );
         let input = Dispatch::new(
             gpu,
             "layernorm",

@@ -53,7 +53,54 @@ impl RowKernel {
             RowKernel::Invocation => loop_budget_ok(gpu, row_len.saturating_mul(passes)),
         }
     }
+
+    /// [`RowKernel::supports`] as an error for `op` naming the row length and the way out.
+    pub(crate) fn check(
+        self,
+        gpu: &Gpu,
+        op: &'static str,
+        row_len: usize,
+        passes: usize,
+    ) -> Result<()> {
+        if self.supports(gpu, row_len, passes) {
+            return Ok(());
+        }
+        Err(Error::shape(
+            op,
+            format!(
+                "{self:?} rows of {row_len} exceed this adapter's loop budget; use \
+                 RowKernel::for_rows"
+            ),
+        ))
+    }
+
+    /// Workgroups that cover `rows` rows in this layout.
+    pub(crate) fn workgroups(self, rows: usize) -> usize {
+        match self {
+            RowKernel::Workgroup => rows,
+            RowKernel::Invocation => rows.div_ceil(ROWS_PER_WORKGROUP),
+        }
+    }
+
+    /// The entry point and specialisation in this layout: `workgroup` as given, or the
+    /// one-invocation-per-row entry `rows_entry` with its `ROWS_WG`.
+    pub(crate) fn entry(
+        self,
+        workgroup: (&'static str, Specialisation),
+        rows_entry: &'static str,
+    ) -> (&'static str, Specialisation) {
+        match self {
+            RowKernel::Workgroup => workgroup,
+            RowKernel::Invocation => (
+                rows_entry,
+                Specialisation::default().with("ROWS_WG", ROWS_PER_WORKGROUP as u32),
+            ),
+        }
+    }
 }
+
+/// Rows per workgroup of the one-invocation-per-row layout (`ROWS_WG` in the shaders).
+const ROWS_PER_WORKGROUP: usize = 64;
 
 /// Loop iterations one shader invocation may run in total on llvmpipe (lavapipe): gallivm guards
 /// against infinite loops with one counter per invocation, shared by all its loops, and leaves
