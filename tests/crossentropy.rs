@@ -421,22 +421,9 @@ fn gradient_is_bit_identical_across_runs() {
         let spec = CrossEntropySpec::new(3, 50257);
         let x = round_to(p, &logits(3 * 50257, 4.0, 31));
         let t = targets(3, 50257, 32, None);
-        let a = run_gpu(
-            gpu,
-            RowKernel::for_rows(gpu, spec.v, 2),
-            &x,
-            &t,
-            None,
-            &spec,
-        );
-        let b = run_gpu(
-            gpu,
-            RowKernel::for_rows(gpu, spec.v, 2),
-            &x,
-            &t,
-            None,
-            &spec,
-        );
+        let kernel = RowKernel::for_rows(gpu, spec.v, 2);
+        let a = run_gpu(gpu, kernel, &x, &t, None, &spec);
+        let b = run_gpu(gpu, kernel, &x, &t, None, &spec);
         let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
         assert_eq!(
             bits(&a.grad),
