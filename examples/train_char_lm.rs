@@ -56,6 +56,8 @@ fn main() -> kiln::Result<()> {
             progress: true,
             adapter: None,
             stop_after: None,
+            resume_from: None,
+            overwrite: !resume,
         },
         &AtomicBool::new(false),
     )?;

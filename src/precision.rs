@@ -77,6 +77,16 @@ pub enum PrecisionChoice {
     F32,
 }
 
+impl PrecisionChoice {
+    /// The one rule every `kiln` subcommand follows: the `--precision` flag when it was given,
+    /// else the config's `train.precision` (the run's config for `train`, the checkpoint's for
+    /// `eval` and `sample`; `auto` where there is none). An explicit f16 on an adapter without
+    /// `SHADER_F16` is then an error when the device is opened, whichever of the two asked.
+    pub fn resolve(flag: Option<PrecisionChoice>, config: PrecisionChoice) -> PrecisionChoice {
+        flag.unwrap_or(config)
+    }
+}
+
 impl FromStr for PrecisionChoice {
     type Err = crate::Error;
     fn from_str(s: &str) -> crate::Result<Self> {
@@ -91,6 +101,22 @@ impl FromStr for PrecisionChoice {
                     "expected auto, f16 or f32",
                 )),
             },
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::PrecisionChoice::{self, *};
+
+    /// Every combination of the global flag and the config's setting: the flag wins when given.
+    #[test]
+    fn the_flag_wins_over_the_config() {
+        for config in [Auto, F16, F32] {
+            assert_eq!(PrecisionChoice::resolve(None, config), config);
+            for flag in [Auto, F16, F32] {
+                assert_eq!(PrecisionChoice::resolve(Some(flag), config), flag);
+            }
         }
     }
 }

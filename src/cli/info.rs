@@ -7,7 +7,11 @@ use kiln::Result;
 pub struct InfoArgs {}
 
 pub fn run(args: &Args, _: &InfoArgs) -> Result<()> {
-    let adapters = kiln::gpu::list_adapters();
+    let (adapters, searched) = kiln::gpu::adapter_search();
+    println!("backends searched:");
+    for line in &searched {
+        println!("  {line}");
+    }
     println!("adapters found: {}", adapters.len());
     for a in &adapters {
         println!("  {}", a.line());
@@ -20,9 +24,12 @@ pub fn run(args: &Args, _: &InfoArgs) -> Result<()> {
         ""
     };
     println!(
-        "selected: [{}] {}{kind}",
-        caps.adapter.index, caps.adapter.name
+        "selected: [{}] {}{kind}: {}",
+        caps.adapter.index, caps.adapter.name, caps.choice_reason
     );
+    if let Some(w) = &caps.slow_fallback {
+        println!("warning: {w}");
+    }
     println!("features granted:");
     for (name, on) in [
         ("SHADER_F16", caps.shader_f16),

@@ -9,16 +9,18 @@ mod train;
 use clap::{Parser, Subcommand};
 use kiln::{Gpu, GpuOptions, PrecisionChoice, Result};
 
-/// Train, fine-tune and sample small language models on any GPU through WGSL compute shaders.
+/// Train and sample small language models on any GPU through WGSL compute shaders.
 #[derive(Parser, Debug)]
 #[command(name = "kiln", version, about)]
 pub struct Args {
     /// Adapter to use: an index from `kiln info` or part of its name (default: best hardware adapter).
     #[arg(long, global = true, env = "KILN_ADAPTER")]
     adapter: Option<String>,
-    /// Storage precision: auto (f16 where SHADER_F16 is granted), f16 or f32.
-    #[arg(long, global = true, default_value = "auto")]
-    precision: PrecisionChoice,
+    /// Storage precision: auto (f16 where SHADER_F16 is granted), f16 or f32. Overrides the
+    /// config's train.precision (train: the run's config; eval, sample: the checkpoint's);
+    /// without it that setting applies, and auto where there is none.
+    #[arg(long, global = true)]
+    precision: Option<PrecisionChoice>,
     #[command(subcommand)]
     command: Command,
 }
@@ -44,7 +46,7 @@ impl Args {
     fn open_gpu(&self) -> Result<Gpu> {
         Gpu::with_options(&GpuOptions {
             adapter: self.adapter.clone(),
-            precision: self.precision,
+            precision: self.precision.unwrap_or_default(),
         })
     }
 }
@@ -55,7 +57,7 @@ pub fn run(args: Args) -> Result<()> {
         Command::Info(a) => info::run(&args, a),
         Command::Bench(b) => bench::run(&args, b),
         Command::Params(p) => params::run(p),
-        Command::Train(t) => train::run(args.adapter.clone(), t),
+        Command::Train(t) => train::run(args.adapter.clone(), args.precision, t),
         Command::Eval(e) => train::eval(args.adapter.clone(), args.precision, e),
         Command::Sample(s) => sample::run(args.adapter.clone(), args.precision, s),
     }

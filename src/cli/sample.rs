@@ -49,9 +49,21 @@ pub struct SampleArgs {
     /// Samples to draw (seeds seed, seed+1, ...).
     #[arg(long, default_value_t = 1)]
     num_samples: usize,
+    /// What happens when prompt and output fill the context. `restart` (the default) keeps the
+    /// last half of the context, prefills it again and goes on with the key/value cache: one
+    /// cheap decode step per token, but the text differs from a sliding window's. `slide` is
+    /// nanoGPT's exact sliding window: it recomputes the whole context for every token past it,
+    /// a full forward pass per token (about block_size times the work of a decode step).
+    #[arg(long, default_value = "restart", value_parser = ["restart", "slide"])]
+    window: String,
 }
 
-pub fn run(adapter: Option<String>, precision: PrecisionChoice, a: &SampleArgs) -> Result<()> {
+pub fn run(
+    adapter: Option<String>,
+    precision: Option<PrecisionChoice>,
+    a: &SampleArgs,
+) -> Result<()> {
+    let precision = super::train::checkpoint_precision(&a.checkpoint, precision);
     let prompt = match &a.prompt_file {
         Some(p) => std::fs::read_to_string(p).map_err(|source| Error::Io {
             path: p.display().to_string(),
@@ -59,11 +71,17 @@ pub fn run(adapter: Option<String>, precision: PrecisionChoice, a: &SampleArgs) 
         })?,
         None => a.prompt.clone(),
     };
-    let generator = Generator::load(&a.checkpoint, &GpuOptions { adapter, precision })?;
-    // The checkpoint's [sample] table (or --config's), then each flag given.
+    if a.num_samples == 0 {
+        return Err(Error::invalid("--num-samples", 0, "must be at least 1"));
+    }
+    // The checkpoint's [sample] table (or --config's), then each flag given; checked before the
+    // model is loaded.
     let mut base = match &a.config {
         Some(path) => kiln::model::Config::load(path, &[])?.sample,
-        None => generator.default_params().clone(),
+        None => {
+            let dir = kiln::train::checkpoint::resolve(&a.checkpoint)?;
+            kiln::train::checkpoint::read_config(&dir)?.sample
+        }
     };
     let set = |v: Option<f32>, field: &mut f32| {
         if let Some(v) = v {
@@ -88,6 +106,8 @@ pub fn run(adapter: Option<String>, precision: PrecisionChoice, a: &SampleArgs) 
         base.stop = a.stop.clone();
     }
     base.validate()?;
+    let mut generator = Generator::load(&a.checkpoint, &GpuOptions { adapter, precision })?;
+    generator.set_window(a.window.parse()?);
     let mut stdout = std::io::stdout();
     for i in 0..a.num_samples {
         let mut params = base.clone();

@@ -21,6 +21,14 @@ pub struct TrainArgs {
     /// Continue from the latest checkpoint in --out (its config.toml is used unless --config).
     #[arg(long)]
     resume: bool,
+    /// Continue from the checkpoint of this step (a step-N folder in --out) instead of the
+    /// latest; implies --resume.
+    #[arg(long, value_name = "STEP")]
+    resume_from: Option<u64>,
+    /// Replace the run already in --out (its checkpoints, metrics, plot and config) instead of
+    /// refusing to start.
+    #[arg(long, conflicts_with_all = ["resume", "resume_from"])]
+    overwrite: bool,
     /// Override a config value, e.g. --set train.lr=3e-4 (repeatable).
     #[arg(long = "set", value_name = "KEY=VALUE")]
     overrides: Vec<String>,
@@ -32,10 +40,14 @@ pub struct TrainArgs {
     quiet: bool,
 }
 
-pub fn run(adapter: Option<String>, a: &TrainArgs) -> Result<()> {
+pub fn run(
+    adapter: Option<String>,
+    precision: Option<kiln::PrecisionChoice>,
+    a: &TrainArgs,
+) -> Result<()> {
     let out = a.out.clone();
-    let resume = a.resume;
-    let config = match (&a.config, resume) {
+    let resume = a.resume || a.resume_from.is_some();
+    let mut config = match (&a.config, resume) {
         (Some(path), _) => Config::load(path, &a.overrides)?,
         (None, true) => {
             let path = out.join("config.toml");
@@ -43,6 +55,7 @@ pub fn run(adapter: Option<String>, a: &TrainArgs) -> Result<()> {
         }
         (None, false) => Config::from_toml("", &a.overrides)?,
     };
+    config.train.precision = kiln::PrecisionChoice::resolve(precision, config.train.precision);
     let data = a
         .data
         .clone()
@@ -68,6 +81,8 @@ pub fn run(adapter: Option<String>, a: &TrainArgs) -> Result<()> {
         data,
         out_dir: out.clone(),
         resume,
+        resume_from: a.resume_from,
+        overwrite: a.overwrite,
         progress: !a.quiet && std::io::IsTerminal::is_terminal(&std::io::stderr()),
         adapter,
         stop_after: a.steps,
@@ -117,7 +132,19 @@ pub struct EvalArgs {
     batches: usize,
 }
 
-pub fn eval(adapter: Option<String>, precision: kiln::PrecisionChoice, a: &EvalArgs) -> Result<()> {
+pub fn eval(
+    adapter: Option<String>,
+    precision: Option<kiln::PrecisionChoice>,
+    a: &EvalArgs,
+) -> Result<()> {
+    if a.batches == 0 {
+        return Err(Error::invalid(
+            "--batches",
+            0,
+            "must be at least 1 (leave it out to use the config's train.eval_batches)",
+        ));
+    }
+    let precision = checkpoint_precision(&a.checkpoint, precision);
     let r = kiln::train::eval::eval_checkpoint(
         &a.checkpoint,
         a.data.as_deref(),
@@ -130,4 +157,18 @@ pub fn eval(adapter: Option<String>, precision: kiln::PrecisionChoice, a: &EvalA
     );
     println!("{}", serde_json::to_string(&r).unwrap_or_default());
     Ok(())
+}
+
+/// The storage precision for a command that loads a checkpoint: the flag, else the checkpoint
+/// config's `train.precision` (see [`kiln::PrecisionChoice::resolve`]). A checkpoint that cannot
+/// be read here is left for the loader to report.
+pub fn checkpoint_precision(
+    path: &std::path::Path,
+    flag: Option<kiln::PrecisionChoice>,
+) -> kiln::PrecisionChoice {
+    let config = kiln::train::checkpoint::resolve(path)
+        .and_then(|dir| kiln::train::checkpoint::read_config(&dir))
+        .map(|c| c.train.precision)
+        .unwrap_or_default();
+    kiln::PrecisionChoice::resolve(flag, config)
 }

@@ -3,6 +3,8 @@
 
 pub mod processors;
 pub mod sampler;
+pub mod stop;
 
 pub use processors::SamplingParams;
-pub use sampler::Generator;
+pub use sampler::{ContextWindow, Generator};
+pub use stop::StopMatcher;

@@ -72,6 +72,21 @@ impl SamplingParams {
                 "must be a finite number > 0 (1 is off)",
             ));
         }
+        if self.max_tokens == 0 {
+            return Err(Error::invalid(
+                "max_tokens",
+                0,
+                "must be at least 1: generating nothing is never what was meant",
+            ));
+        }
+        if let Some(i) = self.stop.iter().position(|s| s.is_empty()) {
+            return Err(Error::invalid(
+                format!("stop[{i}]"),
+                "\"\"",
+                "a stop string must not be empty (it would match before the first token); leave \
+                 it out",
+            ));
+        }
         for (key, v) in [
             ("frequency_penalty", self.frequency_penalty),
             ("presence_penalty", self.presence_penalty),

@@ -6,12 +6,16 @@
 //! buffers. Each further token then runs through [`KvDecoder`] alone, attending over that cache.
 //!
 //! When the cache is full (prompt plus output reach `block_size`), the model's learned absolute
-//! positions rule out sliding the cache by one, so the last `block_size / 2` tokens are prefilled
-//! again and decoding continues from there: the context then holds between half and all of the
-//! block. [`Generator::set_kv_cache`]`(false)` recomputes the last `block_size` tokens for every
-//! token instead (slower; the reference the cache is tested against).
+//! positions rule out sliding the cache by one. [`ContextWindow`] says what happens then: by
+//! default ([`ContextWindow::Restart`]) the last `block_size / 2` tokens are prefilled again and
+//! decoding continues from there, so the context holds between half and all of the block and
+//! each token costs one decode step; [`ContextWindow::Slide`] recomputes the last `block_size`
+//! tokens for every further token, as nanoGPT's `generate` does (exact, a full forward pass per
+//! token). [`Generator::set_kv_cache`]`(false)` recomputes the window for every token from the
+//! first (slowest; the reference the cache is tested against).
 
 use super::processors::{SamplingParams, next_token};
+use super::stop::StopMatcher;
 use crate::cpu::gpt::GptBatch;
 use crate::data::Tokenizer;
 use crate::gpu::{Gpu, GpuOptions};
@@ -20,7 +24,33 @@ use crate::model::gpu::GptGpu;
 use crate::train::checkpoint;
 use crate::{Error, Result};
 use rand::SeedableRng;
-use std::path::Path;
+use std::path::{Path, PathBuf};
+
+/// What generation does once prompt and output fill the context (`block_size` tokens).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ContextWindow {
+    /// Keep the last `block_size / 2` tokens, prefill them again and go on decoding with the
+    /// cache: one cheap decode step per token, but the model then sees between half and all of
+    /// the block, so the output differs from a sliding window's.
+    #[default]
+    Restart,
+    /// A sliding window of the last `block_size` tokens, recomputed for every token past the
+    /// context: exactly what nanoGPT's `generate` computes, at the cost of a whole forward pass
+    /// per token.
+    Slide,
+}
+
+impl std::str::FromStr for ContextWindow {
+    type Err = Error;
+    fn from_str(s: &str) -> Result<Self> {
+        match s {
+            "restart" => Ok(ContextWindow::Restart),
+            "slide" => Ok(ContextWindow::Slide),
+            _ => Err(Error::invalid("window", s, "expected restart or slide")),
+        }
+    }
+}
 
 /// A model loaded from a checkpoint, ready to generate.
 pub struct Generator {
@@ -28,6 +58,8 @@ pub struct Generator {
     model: GptGpu,
     decoder: KvDecoder,
     kv_cache: bool,
+    window: ContextWindow,
+    folder: PathBuf,
     defaults: SamplingParams,
     tokenizer: Tokenizer,
     block_size: usize,
@@ -56,11 +88,8 @@ pub struct Generation {
 impl Generator {
     /// Loads the latest checkpoint under `dir` (or `dir` itself if it is a checkpoint folder).
     pub fn load(dir: &Path, options: &GpuOptions) -> Result<Generator> {
-        let ck = if dir.join("state.json").exists() {
-            checkpoint::load(dir)?
-        } else {
-            checkpoint::load_latest(dir)?
-        };
+        let folder = checkpoint::resolve(dir)?;
+        let ck = checkpoint::load(&folder)?;
         let tokenizer = Tokenizer::from_json(&ck.tokenizer_json)?;
         let gpu = Gpu::with_options(options)?;
         gpu.tuning().set_enabled(false);
@@ -84,6 +113,8 @@ impl Generator {
             model,
             decoder,
             kv_cache: true,
+            window: ContextWindow::default(),
+            folder,
             defaults: ck.config.sample.clone(),
             tokenizer,
             block_size,
@@ -101,6 +132,11 @@ impl Generator {
         self.kv_cache = on;
     }
 
+    /// What happens once the context is full (see [`ContextWindow`]).
+    pub fn set_window(&mut self, window: ContextWindow) {
+        self.window = window;
+    }
+
     /// The forward pass over `context` (at most block_size tokens), filling the cache; returns
     /// the logits after its last token.
     fn prefill(&self, context: &[u32]) -> Result<Vec<f32>> {
@@ -110,6 +146,24 @@ impl Generator {
         self.gpu
             .run_pass("prefill", |pass| self.model.record_logits(pass))?;
         self.model.read_logits_row(&self.gpu, context.len() - 1)
+    }
+
+    /// Refuses logits that are not all finite: sampling from them would print text that means
+    /// nothing.
+    fn check_logits(&self, logits: &[f32], position: usize) -> Result<()> {
+        match logits.iter().position(|x| !x.is_finite()) {
+            None => Ok(()),
+            Some(i) => Err(Error::NonFinite {
+                what: "logits".into(),
+                message: format!(
+                    "the model in {} gives {} for token {i} at output position {position}: its \
+                     weights are damaged or the run had diverged when it was saved; sample from \
+                     an earlier checkpoint with --checkpoint RUN/step-N",
+                    self.folder.display(),
+                    logits[i]
+                ),
+            }),
+        }
     }
 
     /// The tokenizer of the checkpoint.
@@ -138,8 +192,8 @@ impl Generator {
         let truncated = tokens.len().saturating_sub(self.block_size);
         let mut rng = rand::rngs::StdRng::seed_from_u64(params.seed);
         let mut out_ids: Vec<u32> = Vec::new();
-        let mut printed = 0usize; // bytes of decoded output already handed to on_text
-        let mut text = String::new();
+        let mut matcher = StopMatcher::new(&params.stop);
+        let mut bytes = Vec::new();
         let t0 = std::time::Instant::now();
         let window = &tokens[truncated..];
         let prompt_tokens = window.len();
@@ -154,60 +208,44 @@ impl Generator {
                 logits = if !self.kv_cache {
                     self.prefill(&tokens[tokens.len().saturating_sub(self.block_size)..])?
                 } else if pos == self.block_size {
-                    let keep = &tokens[tokens.len() - self.block_size / 2..];
-                    pos = keep.len();
-                    self.prefill(keep)?
+                    match self.window {
+                        ContextWindow::Restart => {
+                            let keep = &tokens[tokens.len() - self.block_size / 2..];
+                            pos = keep.len();
+                            self.prefill(keep)?
+                        }
+                        // pos stays at block_size, so every further token comes here.
+                        ContextWindow::Slide => {
+                            self.prefill(&tokens[tokens.len() - self.block_size..])?
+                        }
+                    }
                 } else {
                     pos += 1;
                     self.decoder.decode(&self.gpu, last, pos - 1)?
                 };
             }
+            self.check_logits(&logits, i)?;
             let next = next_token(&mut logits, &tokens, params, &mut rng);
             tokens.push(next);
             out_ids.push(next);
-            text = String::from_utf8_lossy(&self.tokenizer.decode_bytes(&out_ids)?).into_owned();
-            if let Some(cut) = params
-                .stop
-                .iter()
-                .filter_map(|s| text.find(s.as_str()))
-                .min()
-            {
-                text.truncate(cut);
-                if cut > printed {
-                    on_text(&text[printed..cut]);
-                }
-                printed = cut;
+            bytes = self.tokenizer.decode_bytes(&out_ids)?;
+            let piece = matcher.push(&bytes);
+            if !piece.is_empty() {
+                on_text(&piece);
+            }
+            if matcher.stopped() {
                 break;
             }
-            // Hold back what could still become the start of a stop sequence.
-            let hold = params
-                .stop
-                .iter()
-                .map(|s| {
-                    (1..s.len())
-                        .rev()
-                        .find(|&k| text.ends_with(&s[..k]) && s.is_char_boundary(k))
-                        .unwrap_or(0)
-                })
-                .max()
-                .unwrap_or(0);
-            let mut upto = text.len() - hold;
-            while !text.is_char_boundary(upto) {
-                upto -= 1;
-            }
-            if upto > printed {
-                on_text(&text[printed..upto]);
-                printed = upto;
-            }
         }
-        if text.len() > printed {
-            on_text(&text[printed..]);
+        let rest = matcher.finish(&bytes);
+        if !rest.is_empty() {
+            on_text(&rest);
         }
         Ok(Generation {
             tokens: out_ids.len(),
             ids: out_ids,
             prompt_tokens,
-            text,
+            text: matcher.text().to_string(),
             truncated_prompt_tokens: truncated,
             prefill_s,
             decode_s: t1.elapsed().as_secs_f64(),

@@ -24,6 +24,11 @@ pub struct Capabilities {
     pub limits: wgpu::Limits,
     /// Precision kiln uses for storage on this device.
     pub precision: Precision,
+    /// Why this adapter was chosen, in words.
+    pub choice_reason: String,
+    /// Set when the adapter is a slow fallback that installing a driver would fix (OpenGL on a
+    /// machine without a Vulkan driver): what to install.
+    pub slow_fallback: Option<String>,
 }
 
 impl Capabilities {

@@ -40,12 +40,20 @@ pub struct Gpu {
 
 /// Every adapter wgpu can see on this machine, in the order `--adapter INDEX` uses.
 pub fn list_adapters() -> Vec<AdapterSummary> {
-    let instance = adapter::instance();
-    adapter::enumerate(&instance)
+    adapter_search().0
+}
+
+/// [`list_adapters`], with one line per backend group saying what was searched and found (GL is
+/// searched only when no Vulkan, Metal or DX12 adapter exists).
+pub fn adapter_search() -> (Vec<AdapterSummary>, Vec<String>) {
+    let found = adapter::discover();
+    let list = found
+        .adapters
         .iter()
         .enumerate()
         .map(|(i, a)| AdapterSummary::new(i, &a.get_info()))
-        .collect()
+        .collect();
+    (list, found.searched)
 }
 
 impl Gpu {
@@ -57,8 +65,7 @@ impl Gpu {
     /// Opens a device as `options` say. Requests `SHADER_F16`, `SUBGROUP` and `TIMESTAMP_QUERY`
     /// where the adapter has them and the adapter's own limits.
     pub fn with_options(options: &GpuOptions) -> Result<Self> {
-        let instance = adapter::instance();
-        let adapters = adapter::enumerate(&instance);
+        let adapters = adapter::discover().adapters;
         let wanted = options
             .adapter
             .clone()
@@ -67,7 +74,11 @@ impl Gpu {
         let adapter = &adapters[index];
         let info = adapter.get_info();
         let summary = AdapterSummary::new(index, &info);
-        if summary.software {
+        let by_user = wanted.as_deref().is_some_and(|w| !w.trim().is_empty());
+        let (reason, warning) = adapter::explain_choice(&info, by_user, &adapters);
+        if let Some(w) = &warning {
+            log::warn!("{w}");
+        } else if summary.software {
             log::warn!(
                 "using software adapter {} ({}): expect CPU speeds, not GPU speeds",
                 summary.name,
@@ -125,6 +136,8 @@ impl Gpu {
             timestamp_period_ns: queue.get_timestamp_period(),
             limits,
             precision,
+            choice_reason: reason,
+            slow_fallback: warning,
         };
 
         // wgpu's default handler panics on a validation error; kiln turns them into `Error::Gpu`

@@ -191,12 +191,14 @@ impl Config {
         let mut value: toml::Table = toml::from_str(text).map_err(|e| Error::Config {
             message: e.to_string(),
         })?;
+        let file = value.clone();
         for o in overrides {
             apply_override(&mut value, o)?;
         }
-        let config: Config = Config::deserialize(value).map_err(|e| Error::Config {
-            message: e.to_string(),
-        })?;
+        let config: Config = match Config::deserialize(value) {
+            Ok(c) => c,
+            Err(e) => return Err(blame(file, overrides, e)),
+        };
         config.validate()?;
         Ok(config)
     }
@@ -336,6 +338,29 @@ impl Config {
             ));
         }
         Ok(())
+    }
+}
+
+/// The error for a config that does not deserialize: the file's own when the file alone fails,
+/// else that of the first `--set` that makes it fail (so a bad override is not blamed on the file).
+fn blame(file: toml::Table, overrides: &[String], error: toml::de::Error) -> Error {
+    if Config::deserialize(file.clone()).is_err() {
+        return Error::Config {
+            message: error.to_string(),
+        };
+    }
+    let mut value = file;
+    for o in overrides {
+        if apply_override(&mut value, o).is_err() {
+            break;
+        }
+        if let Err(e) = Config::deserialize(value.clone()) {
+            let message = e.to_string();
+            return Error::invalid("--set", o, message.trim().replace('\n', " "));
+        }
+    }
+    Error::Config {
+        message: error.to_string(),
     }
 }
 

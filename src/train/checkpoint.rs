@@ -157,6 +157,10 @@ impl Checkpoint {
         if !differences.is_empty() {
             return Err(Error::IncompatibleCheckpoint {
                 differences: differences.join(", "),
+                advice: "The checkpoint's tensors do not fit the model it is being loaded into \
+                         (were its files mixed or edited?); load another checkpoint with \
+                         --checkpoint RUN/step-N"
+                    .into(),
             });
         }
         let move_buffer = |src: &[f32]| {
@@ -292,7 +296,7 @@ fn check_savable(ckpt: &Checkpoint) -> Result<()> {
                     format!("checkpoint {what} {}[{i}]", t.name),
                     buf[t.offset + i],
                     "weights and moments must be finite to be checkpointed; the run has \
-                     diverged: resume from an earlier checkpoint with a lower learning rate",
+                     diverged: resume from an earlier checkpoint (kiln train --out RUN --resume-from N) with a lower learning rate",
                 ));
             }
         }
@@ -384,11 +388,47 @@ fn encode_tensors(
             ));
         }
     }
-    safetensors::serialize(views, Some(meta)).map_err(|e| Error::Invalid {
+    let bytes = safetensors::serialize(views, Some(meta)).map_err(|e| Error::Invalid {
         key: "checkpoint tensors".into(),
         value: format!("{} tensors", layout.tensors().len()),
         rule: format!("safetensors refused them: {e}"),
-    })
+    })?;
+    canonical_metadata(bytes)
+}
+
+/// Rewrites the `__metadata__` object of a serialized safetensors file with its keys sorted.
+/// safetensors takes the metadata as a `HashMap`, whose iteration order is random per process, so
+/// the same checkpoint written twice would differ in its header. The rewritten header has the
+/// same length (the same keys and values, reordered), so the data offsets stay valid.
+fn canonical_metadata(mut bytes: Vec<u8>) -> Result<Vec<u8>> {
+    let broken = |m: &str| Error::Invalid {
+        key: "checkpoint header".into(),
+        value: m.to_string(),
+        rule: "safetensors wrote a header kiln cannot read back; this is a bug".into(),
+    };
+    let n = u64::from_le_bytes(
+        bytes
+            .get(..8)
+            .and_then(|b| b.try_into().ok())
+            .ok_or_else(|| broken("shorter than 8 bytes"))?,
+    ) as usize;
+    let header = bytes.get(8..8 + n).ok_or_else(|| broken("cut short"))?;
+    let mut value: serde_json::Map<String, serde_json::Value> =
+        serde_json::from_slice(header).map_err(|_| broken("not JSON"))?;
+    if let Some(serde_json::Value::Object(meta)) = value.get_mut("__metadata__") {
+        let sorted: BTreeMap<String, serde_json::Value> =
+            std::mem::take(meta).into_iter().collect();
+        meta.extend(sorted);
+    }
+    let text = serde_json::to_vec(&value).map_err(|_| broken("not re-encodable"))?;
+    if text.len() > n {
+        return Err(broken("grew when reordered"));
+    }
+    // safetensors pads the header with spaces to an 8-byte boundary; keep the length.
+    let mut padded = text;
+    padded.resize(n, b' ');
+    bytes[8..8 + n].copy_from_slice(&padded);
+    Ok(bytes)
 }
 
 fn write_synced(path: &Path, bytes: &[u8]) -> Result<()> {
@@ -529,12 +569,63 @@ pub fn latest_dir(root: &Path) -> Result<PathBuf> {
         .map(|(_, _, path)| path)
         .find(|p| is_complete(p))
         .ok_or_else(|| {
-            ckpt_err(
-                root,
-                "no checkpoint here (no valid `latest` pointer and no complete step-N folder); \
-                 check the path, or start a fresh run",
-            )
+            if root.join(CONFIG_FILE).is_file() {
+                ckpt_err(
+                    root,
+                    "no checkpoint yet: this run stopped before its first checkpoint (one is \
+                     written every train.checkpoint_interval steps); start it again with \
+                     `kiln train --config RUN/config.toml --out RUN --overwrite`",
+                )
+            } else {
+                ckpt_err(
+                    root,
+                    "no checkpoint here (no valid `latest` pointer and no complete step-N \
+                     folder); check the path, or start a fresh run",
+                )
+            }
         })
+}
+
+/// The checkpoint folder a user means by `path`: `path` itself when it is a checkpoint folder
+/// (named `step-N`, or holding any of a checkpoint's own files), else the latest checkpoint of
+/// the run folder `path` (see [`latest_dir`]). So a damaged step folder is reported as damaged
+/// rather than as a run folder without checkpoints.
+pub fn resolve(path: &Path) -> Result<PathBuf> {
+    let named_as_step = path
+        .file_name()
+        .and_then(|n| n.to_str())
+        .is_some_and(|n| parse_step_name(n).is_some());
+    let own_files = [MODEL_FILE, OPTIMIZER_FILE, TOKENIZER_FILE, STATE_FILE];
+    if named_as_step || own_files.iter().any(|f| path.join(f).exists()) {
+        return Ok(path.to_path_buf());
+    }
+    latest_dir(path)
+}
+
+/// The folder of step `step` in the run folder `root`, checked to be a complete checkpoint;
+/// the error lists the steps that are there.
+pub fn step_dir(root: &Path, step: u64) -> Result<PathBuf> {
+    let dir = root.join(step_name(step));
+    if is_complete(&dir) {
+        return Ok(dir);
+    }
+    let steps: Vec<String> = list_checkpoints(root)
+        .unwrap_or_default()
+        .into_iter()
+        .filter(|(_, old, p)| !old && is_complete(p))
+        .map(|(s, _, _)| s.to_string())
+        .collect();
+    Err(ckpt_err(
+        &dir,
+        format!(
+            "no complete checkpoint for step {step}; this run has checkpoints for steps: {}",
+            if steps.is_empty() {
+                "none".to_string()
+            } else {
+                steps.join(", ")
+            }
+        ),
+    ))
 }
 
 /// Loads the newest checkpoint under `root` (see [`latest_dir`]).
@@ -564,7 +655,9 @@ pub fn read_state(dir: &Path) -> Result<TrainingState> {
     let corrupt = |e: serde_json::Error| {
         ckpt_err(
             &path,
-            format!("is not a valid training state ({e}); load an earlier checkpoint"),
+            format!(
+                "is not a valid training state ({e}); load an earlier checkpoint (--checkpoint RUN/step-N for eval and sample, kiln train --out RUN --resume-from N to train on)"
+            ),
         )
     };
     let mut value: serde_json::Map<String, serde_json::Value> =
@@ -585,7 +678,7 @@ pub fn read_state(dir: &Path) -> Result<TrainingState> {
                 &path,
                 format!(
                     "has no format `version` (this kiln reads version {FORMAT_VERSION}); \
-                     the file was not written by kiln or was edited: load an earlier checkpoint"
+                     the file was not written by kiln or was edited: load an earlier checkpoint (--checkpoint RUN/step-N for eval and sample, kiln train --out RUN --resume-from N to train on)"
                 ),
             ));
         }
@@ -598,7 +691,7 @@ fn read_text(path: &Path) -> Result<String> {
     String::from_utf8(bytes).map_err(|e| {
         ckpt_err(
             path,
-            format!("is not UTF-8 text ({e}); the file is corrupt: load an earlier checkpoint"),
+            format!("is not UTF-8 text ({e}); the file is corrupt: load an earlier checkpoint (--checkpoint RUN/step-N for eval and sample, kiln train --out RUN --resume-from N to train on)"),
         )
     })
 }
@@ -609,7 +702,7 @@ fn read_bytes(path: &Path) -> Result<Vec<u8>> {
             ckpt_err(
                 path,
                 "missing; the checkpoint folder is incomplete (copied partially or edited): \
-                 load an earlier checkpoint",
+                 load an earlier checkpoint (--checkpoint RUN/step-N for eval and sample, kiln train --out RUN --resume-from N to train on)",
             )
         } else {
             io_err(path, e)
@@ -635,7 +728,17 @@ pub fn load(dir: &Path) -> Result<Checkpoint> {
     serde_json::from_str::<serde::de::IgnoredAny>(&tokenizer_json).map_err(|e| {
         ckpt_err(
             &tokenizer_path,
-            format!("is not valid JSON ({e}); the file is corrupt: load an earlier checkpoint"),
+            format!("is not valid JSON ({e}); the file is corrupt: load an earlier checkpoint (--checkpoint RUN/step-N for eval and sample, kiln train --out RUN --resume-from N to train on)"),
+        )
+    })?;
+    crate::data::Tokenizer::from_json(&tokenizer_json).map_err(|e| {
+        ckpt_err(
+            &tokenizer_path,
+            format!(
+                "is not a tokenizer kiln can use ({e}); the file is damaged or was replaced: \
+                 load an earlier checkpoint (--checkpoint RUN/step-N for eval and sample, kiln \
+                 train --out RUN --resume-from N to train on)"
+            ),
         )
     })?;
 
@@ -651,7 +754,7 @@ pub fn load(dir: &Path) -> Result<Checkpoint> {
                 ckpt_err(
                     &model_path,
                     "tensor wte.weight is missing (it sets the vocabulary size, which \
-                     config.toml leaves to the tokenizer); load an earlier checkpoint",
+                     config.toml leaves to the tokenizer); load an earlier checkpoint (--checkpoint RUN/step-N for eval and sample, kiln train --out RUN --resume-from N to train on)",
                 )
             })?,
         v => v,
@@ -825,7 +928,7 @@ impl<'a> SafetensorsFile<'a> {
                 self.path,
                 format!(
                     "does not match the model in config.toml: {}; the files come from different \
-                     runs or were edited: load an earlier checkpoint",
+                     runs or were edited: load an earlier checkpoint (--checkpoint RUN/step-N for eval and sample, kiln train --out RUN --resume-from N to train on)",
                     problems.join("; ")
                 ),
             ));
@@ -853,7 +956,7 @@ impl<'a> SafetensorsFile<'a> {
                     self.path,
                     format!(
                         "tensor {name} holds {d} at element {i}; a checkpoint of a diverged \
-                         run cannot be resumed: load an earlier checkpoint"
+                         run cannot be resumed: load an earlier checkpoint (--checkpoint RUN/step-N for eval and sample, kiln train --out RUN --resume-from N to train on)"
                     ),
                 ));
             }
@@ -948,6 +1051,9 @@ pub fn check_compatible(ckpt: &Checkpoint, config: &Config, layout: &ParamLayout
     } else {
         Err(Error::IncompatibleCheckpoint {
             differences: differences.join("; "),
+            advice: "Resume with the checkpoint's model settings (see config.toml in its folder), \
+                     or start a fresh run with another --out."
+                .into(),
         })
     }
 }

@@ -32,11 +32,10 @@ pub fn eval_checkpoint(
     max_batches: usize,
     options: &GpuOptions,
 ) -> Result<EvalReport> {
-    let folder = if dir.join("state.json").exists() {
-        dir.to_path_buf()
-    } else {
-        checkpoint::latest_dir(dir)?
-    };
+    if max_batches == 0 {
+        return Err(Error::invalid("batches", 0, "must be at least 1"));
+    }
+    let folder = checkpoint::resolve(dir)?;
     let ck = checkpoint::load(&folder)?;
     let tokenizer = Tokenizer::from_json(&ck.tokenizer_json)?;
     let (t, block) = (&ck.config.train, ck.config.model.block_size);
@@ -61,12 +60,7 @@ pub fn eval_checkpoint(
                 ck.config.data.val_fraction,
                 block,
             )?;
-            ds.val_batches(
-                t.eval_batches.min(max_batches.max(1)),
-                t.batch_size,
-                block,
-                t.seed,
-            )?
+            ds.val_batches(t.eval_batches.min(max_batches), t.batch_size, block, t.seed)?
         }
     };
     let gpu = Gpu::with_options(options)?;
@@ -84,6 +78,17 @@ pub fn eval_checkpoint(
     let ck = ck.with_layout(model.layout())?;
     model.set_weights(&gpu, &ck.master)?;
     let loss = evaluate(&gpu, &model, &batches)?;
+    if !loss.is_finite() {
+        return Err(Error::NonFinite {
+            what: "loss".into(),
+            message: format!(
+                "the model in {} gives a loss of {loss} (its logits overflow): its weights are \
+                 damaged or the run had diverged when it was saved; evaluate an earlier \
+                 checkpoint with --checkpoint RUN/step-N",
+                folder.display()
+            ),
+        });
+    }
     let tokens = batches
         .iter()
         .map(|b| b.targets.iter().filter(|&&x| x != u32::MAX).count())

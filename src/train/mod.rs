@@ -3,5 +3,6 @@
 pub mod checkpoint;
 pub mod eval;
 pub mod plot;
+pub mod run_dir;
 pub mod schedule;
 pub mod trainer;

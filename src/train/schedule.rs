@@ -2,9 +2,11 @@
 
 use crate::model::{Decay, TrainConfig};
 
-/// Learning rate for optimizer step `step` (counted from 0), as nanoGPT computes it: a linear
-/// ramp to `lr` over `warmup_steps` (reaching `lr·(step+1)/warmup` at step `step`), then a decay
-/// from `lr` to `min_lr` that ends at `max_steps`, and `min_lr` past it.
+/// Learning rate for optimizer step `step` (counted from 0): a linear ramp to `lr` over
+/// `warmup_steps`, `lr·(step+1)/warmup` at step `step`, so the last warm-up step runs at the full
+/// rate (nanoGPT's `get_lr` ramps one step slower, `lr·(it+1)/(warmup+1)`); then a decay from
+/// `lr` to `min_lr` that ends at `max_steps` (nanoGPT's cosine with `lr_decay_iters =
+/// max_steps`), and `min_lr` past it.
 pub fn learning_rate(train: &TrainConfig, step: u64) -> f64 {
     let (lr, min_lr) = (train.lr, train.min_lr);
     let warmup = train.warmup_steps as u64;
@@ -32,6 +34,16 @@ pub fn learning_rate(train: &TrainConfig, step: u64) -> f64 {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The warm-up is the formula the documentation gives, not nanoGPT's (which an earlier
+    /// comment claimed): lr·(step+1)/warmup, reaching lr at the last warm-up step.
+    #[test]
+    fn warmup_is_the_documented_ramp() {
+        let c = cfg(Decay::Cosine);
+        assert_eq!(learning_rate(&c, 0), c.lr / 100.0);
+        assert_ne!(learning_rate(&c, 0), c.lr / 101.0);
+        assert_eq!(learning_rate(&c, 99), c.lr);
+    }
 
     fn cfg(decay: Decay) -> TrainConfig {
         TrainConfig {

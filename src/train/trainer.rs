@@ -2,6 +2,7 @@
 //! checkpoints, resume and Ctrl-C.
 
 use super::checkpoint::{self, Checkpoint, TrainingState};
+use super::run_dir::{RunDir, RunMode};
 use super::schedule::learning_rate;
 use crate::cpu::gpt::GptBatch;
 use crate::data::Dataset;
@@ -28,6 +29,10 @@ pub struct TrainOptions {
     pub out_dir: PathBuf,
     /// Continue from the latest checkpoint in `out_dir`.
     pub resume: bool,
+    /// With `resume`: continue from the checkpoint of this step instead of the latest.
+    pub resume_from: Option<u64>,
+    /// Without `resume`: replace a run already in `out_dir` (otherwise that is an error).
+    pub overwrite: bool,
     /// Draw a progress bar on stderr.
     pub progress: bool,
     /// Adapter choice.
@@ -257,6 +262,29 @@ pub fn evaluate(gpu: &Gpu, model: &GptGpu, batches: &[crate::data::Batch]) -> Re
     Ok(total / count.max(1) as f64)
 }
 
+/// The error for a run whose loss came out non-finite: it stops before any checkpoint is written
+/// from that state, so `latest` keeps naming the last good one.
+fn diverged(out: &Path, what: &str, detail: String) -> Error {
+    let last_good = checkpoint::latest_dir(out)
+        .ok()
+        .and_then(|d| d.file_name().map(|n| n.to_string_lossy().into_owned()));
+    let resume = match &last_good {
+        Some(name) => format!(
+            "`latest` still names {name}, the last good checkpoint: resume from it or an \
+             earlier one (kiln train --out {} --resume-from N) with a lower train.lr",
+            out.display()
+        ),
+        None => "there is no earlier checkpoint: start again with a lower train.lr".to_string(),
+    };
+    Error::NonFinite {
+        what: what.to_string(),
+        message: format!(
+            "{detail}: the run has diverged, or its weights were damaged. No checkpoint was \
+             written from this state; {resume}"
+        ),
+    }
+}
+
 /// Model FLOPs of one token's forward and backward: 6 per parameter (the matmuls) plus the
 /// attention products, 12·n_layer·C·T (the PaLM appendix count).
 fn flops_per_token(config: &Config, params: usize, seq: usize) -> f64 {
@@ -277,13 +305,40 @@ pub fn train(opts: &TrainOptions, stop: &AtomicBool) -> Result<TrainSummary> {
     }
     let config = &config;
     config.validate()?;
-    std::fs::create_dir_all(&opts.out_dir).map_err(|source| Error::Io {
-        path: opts.out_dir.display().to_string(),
-        source,
-    })?;
-    let resume = if opts.resume {
-        Some(checkpoint::load_latest(&opts.out_dir)?)
+    if opts.resume_from.is_some() && !opts.resume {
+        return Err(Error::invalid(
+            "--resume-from",
+            opts.resume_from.unwrap_or_default(),
+            "continues a run: give it with --resume (or use --resume-from alone on the command line)",
+        ));
+    }
+    if opts.resume && opts.overwrite {
+        return Err(Error::invalid(
+            "--overwrite",
+            "with --resume",
+            "--overwrite replaces a run and --resume continues it; choose one",
+        ));
+    }
+    // Everything that can be checked cheaply is checked before the corpus and the GPU.
+    let mode = if opts.resume {
+        RunMode::Resume {
+            from: opts.resume_from,
+        }
     } else {
+        RunMode::Fresh {
+            overwrite: opts.overwrite,
+        }
+    };
+    let run = RunDir::open(&opts.out_dir, mode)?;
+    let resume = if opts.resume {
+        let dir = match opts.resume_from {
+            Some(step) => checkpoint::step_dir(&opts.out_dir, step)?,
+            None => checkpoint::latest_dir(&opts.out_dir)?,
+        };
+        Some(checkpoint::load(&dir)?)
+    } else {
+        run.write_config(config)?;
+        let _ = std::fs::remove_file(opts.out_dir.join(super::run_dir::METRICS_FILE));
         None
     };
     let data_config = match &resume {
@@ -291,6 +346,22 @@ pub fn train(opts: &TrainOptions, stop: &AtomicBool) -> Result<TrainSummary> {
         None => config.data.clone(),
     };
     let dataset = Dataset::load(&opts.data, &data_config, config.model.block_size)?;
+    let tokenizer_json = dataset.tokenizer().to_json()?;
+    if let Some(ck) = &resume
+        && ck.tokenizer_json != tokenizer_json
+    {
+        let theirs = crate::data::Tokenizer::from_json(&ck.tokenizer_json)?.vocab_size();
+        return Err(Error::invalid(
+            "--resume",
+            opts.out_dir.display(),
+            format!(
+                "the checkpoint's tokenizer ({theirs} tokens) differs from the one built from {} \
+                 ({} tokens); resume with the corpus the run was trained on",
+                opts.data.display(),
+                dataset.tokenizer().vocab_size()
+            ),
+        ));
+    }
     let vocab = dataset.tokenizer().vocab_size();
     let precision = config.train.precision;
     let gpu = Gpu::with_options(&GpuOptions {
@@ -318,19 +389,13 @@ pub fn train(opts: &TrainOptions, stop: &AtomicBool) -> Result<TrainSummary> {
     match resume {
         Some(ck) => {
             checkpoint::check_compatible(&ck, config, &layout)?;
-            if ck.tokenizer_json != dataset.tokenizer().to_json()? {
-                return Err(Error::invalid(
-                    "--resume",
-                    opts.out_dir.display(),
-                    "the checkpoint's tokenizer differs from the corpus's; resume with the same data",
-                ));
-            }
             let ck = ck.with_layout(&layout)?;
             model.set_state(&gpu, &ck.master, Some((&ck.m, &ck.v)))?;
             state = ck.state;
             if scaling {
                 model.set_loss_scale_state(&gpu, state.loss_scale, state.loss_scale_run)?;
             }
+            run.truncate_metrics(state.step)?;
             log::info!("resumed from step {}", state.step);
         }
         None => {
@@ -338,18 +403,8 @@ pub fn train(opts: &TrainOptions, stop: &AtomicBool) -> Result<TrainSummary> {
             if scaling {
                 state.loss_scale = config.loss_scaling().init_scale;
             }
-            let text = toml::to_string_pretty(config).map_err(|e| Error::Config {
-                message: e.to_string(),
-            })?;
-            let path = opts.out_dir.join("config.toml");
-            std::fs::write(&path, text).map_err(|source| Error::Io {
-                path: path.display().to_string(),
-                source,
-            })?;
-            let _ = std::fs::remove_file(opts.out_dir.join("metrics.jsonl"));
         }
     }
-    let tokenizer_json = dataset.tokenizer().to_json()?;
     let val = dataset.val_batches(
         t.eval_batches,
         t.batch_size,
@@ -398,6 +453,13 @@ pub fn train(opts: &TrainOptions, stop: &AtomicBool) -> Result<TrainSummary> {
         let elapsed = (start.elapsed().as_secs_f64() - eval_time).max(1e-9);
         for (step, loss) in losses {
             *last_loss = loss;
+            if !loss.is_finite() {
+                return Err(diverged(
+                    &opts.out_dir,
+                    "training loss",
+                    format!("step {step} gave a training loss of {loss}"),
+                ));
+            }
             let lr = learning_rate(t, step);
             let tok_s = ((step + 1 - first_step) * tokens_per_step) as f64 / elapsed;
             log_metric(
@@ -480,9 +542,17 @@ pub fn train(opts: &TrainOptions, stop: &AtomicBool) -> Result<TrainSummary> {
             || state.step == last_step
             || stopping;
         if eval_now {
-            let e0 = Instant::now();
+            // Waiting for the steps in flight is training time, not evaluation time.
             report(ring.flush(&gpu)?, eval_time, &mut last_loss)?;
+            let e0 = Instant::now();
             let v = evaluate(&gpu, &model, &val)?;
+            if !v.is_finite() {
+                return Err(diverged(
+                    &opts.out_dir,
+                    "validation loss",
+                    format!("the evaluation after step {} gave {v}", state.step),
+                ));
+            }
             val_loss = Some(v);
             if state.best_val_loss.is_none_or(|b| v < b) {
                 state.best_val_loss = Some(v);
@@ -512,8 +582,8 @@ pub fn train(opts: &TrainOptions, stop: &AtomicBool) -> Result<TrainSummary> {
             || state.step == last_step
             || stopping;
         if ckpt_now {
-            let e0 = Instant::now();
             report(ring.flush(&gpu)?, eval_time, &mut last_loss)?;
+            let e0 = Instant::now();
             read_gpu_state(&mut state)?;
             last_ckpt = Some(save(&state)?);
             eval_time += e0.elapsed().as_secs_f64();
