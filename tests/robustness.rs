@@ -296,6 +296,28 @@ fn precision_flag_and_config_follow_one_rule() {
             assert_eq!(summary(&o)["precision"], expect, "{flag:?} {config}");
         }
     }
+    // An adapter without SHADER_F16 (llvmpipe through GL, Vulkan hidden): an explicit f16 from
+    // either side is an error, never a silent f32 run.
+    #[cfg(target_os = "linux")]
+    for (flag, config) in [(Some("f16"), "auto"), (None, "f16")] {
+        let mut args: Vec<String> = flag
+            .map(|f| vec![format!("--precision={f}")])
+            .unwrap_or_default();
+        args.extend(tiny_args(&data, &dir.join("gl"), 2));
+        args.extend(["--set".into(), format!("train.precision={config}")]);
+        args.push("--overwrite".into());
+        let o = kiln()
+            .args(&args)
+            .env("VK_ICD_FILENAMES", "/nonexistent")
+            .env("VK_DRIVER_FILES", "/nonexistent")
+            .output()
+            .unwrap();
+        if stderr(&o).contains("no GPU adapter found") {
+            eprintln!("note: no OpenGL adapter here; the no-f16 case is not exercised");
+            break;
+        }
+        failed_with(&o, &["SHADER_F16"]);
+    }
 }
 
 #[test]
@@ -318,6 +340,10 @@ fn options_that_would_do_nothing_are_refused() {
         (
             vec!["eval", "--checkpoint", ck, "--batches", "0"],
             ["--batches", "at least 1"],
+        ),
+        (
+            vec!["train", "--out", ck, "--resume", "--steps", "0"],
+            ["--steps", "at least 1"],
         ),
     ] {
         let o = kiln().args(&args).output().unwrap();

@@ -45,6 +45,13 @@ pub fn run(
     precision: Option<kiln::PrecisionChoice>,
     a: &TrainArgs,
 ) -> Result<()> {
+    if a.steps == Some(0) {
+        return Err(Error::invalid(
+            "--steps",
+            0,
+            "must be at least 1 (leave it out to train to train.max_steps)",
+        ));
+    }
     let out = a.out.clone();
     let resume = a.resume || a.resume_from.is_some();
     let mut config = match (&a.config, resume) {
