@@ -140,6 +140,14 @@ fn a_run_killed_during_start_up_says_to_start_again() {
         .output()
         .unwrap();
     failed_with(&o, &["no checkpoint yet", "--overwrite"]);
+    let o = kiln()
+        .args(["train", "--quiet", "--resume", "--out"])
+        .arg(dir.join("nothing-here"))
+        .arg("--data")
+        .arg(&data)
+        .output()
+        .unwrap();
+    failed_with(&o, &["holds no run to resume"]);
 }
 
 #[test]
@@ -390,6 +398,34 @@ fn messages_name_the_file_and_the_way_out() {
         .output()
         .unwrap();
     failed_with(&o, &["step-31/tokenizer.json"]);
+    // A file where a folder is wanted, a folder where a file is wanted, a prompt the tokenizer
+    // cannot encode (nothing printed before the error).
+    let o = kiln()
+        .args(["sample", "--checkpoint"])
+        .arg(step.join("model.safetensors"))
+        .output()
+        .unwrap();
+    failed_with(&o, &["is a file", "RUN/step-N"]);
+    let o = kiln()
+        .args(["eval", "--checkpoint"])
+        .arg(&out)
+        .arg("--data")
+        .arg(&out)
+        .output()
+        .unwrap();
+    failed_with(&o, &["is a folder"]);
+    let o = kiln()
+        .args(["sample", "--checkpoint"])
+        .arg(&out)
+        .args(["--prompt", "€€€"])
+        .output()
+        .unwrap();
+    failed_with(&o, &["'€'", "vocabulary"]);
+    assert!(
+        o.stdout.is_empty(),
+        "{}",
+        String::from_utf8_lossy(&o.stdout)
+    );
     // A bad --set is the option's fault, not the config file's.
     let cfg = out.join("config.toml");
     let o = kiln()

@@ -108,6 +108,8 @@ pub fn run(
     base.validate()?;
     let mut generator = Generator::load(&a.checkpoint, &GpuOptions { adapter, precision })?;
     generator.set_window(a.window.parse()?);
+    // A prompt the tokenizer cannot encode fails before anything is printed.
+    generator.tokenizer().encode(&prompt)?;
     let mut stdout = std::io::stdout();
     for i in 0..a.num_samples {
         let mut params = base.clone();

@@ -22,7 +22,7 @@ pub struct TrainArgs {
     #[arg(long)]
     resume: bool,
     /// Continue from the checkpoint of this step (a step-N folder in --out) instead of the
-    /// latest; implies --resume.
+    /// latest; implies --resume. Later checkpoints stay until this run's own saves replace them.
     #[arg(long, value_name = "STEP")]
     resume_from: Option<u64>,
     /// Replace the run already in --out (its checkpoints, metrics, plot and config) instead of
@@ -58,6 +58,14 @@ pub fn run(
         (Some(path), _) => Config::load(path, &a.overrides)?,
         (None, true) => {
             let path = out.join("config.toml");
+            if !path.is_file() {
+                return Err(Error::RunFolder {
+                    path: out.display().to_string(),
+                    message: "holds no run to resume (no config.toml); start one without \
+                              --resume, or check --out"
+                        .into(),
+                });
+            }
             Config::load(&path, &a.overrides)?
         }
         (None, false) => Config::from_toml("", &a.overrides)?,

@@ -37,8 +37,13 @@ pub fn read_corpus_bytes(path: &Path) -> Result<Vec<u8>> {
     let bytes = std::fs::read(path).map_err(|source| {
         if source.kind() == std::io::ErrorKind::NotFound {
             Error::data(format!(
-                "corpus {} does not exist; set data.path in the config (or pass the corpus on the \
-                 command line) to a text file to train on",
+                "corpus {} does not exist; check the path given with --data (or data.path in \
+                 the config)",
+                path.display()
+            ))
+        } else if path.is_dir() {
+            Error::data(format!(
+                "corpus {} is a folder; give a text file (--data FILE)",
                 path.display()
             ))
         } else {

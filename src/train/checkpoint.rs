@@ -591,6 +591,13 @@ pub fn latest_dir(root: &Path) -> Result<PathBuf> {
 /// the run folder `path` (see [`latest_dir`]). So a damaged step folder is reported as damaged
 /// rather than as a run folder without checkpoints.
 pub fn resolve(path: &Path) -> Result<PathBuf> {
+    if path.is_file() {
+        return Err(ckpt_err(
+            path,
+            "is a file; pass a run folder (its latest checkpoint is used) or a checkpoint folder \
+             (RUN/step-N)",
+        ));
+    }
     let named_as_step = path
         .file_name()
         .and_then(|n| n.to_str())
