@@ -67,7 +67,7 @@ fn checkpoint(step: u64, config: &Config, layout: &ParamLayout, seed: u64) -> Ch
     let (master, m, v) = (buffer(), buffer(), buffer());
     Checkpoint {
         config: config.clone(),
-        tokenizer_json: r#"{"kind":"char","vocab":"abcdefghijk"}"#.into(),
+        tokenizer_json: r#"{"chars":"abcdefghijk","type":"char"}"#.into(),
         state: TrainingState {
             step,
             tokens_seen: step * 4096,

@@ -516,7 +516,13 @@ fn prune(root: &Path, newest: u64, keep: usize) -> Result<()> {
     for entry in fs::read_dir(root).map_err(|e| io_err(root, e))? {
         let entry = entry.map_err(|e| io_err(root, e))?;
         if entry.file_name().to_string_lossy().starts_with(".tmp-") {
-            remove_dir(&entry.path())?;
+            // Leftovers of interrupted saves are folders; a file of that name is removed too
+            // rather than failing the save.
+            if entry.file_type().is_ok_and(|t| t.is_dir()) {
+                remove_dir(&entry.path())?;
+            } else {
+                let _ = fs::remove_file(entry.path());
+            }
         }
     }
     sync_dir(root)
