@@ -14,7 +14,8 @@ use kiln::kernels::dropout::{Dropout, DropoutState};
 use kiln::kernels::embedding::{EmbeddingBackward, EmbeddingForward};
 use kiln::kernels::layernorm::{LayerNormBackward, LayerNormForward};
 use kiln::kernels::residual::ResidualForward;
-use kiln::ops::{AttentionShape, EmbeddingShape, LayerNormSpec};
+use kiln::kernels::rmsnorm::{RmsNormBackward, RmsNormForward};
+use kiln::ops::{AttentionShape, EmbeddingShape, LayerNormSpec, RmsNormSpec};
 use kiln::{Gpu, GpuOptions, GpuTensor, PrecisionChoice};
 use std::time::Duration;
 
@@ -227,6 +228,57 @@ fn layernorm(c: &mut Criterion) {
             b.iter(|| {
                 kiln::cpu::layernorm::layernorm_backward(
                     &mut dinp, &mut dw, &mut db, &out, &inp, &w, &mean, &rstd, &spec,
+                )
+                .unwrap()
+            })
+        });
+    }
+    group.finish();
+}
+
+fn rmsnorm(c: &mut Criterion) {
+    let gpus = devices();
+    let mut group = c.benchmark_group("rmsnorm");
+    configure(&mut group);
+    for s in SIZES {
+        let spec = RmsNormSpec::new(s.b * s.t, s.c);
+        let n = s.b * s.t * s.c;
+        // As for layernorm: forward reads the input and writes the output; backward reads dout
+        // and the input and writes dinp (weight reads and rstd are small beside them).
+        group.throughput(Throughput::Bytes((2 * n * 4) as u64));
+        for gpu in &gpus {
+            let p = gpu.precision();
+            let (inp, out, w) = (tensor(gpu, n, 1), tensor(gpu, n, 2), tensor(gpu, s.c, 3));
+            let rstd = f32_tensor(gpu, s.b * s.t);
+            let fwd = RmsNormForward::new(gpu, &out, &rstd, &inp, &w, &spec).unwrap();
+            gpu_case(
+                &mut group,
+                format!("forward/gpu_{p}/{}", s.name),
+                gpu,
+                |pass| fwd.record(pass),
+            );
+            let (dinp, dw) = (tensor(gpu, n, 5), tensor(gpu, s.c, 6));
+            fwd.run(gpu).unwrap();
+            let bwd = RmsNormBackward::new(gpu, &dinp, &dw, &out, &inp, &w, &rstd, &spec).unwrap();
+            gpu_case(
+                &mut group,
+                format!("backward/gpu_{p}/{}", s.name),
+                gpu,
+                |pass| bwd.record(pass),
+            );
+        }
+        let (inp, w) = (fill(n, 1), fill(s.c, 3));
+        let (mut out, mut rstd) = (vec![0.0; n], vec![0.0; s.b * s.t]);
+        group.bench_function(format!("forward/cpu_ref/{}", s.name), |b| {
+            b.iter(|| {
+                kiln::cpu::rmsnorm::rmsnorm_forward(&mut out, &mut rstd, &inp, &w, &spec).unwrap()
+            })
+        });
+        let (mut dinp, mut dw) = (vec![0.0; n], vec![0.0; s.c]);
+        group.bench_function(format!("backward/cpu_ref/{}", s.name), |b| {
+            b.iter(|| {
+                kiln::cpu::rmsnorm::rmsnorm_backward(
+                    &mut dinp, &mut dw, &out, &inp, &w, &rstd, &spec,
                 )
                 .unwrap()
             })
@@ -522,6 +574,7 @@ criterion_group!(
     benches,
     embedding,
     layernorm,
+    rmsnorm,
     attention,
     elementwise,
     loss_and_optimizer

@@ -520,3 +520,66 @@ pub fn elementwise_len(op: &'static str, buffers: &[(&str, usize)]) -> Result<us
     }
     Ok(n)
 }
+
+/// RMS normalisation over the last dimension of a (rows, channels) tensor, as in Llama:
+/// `out = x · rstd · weight` with `rstd = 1 / sqrt(mean(x²) + eps)`; no mean is subtracted and
+/// there is no bias.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct RmsNormSpec {
+    /// Rows normalised independently (batch × sequence positions).
+    pub rows: usize,
+    /// Channels per row: the normalised dimension, and the length of weight.
+    pub channels: usize,
+    /// Added to the mean square before the square root (Llama uses 1e-5 or 1e-6).
+    pub eps: f32,
+    /// Backward only: add into dinp instead of overwriting it (the residual stream's gradient
+    /// already sits there in a transformer block).
+    pub accumulate_input: bool,
+    /// Backward only: add into dweight instead of overwriting it (gradient accumulation over
+    /// micro-batches).
+    pub accumulate_params: bool,
+}
+
+impl RmsNormSpec {
+    /// `rows` rows of `channels` with eps = 1e-5, overwriting every gradient.
+    pub fn new(rows: usize, channels: usize) -> Self {
+        RmsNormSpec {
+            rows,
+            channels,
+            eps: 1e-5,
+            accumulate_input: false,
+            accumulate_params: false,
+        }
+    }
+
+    /// Sets eps.
+    pub fn eps(mut self, eps: f32) -> Self {
+        self.eps = eps;
+        self
+    }
+
+    /// Sets whether the backward adds into dinp.
+    pub fn accumulate_input(mut self, yes: bool) -> Self {
+        self.accumulate_input = yes;
+        self
+    }
+
+    /// Sets whether the backward adds into dweight.
+    pub fn accumulate_params(mut self, yes: bool) -> Self {
+        self.accumulate_params = yes;
+        self
+    }
+
+    /// The same checks as [`LayerNormSpec::validate`]: positive sizes indexable in u32, a
+    /// positive finite eps, and each named buffer of exactly its [`Extent`].
+    pub fn validate(&self, op: &'static str, buffers: &[(&str, Extent, usize)]) -> Result<()> {
+        LayerNormSpec {
+            rows: self.rows,
+            channels: self.channels,
+            eps: self.eps,
+            accumulate_input: self.accumulate_input,
+            accumulate_params: self.accumulate_params,
+        }
+        .validate(op, buffers)
+    }
+}

@@ -20,6 +20,7 @@ const ADAMW: &str = include_str!("../shaders/adamw.wgsl");
 const DROPOUT: &str = include_str!("../shaders/dropout.wgsl");
 const DECODE: &str = include_str!("../shaders/decode.wgsl");
 const LOSSSCALE: &str = include_str!("../shaders/lossscale.wgsl");
+const RMSNORM: &str = include_str!("../shaders/rmsnorm.wgsl");
 
 /// Every shader module: (name, the files it is made of, in order). A module made of several
 /// files is an extension compiled after its base (used for kernels that need an optional feature
@@ -39,6 +40,7 @@ pub const MODULES: &[(&str, &[&str])] = &[
     ("lossscale", &[LOSSSCALE]),
     ("dropout", &[DROPOUT]),
     ("decode", &[DECODE]),
+    ("rmsnorm", &[RMSNORM]),
 ];
 
 /// The concatenated source of a module, without the precision prelude.

@@ -17,3 +17,4 @@ pub mod layernorm;
 pub mod lossscale;
 pub mod matmul;
 pub mod residual;
+pub mod rmsnorm;

@@ -14,6 +14,7 @@ pub mod layernorm;
 pub mod lossscale;
 pub mod matmul;
 pub mod residual;
+pub mod rmsnorm;
 pub mod tune;
 
 use crate::gpu::{Bind, DType, Gpu, GpuTensor, PipelineKey, Specialisation};
@@ -158,6 +159,8 @@ impl_record!(
     matmul::Matmul,
     residual::ResidualForward,
     residual::AddInplace,
+    rmsnorm::RmsNormForward,
+    rmsnorm::RmsNormBackward,
 );
 
 use crate::{Error, Precision, Result};
