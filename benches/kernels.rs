@@ -15,7 +15,8 @@ use kiln::kernels::embedding::{EmbeddingBackward, EmbeddingForward};
 use kiln::kernels::layernorm::{LayerNormBackward, LayerNormForward};
 use kiln::kernels::residual::ResidualForward;
 use kiln::kernels::rmsnorm::{RmsNormBackward, RmsNormForward};
-use kiln::ops::{AttentionShape, EmbeddingShape, LayerNormSpec, RmsNormSpec};
+use kiln::kernels::rope::Rope;
+use kiln::ops::{AttentionShape, EmbeddingShape, LayerNormSpec, RmsNormSpec, RopeSpec};
 use kiln::{Gpu, GpuOptions, GpuTensor, PrecisionChoice};
 use std::time::Duration;
 
@@ -282,6 +283,46 @@ fn rmsnorm(c: &mut Criterion) {
                 )
                 .unwrap()
             })
+        });
+    }
+    group.finish();
+}
+
+fn rope(c: &mut Criterion) {
+    let gpus = devices();
+    let mut group = c.benchmark_group("rope");
+    configure(&mut group);
+    for s in SIZES {
+        // In place on the q and k heads of the fused (B, T, 3C) qkv buffer (n_kv_head = n_head):
+        // reads and writes 2C values per row.
+        let hd = s.c / s.heads;
+        let spec = RopeSpec::qkv(s.b, s.t, s.heads, s.heads, hd);
+        let n = s.b * s.t * 3 * s.c;
+        group.throughput(Throughput::Bytes((2 * 2 * s.b * s.t * s.c * 4) as u64));
+        for gpu in &gpus {
+            let p = gpu.precision();
+            let qkv = tensor(gpu, n, 1);
+            let fwd = Rope::forward(gpu, &qkv, &spec).unwrap();
+            gpu_case(
+                &mut group,
+                format!("forward/gpu_{p}/{}", s.name),
+                gpu,
+                |pass| fwd.record(pass),
+            );
+            let bwd = Rope::backward(gpu, &qkv, &spec).unwrap();
+            gpu_case(
+                &mut group,
+                format!("backward/gpu_{p}/{}", s.name),
+                gpu,
+                |pass| bwd.record(pass),
+            );
+        }
+        let mut qkv = fill(n, 1);
+        group.bench_function(format!("forward/cpu_ref/{}", s.name), |b| {
+            b.iter(|| kiln::cpu::rope::rope_forward(&mut qkv, &spec).unwrap())
+        });
+        group.bench_function(format!("backward/cpu_ref/{}", s.name), |b| {
+            b.iter(|| kiln::cpu::rope::rope_backward(&mut qkv, &spec).unwrap())
         });
     }
     group.finish();
@@ -575,6 +616,7 @@ criterion_group!(
     embedding,
     layernorm,
     rmsnorm,
+    rope,
     attention,
     elementwise,
     loss_and_optimizer

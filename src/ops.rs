@@ -583,3 +583,176 @@ impl RmsNormSpec {
         .validate(op, buffers)
     }
 }
+
+/// Rotary position embedding (RoPE) in the rotate-half convention of Hugging Face's
+/// `LlamaForCausalLM`, applied in place to `heads` consecutive heads of `head_dim` elements in
+/// every (batch, position) row of a buffer.
+///
+/// For head dim d, element i < d/2 of a head is paired with element i + d/2, and the pair at
+/// position `pos` is rotated by the angle `pos · inv_freq_i`, `inv_freq_i = 1 / theta^(2i/d)`:
+///
+/// ```text
+/// out[i]       = x[i]·cos - x[i + d/2]·sin
+/// out[i + d/2] = x[i + d/2]·cos + x[i]·sin
+/// ```
+///
+/// Row r = b·seq + t (b < batch, t < seq) sits at element `r·row_stride`, its first rotated head
+/// at `r·row_stride + offset`, and is at position `first_position + t`. So
+/// [`RopeSpec::qkv`] covers the q and k heads of a fused (B, T, (n_head + 2·n_kv_head)·head_dim)
+/// projection in one dispatch (q's heads and k's heads are adjacent in each row, v is left
+/// alone), and a one-token decode step is `seq = 1` with `first_position = p`.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct RopeSpec {
+    /// B.
+    pub batch: usize,
+    /// T, the positions per batch entry.
+    pub seq: usize,
+    /// Heads rotated in each row (consecutive, `head_dim` apart).
+    pub heads: usize,
+    /// d, the elements per head; must be even.
+    pub head_dim: usize,
+    /// Element offset of the first rotated head within each row.
+    pub offset: usize,
+    /// Elements between consecutive rows.
+    pub row_stride: usize,
+    /// Position of t = 0 (the KV-cache decoder's current position).
+    pub first_position: usize,
+    /// Base of the frequencies (10000 in Llama 2; Llama 3's 500000 without its frequency
+    /// scaling).
+    pub theta: f32,
+}
+
+impl RopeSpec {
+    /// Positions RoPE can address: f32 represents every integer up to 2^24 exactly.
+    pub const MAX_POSITION: usize = 1 << 24;
+
+    /// A dense (batch, seq, heads, head_dim) tensor, every head rotated, positions from 0,
+    /// theta = 10000.
+    pub fn dense(batch: usize, seq: usize, heads: usize, head_dim: usize) -> Self {
+        RopeSpec {
+            batch,
+            seq,
+            heads,
+            head_dim,
+            offset: 0,
+            row_stride: heads * head_dim,
+            first_position: 0,
+            theta: 10_000.0,
+        }
+    }
+
+    /// The q and k heads (n_head + n_kv_head of them, adjacent at the start of each row) of a
+    /// fused (batch, seq, (n_head + 2·n_kv_head)·head_dim) qkv projection; v is not touched.
+    pub fn qkv(batch: usize, seq: usize, n_head: usize, n_kv_head: usize, head_dim: usize) -> Self {
+        RopeSpec {
+            heads: n_head + n_kv_head,
+            row_stride: (n_head + 2 * n_kv_head) * head_dim,
+            ..RopeSpec::dense(batch, seq, n_head, head_dim)
+        }
+    }
+
+    /// Sets the position of t = 0.
+    pub fn positions_from(mut self, first_position: usize) -> Self {
+        self.first_position = first_position;
+        self
+    }
+
+    /// Sets the frequency base.
+    pub fn theta(mut self, theta: f32) -> Self {
+        self.theta = theta;
+        self
+    }
+
+    /// `inv_freq_i = 1 / theta^(2i/d)` for i < d/2, computed in f32 as Hugging Face's
+    /// `LlamaRotaryEmbedding` does (`1.0 / base ** (arange(0, d, 2).float() / d)`).
+    pub fn inv_freq(&self) -> Vec<f32> {
+        (0..self.head_dim / 2)
+            .map(|i| 1.0 / self.theta.powf((2 * i) as f32 / self.head_dim as f32))
+            .collect()
+    }
+
+    /// Elements the buffer must hold at least.
+    pub fn min_len(&self) -> usize {
+        (self.batch * self.seq - 1) * self.row_stride + self.offset + self.heads * self.head_dim
+    }
+
+    /// Checks that the sizes are positive, the head dim even, the heads inside each row, the
+    /// positions exact in f32, theta positive and finite, and that a buffer of `len` elements
+    /// holds every row (and is indexable in u32).
+    pub fn validate(&self, op: &'static str, len: usize) -> Result<()> {
+        let RopeSpec {
+            batch,
+            seq,
+            heads,
+            head_dim,
+            offset,
+            row_stride,
+            first_position,
+            theta,
+        } = *self;
+        if batch == 0 || seq == 0 || heads == 0 || head_dim == 0 {
+            return Err(Error::shape(
+                op,
+                format!("batch, seq, heads and head_dim must be positive; got {self:?}"),
+            ));
+        }
+        if !head_dim.is_multiple_of(2) {
+            return Err(Error::shape(
+                op,
+                format!(
+                    "head_dim = {head_dim} is odd; rotary embedding pairs element i with i + \
+                     head_dim/2 and needs an even head dimension"
+                ),
+            ));
+        }
+        if !(theta > 0.0 && theta.is_finite()) {
+            return Err(Error::shape(
+                op,
+                format!("theta must be positive and finite; got {theta}"),
+            ));
+        }
+        let row_end = heads
+            .checked_mul(head_dim)
+            .and_then(|n| n.checked_add(offset));
+        if row_end.is_none_or(|end| end > row_stride) {
+            return Err(Error::shape(
+                op,
+                format!(
+                    "offset {offset} + {heads} heads × {head_dim} runs past the row stride \
+                     {row_stride}"
+                ),
+            ));
+        }
+        if first_position.saturating_add(seq) > Self::MAX_POSITION {
+            return Err(Error::shape(
+                op,
+                format!(
+                    "positions {first_position}..{} exceed 2^24, past which f32 positions are \
+                     not exact",
+                    first_position.saturating_add(seq)
+                ),
+            ));
+        }
+        let need = batch
+            .checked_mul(seq)
+            .and_then(|rows| (rows - 1).checked_mul(row_stride))
+            .and_then(|n| n.checked_add(offset + heads * head_dim));
+        match need {
+            Some(n) if n <= u32::MAX as usize => {
+                if len < n {
+                    return Err(Error::shape(
+                        op,
+                        format!("the buffer has {len} elements but {self:?} reaches element {n}"),
+                    ));
+                }
+            }
+            _ => {
+                return Err(Error::shape(
+                    op,
+                    format!("{self:?} reaches past the 2^32 elements that kernels index"),
+                ));
+            }
+        }
+        Ok(())
+    }
+}

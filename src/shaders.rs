@@ -21,6 +21,7 @@ const DROPOUT: &str = include_str!("../shaders/dropout.wgsl");
 const DECODE: &str = include_str!("../shaders/decode.wgsl");
 const LOSSSCALE: &str = include_str!("../shaders/lossscale.wgsl");
 const RMSNORM: &str = include_str!("../shaders/rmsnorm.wgsl");
+const ROPE: &str = include_str!("../shaders/rope.wgsl");
 
 /// Every shader module: (name, the files it is made of, in order). A module made of several
 /// files is an extension compiled after its base (used for kernels that need an optional feature
@@ -41,6 +42,7 @@ pub const MODULES: &[(&str, &[&str])] = &[
     ("dropout", &[DROPOUT]),
     ("decode", &[DECODE]),
     ("rmsnorm", &[RMSNORM]),
+    ("rope", &[ROPE]),
 ];
 
 /// The concatenated source of a module, without the precision prelude.

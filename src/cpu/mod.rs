@@ -18,3 +18,4 @@ pub mod lossscale;
 pub mod matmul;
 pub mod residual;
 pub mod rmsnorm;
+pub mod rope;

@@ -15,6 +15,7 @@ pub mod lossscale;
 pub mod matmul;
 pub mod residual;
 pub mod rmsnorm;
+pub mod rope;
 pub mod tune;
 
 use crate::gpu::{Bind, DType, Gpu, GpuTensor, PipelineKey, Specialisation};
@@ -161,6 +162,7 @@ impl_record!(
     residual::AddInplace,
     rmsnorm::RmsNormForward,
     rmsnorm::RmsNormBackward,
+    rope::Rope,
 );
 
 use crate::{Error, Precision, Result};
