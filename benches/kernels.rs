@@ -16,7 +16,8 @@ use kiln::kernels::layernorm::{LayerNormBackward, LayerNormForward};
 use kiln::kernels::residual::ResidualForward;
 use kiln::kernels::rmsnorm::{RmsNormBackward, RmsNormForward};
 use kiln::kernels::rope::Rope;
-use kiln::ops::{AttentionShape, EmbeddingShape, LayerNormSpec, RmsNormSpec, RopeSpec};
+use kiln::kernels::swiglu::{SwiGluBackward, SwiGluForward};
+use kiln::ops::{AttentionShape, EmbeddingShape, LayerNormSpec, RmsNormSpec, RopeSpec, SwiGluSpec};
 use kiln::{Gpu, GpuOptions, GpuTensor, PrecisionChoice};
 use std::time::Duration;
 
@@ -328,6 +329,57 @@ fn rope(c: &mut Criterion) {
     group.finish();
 }
 
+fn swiglu(c: &mut Criterion) {
+    let gpus = devices();
+    let mut group = c.benchmark_group("swiglu");
+    configure(&mut group);
+    for s in SIZES {
+        // A Llama MLP of the same parameter count as GPT-2's 4C one has hidden ≈ 8C/3; here 4C
+        // keeps the element count comparable with the GELU benchmark: the input is (B·T, 2·4C).
+        let spec = SwiGluSpec::new(s.b * s.t, 4 * s.c);
+        let n = s.b * s.t * 4 * s.c;
+        for gpu in &gpus {
+            let p = gpu.precision();
+            let (inp, out, dinp) = (
+                tensor(gpu, 2 * n, 1),
+                tensor(gpu, n, 2),
+                tensor(gpu, 2 * n, 3),
+            );
+            let fwd = SwiGluForward::new(gpu, &out, &inp, &spec).unwrap();
+            // Reads gate and up, writes out.
+            group.throughput(Throughput::Bytes((3 * n * 4) as u64));
+            gpu_case(
+                &mut group,
+                format!("forward/gpu_{p}/{}", s.name),
+                gpu,
+                |pass| fwd.record(pass),
+            );
+            let bwd = SwiGluBackward::new(gpu, &dinp, &out, &inp, &spec, false).unwrap();
+            // Reads gate, up and dout, writes dgate and dup.
+            group.throughput(Throughput::Bytes((5 * n * 4) as u64));
+            gpu_case(
+                &mut group,
+                format!("backward/gpu_{p}/{}", s.name),
+                gpu,
+                |pass| bwd.record(pass),
+            );
+        }
+        let inp = fill(2 * n, 1);
+        let (mut out, mut dinp) = (vec![0.0; n], vec![0.0; 2 * n]);
+        group.throughput(Throughput::Bytes((3 * n * 4) as u64));
+        group.bench_function(format!("forward/cpu_ref/{}", s.name), |b| {
+            b.iter(|| kiln::cpu::swiglu::swiglu_forward(&mut out, &inp, &spec).unwrap())
+        });
+        group.throughput(Throughput::Bytes((5 * n * 4) as u64));
+        group.bench_function(format!("backward/cpu_ref/{}", s.name), |b| {
+            b.iter(|| {
+                kiln::cpu::swiglu::swiglu_backward(&mut dinp, &out, &inp, &spec, false).unwrap()
+            })
+        });
+    }
+    group.finish();
+}
+
 fn attention(c: &mut Criterion) {
     let gpus = devices();
     let mut group = c.benchmark_group("attention");
@@ -617,6 +669,7 @@ criterion_group!(
     layernorm,
     rmsnorm,
     rope,
+    swiglu,
     attention,
     elementwise,
     loss_and_optimizer

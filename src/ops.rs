@@ -756,3 +756,68 @@ impl RopeSpec {
         Ok(())
     }
 }
+
+/// SwiGLU over a (rows, 2·hidden) buffer holding, in each row, the gate half then the up half
+/// (the output of one matmul by the concatenated [W_gate; W_up] weight, gate first):
+/// `out[r, j] = silu(inp[r, j]) · inp[r, hidden + j]`, out of shape (rows, hidden).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct SwiGluSpec {
+    /// Rows (batch × sequence positions).
+    pub rows: usize,
+    /// Width of each half, and of the output.
+    pub hidden: usize,
+}
+
+impl SwiGluSpec {
+    /// `rows` rows of `hidden` outputs (2·hidden inputs).
+    pub fn new(rows: usize, hidden: usize) -> Self {
+        SwiGluSpec { rows, hidden }
+    }
+
+    /// Checks that the sizes are positive and indexable in u32 and that each named buffer has
+    /// exactly its length: `(name, true, len)` for a (rows, 2·hidden) buffer (the input and its
+    /// gradient), `(name, false, len)` for a (rows, hidden) one (the output and its gradient).
+    pub fn validate(&self, op: &'static str, buffers: &[(&str, bool, usize)]) -> Result<()> {
+        let SwiGluSpec { rows, hidden } = *self;
+        if rows == 0 || hidden == 0 {
+            return Err(Error::shape(
+                op,
+                format!("rows and hidden must be positive; got rows={rows} hidden={hidden}"),
+            ));
+        }
+        let out = rows.checked_mul(hidden);
+        let inp = out.and_then(|n| n.checked_mul(2));
+        let (Some(out), Some(inp)) = (out, inp) else {
+            return Err(Error::shape(
+                op,
+                format!("rows={rows} × hidden={hidden} overflows"),
+            ));
+        };
+        if inp > u32::MAX as usize {
+            return Err(Error::shape(
+                op,
+                format!(
+                    "rows={rows} × 2·hidden={} is over the 2^32 elements that kernels index",
+                    2 * hidden
+                ),
+            ));
+        }
+        for &(name, both_halves, have) in buffers {
+            let need = if both_halves { inp } else { out };
+            if have != need {
+                return Err(Error::shape(
+                    op,
+                    format!(
+                        "{name} has {have} elements but rows={rows} hidden={hidden} needs {need}{}",
+                        if both_halves {
+                            " (rows × 2·hidden: gate then up)"
+                        } else {
+                            " (rows × hidden)"
+                        }
+                    ),
+                ));
+            }
+        }
+        Ok(())
+    }
+}

@@ -22,6 +22,7 @@ const DECODE: &str = include_str!("../shaders/decode.wgsl");
 const LOSSSCALE: &str = include_str!("../shaders/lossscale.wgsl");
 const RMSNORM: &str = include_str!("../shaders/rmsnorm.wgsl");
 const ROPE: &str = include_str!("../shaders/rope.wgsl");
+const SWIGLU: &str = include_str!("../shaders/swiglu.wgsl");
 
 /// Every shader module: (name, the files it is made of, in order). A module made of several
 /// files is an extension compiled after its base (used for kernels that need an optional feature
@@ -43,6 +44,7 @@ pub const MODULES: &[(&str, &[&str])] = &[
     ("decode", &[DECODE]),
     ("rmsnorm", &[RMSNORM]),
     ("rope", &[ROPE]),
+    ("swiglu", &[SWIGLU]),
 ];
 
 /// The concatenated source of a module, without the precision prelude.

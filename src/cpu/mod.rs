@@ -19,3 +19,4 @@ pub mod matmul;
 pub mod residual;
 pub mod rmsnorm;
 pub mod rope;
+pub mod swiglu;

@@ -16,6 +16,7 @@ pub mod matmul;
 pub mod residual;
 pub mod rmsnorm;
 pub mod rope;
+pub mod swiglu;
 pub mod tune;
 
 use crate::gpu::{Bind, DType, Gpu, GpuTensor, PipelineKey, Specialisation};
@@ -163,6 +164,8 @@ impl_record!(
     rmsnorm::RmsNormForward,
     rmsnorm::RmsNormBackward,
     rope::Rope,
+    swiglu::SwiGluForward,
+    swiglu::SwiGluBackward,
 );
 
 use crate::{Error, Precision, Result};
