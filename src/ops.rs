@@ -67,6 +67,11 @@ pub struct Operand {
 /// Batch index z in `0..batch` splits as `z = outer·batch_inner + inner`; each operand's matrix z
 /// starts at `offset + outer·outer_stride + inner·inner_stride`. With `batch_inner == 1` this is a
 /// plain strided batch; attention uses both levels to address (batch, head) blocks in place.
+///
+/// A and B may share one matrix between consecutive inner indices: with `a_inner_div = g`, A's
+/// matrix for inner index i is the one at inner index `i / g` (grouped-query attention: query
+/// head h reads key/value head h / group). Both are 1 by default; C has no divisor, since two
+/// batches writing one matrix would race.
 #[derive(Clone, Copy, Debug, PartialEq)]
 pub struct MatmulSpec {
     /// Rows of C.
@@ -93,6 +98,10 @@ pub struct MatmulSpec {
     pub alpha: f32,
     /// Add into C instead of overwriting it.
     pub accumulate: bool,
+    /// Consecutive inner batch indices sharing one A matrix (see above); 1 for none.
+    pub a_inner_div: usize,
+    /// Consecutive inner batch indices sharing one B matrix; 1 for none.
+    pub b_inner_div: usize,
 }
 
 impl MatmulSpec {
@@ -128,6 +137,8 @@ impl MatmulSpec {
             bias_offset: 0,
             alpha: 1.0,
             accumulate: false,
+            a_inner_div: 1,
+            b_inner_div: 1,
         }
     }
 
@@ -155,10 +166,10 @@ impl MatmulSpec {
         2.0 * self.m as f64 * self.n as f64 * self.k as f64 * self.batch as f64
     }
 
-    fn max_base(&self, op: &Operand) -> usize {
+    fn max_base(&self, op: &Operand, inner_div: usize) -> usize {
         let last = self.batch - 1;
         let outer = last / self.batch_inner;
-        let inner = (self.batch_inner - 1).min(last);
+        let inner = (self.batch_inner - 1).min(last) / inner_div.max(1);
         op.offset + outer * op.outer + inner * op.inner
     }
 
@@ -169,7 +180,7 @@ impl MatmulSpec {
         } else {
             (self.m, self.k)
         };
-        self.max_base(&self.a) + (rows - 1) * self.a.ld + cols
+        self.max_base(&self.a, self.a_inner_div) + (rows - 1) * self.a.ld + cols
     }
 
     /// Elements B's buffer must hold.
@@ -179,12 +190,12 @@ impl MatmulSpec {
         } else {
             (self.k, self.n)
         };
-        self.max_base(&self.b) + (rows - 1) * self.b.ld + cols
+        self.max_base(&self.b, self.b_inner_div) + (rows - 1) * self.b.ld + cols
     }
 
     /// Elements C's buffer must hold.
     pub fn c_len(&self) -> usize {
-        self.max_base(&self.c) + (self.m - 1) * self.c.ld + self.n
+        self.max_base(&self.c, 1) + (self.m - 1) * self.c.ld + self.n
     }
 
     /// Checks that the sizes are non-zero, the strides consistent and the buffers large enough.
@@ -196,6 +207,15 @@ impl MatmulSpec {
         c_len: usize,
     ) -> Result<()> {
         let op = "matmul";
+        if self.a_inner_div == 0 || self.b_inner_div == 0 {
+            return Err(Error::shape(
+                op,
+                format!(
+                    "a_inner_div and b_inner_div must be positive (1 for no sharing); got {} and {}",
+                    self.a_inner_div, self.b_inner_div
+                ),
+            ));
+        }
         if self.m == 0 || self.n == 0 || self.k == 0 || self.batch == 0 || self.batch_inner == 0 {
             return Err(Error::shape(
                 op,
