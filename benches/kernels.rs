@@ -17,7 +17,10 @@ use kiln::kernels::residual::ResidualForward;
 use kiln::kernels::rmsnorm::{RmsNormBackward, RmsNormForward};
 use kiln::kernels::rope::Rope;
 use kiln::kernels::swiglu::{SwiGluBackward, SwiGluForward};
-use kiln::ops::{AttentionShape, EmbeddingShape, LayerNormSpec, RmsNormSpec, RopeSpec, SwiGluSpec};
+use kiln::ops::{
+    AttentionShape, EmbeddingShape, GroupedAttentionShape, LayerNormSpec, RmsNormSpec, RopeSpec,
+    SwiGluSpec,
+};
 use kiln::{Gpu, GpuOptions, GpuTensor, PrecisionChoice};
 use std::time::Duration;
 
@@ -442,6 +445,71 @@ fn attention(c: &mut Criterion) {
     group.finish();
 }
 
+fn grouped_attention(c: &mut Criterion) {
+    let gpus = devices();
+    let mut group = c.benchmark_group("attention_gqa");
+    configure(&mut group);
+    for s in SIZES {
+        // The same query heads as the multi-head benchmark, sharing 2 key/value heads.
+        let shape = GroupedAttentionShape {
+            batch: s.b,
+            seq: s.t,
+            heads: s.heads,
+            kv_heads: 2,
+            head_dim: s.c / s.heads,
+        };
+        let fwd_flops = 4 * s.b * s.t * s.t * s.c;
+        let (qkv_n, out_n, probs_n) = (shape.qkv_len(), shape.out_len(), shape.probs_len());
+        for gpu in &gpus {
+            let p = gpu.precision();
+            let (qkv, out, probs) = (
+                tensor(gpu, qkv_n, 1),
+                tensor(gpu, out_n, 2),
+                tensor(gpu, probs_n, 3),
+            );
+            let fwd = AttentionForward::grouped(gpu, &out, &probs, &qkv, &shape).unwrap();
+            group.throughput(Throughput::Elements(fwd_flops as u64));
+            gpu_case(
+                &mut group,
+                format!("forward/gpu_{p}/{}", s.name),
+                gpu,
+                |pass| fwd.record(pass),
+            );
+            fwd.run(gpu).unwrap();
+            let (dqkv, dprobs) = (tensor(gpu, qkv_n, 4), tensor(gpu, probs_n, 5));
+            let bwd = AttentionBackward::grouped(gpu, &dqkv, &dprobs, &out, &qkv, &probs, &shape)
+                .unwrap();
+            group.throughput(Throughput::Elements(2 * fwd_flops as u64));
+            gpu_case(
+                &mut group,
+                format!("backward/gpu_{p}/{}", s.name),
+                gpu,
+                |pass| bwd.record(pass),
+            );
+        }
+        let qkv = fill(qkv_n, 1);
+        let (mut out, mut probs) = (vec![0.0; out_n], vec![0.0; probs_n]);
+        group.throughput(Throughput::Elements(fwd_flops as u64));
+        group.bench_function(format!("forward/cpu_ref/{}", s.name), |b| {
+            b.iter(|| {
+                kiln::cpu::attention::grouped_attention_forward(&mut out, &mut probs, &qkv, &shape)
+                    .unwrap()
+            })
+        });
+        let mut dqkv = vec![0.0; qkv_n];
+        group.throughput(Throughput::Elements(2 * fwd_flops as u64));
+        group.bench_function(format!("backward/cpu_ref/{}", s.name), |b| {
+            b.iter(|| {
+                kiln::cpu::attention::grouped_attention_backward(
+                    &mut dqkv, &out, &qkv, &probs, &shape,
+                )
+                .unwrap()
+            })
+        });
+    }
+    group.finish();
+}
+
 fn elementwise(c: &mut Criterion) {
     let gpus = devices();
     let mut group = c.benchmark_group("elementwise");
@@ -671,6 +739,7 @@ criterion_group!(
     rope,
     swiglu,
     attention,
+    grouped_attention,
     elementwise,
     loss_and_optimizer
 );

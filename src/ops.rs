@@ -340,6 +340,113 @@ impl AttentionShape {
     }
 }
 
+/// Causal self-attention with grouped-query heads (GQA), as in Llama: `heads` query heads share
+/// `kv_heads` key/value heads, query head h reading key/value head h / (heads / kv_heads).
+/// `kv_heads = heads` is ordinary multi-head attention, `kv_heads = 1` multi-query attention.
+///
+/// Layout: `qkv` is (B, T, (heads + 2·kv_heads)·head_dim), each row the query heads, then the key
+/// heads, then the value heads, each head `head_dim` wide (with kv_heads = heads this is GPT-2's
+/// (B, T, 3C) layout); `out` is (B, T, heads·head_dim); `probs` is (B, heads, T, T).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct GroupedAttentionShape {
+    /// B.
+    pub batch: usize,
+    /// T, the sequence length.
+    pub seq: usize,
+    /// Query heads.
+    pub heads: usize,
+    /// Key/value heads; must divide `heads`.
+    pub kv_heads: usize,
+    /// Elements per head.
+    pub head_dim: usize,
+}
+
+impl GroupedAttentionShape {
+    /// Query heads per key/value head.
+    pub fn group(&self) -> usize {
+        self.heads / self.kv_heads.max(1)
+    }
+
+    /// Elements of one (b, t) row of the qkv buffer: (heads + 2·kv_heads)·head_dim.
+    pub fn qkv_width(&self) -> usize {
+        (self.heads + 2 * self.kv_heads) * self.head_dim
+    }
+
+    /// Elements of the (B, T, heads·head_dim) output.
+    pub fn out_len(&self) -> usize {
+        self.batch * self.seq * self.heads * self.head_dim
+    }
+
+    /// Elements of the qkv buffer.
+    pub fn qkv_len(&self) -> usize {
+        self.batch * self.seq * self.qkv_width()
+    }
+
+    /// Elements of the (B, heads, T, T) probability buffer.
+    pub fn probs_len(&self) -> usize {
+        self.batch * self.heads * self.seq * self.seq
+    }
+
+    /// Checks sizes: positive, kv_heads dividing heads, buffers of the right length, indexable in
+    /// u32.
+    pub fn validate(&self, qkv_len: usize, out_len: usize, probs_len: usize) -> Result<()> {
+        let op = "attention";
+        let GroupedAttentionShape {
+            batch,
+            seq,
+            heads,
+            kv_heads,
+            head_dim,
+        } = *self;
+        if batch == 0 || seq == 0 || heads == 0 || kv_heads == 0 || head_dim == 0 {
+            return Err(Error::shape(
+                op,
+                format!("B, T, n_head, n_kv_head and head_dim must be positive; got {self:?}"),
+            ));
+        }
+        if !heads.is_multiple_of(kv_heads) {
+            return Err(Error::shape(
+                op,
+                format!("n_kv_head = {kv_heads} does not divide n_head = {heads}"),
+            ));
+        }
+        let big = [self.qkv_len(), self.probs_len()];
+        if big.iter().any(|&n| n > u32::MAX as usize) {
+            return Err(Error::shape(
+                op,
+                format!("{self:?} needs buffers past the 2^32 elements that kernels index"),
+            ));
+        }
+        let want = [
+            ("qkv", self.qkv_len(), qkv_len),
+            ("out", self.out_len(), out_len),
+            ("probs", self.probs_len(), probs_len),
+        ];
+        for (name, need, have) in want {
+            if need != have {
+                return Err(Error::shape(
+                    op,
+                    format!("{name} has {have} elements, expected {need} for {self:?}"),
+                ));
+            }
+        }
+        Ok(())
+    }
+}
+
+impl From<AttentionShape> for GroupedAttentionShape {
+    /// Multi-head attention as the grouped case with one query head per key/value head.
+    fn from(s: AttentionShape) -> Self {
+        GroupedAttentionShape {
+            batch: s.batch,
+            seq: s.seq,
+            heads: s.heads,
+            kv_heads: s.heads,
+            head_dim: s.channels / s.heads.max(1),
+        }
+    }
+}
+
 /// Token and position embedding of a (batch, seq) block of token ids into `channels` wide rows.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct EmbeddingShape {
