@@ -14,7 +14,13 @@ use kiln::kernels::dropout::{Dropout, DropoutState};
 use kiln::kernels::embedding::{EmbeddingBackward, EmbeddingForward};
 use kiln::kernels::layernorm::{LayerNormBackward, LayerNormForward};
 use kiln::kernels::residual::ResidualForward;
-use kiln::ops::{AttentionShape, EmbeddingShape, LayerNormSpec};
+use kiln::kernels::rmsnorm::{RmsNormBackward, RmsNormForward};
+use kiln::kernels::rope::Rope;
+use kiln::kernels::swiglu::{SwiGluBackward, SwiGluForward};
+use kiln::ops::{
+    AttentionShape, EmbeddingShape, GroupedAttentionShape, LayerNormSpec, RmsNormSpec, RopeSpec,
+    SwiGluSpec,
+};
 use kiln::{Gpu, GpuOptions, GpuTensor, PrecisionChoice};
 use std::time::Duration;
 
@@ -235,6 +241,150 @@ fn layernorm(c: &mut Criterion) {
     group.finish();
 }
 
+fn rmsnorm(c: &mut Criterion) {
+    let gpus = devices();
+    let mut group = c.benchmark_group("rmsnorm");
+    configure(&mut group);
+    for s in SIZES {
+        let spec = RmsNormSpec::new(s.b * s.t, s.c);
+        let n = s.b * s.t * s.c;
+        // As for layernorm: forward reads the input and writes the output; backward reads dout
+        // and the input and writes dinp (weight reads and rstd are small beside them).
+        group.throughput(Throughput::Bytes((2 * n * 4) as u64));
+        for gpu in &gpus {
+            let p = gpu.precision();
+            let (inp, out, w) = (tensor(gpu, n, 1), tensor(gpu, n, 2), tensor(gpu, s.c, 3));
+            let rstd = f32_tensor(gpu, s.b * s.t);
+            let fwd = RmsNormForward::new(gpu, &out, &rstd, &inp, &w, &spec).unwrap();
+            gpu_case(
+                &mut group,
+                format!("forward/gpu_{p}/{}", s.name),
+                gpu,
+                |pass| fwd.record(pass),
+            );
+            let (dinp, dw) = (tensor(gpu, n, 5), tensor(gpu, s.c, 6));
+            fwd.run(gpu).unwrap();
+            let bwd = RmsNormBackward::new(gpu, &dinp, &dw, &out, &inp, &w, &rstd, &spec).unwrap();
+            gpu_case(
+                &mut group,
+                format!("backward/gpu_{p}/{}", s.name),
+                gpu,
+                |pass| bwd.record(pass),
+            );
+        }
+        let (inp, w) = (fill(n, 1), fill(s.c, 3));
+        let (mut out, mut rstd) = (vec![0.0; n], vec![0.0; s.b * s.t]);
+        group.bench_function(format!("forward/cpu_ref/{}", s.name), |b| {
+            b.iter(|| {
+                kiln::cpu::rmsnorm::rmsnorm_forward(&mut out, &mut rstd, &inp, &w, &spec).unwrap()
+            })
+        });
+        let (mut dinp, mut dw) = (vec![0.0; n], vec![0.0; s.c]);
+        group.bench_function(format!("backward/cpu_ref/{}", s.name), |b| {
+            b.iter(|| {
+                kiln::cpu::rmsnorm::rmsnorm_backward(
+                    &mut dinp, &mut dw, &out, &inp, &w, &rstd, &spec,
+                )
+                .unwrap()
+            })
+        });
+    }
+    group.finish();
+}
+
+fn rope(c: &mut Criterion) {
+    let gpus = devices();
+    let mut group = c.benchmark_group("rope");
+    configure(&mut group);
+    for s in SIZES {
+        // In place on the q and k heads of the fused (B, T, 3C) qkv buffer (n_kv_head = n_head):
+        // reads and writes 2C values per row.
+        let hd = s.c / s.heads;
+        let spec = RopeSpec::qkv(s.b, s.t, s.heads, s.heads, hd);
+        let n = s.b * s.t * 3 * s.c;
+        group.throughput(Throughput::Bytes((2 * 2 * s.b * s.t * s.c * 4) as u64));
+        for gpu in &gpus {
+            let p = gpu.precision();
+            let qkv = tensor(gpu, n, 1);
+            let fwd = Rope::forward(gpu, &qkv, &spec).unwrap();
+            gpu_case(
+                &mut group,
+                format!("forward/gpu_{p}/{}", s.name),
+                gpu,
+                |pass| fwd.record(pass),
+            );
+            let bwd = Rope::backward(gpu, &qkv, &spec).unwrap();
+            gpu_case(
+                &mut group,
+                format!("backward/gpu_{p}/{}", s.name),
+                gpu,
+                |pass| bwd.record(pass),
+            );
+        }
+        let mut qkv = fill(n, 1);
+        group.bench_function(format!("forward/cpu_ref/{}", s.name), |b| {
+            b.iter(|| kiln::cpu::rope::rope_forward(&mut qkv, &spec).unwrap())
+        });
+        group.bench_function(format!("backward/cpu_ref/{}", s.name), |b| {
+            b.iter(|| kiln::cpu::rope::rope_backward(&mut qkv, &spec).unwrap())
+        });
+    }
+    group.finish();
+}
+
+fn swiglu(c: &mut Criterion) {
+    let gpus = devices();
+    let mut group = c.benchmark_group("swiglu");
+    configure(&mut group);
+    for s in SIZES {
+        // Llama's MLP width: hidden ≈ 8C/3 (the parameter count of GPT-2's 4C MLP with three
+        // matrices instead of two), rounded up to a multiple of 64: 384 and 1024 here. The input
+        // is (B·T, 2·hidden): 128 MiB in f32 at the larger size, lavapipe's binding limit.
+        let hidden = (8 * s.c / 3).div_ceil(64) * 64;
+        let spec = SwiGluSpec::new(s.b * s.t, hidden);
+        let n = s.b * s.t * hidden;
+        for gpu in &gpus {
+            let p = gpu.precision();
+            let (inp, out, dinp) = (
+                tensor(gpu, 2 * n, 1),
+                tensor(gpu, n, 2),
+                tensor(gpu, 2 * n, 3),
+            );
+            let fwd = SwiGluForward::new(gpu, &out, &inp, &spec).unwrap();
+            // Reads gate and up, writes out.
+            group.throughput(Throughput::Bytes((3 * n * 4) as u64));
+            gpu_case(
+                &mut group,
+                format!("forward/gpu_{p}/{}", s.name),
+                gpu,
+                |pass| fwd.record(pass),
+            );
+            let bwd = SwiGluBackward::new(gpu, &dinp, &out, &inp, &spec, false).unwrap();
+            // Reads gate, up and dout, writes dgate and dup.
+            group.throughput(Throughput::Bytes((5 * n * 4) as u64));
+            gpu_case(
+                &mut group,
+                format!("backward/gpu_{p}/{}", s.name),
+                gpu,
+                |pass| bwd.record(pass),
+            );
+        }
+        let inp = fill(2 * n, 1);
+        let (mut out, mut dinp) = (vec![0.0; n], vec![0.0; 2 * n]);
+        group.throughput(Throughput::Bytes((3 * n * 4) as u64));
+        group.bench_function(format!("forward/cpu_ref/{}", s.name), |b| {
+            b.iter(|| kiln::cpu::swiglu::swiglu_forward(&mut out, &inp, &spec).unwrap())
+        });
+        group.throughput(Throughput::Bytes((5 * n * 4) as u64));
+        group.bench_function(format!("backward/cpu_ref/{}", s.name), |b| {
+            b.iter(|| {
+                kiln::cpu::swiglu::swiglu_backward(&mut dinp, &out, &inp, &spec, false).unwrap()
+            })
+        });
+    }
+    group.finish();
+}
+
 fn attention(c: &mut Criterion) {
     let gpus = devices();
     let mut group = c.benchmark_group("attention");
@@ -291,6 +441,71 @@ fn attention(c: &mut Criterion) {
             b.iter(|| {
                 kiln::cpu::attention::attention_backward(&mut dqkv, &out, &qkv, &probs, &shape)
                     .unwrap()
+            })
+        });
+    }
+    group.finish();
+}
+
+fn grouped_attention(c: &mut Criterion) {
+    let gpus = devices();
+    let mut group = c.benchmark_group("attention_gqa");
+    configure(&mut group);
+    for s in SIZES {
+        // The same query heads as the multi-head benchmark, sharing 2 key/value heads.
+        let shape = GroupedAttentionShape {
+            batch: s.b,
+            seq: s.t,
+            heads: s.heads,
+            kv_heads: 2,
+            head_dim: s.c / s.heads,
+        };
+        let fwd_flops = 4 * s.b * s.t * s.t * s.c;
+        let (qkv_n, out_n, probs_n) = (shape.qkv_len(), shape.out_len(), shape.probs_len());
+        for gpu in &gpus {
+            let p = gpu.precision();
+            let (qkv, out, probs) = (
+                tensor(gpu, qkv_n, 1),
+                tensor(gpu, out_n, 2),
+                tensor(gpu, probs_n, 3),
+            );
+            let fwd = AttentionForward::grouped(gpu, &out, &probs, &qkv, &shape).unwrap();
+            group.throughput(Throughput::Elements(fwd_flops as u64));
+            gpu_case(
+                &mut group,
+                format!("forward/gpu_{p}/{}", s.name),
+                gpu,
+                |pass| fwd.record(pass),
+            );
+            fwd.run(gpu).unwrap();
+            let (dqkv, dprobs) = (tensor(gpu, qkv_n, 4), tensor(gpu, probs_n, 5));
+            let bwd = AttentionBackward::grouped(gpu, &dqkv, &dprobs, &out, &qkv, &probs, &shape)
+                .unwrap();
+            group.throughput(Throughput::Elements(2 * fwd_flops as u64));
+            gpu_case(
+                &mut group,
+                format!("backward/gpu_{p}/{}", s.name),
+                gpu,
+                |pass| bwd.record(pass),
+            );
+        }
+        let qkv = fill(qkv_n, 1);
+        let (mut out, mut probs) = (vec![0.0; out_n], vec![0.0; probs_n]);
+        group.throughput(Throughput::Elements(fwd_flops as u64));
+        group.bench_function(format!("forward/cpu_ref/{}", s.name), |b| {
+            b.iter(|| {
+                kiln::cpu::attention::grouped_attention_forward(&mut out, &mut probs, &qkv, &shape)
+                    .unwrap()
+            })
+        });
+        let mut dqkv = vec![0.0; qkv_n];
+        group.throughput(Throughput::Elements(2 * fwd_flops as u64));
+        group.bench_function(format!("backward/cpu_ref/{}", s.name), |b| {
+            b.iter(|| {
+                kiln::cpu::attention::grouped_attention_backward(
+                    &mut dqkv, &out, &qkv, &probs, &shape,
+                )
+                .unwrap()
             })
         });
     }
@@ -522,7 +737,11 @@ criterion_group!(
     benches,
     embedding,
     layernorm,
+    rmsnorm,
+    rope,
+    swiglu,
     attention,
+    grouped_attention,
     elementwise,
     loss_and_optimizer
 );

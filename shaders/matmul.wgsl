@@ -8,8 +8,11 @@
 // gradients over micro-batches).
 //
 // Batches: z runs over dims.batch; z = outer * batch_inner + inner, and each operand's base is
-// offset + outer * *_outer + inner * *_inner (in elements). Attention's (batch, head) products
-// use both levels to address heads inside a (B, T, C) activation without copies.
+// offset + outer * *_outer + (inner / *_inner_div) * *_inner (in elements). Attention's
+// (batch, head) products use both levels to address heads inside a (B, T, C) activation without
+// copies; the divisor (1 except for A and B in grouped-query attention, where query head h reads
+// key/value head h / group) lets several inner indices share one operand matrix. C's divisor is
+// always 1: two batches never write the same matrix.
 //
 // T, the storage type, is defined by a prelude line put in front of this file at pipeline
 // creation (`alias T = f32;` or `enable f16; alias T = f16;`).
@@ -45,7 +48,10 @@ struct Dims {
     c_offset: u32,
     bias_offset: u32,
     alpha: f32,
-    _pad: u32,
+    a_inner_div: u32,
+    b_inner_div: u32,
+    _pad0: u32,
+    _pad1: u32,
 }
 
 @group(0) @binding(0) var<uniform> dims: Dims;
@@ -74,8 +80,8 @@ override ROWS_WG_X: u32 = 64u;
 // Rows of C per matmul_rows invocation (a function-scope array needs a constant size).
 const ROWS: u32 = 32u;
 
-fn batch_base(z: u32, offset: u32, outer: u32, inner: u32) -> u32 {
-    return offset + (z / dims.batch_inner) * outer + (z % dims.batch_inner) * inner;
+fn batch_base(z: u32, offset: u32, outer: u32, inner: u32, inner_div: u32) -> u32 {
+    return offset + (z / dims.batch_inner) * outer + ((z % dims.batch_inner) / inner_div) * inner;
 }
 
 // Index of op(A)[row, kk].
@@ -135,7 +141,7 @@ fn tile_multiply(lid: vec3<u32>, acc: ptr<function, array<vec4<f32>, RM>>) {
 }
 
 fn tile_store(z: u32, row0: u32, col0: u32, acc: array<vec4<f32>, RM>) {
-    let c_base = batch_base(z, dims.c_offset, dims.c_outer, dims.c_inner);
+    let c_base = batch_base(z, dims.c_offset, dims.c_outer, dims.c_inner, 1u);
     for (var r = 0u; r < RM; r++) {
         let row = row0 + r;
         if row >= dims.m {
@@ -159,8 +165,8 @@ fn matmul_tiled(
     let z = wg.z;
     let row0 = wg.y * TILE_M;
     let col0 = wg.x * TILE_N;
-    let a_base = batch_base(z, dims.a_offset, dims.a_outer, dims.a_inner);
-    let b_base = batch_base(z, dims.b_offset, dims.b_outer, dims.b_inner);
+    let a_base = batch_base(z, dims.a_offset, dims.a_outer, dims.a_inner, dims.a_inner_div);
+    let b_base = batch_base(z, dims.b_offset, dims.b_outer, dims.b_inner, dims.b_inner_div);
     let threads = (TILE_N / 4u) * (TILE_M / RM);
     var acc: array<vec4<f32>, RM>;
 
@@ -215,8 +221,8 @@ fn matmul_tiled_vec4(
     let z = wg.z;
     let row0 = wg.y * TILE_M;
     let col0 = wg.x * TILE_N;
-    let a_base = batch_base(z, dims.a_offset, dims.a_outer, dims.a_inner);
-    let b_base = batch_base(z, dims.b_offset, dims.b_outer, dims.b_inner);
+    let a_base = batch_base(z, dims.a_offset, dims.a_outer, dims.a_inner, dims.a_inner_div);
+    let b_base = batch_base(z, dims.b_offset, dims.b_outer, dims.b_inner, dims.b_inner_div);
     let threads = (TILE_N / 4u) * (TILE_M / RM);
     var acc: array<vec4<f32>, RM>;
 
@@ -310,8 +316,8 @@ fn matmul_rows(
     let col = min(gid.x, dims.n - 1u);
     let row0 = wg.y * ROWS;
     let z = wg.z;
-    let a_base = batch_base(z, dims.a_offset, dims.a_outer, dims.a_inner);
-    let b_base = batch_base(z, dims.b_offset, dims.b_outer, dims.b_inner);
+    let a_base = batch_base(z, dims.a_offset, dims.a_outer, dims.a_inner, dims.a_inner_div);
+    let b_base = batch_base(z, dims.b_offset, dims.b_outer, dims.b_inner, dims.b_inner_div);
     var acc0 = vec4<f32>(0.0);
     var acc1 = vec4<f32>(0.0);
     var acc2 = vec4<f32>(0.0);
@@ -363,7 +369,7 @@ fn matmul_rows(
     if gid.x >= dims.n {
         return;
     }
-    let c_base = batch_base(z, dims.c_offset, dims.c_outer, dims.c_inner);
+    let c_base = batch_base(z, dims.c_offset, dims.c_outer, dims.c_inner, 1u);
     store_c4(c_base, row0, col, acc0);
     store_c4(c_base, row0 + 4u, col, acc1);
     store_c4(c_base, row0 + 8u, col, acc2);

@@ -23,8 +23,8 @@ fn matmul_rows_subgroup(
     let col0 = wg.x * 4u * ROWS_WG_X + lid.x;
     let row0 = wg.y * 32u;
     let z = wg.z;
-    let a_base = batch_base(z, dims.a_offset, dims.a_outer, dims.a_inner);
-    let b_base = batch_base(z, dims.b_offset, dims.b_outer, dims.b_inner);
+    let a_base = batch_base(z, dims.a_offset, dims.a_outer, dims.a_inner, dims.a_inner_div);
+    let b_base = batch_base(z, dims.b_offset, dims.b_outer, dims.b_inner, dims.b_inner_div);
     let last_col = dims.n - 1u;
     // Distance between consecutive rows of op(A) in the buffer.
     var rs = dims.lda;
@@ -245,7 +245,7 @@ fn matmul_rows_subgroup(
             }
         }
     }
-    let c_base = batch_base(z, dims.c_offset, dims.c_outer, dims.c_inner);
+    let c_base = batch_base(z, dims.c_offset, dims.c_outer, dims.c_inner, 1u);
     if col0 + 0u * ROWS_WG_X < dims.n {
         store_c4(c_base, row0 + 0u, col0 + 0u * ROWS_WG_X, acc0_0);
         store_c4(c_base, row0 + 4u, col0 + 0u * ROWS_WG_X, acc0_1);

@@ -32,7 +32,7 @@ fn matmul_pack_a(@builtin(global_invocation_id) gid: vec3<u32>) {
     if gid.x >= size.x || gid.y >= size.y {
         return;
     }
-    let base = batch_base(gid.z, dims.a_offset, dims.a_outer, dims.a_inner);
+    let base = batch_base(gid.z, dims.a_offset, dims.a_outer, dims.a_inner, dims.a_inner_div);
     var v = vec4<f32>(0.0);
     for (var j = 0u; j < 4u; j++) {
         let kk = 4u * gid.x + j;
@@ -49,7 +49,7 @@ fn matmul_pack_b(@builtin(global_invocation_id) gid: vec3<u32>) {
     if gid.x >= size.x || gid.y >= size.y {
         return;
     }
-    let base = batch_base(gid.z, dims.b_offset, dims.b_outer, dims.b_inner);
+    let base = batch_base(gid.z, dims.b_offset, dims.b_outer, dims.b_inner, dims.b_inner_div);
     var v = vec4<f32>(0.0);
     for (var j = 0u; j < 4u; j++) {
         let col = 4u * gid.x + j;
@@ -68,7 +68,7 @@ fn matmul_pack_b(@builtin(global_invocation_id) gid: vec3<u32>) {
 @compute @workgroup_size(64, 1, 1)
 fn matmul_pack_a_vec4(@builtin(global_invocation_id) gid: vec3<u32>) {
     let size = textureDimensions(packed);
-    let base = batch_base(gid.z, dims.a_offset, dims.a_outer, dims.a_inner);
+    let base = batch_base(gid.z, dims.a_offset, dims.a_outer, dims.a_inner, dims.a_inner_div);
     if TRANS_A {
         // Rows 4 gid.y .. 4 gid.y + 3 (M is a multiple of 4) by texel gid.x.
         let row = 4u * gid.y;
@@ -100,7 +100,7 @@ fn matmul_pack_a_vec4(@builtin(global_invocation_id) gid: vec3<u32>) {
 @compute @workgroup_size(64, 1, 1)
 fn matmul_pack_b_vec4(@builtin(global_invocation_id) gid: vec3<u32>) {
     let size = textureDimensions(packed);
-    let base = batch_base(gid.z, dims.b_offset, dims.b_outer, dims.b_inner);
+    let base = batch_base(gid.z, dims.b_offset, dims.b_outer, dims.b_inner, dims.b_inner_div);
     if TRANS_B {
         // k rows 4 gid.y .. 4 gid.y + 3 by texel gid.x (K is a multiple of 4).
         let kk = 4u * gid.y;
@@ -359,7 +359,7 @@ fn matmul_texture(
     }
     let col0 = group * 4u;
     if col0 < dims.n {
-        let c_base = batch_base(z, dims.c_offset, dims.c_outer, dims.c_inner);
+        let c_base = batch_base(z, dims.c_offset, dims.c_outer, dims.c_inner, 1u);
         store_row4(c_base, row0 + 0u, col0, acc0); store_row4(c_base, row0 + 1u, col0, acc1);
         store_row4(c_base, row0 + 2u, col0, acc2); store_row4(c_base, row0 + 3u, col0, acc3);
         store_row4(c_base, row0 + 4u, col0, acc4); store_row4(c_base, row0 + 5u, col0, acc5);

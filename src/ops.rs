@@ -67,6 +67,11 @@ pub struct Operand {
 /// Batch index z in `0..batch` splits as `z = outer·batch_inner + inner`; each operand's matrix z
 /// starts at `offset + outer·outer_stride + inner·inner_stride`. With `batch_inner == 1` this is a
 /// plain strided batch; attention uses both levels to address (batch, head) blocks in place.
+///
+/// A and B may share one matrix between consecutive inner indices: with `a_inner_div = g`, A's
+/// matrix for inner index i is the one at inner index `i / g` (grouped-query attention: query
+/// head h reads key/value head h / group). Both are 1 by default; C has no divisor, since two
+/// batches writing one matrix would race.
 #[derive(Clone, Copy, Debug, PartialEq)]
 pub struct MatmulSpec {
     /// Rows of C.
@@ -93,6 +98,10 @@ pub struct MatmulSpec {
     pub alpha: f32,
     /// Add into C instead of overwriting it.
     pub accumulate: bool,
+    /// Consecutive inner batch indices sharing one A matrix (see above); 1 for none.
+    pub a_inner_div: usize,
+    /// Consecutive inner batch indices sharing one B matrix; 1 for none.
+    pub b_inner_div: usize,
 }
 
 impl MatmulSpec {
@@ -128,6 +137,8 @@ impl MatmulSpec {
             bias_offset: 0,
             alpha: 1.0,
             accumulate: false,
+            a_inner_div: 1,
+            b_inner_div: 1,
         }
     }
 
@@ -155,10 +166,10 @@ impl MatmulSpec {
         2.0 * self.m as f64 * self.n as f64 * self.k as f64 * self.batch as f64
     }
 
-    fn max_base(&self, op: &Operand) -> usize {
+    fn max_base(&self, op: &Operand, inner_div: usize) -> usize {
         let last = self.batch - 1;
         let outer = last / self.batch_inner;
-        let inner = (self.batch_inner - 1).min(last);
+        let inner = (self.batch_inner - 1).min(last) / inner_div.max(1);
         op.offset + outer * op.outer + inner * op.inner
     }
 
@@ -169,7 +180,7 @@ impl MatmulSpec {
         } else {
             (self.m, self.k)
         };
-        self.max_base(&self.a) + (rows - 1) * self.a.ld + cols
+        self.max_base(&self.a, self.a_inner_div) + (rows - 1) * self.a.ld + cols
     }
 
     /// Elements B's buffer must hold.
@@ -179,12 +190,12 @@ impl MatmulSpec {
         } else {
             (self.k, self.n)
         };
-        self.max_base(&self.b) + (rows - 1) * self.b.ld + cols
+        self.max_base(&self.b, self.b_inner_div) + (rows - 1) * self.b.ld + cols
     }
 
     /// Elements C's buffer must hold.
     pub fn c_len(&self) -> usize {
-        self.max_base(&self.c) + (self.m - 1) * self.c.ld + self.n
+        self.max_base(&self.c, 1) + (self.m - 1) * self.c.ld + self.n
     }
 
     /// Checks that the sizes are non-zero, the strides consistent and the buffers large enough.
@@ -196,6 +207,15 @@ impl MatmulSpec {
         c_len: usize,
     ) -> Result<()> {
         let op = "matmul";
+        if self.a_inner_div == 0 || self.b_inner_div == 0 {
+            return Err(Error::shape(
+                op,
+                format!(
+                    "a_inner_div and b_inner_div must be positive (1 for no sharing); got {} and {}",
+                    self.a_inner_div, self.b_inner_div
+                ),
+            ));
+        }
         if self.m == 0 || self.n == 0 || self.k == 0 || self.batch == 0 || self.batch_inner == 0 {
             return Err(Error::shape(
                 op,
@@ -317,6 +337,113 @@ impl AttentionShape {
             }
         }
         Ok(())
+    }
+}
+
+/// Causal self-attention with grouped-query heads (GQA), as in Llama: `heads` query heads share
+/// `kv_heads` key/value heads, query head h reading key/value head h / (heads / kv_heads).
+/// `kv_heads = heads` is ordinary multi-head attention, `kv_heads = 1` multi-query attention.
+///
+/// Layout: `qkv` is (B, T, (heads + 2·kv_heads)·head_dim), each row the query heads, then the key
+/// heads, then the value heads, each head `head_dim` wide (with kv_heads = heads this is GPT-2's
+/// (B, T, 3C) layout); `out` is (B, T, heads·head_dim); `probs` is (B, heads, T, T).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct GroupedAttentionShape {
+    /// B.
+    pub batch: usize,
+    /// T, the sequence length.
+    pub seq: usize,
+    /// Query heads.
+    pub heads: usize,
+    /// Key/value heads; must divide `heads`.
+    pub kv_heads: usize,
+    /// Elements per head.
+    pub head_dim: usize,
+}
+
+impl GroupedAttentionShape {
+    /// Query heads per key/value head.
+    pub fn group(&self) -> usize {
+        self.heads / self.kv_heads.max(1)
+    }
+
+    /// Elements of one (b, t) row of the qkv buffer: (heads + 2·kv_heads)·head_dim.
+    pub fn qkv_width(&self) -> usize {
+        (self.heads + 2 * self.kv_heads) * self.head_dim
+    }
+
+    /// Elements of the (B, T, heads·head_dim) output.
+    pub fn out_len(&self) -> usize {
+        self.batch * self.seq * self.heads * self.head_dim
+    }
+
+    /// Elements of the qkv buffer.
+    pub fn qkv_len(&self) -> usize {
+        self.batch * self.seq * self.qkv_width()
+    }
+
+    /// Elements of the (B, heads, T, T) probability buffer.
+    pub fn probs_len(&self) -> usize {
+        self.batch * self.heads * self.seq * self.seq
+    }
+
+    /// Checks sizes: positive, kv_heads dividing heads, buffers of the right length, indexable in
+    /// u32.
+    pub fn validate(&self, qkv_len: usize, out_len: usize, probs_len: usize) -> Result<()> {
+        let op = "attention";
+        let GroupedAttentionShape {
+            batch,
+            seq,
+            heads,
+            kv_heads,
+            head_dim,
+        } = *self;
+        if batch == 0 || seq == 0 || heads == 0 || kv_heads == 0 || head_dim == 0 {
+            return Err(Error::shape(
+                op,
+                format!("B, T, n_head, n_kv_head and head_dim must be positive; got {self:?}"),
+            ));
+        }
+        if !heads.is_multiple_of(kv_heads) {
+            return Err(Error::shape(
+                op,
+                format!("n_kv_head = {kv_heads} does not divide n_head = {heads}"),
+            ));
+        }
+        let big = [self.qkv_len(), self.probs_len()];
+        if big.iter().any(|&n| n > u32::MAX as usize) {
+            return Err(Error::shape(
+                op,
+                format!("{self:?} needs buffers past the 2^32 elements that kernels index"),
+            ));
+        }
+        let want = [
+            ("qkv", self.qkv_len(), qkv_len),
+            ("out", self.out_len(), out_len),
+            ("probs", self.probs_len(), probs_len),
+        ];
+        for (name, need, have) in want {
+            if need != have {
+                return Err(Error::shape(
+                    op,
+                    format!("{name} has {have} elements, expected {need} for {self:?}"),
+                ));
+            }
+        }
+        Ok(())
+    }
+}
+
+impl From<AttentionShape> for GroupedAttentionShape {
+    /// Multi-head attention as the grouped case with one query head per key/value head.
+    fn from(s: AttentionShape) -> Self {
+        GroupedAttentionShape {
+            batch: s.batch,
+            seq: s.seq,
+            heads: s.heads,
+            kv_heads: s.heads,
+            head_dim: s.channels / s.heads.max(1),
+        }
     }
 }
 
@@ -519,4 +646,305 @@ pub fn elementwise_len(op: &'static str, buffers: &[(&str, usize)]) -> Result<us
         }
     }
     Ok(n)
+}
+
+/// RMS normalisation over the last dimension of a (rows, channels) tensor, as in Llama:
+/// `out = x · rstd · weight` with `rstd = 1 / sqrt(mean(x²) + eps)`; no mean is subtracted and
+/// there is no bias.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct RmsNormSpec {
+    /// Rows normalised independently (batch × sequence positions).
+    pub rows: usize,
+    /// Channels per row: the normalised dimension, and the length of weight.
+    pub channels: usize,
+    /// Added to the mean square before the square root (Llama uses 1e-5 or 1e-6).
+    pub eps: f32,
+    /// Backward only: add into dinp instead of overwriting it (the residual stream's gradient
+    /// already sits there in a transformer block).
+    pub accumulate_input: bool,
+    /// Backward only: add into dweight instead of overwriting it (gradient accumulation over
+    /// micro-batches).
+    pub accumulate_params: bool,
+}
+
+impl RmsNormSpec {
+    /// `rows` rows of `channels` with eps = 1e-5, overwriting every gradient.
+    pub fn new(rows: usize, channels: usize) -> Self {
+        RmsNormSpec {
+            rows,
+            channels,
+            eps: 1e-5,
+            accumulate_input: false,
+            accumulate_params: false,
+        }
+    }
+
+    /// Sets eps.
+    pub fn eps(mut self, eps: f32) -> Self {
+        self.eps = eps;
+        self
+    }
+
+    /// Sets whether the backward adds into dinp.
+    pub fn accumulate_input(mut self, yes: bool) -> Self {
+        self.accumulate_input = yes;
+        self
+    }
+
+    /// Sets whether the backward adds into dweight.
+    pub fn accumulate_params(mut self, yes: bool) -> Self {
+        self.accumulate_params = yes;
+        self
+    }
+
+    /// The same checks as [`LayerNormSpec::validate`]: positive sizes indexable in u32, a
+    /// positive finite eps, and each named buffer of exactly its [`Extent`].
+    pub fn validate(&self, op: &'static str, buffers: &[(&str, Extent, usize)]) -> Result<()> {
+        LayerNormSpec {
+            rows: self.rows,
+            channels: self.channels,
+            eps: self.eps,
+            accumulate_input: self.accumulate_input,
+            accumulate_params: self.accumulate_params,
+        }
+        .validate(op, buffers)
+    }
+}
+
+/// Rotary position embedding (RoPE) in the rotate-half convention of Hugging Face's
+/// `LlamaForCausalLM`, applied in place to `heads` consecutive heads of `head_dim` elements in
+/// every (batch, position) row of a buffer.
+///
+/// For head dim d, element i < d/2 of a head is paired with element i + d/2, and the pair at
+/// position `pos` is rotated by the angle `pos · inv_freq_i`, `inv_freq_i = 1 / theta^(2i/d)`:
+///
+/// ```text
+/// out[i]       = x[i]·cos - x[i + d/2]·sin
+/// out[i + d/2] = x[i + d/2]·cos + x[i]·sin
+/// ```
+///
+/// Row r = b·seq + t (b < batch, t < seq) sits at element `r·row_stride`, its first rotated head
+/// at `r·row_stride + offset`, and is at position `first_position + t`. So
+/// [`RopeSpec::qkv`] covers the q and k heads of a fused (B, T, (n_head + 2·n_kv_head)·head_dim)
+/// projection in one dispatch (q's heads and k's heads are adjacent in each row, v is left
+/// alone), and a one-token decode step is `seq = 1` with `first_position = p`.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct RopeSpec {
+    /// B.
+    pub batch: usize,
+    /// T, the positions per batch entry.
+    pub seq: usize,
+    /// Heads rotated in each row (consecutive, `head_dim` apart).
+    pub heads: usize,
+    /// d, the elements per head; must be even.
+    pub head_dim: usize,
+    /// Element offset of the first rotated head within each row.
+    pub offset: usize,
+    /// Elements between consecutive rows.
+    pub row_stride: usize,
+    /// Position of t = 0 (the KV-cache decoder's current position).
+    pub first_position: usize,
+    /// Base of the frequencies (10000 in Llama 2; Llama 3's 500000 without its frequency
+    /// scaling).
+    pub theta: f32,
+}
+
+impl RopeSpec {
+    /// Positions RoPE can address: f32 represents every integer up to 2^24 exactly.
+    pub const MAX_POSITION: usize = 1 << 24;
+
+    /// A dense (batch, seq, heads, head_dim) tensor, every head rotated, positions from 0,
+    /// theta = 10000.
+    pub fn dense(batch: usize, seq: usize, heads: usize, head_dim: usize) -> Self {
+        RopeSpec {
+            batch,
+            seq,
+            heads,
+            head_dim,
+            offset: 0,
+            row_stride: heads * head_dim,
+            first_position: 0,
+            theta: 10_000.0,
+        }
+    }
+
+    /// The q and k heads (n_head + n_kv_head of them, adjacent at the start of each row) of a
+    /// fused (batch, seq, (n_head + 2·n_kv_head)·head_dim) qkv projection; v is not touched.
+    pub fn qkv(batch: usize, seq: usize, n_head: usize, n_kv_head: usize, head_dim: usize) -> Self {
+        RopeSpec {
+            heads: n_head + n_kv_head,
+            row_stride: (n_head + 2 * n_kv_head) * head_dim,
+            ..RopeSpec::dense(batch, seq, n_head, head_dim)
+        }
+    }
+
+    /// Sets the position of t = 0.
+    pub fn positions_from(mut self, first_position: usize) -> Self {
+        self.first_position = first_position;
+        self
+    }
+
+    /// Sets the frequency base.
+    pub fn theta(mut self, theta: f32) -> Self {
+        self.theta = theta;
+        self
+    }
+
+    /// `inv_freq_i = 1 / theta^(2i/d)` for i < d/2, computed in f32 as Hugging Face's
+    /// `LlamaRotaryEmbedding` does (`1.0 / base ** (arange(0, d, 2).float() / d)`).
+    pub fn inv_freq(&self) -> Vec<f32> {
+        (0..self.head_dim / 2)
+            .map(|i| 1.0 / self.theta.powf((2 * i) as f32 / self.head_dim as f32))
+            .collect()
+    }
+
+    /// Elements the buffer must hold at least.
+    pub fn min_len(&self) -> usize {
+        (self.batch * self.seq - 1) * self.row_stride + self.offset + self.heads * self.head_dim
+    }
+
+    /// Checks that the sizes are positive, the head dim even, the heads inside each row, the
+    /// positions exact in f32, theta positive and finite, and that a buffer of `len` elements
+    /// holds every row (and is indexable in u32).
+    pub fn validate(&self, op: &'static str, len: usize) -> Result<()> {
+        let RopeSpec {
+            batch,
+            seq,
+            heads,
+            head_dim,
+            offset,
+            row_stride,
+            first_position,
+            theta,
+        } = *self;
+        if batch == 0 || seq == 0 || heads == 0 || head_dim == 0 {
+            return Err(Error::shape(
+                op,
+                format!("batch, seq, heads and head_dim must be positive; got {self:?}"),
+            ));
+        }
+        if !head_dim.is_multiple_of(2) {
+            return Err(Error::shape(
+                op,
+                format!(
+                    "head_dim = {head_dim} is odd; rotary embedding pairs element i with i + \
+                     head_dim/2 and needs an even head dimension"
+                ),
+            ));
+        }
+        if !(theta > 0.0 && theta.is_finite()) {
+            return Err(Error::shape(
+                op,
+                format!("theta must be positive and finite; got {theta}"),
+            ));
+        }
+        let row_end = heads
+            .checked_mul(head_dim)
+            .and_then(|n| n.checked_add(offset));
+        if row_end.is_none_or(|end| end > row_stride) {
+            return Err(Error::shape(
+                op,
+                format!(
+                    "offset {offset} + {heads} heads × {head_dim} runs past the row stride \
+                     {row_stride}"
+                ),
+            ));
+        }
+        if first_position.saturating_add(seq) > Self::MAX_POSITION {
+            return Err(Error::shape(
+                op,
+                format!(
+                    "positions {first_position}..{} exceed 2^24, past which f32 positions are \
+                     not exact",
+                    first_position.saturating_add(seq)
+                ),
+            ));
+        }
+        let need = batch
+            .checked_mul(seq)
+            .and_then(|rows| (rows - 1).checked_mul(row_stride))
+            .and_then(|n| n.checked_add(offset + heads * head_dim));
+        match need {
+            Some(n) if n <= u32::MAX as usize => {
+                if len < n {
+                    return Err(Error::shape(
+                        op,
+                        format!("the buffer has {len} elements but {self:?} reaches element {n}"),
+                    ));
+                }
+            }
+            _ => {
+                return Err(Error::shape(
+                    op,
+                    format!("{self:?} reaches past the 2^32 elements that kernels index"),
+                ));
+            }
+        }
+        Ok(())
+    }
+}
+
+/// SwiGLU over a (rows, 2·hidden) buffer holding, in each row, the gate half then the up half
+/// (the output of one matmul by the concatenated [W_gate; W_up] weight, gate first):
+/// `out[r, j] = silu(inp[r, j]) · inp[r, hidden + j]`, out of shape (rows, hidden).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct SwiGluSpec {
+    /// Rows (batch × sequence positions).
+    pub rows: usize,
+    /// Width of each half, and of the output.
+    pub hidden: usize,
+}
+
+impl SwiGluSpec {
+    /// `rows` rows of `hidden` outputs (2·hidden inputs).
+    pub fn new(rows: usize, hidden: usize) -> Self {
+        SwiGluSpec { rows, hidden }
+    }
+
+    /// Checks that the sizes are positive and indexable in u32 and that each named buffer has
+    /// exactly its length: `(name, true, len)` for a (rows, 2·hidden) buffer (the input and its
+    /// gradient), `(name, false, len)` for a (rows, hidden) one (the output and its gradient).
+    pub fn validate(&self, op: &'static str, buffers: &[(&str, bool, usize)]) -> Result<()> {
+        let SwiGluSpec { rows, hidden } = *self;
+        if rows == 0 || hidden == 0 {
+            return Err(Error::shape(
+                op,
+                format!("rows and hidden must be positive; got rows={rows} hidden={hidden}"),
+            ));
+        }
+        let out = rows.checked_mul(hidden);
+        let inp = out.and_then(|n| n.checked_mul(2));
+        let (Some(out), Some(inp)) = (out, inp) else {
+            return Err(Error::shape(
+                op,
+                format!("rows={rows} × hidden={hidden} overflows"),
+            ));
+        };
+        if inp > u32::MAX as usize {
+            return Err(Error::shape(
+                op,
+                format!(
+                    "rows={rows} × 2·hidden={} is over the 2^32 elements that kernels index",
+                    2 * hidden
+                ),
+            ));
+        }
+        for &(name, both_halves, have) in buffers {
+            let need = if both_halves { inp } else { out };
+            if have != need {
+                return Err(Error::shape(
+                    op,
+                    format!(
+                        "{name} has {have} elements but rows={rows} hidden={hidden} needs {need}{}",
+                        if both_halves {
+                            " (rows × 2·hidden: gate then up)"
+                        } else {
+                            " (rows × hidden)"
+                        }
+                    ),
+                ));
+            }
+        }
+        Ok(())
+    }
 }

@@ -20,6 +20,9 @@ const ADAMW: &str = include_str!("../shaders/adamw.wgsl");
 const DROPOUT: &str = include_str!("../shaders/dropout.wgsl");
 const DECODE: &str = include_str!("../shaders/decode.wgsl");
 const LOSSSCALE: &str = include_str!("../shaders/lossscale.wgsl");
+const RMSNORM: &str = include_str!("../shaders/rmsnorm.wgsl");
+const ROPE: &str = include_str!("../shaders/rope.wgsl");
+const SWIGLU: &str = include_str!("../shaders/swiglu.wgsl");
 
 /// Every shader module: (name, the files it is made of, in order). A module made of several
 /// files is an extension compiled after its base (used for kernels that need an optional feature
@@ -39,6 +42,9 @@ pub const MODULES: &[(&str, &[&str])] = &[
     ("lossscale", &[LOSSSCALE]),
     ("dropout", &[DROPOUT]),
     ("decode", &[DECODE]),
+    ("rmsnorm", &[RMSNORM]),
+    ("rope", &[ROPE]),
+    ("swiglu", &[SWIGLU]),
 ];
 
 /// The concatenated source of a module, without the precision prelude.

@@ -28,8 +28,9 @@ pub fn matmul(
     let (ta, tb) = (spec.layout.trans_a(), spec.layout.trans_b());
     for z in 0..spec.batch {
         let (outer, inner) = (z / spec.batch_inner, z % spec.batch_inner);
-        let a0 = spec.a.offset + outer * spec.a.outer + inner * spec.a.inner;
-        let b0 = spec.b.offset + outer * spec.b.outer + inner * spec.b.inner;
+        // A and B may be shared by consecutive inner indices (grouped-query attention).
+        let a0 = spec.a.offset + outer * spec.a.outer + inner / spec.a_inner_div * spec.a.inner;
+        let b0 = spec.b.offset + outer * spec.b.outer + inner / spec.b_inner_div * spec.b.inner;
         let c0 = spec.c.offset + outer * spec.c.outer + inner * spec.c.inner;
         // Row by row, k outer and j inner: each C element still sums its products in order of
         // increasing k (the GPU's order), while the inner loop runs along a contiguous row of B

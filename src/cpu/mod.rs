@@ -17,3 +17,6 @@ pub mod layernorm;
 pub mod lossscale;
 pub mod matmul;
 pub mod residual;
+pub mod rmsnorm;
+pub mod rope;
+pub mod swiglu;

@@ -6,12 +6,20 @@
 //! precision (100 MB in f32 for B = 64, 6 heads, T = 256); a fused flash-style kernel that keeps
 //! only per-row statistics is the planned replacement. The matmuls also compute the masked upper
 //! triangle of the scores (wasted, half of those products) for the same reason.
+//!
+//! Grouped-query attention ([`GroupedAttentionShape`], [`AttentionForward::grouped`],
+//! [`AttentionBackward::grouped`]): n_head query heads share n_kv_head key/value heads. The
+//! products that read a key or value head address it through the matmul's per-operand divisor of
+//! the head index (query head h reads key/value head h / group), so nothing is copied; the key and
+//! value gradients of a shared head are summed over its group by one accumulating product per
+//! query head of the group, in a fixed order (deterministic, no atomics). With n_kv_head = n_head
+//! every product is exactly the multi-head one.
 
 use super::dropout::Dropout;
 use super::matmul::Matmul;
 use super::{Dispatch, RowKernel, common_precision, grid};
 use crate::gpu::{Bind, Gpu, GpuTensor, Specialisation};
-use crate::ops::{AttentionShape, Layout, MatmulSpec, Operand};
+use crate::ops::{AttentionShape, GroupedAttentionShape, Layout, MatmulSpec, Operand};
 use crate::{Error, Result};
 
 const WG: u32 = 128;
@@ -28,20 +36,20 @@ struct Params {
     _pad: u32,
 }
 
-/// Operand placement of head h's (T, hs) block of the q, k or v part (`part` 0, 1, 2) of a
-/// (B, T, 3C) qkv buffer, or of a (B, T, C) buffer when `width` is C.
-fn head_block(shape: &AttentionShape, width: usize, offset: usize) -> Operand {
-    let hs = shape.channels / shape.heads;
+/// Operand placement of head h's (T, hd) block of a buffer of (b, t) rows `width` wide whose
+/// heads start at element `offset` of each row (the q, k or v part of a qkv buffer, or a
+/// (B, T, n_head·hd) output).
+fn head_block(shape: &GroupedAttentionShape, width: usize, offset: usize) -> Operand {
     Operand {
         offset,
         ld: width,
         outer: shape.seq * width,
-        inner: hs,
+        inner: shape.head_dim,
     }
 }
 
 /// Placement of the (T, T) block of (b, h) in a (B, n_head, T, T) buffer.
-fn square_block(shape: &AttentionShape) -> Operand {
+fn square_block(shape: &GroupedAttentionShape) -> Operand {
     let t = shape.seq;
     Operand {
         offset: 0,
@@ -51,12 +59,60 @@ fn square_block(shape: &AttentionShape) -> Operand {
     }
 }
 
-/// A product over every (b, h) pair.
-fn per_head(shape: &AttentionShape, layout: Layout, m: usize, n: usize, k: usize) -> MatmulSpec {
+/// A product over every (b, h) pair of query heads.
+fn per_head(
+    shape: &GroupedAttentionShape,
+    layout: Layout,
+    m: usize,
+    n: usize,
+    k: usize,
+) -> MatmulSpec {
     let mut s = MatmulSpec::new(layout, m, n, k);
     s.batch = shape.batch * shape.heads;
     s.batch_inner = shape.heads;
     s
+}
+
+/// The products giving the key or value gradient of every key/value head: for each query head
+/// j of a group (in increasing order), a product over every (b, key/value head g) pair that reads
+/// the (T, T) block of query head g·group + j (`square`) and that head's (T, hd) block of
+/// `per_query` (dO for dv, q for dk), and adds into `c` (the first overwrites). The group's sum
+/// thus has a fixed order, so the result is deterministic without atomics. With group = 1 this is
+/// the single product of multi-head attention.
+#[allow(clippy::too_many_arguments)]
+fn per_kv_head_sum(
+    gpu: &Gpu,
+    shape: &GroupedAttentionShape,
+    c_tensor: &GpuTensor,
+    square: &GpuTensor,
+    per_query_tensor: &GpuTensor,
+    per_query: Operand,
+    c: Operand,
+    alpha: f32,
+) -> Result<Vec<Matmul>> {
+    let (t, hd, g) = (shape.seq, shape.head_dim, shape.group());
+    (0..g)
+        .map(|j| {
+            let mut s = MatmulSpec::new(Layout::TN, t, hd, t);
+            s.batch = shape.batch * shape.kv_heads;
+            s.batch_inner = shape.kv_heads;
+            let sq = square_block(shape);
+            s.a = Operand {
+                offset: j * sq.inner,
+                inner: g * sq.inner,
+                ..sq
+            };
+            s.b = Operand {
+                offset: per_query.offset + j * hd,
+                inner: g * hd,
+                ..per_query
+            };
+            s.c = c;
+            s.alpha = alpha;
+            s.accumulate = j > 0;
+            Matmul::new(gpu, c_tensor, square, per_query_tensor, None, &s)
+        })
+        .collect()
 }
 
 /// Which causal softmax kernel to prepare: its entry points in the two row layouts and how many
@@ -83,7 +139,7 @@ fn softmax(
     gpu: &Gpu,
     pass: &SoftmaxPass,
     kernel: RowKernel,
-    shape: &AttentionShape,
+    shape: &GroupedAttentionShape,
     buffers: &[(u32, Bind<'_>)],
     probs: &GpuTensor,
 ) -> Result<Dispatch> {
@@ -117,15 +173,6 @@ fn softmax(
     )
 }
 
-fn check_tensors(
-    shape: &AttentionShape,
-    qkv: &GpuTensor,
-    out: &GpuTensor,
-    probs: &GpuTensor,
-) -> Result<()> {
-    shape.validate(qkv.len(), out.len(), probs.len())
-}
-
 /// Dropout on the attention probabilities: where the dropped copy goes, the 4-word dropout state
 /// tensor (see [`super::dropout::DropoutState`]) and the site number of this layer's mask.
 #[derive(Clone, Copy)]
@@ -139,7 +186,7 @@ pub struct AttentionDropout<'a> {
 }
 
 impl AttentionDropout<'_> {
-    fn check(&self, shape: &AttentionShape, probs: &GpuTensor) -> Result<()> {
+    fn check(&self, shape: &GroupedAttentionShape, probs: &GpuTensor) -> Result<()> {
         if self.dropped.len() != shape.probs_len() || self.dropped.dtype() != probs.dtype() {
             return Err(Error::shape(
                 "attention",
@@ -201,15 +248,51 @@ impl AttentionForward {
         dropout: Option<AttentionDropout<'_>>,
         kernel: RowKernel,
     ) -> Result<Self> {
-        check_tensors(shape, qkv, out, probs)?;
+        shape.validate(qkv.len(), out.len(), probs.len())?;
+        Self::grouped_with_row_kernel(gpu, out, probs, qkv, &(*shape).into(), dropout, kernel)
+    }
+
+    /// The forward with grouped-query heads ([`GroupedAttentionShape`]: `qkv` is
+    /// (B, T, (n_head + 2·n_kv_head)·head_dim), `out` (B, T, n_head·head_dim)), in the adapter's
+    /// row layout, without dropout.
+    pub fn grouped(
+        gpu: &Gpu,
+        out: &GpuTensor,
+        probs: &GpuTensor,
+        qkv: &GpuTensor,
+        shape: &GroupedAttentionShape,
+    ) -> Result<Self> {
+        let kernel = RowKernel::for_rows(gpu, shape.seq, FORWARD_PASSES);
+        Self::grouped_with_row_kernel(gpu, out, probs, qkv, shape, None, kernel)
+    }
+
+    /// [`AttentionForward::grouped`] with dropout and an explicit softmax row layout. Query head
+    /// h reads key/value head h / group through the matmuls' B divisor
+    /// ([`MatmulSpec::b_inner_div`]): no copy of the shared heads. With n_kv_head = n_head the
+    /// products are exactly those of multi-head attention.
+    pub fn grouped_with_row_kernel(
+        gpu: &Gpu,
+        out: &GpuTensor,
+        probs: &GpuTensor,
+        qkv: &GpuTensor,
+        shape: &GroupedAttentionShape,
+        dropout: Option<AttentionDropout<'_>>,
+        kernel: RowKernel,
+    ) -> Result<Self> {
+        shape.validate(qkv.len(), out.len(), probs.len())?;
         common_precision("attention", &[out, probs, qkv])?;
-        let (t, c) = (shape.seq, shape.channels);
-        let hs = c / shape.heads;
-        let mut s = per_head(shape, Layout::NT, t, t, hs);
-        s.a = head_block(shape, 3 * c, 0);
-        s.b = head_block(shape, 3 * c, c);
+        let (t, hd) = (shape.seq, shape.head_dim);
+        let (width, k_part, v_part) = (
+            shape.qkv_width(),
+            shape.heads * hd,
+            (shape.heads + shape.kv_heads) * hd,
+        );
+        let mut s = per_head(shape, Layout::NT, t, t, hd);
+        s.a = head_block(shape, width, 0);
+        s.b = head_block(shape, width, k_part);
+        s.b_inner_div = shape.group();
         s.c = square_block(shape);
-        s.alpha = 1.0 / (hs as f32).sqrt();
+        s.alpha = 1.0 / (hd as f32).sqrt();
         let scores = Matmul::new(gpu, probs, qkv, qkv, None, &s)?;
         let softmax = softmax(
             gpu,
@@ -229,10 +312,11 @@ impl AttentionForward {
             }
             None => (None, probs),
         };
-        let mut w = per_head(shape, Layout::NN, t, hs, t);
+        let mut w = per_head(shape, Layout::NN, t, hd, t);
         w.a = square_block(shape);
-        w.b = head_block(shape, 3 * c, 2 * c);
-        w.c = head_block(shape, c, 0);
+        w.b = head_block(shape, width, v_part);
+        w.b_inner_div = shape.group();
+        w.c = head_block(shape, shape.heads * hd, 0);
         let weighted = Matmul::new(gpu, out, weights, qkv, None, &w)?;
         Ok(AttentionForward {
             scores,
@@ -261,11 +345,12 @@ impl AttentionForward {
 /// The backward pass, prepared once. `dprobs` is scratch of the size of `probs`.
 pub struct AttentionBackward {
     dprobs_from_dout: Matmul,
-    dv: Matmul,
+    /// One product per query head of a group (one for multi-head attention).
+    dv: Vec<Matmul>,
     dropout: Option<Dropout>,
     softmax: Dispatch,
     dq: Matmul,
-    dk: Matmul,
+    dk: Vec<Matmul>,
 }
 
 impl AttentionBackward {
@@ -314,8 +399,56 @@ impl AttentionBackward {
         dropout: Option<AttentionDropout<'_>>,
         kernel: RowKernel,
     ) -> Result<Self> {
-        check_tensors(shape, qkv, dout, probs)?;
-        check_tensors(shape, dqkv, dout, dprobs)?;
+        shape.validate(qkv.len(), dout.len(), probs.len())?;
+        shape.validate(dqkv.len(), dout.len(), dprobs.len())?;
+        Self::grouped_with_row_kernel(
+            gpu,
+            dqkv,
+            dprobs,
+            dout,
+            qkv,
+            probs,
+            &(*shape).into(),
+            dropout,
+            kernel,
+        )
+    }
+
+    /// The backward of [`AttentionForward::grouped`], in the adapter's row layout, without
+    /// dropout: `dqkv` ((B, T, (n_head + 2·n_kv_head)·head_dim), overwritten) from `dout`
+    /// (B, T, n_head·head_dim) and the forward's `qkv` and `probs`.
+    pub fn grouped(
+        gpu: &Gpu,
+        dqkv: &GpuTensor,
+        dprobs: &GpuTensor,
+        dout: &GpuTensor,
+        qkv: &GpuTensor,
+        probs: &GpuTensor,
+        shape: &GroupedAttentionShape,
+    ) -> Result<Self> {
+        let kernel = RowKernel::for_rows(gpu, shape.seq, BACKWARD_PASSES);
+        Self::grouped_with_row_kernel(gpu, dqkv, dprobs, dout, qkv, probs, shape, None, kernel)
+    }
+
+    /// [`AttentionBackward::grouped`] with dropout and an explicit softmax row layout. dq and
+    /// dP read the shared key/value head through the matmuls' B divisor; dk and dv of a
+    /// key/value head sum over the group's query heads, one accumulating product per query head
+    /// of the group in increasing order (2·(group − 1) more dispatches than multi-head
+    /// attention), so the sum's order is fixed and the result deterministic.
+    #[allow(clippy::too_many_arguments)]
+    pub fn grouped_with_row_kernel(
+        gpu: &Gpu,
+        dqkv: &GpuTensor,
+        dprobs: &GpuTensor,
+        dout: &GpuTensor,
+        qkv: &GpuTensor,
+        probs: &GpuTensor,
+        shape: &GroupedAttentionShape,
+        dropout: Option<AttentionDropout<'_>>,
+        kernel: RowKernel,
+    ) -> Result<Self> {
+        shape.validate(qkv.len(), dout.len(), probs.len())?;
+        shape.validate(dqkv.len(), dout.len(), dprobs.len())?;
         common_precision("attention", &[dqkv, dprobs, dout, qkv, probs])?;
         if dprobs.buffer() == probs.buffer() {
             return Err(Error::shape(
@@ -323,13 +456,19 @@ impl AttentionBackward {
                 "dprobs must be a buffer of its own, not probs",
             ));
         }
-        let (t, c) = (shape.seq, shape.channels);
-        let hs = c / shape.heads;
-        let scale = 1.0 / (hs as f32).sqrt();
+        let (t, hd) = (shape.seq, shape.head_dim);
+        let (width, k_part, v_part) = (
+            shape.qkv_width(),
+            shape.heads * hd,
+            (shape.heads + shape.kv_heads) * hd,
+        );
+        let out_width = shape.heads * hd;
+        let scale = 1.0 / (hd as f32).sqrt();
         // dP = dO·vᵀ
-        let mut s = per_head(shape, Layout::NT, t, t, hs);
-        s.a = head_block(shape, c, 0);
-        s.b = head_block(shape, 3 * c, 2 * c);
+        let mut s = per_head(shape, Layout::NT, t, t, hd);
+        s.a = head_block(shape, out_width, 0);
+        s.b = head_block(shape, width, v_part);
+        s.b_inner_div = shape.group();
         s.c = square_block(shape);
         let dprobs_from_dout = Matmul::new(gpu, dprobs, dout, qkv, None, &s)?;
         // dv = Pᵀ·dO, with the dropped P when there is dropout; then dP through the same mask.
@@ -343,11 +482,16 @@ impl AttentionBackward {
             }
             None => (None, probs),
         };
-        let mut s = per_head(shape, Layout::TN, t, hs, t);
-        s.a = square_block(shape);
-        s.b = head_block(shape, c, 0);
-        s.c = head_block(shape, 3 * c, 2 * c);
-        let dv = Matmul::new(gpu, dqkv, weights, dout, None, &s)?;
+        let dv = per_kv_head_sum(
+            gpu,
+            shape,
+            dqkv,
+            weights,
+            dout,
+            head_block(shape, out_width, 0),
+            head_block(shape, width, v_part),
+            1.0,
+        )?;
         // dS = P ⊙ (dP − rowsum(P ⊙ dP)), in place in dprobs.
         let softmax = softmax(
             gpu,
@@ -358,19 +502,24 @@ impl AttentionBackward {
             probs,
         )?;
         // dq = scale·dS·k
-        let mut s = per_head(shape, Layout::NN, t, hs, t);
+        let mut s = per_head(shape, Layout::NN, t, hd, t);
         s.a = square_block(shape);
-        s.b = head_block(shape, 3 * c, c);
-        s.c = head_block(shape, 3 * c, 0);
+        s.b = head_block(shape, width, k_part);
+        s.b_inner_div = shape.group();
+        s.c = head_block(shape, width, 0);
         s.alpha = scale;
         let dq = Matmul::new(gpu, dqkv, dprobs, qkv, None, &s)?;
-        // dk = scale·dSᵀ·q
-        let mut s = per_head(shape, Layout::TN, t, hs, t);
-        s.a = square_block(shape);
-        s.b = head_block(shape, 3 * c, 0);
-        s.c = head_block(shape, 3 * c, c);
-        s.alpha = scale;
-        let dk = Matmul::new(gpu, dqkv, dprobs, qkv, None, &s)?;
+        // dk = scale·dSᵀ·q, summed over the group.
+        let dk = per_kv_head_sum(
+            gpu,
+            shape,
+            dqkv,
+            dprobs,
+            qkv,
+            head_block(shape, width, 0),
+            head_block(shape, width, k_part),
+            scale,
+        )?;
         Ok(AttentionBackward {
             dprobs_from_dout,
             dv,
@@ -381,16 +530,20 @@ impl AttentionBackward {
         })
     }
 
-    /// Adds the five dispatches to `pass`.
+    /// Adds the dispatches (five for multi-head attention, 2·group + 3 in general) to `pass`.
     pub fn record(&self, pass: &mut wgpu::ComputePass<'_>) {
         self.dprobs_from_dout.record(pass);
-        self.dv.record(pass);
+        for dv in &self.dv {
+            dv.record(pass);
+        }
         if let Some(d) = &self.dropout {
             d.record(pass);
         }
         self.softmax.record(pass);
         self.dq.record(pass);
-        self.dk.record(pass);
+        for dk in &self.dk {
+            dk.record(pass);
+        }
     }
 
     /// Records and submits on its own (does not wait).

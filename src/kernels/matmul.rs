@@ -191,7 +191,10 @@ struct Dims {
     c_offset: u32,
     bias_offset: u32,
     alpha: f32,
-    _pad: u32,
+    a_inner_div: u32,
+    b_inner_div: u32,
+    _pad0: u32,
+    _pad1: u32,
 }
 
 impl Dims {
@@ -217,7 +220,10 @@ impl Dims {
             c_offset: u(s.c.offset),
             bias_offset: u(s.bias_offset),
             alpha: s.alpha,
-            _pad: 0,
+            a_inner_div: u(s.a_inner_div),
+            b_inner_div: u(s.b_inner_div),
+            _pad0: 0,
+            _pad1: 0,
         }
     }
 }

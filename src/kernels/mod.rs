@@ -14,6 +14,9 @@ pub mod layernorm;
 pub mod lossscale;
 pub mod matmul;
 pub mod residual;
+pub mod rmsnorm;
+pub mod rope;
+pub mod swiglu;
 pub mod tune;
 
 use crate::gpu::{Bind, DType, Gpu, GpuTensor, PipelineKey, Specialisation};
@@ -158,6 +161,11 @@ impl_record!(
     matmul::Matmul,
     residual::ResidualForward,
     residual::AddInplace,
+    rmsnorm::RmsNormForward,
+    rmsnorm::RmsNormBackward,
+    rope::Rope,
+    swiglu::SwiGluForward,
+    swiglu::SwiGluBackward,
 );
 
 use crate::{Error, Precision, Result};
