@@ -468,6 +468,28 @@ fn checkpoints_are_byte_reproducible() {
         assert_eq!(back.master, ck.master);
     }
     assert!(files.windows(2).all(|w| w[0] == w[1]), "saves differ");
+    // The same run trained twice writes the same bytes, file for file.
+    let data = dir.join("corpus.txt");
+    let twin = dir.join("twin");
+    let o = kiln().args(tiny_args(&data, &twin, 30)).output().unwrap();
+    assert!(o.status.success(), "{}", stderr(&o));
+    for f in checkpoint_files() {
+        let (a, b) = (out.join("step-30").join(f), twin.join("step-30").join(f));
+        assert!(
+            std::fs::read(&a).unwrap() == std::fs::read(&b).unwrap(),
+            "{f} differs between two identical runs"
+        );
+    }
+}
+
+fn checkpoint_files() -> [&'static str; 5] {
+    [
+        checkpoint::MODEL_FILE,
+        checkpoint::OPTIMIZER_FILE,
+        checkpoint::CONFIG_FILE,
+        checkpoint::TOKENIZER_FILE,
+        checkpoint::STATE_FILE,
+    ]
 }
 
 #[test]
