@@ -12,6 +12,7 @@ pub mod pruner;
 pub mod report;
 pub mod sampler;
 pub mod spec;
+pub mod tpe;
 
 use crate::model::Config;
 use crate::train::trainer::{EvalAction, EvalObserver, TrainOptions, train};

@@ -1,29 +1,15 @@
-//! Choosing a trial's parameters: grid, random, or TPE (the `optimizer` crate's samplers).
+//! Choosing a trial's parameters: grid, random, or TPE ([`super::tpe`]).
 //!
-//! Every choice is a pure function of the spec, the trial number and the finished trials, so a
-//! resumed sweep proposes what an uninterrupted one would have. Two details of the crate make
-//! that, and correctness, need care:
-//! - its samplers derive each draw's seed from (seed, trial id, distribution, a per-instance call
-//!   counter), so a fresh sampler is made for each trial and the parameters are drawn in spec
-//!   order;
-//! - its TPE finds a parameter's past values by *distribution* (it picks the first parameter of
-//!   a past trial with an equal distribution), so two parameters with equal ranges, e.g. two
-//!   choices of two values, would be modelled from one parameter's values. Each parameter is
-//!   therefore sampled against a history holding that parameter alone (independent TPE per
-//!   parameter, as Optuna's default univariate TPE).
+//! Every choice is a pure function of the spec, the trial number and the finished trials, with a
+//! generator seeded per (sweep seed, trial, parameter): a resumed sweep proposes what an
+//! uninterrupted one would have, and TPE's random start-up trials are exactly random search's
+//! trials with the same seed.
 
 use super::journal::{TrialRecord, TrialState};
 use super::spec::{Method, ParamKind, ParamSpec, SweepSpec};
-use optimizer::distribution::{
-    CategoricalDistribution, Distribution, FloatDistribution, IntDistribution,
-};
-use optimizer::param::ParamValue;
-use optimizer::parameter::ParamId;
-use optimizer::sampler::random::RandomSampler;
-use optimizer::sampler::tpe::TpeSampler;
-use optimizer::sampler::{CompletedTrial, Sampler};
+use super::tpe;
+use rand::rngs::StdRng;
 use rand::{RngExt, SeedableRng};
-use std::collections::HashMap;
 
 /// One trial's parameter values, in spec order, as config values.
 pub type Point = Vec<toml::Value>;
@@ -111,86 +97,107 @@ fn tidy(x: f64) -> f64 {
     format!("{x:.9e}").parse().unwrap_or(x)
 }
 
-/// The crate's description of a parameter's range.
-fn distribution(p: &ParamSpec) -> Distribution {
-    match &p.kind {
-        ParamKind::Float {
-            low,
-            high,
-            log,
-            step,
-        } => Distribution::Float(FloatDistribution {
-            low: *low,
-            high: *high,
-            log_scale: *log,
-            step: *step,
-        }),
-        ParamKind::Int {
-            low,
-            high,
-            log,
-            step,
-        } => Distribution::Int(IntDistribution {
-            low: *low,
-            high: *high,
-            log_scale: *log,
-            step: Some(*step),
-        }),
-        ParamKind::Choice { values } => Distribution::Categorical(CategoricalDistribution {
-            n_choices: values.len(),
-        }),
-    }
-}
-
-/// A config value as the crate's parameter value (`None`: not a value of this parameter, e.g.
-/// a journal edited by hand).
-fn to_param_value(p: &ParamSpec, v: &serde_json::Value) -> Option<ParamValue> {
-    match &p.kind {
-        ParamKind::Float { .. } => v.as_f64().map(ParamValue::Float),
-        ParamKind::Int { .. } => v.as_i64().map(ParamValue::Int),
-        ParamKind::Choice { values } => values
-            .iter()
-            .position(|c| to_json(c) == *v)
-            .map(ParamValue::Categorical),
-    }
-}
-
-fn from_param_value(p: &ParamSpec, v: ParamValue) -> toml::Value {
-    match (&p.kind, v) {
-        (ParamKind::Float { low, high, .. }, ParamValue::Float(x)) => {
-            // Four significant digits are all a sweep can tell apart, and they read well in
-            // best.toml; clamped so the rounding never leaves the range.
-            let x: f64 = format!("{x:.3e}").parse().unwrap_or(x);
-            toml::Value::Float(x.clamp(*low, *high))
-        }
-        (ParamKind::Int { low, high, .. }, ParamValue::Int(x)) => {
-            toml::Value::Integer(x.clamp(*low, *high))
-        }
-        (ParamKind::Choice { values }, ParamValue::Categorical(i)) => {
-            values[i.min(values.len() - 1)].clone()
-        }
-        // The crate answers in the distribution's own kind; anything else is a bug there, and
-        // the low end of the range is a valid value to fall back on.
-        (ParamKind::Float { low, .. }, _) => toml::Value::Float(*low),
-        (ParamKind::Int { low, .. }, _) => toml::Value::Integer(*low),
-        (ParamKind::Choice { values }, _) => values[0].clone(),
-    }
-}
-
 /// A config value as JSON, for the journal.
 pub fn to_json(v: &toml::Value) -> serde_json::Value {
     serde_json::to_value(v).unwrap_or(serde_json::Value::Null)
 }
 
-/// What the model-based sampler learns from: each finished trial with a value (COMPLETE, and
-/// PRUNED with the best loss it reported, which ranks it among the bad ones since it was pruned
-/// for being worse than the median), as Optuna's TPE does. FAIL trials carry no value.
+/// Where a numeric parameter is modelled: `[a, b]`, in logarithms for a log range. An integer
+/// range is widened by half a step on each side, so its end values are as likely as the others.
+fn internal_range(p: &ParamSpec) -> Option<(f64, f64, bool)> {
+    match &p.kind {
+        ParamKind::Float { low, high, log, .. } if *log => Some((low.ln(), high.ln(), true)),
+        ParamKind::Float { low, high, .. } => Some((*low, *high, false)),
+        ParamKind::Int {
+            low,
+            high,
+            log,
+            step,
+        } => {
+            let half = *step as f64 / 2.0;
+            let (a, b) = (*low as f64 - half, *high as f64 + half);
+            // A log range has low ≥ 1 (checked in the spec), so low - 1/2 > 0.
+            Some(if *log {
+                (a.ln(), b.ln(), true)
+            } else {
+                (a, b, false)
+            })
+        }
+        ParamKind::Choice { .. } => None,
+    }
+}
+
+/// A config value of a numeric parameter, in its modelling space.
+fn to_internal(p: &ParamSpec, v: &serde_json::Value) -> Option<f64> {
+    let (_, _, log) = internal_range(p)?;
+    let x = v.as_f64()?;
+    Some(if log { x.ln() } else { x })
+}
+
+/// A point of the modelling space as the parameter's config value: snapped to its step,
+/// rounded to four significant digits (all a sweep can tell apart, and readable in best.toml)
+/// and kept in range.
+fn from_internal(p: &ParamSpec, x: f64) -> toml::Value {
+    let log = internal_range(p).is_some_and(|r| r.2);
+    let v = if log { x.exp() } else { x };
+    match &p.kind {
+        ParamKind::Float {
+            low, high, step, ..
+        } => {
+            let v = match step {
+                Some(s) => tidy(low + ((v - low) / s).round() * s),
+                None => format!("{v:.3e}").parse().unwrap_or(v),
+            };
+            toml::Value::Float(v.clamp(*low, *high))
+        }
+        ParamKind::Int {
+            low, high, step, ..
+        } => {
+            let k = ((v - *low as f64) / *step as f64).round().max(0.0) as i64;
+            toml::Value::Integer((low + k * step).clamp(*low, *high))
+        }
+        ParamKind::Choice { values } => values[0].clone(),
+    }
+}
+
+/// The index of a choice parameter's value.
+fn choice_index(p: &ParamSpec, v: &serde_json::Value) -> Option<usize> {
+    match &p.kind {
+        ParamKind::Choice { values } => values.iter().position(|c| to_json(c) == *v),
+        _ => None,
+    }
+}
+
+/// A uniform draw (log-uniform for a log range).
+fn random_value(p: &ParamSpec, rng: &mut StdRng) -> toml::Value {
+    match (&p.kind, internal_range(p)) {
+        (ParamKind::Choice { values }, _) => values[rng.random_range(0..values.len())].clone(),
+        (_, Some((a, b, _))) => from_internal(p, a + (b - a) * rng.random::<f64>()),
+        (_, None) => unreachable_value(p),
+    }
+}
+
+/// The low end of a range; only reached if a numeric parameter had no range, which
+/// [`internal_range`] rules out.
+fn unreachable_value(p: &ParamSpec) -> toml::Value {
+    match &p.kind {
+        ParamKind::Float { low, .. } => toml::Value::Float(*low),
+        ParamKind::Int { low, .. } => toml::Value::Integer(*low),
+        ParamKind::Choice { values } => values[0].clone(),
+    }
+}
+
+/// What TPE learns from: each finished trial with a value (COMPLETE, and PRUNED with the best
+/// loss it reported, which ranks it among the bad ones since it was pruned for being worse than
+/// the median), as Optuna's TPE does. FAIL trials carry no value.
 fn scored(history: &[TrialRecord]) -> Vec<(&TrialRecord, f64)> {
-    history
+    let mut v: Vec<(&TrialRecord, f64)> = history
         .iter()
         .filter(|t| matches!(t.state, TrialState::Complete | TrialState::Pruned))
         .filter_map(|t| t.value.filter(|v| v.is_finite()).map(|v| (t, v)))
-        .collect()
+        .collect();
+    v.sort_by(|a, b| a.1.total_cmp(&b.1).then(a.0.number.cmp(&b.0.number)));
+    v
 }
 
 /// The parameters of trial `number`, given the trials finished so far.
@@ -200,38 +207,39 @@ pub fn suggest(spec: &SweepSpec, number: usize, history: &[TrialRecord]) -> Poin
         return points[number % points.len()].clone();
     }
     let scored = scored(history);
-    // One sampler per trial: the crate's draw seeds include a per-instance call counter (see the
-    // module comment).
-    let sampler: Box<dyn Sampler> = match spec.method {
-        Method::Tpe => match TpeSampler::builder()
-            .seed(spec.seed)
-            .n_startup_trials(spec.n_startup_trials)
-            .build()
-        {
-            Ok(s) => Box::new(s),
-            Err(_) => Box::new(RandomSampler::with_seed(spec.seed)),
-        },
-        _ => Box::new(RandomSampler::with_seed(spec.seed)),
-    };
+    let model = spec.method == Method::Tpe && scored.len() >= spec.n_startup_trials.max(2);
+    let (good, bad) = scored.split_at(if model { tpe::n_good(scored.len()) } else { 0 });
     spec.params
         .iter()
-        .map(|p| {
-            let id = ParamId::new();
-            let dist = distribution(p);
-            let past: Vec<CompletedTrial> = scored
-                .iter()
-                .filter_map(|(t, value)| {
-                    let v = to_param_value(p, t.params.get(&p.key)?)?;
-                    Some(CompletedTrial::new(
-                        t.number as u64,
-                        HashMap::from([(id, v)]),
-                        HashMap::from([(id, dist.clone())]),
-                        HashMap::new(),
-                        *value,
-                    ))
-                })
-                .collect();
-            from_param_value(p, sampler.sample(&dist, number as u64, &past))
+        .enumerate()
+        .map(|(i, p)| {
+            let mut rng = tpe::rng(spec.seed, number, i);
+            if !model {
+                return random_value(p, &mut rng);
+            }
+            match (&p.kind, internal_range(p)) {
+                (ParamKind::Choice { values }, _) => {
+                    let idx = |ts: &[(&TrialRecord, f64)]| -> Vec<usize> {
+                        ts.iter()
+                            .filter_map(|(t, _)| choice_index(p, t.params.get(&p.key)?))
+                            .collect()
+                    };
+                    let c = tpe::propose_choice(&mut rng, values.len(), &idx(good), &idx(bad));
+                    values[c].clone()
+                }
+                (_, Some((a, b, _))) => {
+                    let xs = |ts: &[(&TrialRecord, f64)]| -> Vec<f64> {
+                        ts.iter()
+                            .filter_map(|(t, _)| to_internal(p, t.params.get(&p.key)?))
+                            .collect()
+                    };
+                    from_internal(
+                        p,
+                        tpe::propose_continuous(&mut rng, a, b, &xs(good), &xs(bad)),
+                    )
+                }
+                (_, None) => unreachable_value(p),
+            }
         })
         .collect()
 }
