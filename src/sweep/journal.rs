@@ -288,3 +288,50 @@ pub fn replay(
         identity.ok_or("it has no sweep record (an empty or damaged journal); start the sweep again in another --out")?;
     Ok((identity, trials, complete_len))
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const HEAD: &str = r#"{"event":"sweep","identity":{"seed":1}}"#;
+
+    #[test]
+    fn replay_keeps_finished_trials_reruns_running_ones_and_drops_a_torn_tail() {
+        let text = [
+            HEAD,
+            r#"{"event":"created","trial":0,"params":{"train.lr":0.001}}"#,
+            r#"{"event":"report","trial":0,"step":5,"value":3.0}"#,
+            r#"{"event":"finished","trial":0,"state":"COMPLETE","value":3.0,"steps":5,"seconds":1.0}"#,
+            r#"{"event":"created","trial":1,"params":{"train.lr":0.002}}"#,
+            r#"{"event":"report","trial":1,"step":5,"value":9.0}"#,
+            // Trial 1 again after a kill: the first attempt's report goes.
+            r#"{"event":"created","trial":1,"params":{"train.lr":0.002}}"#,
+            r#"{"event":"report","trial":1,"step":5,"value":2.5}"#,
+        ]
+        .join("\n")
+            + "\n"
+            + r#"{"event":"finished","trial":1,"sta"#;
+        let (identity, trials, len) = replay(&text).unwrap();
+        assert_eq!(identity["seed"], 1);
+        assert_eq!(len, text.rfind('\n').unwrap() + 1, "the torn line is cut");
+        assert_eq!(trials.len(), 2);
+        assert_eq!(trials[0].state, TrialState::Complete);
+        assert_eq!(trials[0].value, Some(3.0));
+        assert_eq!(trials[1].state, TrialState::Running);
+        assert_eq!(trials[1].reports, vec![(5, 2.5)]);
+    }
+
+    #[test]
+    fn replay_refuses_damage_before_the_last_line() {
+        let text = format!("{HEAD}\nnot json\n");
+        assert!(replay(&text).unwrap_err().contains("line 2"));
+        let twice = format!(
+            "{HEAD}\n{}\n{}\n{}\n",
+            r#"{"event":"created","trial":0,"params":{}}"#,
+            r#"{"event":"finished","trial":0,"state":"FAIL","value":null,"steps":0,"seconds":0.0}"#,
+            r#"{"event":"finished","trial":0,"state":"FAIL","value":null,"steps":0,"seconds":0.0}"#
+        );
+        assert!(replay(&twice).unwrap_err().contains("finished twice"));
+        assert!(replay("").unwrap_err().contains("no sweep record"));
+    }
+}
