@@ -283,6 +283,7 @@ fn run_trial(
             write_error.clone(),
         );
         let pruner = spec.pruner;
+        let max_steps = config.train.max_steps as u64;
         EvalObserver::new(move |step, value| {
             let mut r = reports.lock().unwrap_or_else(|e| e.into_inner());
             r.push((step, value));
@@ -291,7 +292,9 @@ fn run_trial(
                 return EvalAction::Stop;
             }
             let views: Vec<&[(u64, f64)]> = completed.iter().map(|c| c.as_slice()).collect();
-            if pruner.is_some_and(|p| pruner::should_prune(&p, &r, &views)) {
+            // The last evaluation is the result: stopping there would save nothing.
+            let last = step >= max_steps;
+            if !last && pruner.is_some_and(|p| pruner::should_prune(&p, &r, &views)) {
                 pruned.store(true, Ordering::Relaxed);
                 return EvalAction::Stop;
             }

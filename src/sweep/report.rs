@@ -133,6 +133,9 @@ pub fn write_files(spec: &SweepSpec, out: &Path, s: &SweepSummary) -> Result<()>
     Ok(())
 }
 
+/// Where a trial's parameter value goes on a panel's x axis.
+type XOf = Box<dyn Fn(&serde_json::Value) -> Option<f64>>;
+
 /// One panel per parameter: each finished trial's value (COMPLETE: objective, in blue; PRUNED:
 /// the best loss it reported, in grey) against the parameter (log10 of it for a log range, the
 /// index for a choice).
@@ -168,41 +171,40 @@ pub fn plot(spec: &SweepSpec, trials: &[TrialRecord], path: &Path) -> Result<()>
         };
         let pad = 0.05 * (hi - lo);
         for (p, area) in spec.params.iter().zip(panels.iter()) {
-            let (x_of, x_desc, (x0, x1)): (Box<dyn Fn(&serde_json::Value) -> Option<f64>>, _, _) =
-                match &p.kind {
-                    ParamKind::Float { low, high, log, .. } if *log => (
-                        Box::new(|v| v.as_f64().map(f64::log10)),
-                        format!("log10({})", p.key),
-                        (low.log10(), high.log10()),
-                    ),
-                    ParamKind::Float { low, high, .. } => {
-                        (Box::new(|v| v.as_f64()), p.key.clone(), (*low, *high))
-                    }
-                    ParamKind::Int { low, high, log, .. } if *log => (
-                        Box::new(|v| v.as_f64().map(f64::log10)),
-                        format!("log10({})", p.key),
-                        ((*low as f64).log10(), (*high as f64).log10()),
-                    ),
-                    ParamKind::Int { low, high, .. } => (
-                        Box::new(|v| v.as_f64()),
-                        p.key.clone(),
-                        (*low as f64, *high as f64),
-                    ),
-                    ParamKind::Choice { values } => {
-                        let json: Vec<serde_json::Value> =
-                            values.iter().map(super::sampler::to_json).collect();
-                        let labels: Vec<String> = values
-                            .iter()
-                            .enumerate()
-                            .map(|(i, v)| format!("{i}={v}"))
-                            .collect();
-                        (
-                            Box::new(move |v| json.iter().position(|c| c == v).map(|i| i as f64)),
-                            format!("{} ({})", p.key, labels.join(", ")),
-                            (0.0, (values.len() - 1) as f64),
-                        )
-                    }
-                };
+            let (x_of, x_desc, (x0, x1)): (XOf, _, _) = match &p.kind {
+                ParamKind::Float { low, high, log, .. } if *log => (
+                    Box::new(|v| v.as_f64().map(f64::log10)),
+                    format!("log10({})", p.key),
+                    (low.log10(), high.log10()),
+                ),
+                ParamKind::Float { low, high, .. } => {
+                    (Box::new(|v| v.as_f64()), p.key.clone(), (*low, *high))
+                }
+                ParamKind::Int { low, high, log, .. } if *log => (
+                    Box::new(|v| v.as_f64().map(f64::log10)),
+                    format!("log10({})", p.key),
+                    ((*low as f64).log10(), (*high as f64).log10()),
+                ),
+                ParamKind::Int { low, high, .. } => (
+                    Box::new(|v| v.as_f64()),
+                    p.key.clone(),
+                    (*low as f64, *high as f64),
+                ),
+                ParamKind::Choice { values } => {
+                    let json: Vec<serde_json::Value> =
+                        values.iter().map(super::sampler::to_json).collect();
+                    let labels: Vec<String> = values
+                        .iter()
+                        .enumerate()
+                        .map(|(i, v)| format!("{i}={v}"))
+                        .collect();
+                    (
+                        Box::new(move |v| json.iter().position(|c| c == v).map(|i| i as f64)),
+                        format!("{} ({})", p.key, labels.join(", ")),
+                        (0.0, (values.len() - 1) as f64),
+                    )
+                }
+            };
             let xpad = 0.05 * (x1 - x0).max(1e-9);
             let mut chart = ChartBuilder::on(area)
                 .margin(10)
@@ -215,7 +217,11 @@ pub fn plot(spec: &SweepSpec, trials: &[TrialRecord], path: &Path) -> Result<()>
                 .x_desc(x_desc)
                 .y_desc("validation loss")
                 .label_style((FONT_NAME, 12))
-                .x_labels(6)
+                .x_labels(match &p.kind {
+                    // One tick per choice rather than fractional indices.
+                    ParamKind::Choice { values } => values.len(),
+                    _ => 6,
+                })
                 .draw()
                 .map_err(|e| err(&e))?;
             for (state, color) in [
