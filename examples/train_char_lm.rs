@@ -58,6 +58,7 @@ fn main() -> kiln::Result<()> {
             stop_after: None,
             resume_from: None,
             overwrite: !resume,
+            on_eval: None,
         },
         &AtomicBool::new(false),
     )?;

@@ -19,6 +19,7 @@ pub mod model;
 pub mod ops;
 mod precision;
 pub mod shaders;
+pub mod sweep;
 pub mod train;
 pub mod training;
 

@@ -4,6 +4,7 @@ mod bench;
 mod info;
 mod params;
 mod sample;
+mod sweep;
 mod train;
 
 use clap::{Parser, Subcommand};
@@ -33,6 +34,8 @@ enum Command {
     Train(train::TrainArgs),
     /// Loss and perplexity of a checkpoint on its validation split or a text file.
     Eval(train::EvalArgs),
+    /// Hyperparameter search: grid, random or TPE trials with median pruning; resumable.
+    Sweep(sweep::SweepArgs),
     /// Generate text from a checkpoint.
     Sample(sample::SampleArgs),
     /// Parameter counts of a config: per component, weights vs biases, and training-state bytes.
@@ -59,6 +62,7 @@ pub fn run(args: Args) -> Result<()> {
         Command::Params(p) => params::run(p),
         Command::Train(t) => train::run(args.adapter.clone(), args.precision, t),
         Command::Eval(e) => train::eval(args.adapter.clone(), args.precision, e),
+        Command::Sweep(s) => sweep::run(args.adapter.clone(), args.precision, s),
         Command::Sample(s) => sample::run(args.adapter.clone(), args.precision, s),
     }
 }

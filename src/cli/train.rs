@@ -101,6 +101,7 @@ pub fn run(
         progress: !a.quiet && std::io::IsTerminal::is_terminal(&std::io::stderr()),
         adapter,
         stop_after: a.steps,
+        on_eval: None,
     };
     let s = train(&opts, &stop)?;
     eprintln!(

@@ -15,7 +15,16 @@ use std::sync::Once;
 /// The font plotters draws text with, shipped with kiln (DejaVu Sans Mono, see
 /// assets/DejaVu-LICENSE.txt) so that no system font is needed.
 const FONT: &[u8] = include_bytes!("../../assets/DejaVuSansMono.ttf");
-const FONT_NAME: &str = "kiln-mono";
+pub(crate) const FONT_NAME: &str = "kiln-mono";
+
+/// Makes [`FONT_NAME`] available to plotters (once per process).
+pub(crate) fn register_font() {
+    static REGISTER: Once = Once::new();
+    REGISTER.call_once(|| {
+        // The font is a constant that parses; if it ever did not, plotters draws no text.
+        let _ = plotters::style::register_font(FONT_NAME, FontStyle::Normal, FONT);
+    });
+}
 
 /// The training and validation losses recorded in a metrics file, by step.
 #[derive(Clone, Debug, Default, PartialEq)]
@@ -60,11 +69,7 @@ impl LossHistory {
 /// Draws `history` into a PNG at `path` (840×480): the per-step training loss, its moving average
 /// over 50 steps, and the validation loss at each evaluation.
 pub fn plot_losses(path: &Path, history: &LossHistory, title: &str) -> Result<()> {
-    static REGISTER: Once = Once::new();
-    REGISTER.call_once(|| {
-        // The font is a constant that parses; if it ever did not, plotters draws no text.
-        let _ = plotters::style::register_font(FONT_NAME, FontStyle::Normal, FONT);
-    });
+    register_font();
     let tmp = path.with_extension("tmp.png");
     let err = |e: &dyn std::fmt::Display| Error::Io {
         path: path.display().to_string(),

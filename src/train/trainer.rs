@@ -39,6 +39,38 @@ pub struct TrainOptions {
     pub adapter: Option<String>,
     /// Stop (with a checkpoint) after this many steps of this invocation, whatever max_steps says.
     pub stop_after: Option<u64>,
+    /// Told the validation loss after each evaluation; it may end the run early (with a
+    /// checkpoint, as Ctrl-C does). `None` for a plain run.
+    pub on_eval: Option<EvalObserver>,
+}
+
+/// What an [`EvalObserver`] wants after an evaluation.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum EvalAction {
+    /// Keep training.
+    Continue,
+    /// Stop after this step, with a checkpoint (as Ctrl-C does).
+    Stop,
+}
+
+/// A callback the training loop calls after each evaluation with the number of steps done and
+/// the validation loss measured. A hyperparameter sweep uses it to record intermediate values and
+/// prune trials that are clearly worse than the others; it runs on the training thread, so it
+/// should be quick.
+#[derive(Clone)]
+pub struct EvalObserver(pub Arc<dyn Fn(u64, f64) -> EvalAction + Send + Sync>);
+
+impl EvalObserver {
+    /// Wraps a closure.
+    pub fn new(f: impl Fn(u64, f64) -> EvalAction + Send + Sync + 'static) -> Self {
+        EvalObserver(Arc::new(f))
+    }
+}
+
+impl std::fmt::Debug for EvalObserver {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("EvalObserver(..)")
+    }
 }
 
 /// What a run measured.
@@ -448,6 +480,9 @@ pub fn train(opts: &TrainOptions, stop: &AtomicBool) -> Result<TrainSummary> {
     let mut submit_time = 0.0;
     let first_step = state.step;
     let mut last_loss = f32::NAN;
+    // Set when the evaluation observer ends the run: like a Ctrl-C stop, it skips the final
+    // full-split evaluation.
+    let mut stopped_early = false;
     // Logs the losses that came back (steps in order) and shows the last on the bar.
     let report = |losses: Vec<(u64, f32)>, eval_time: f64, last_loss: &mut f32| -> Result<()> {
         let elapsed = (start.elapsed().as_secs_f64() - eval_time).max(1e-9);
@@ -537,7 +572,7 @@ pub fn train(opts: &TrainOptions, stop: &AtomicBool) -> Result<TrainSummary> {
         if let Some(bar) = &bar {
             bar.set_position(state.step);
         }
-        let stopping = stop.load(Ordering::Relaxed);
+        let mut stopping = stop.load(Ordering::Relaxed);
         let eval_now = state.step.is_multiple_of(t.eval_interval as u64)
             || state.step == last_step
             || stopping;
@@ -576,6 +611,13 @@ pub fn train(opts: &TrainOptions, stop: &AtomicBool) -> Result<TrainSummary> {
                 None => eprintln!("{line}"),
             }
             eval_time += e0.elapsed().as_secs_f64();
+            // Asked after the evaluation is logged, so the value that ended the run is on record.
+            if let Some(observer) = &opts.on_eval
+                && (observer.0)(state.step, v) == EvalAction::Stop
+            {
+                stopping = true;
+                stopped_early = true;
+            }
         }
         let ckpt_now = (t.checkpoint_interval > 0
             && state.step.is_multiple_of(t.checkpoint_interval as u64))
@@ -597,7 +639,10 @@ pub fn train(opts: &TrainOptions, stop: &AtomicBool) -> Result<TrainSummary> {
         bar.finish_and_clear();
     }
     let (mut full_val_loss, mut full_val_tokens) = (None, 0);
-    if t.final_eval_full_split && state.step == t.max_steps as u64 && !stop.load(Ordering::Relaxed)
+    if t.final_eval_full_split
+        && state.step == t.max_steps as u64
+        && !stop.load(Ordering::Relaxed)
+        && !stopped_early
     {
         // Not training time: kept out of ms/step and tokens/s like the periodic evaluations.
         let e0 = Instant::now();
