@@ -132,7 +132,7 @@ mod gpu_step {
     ///
     /// Tolerances (f32), those of GPT-2's whole-step test in tests/gpt.rs, for the same reasons:
     /// loss 1e-5 relative (B·T·V exp terms summed in different orders); gradients 2e-5 absolute
-    /// + 1e-3 relative (≤ ~6 chained f32 reductions of length ≤ 2·hidden or B·T in different
+    /// plus 1e-3 relative (≤ ~6 chained f32 reductions of length ≤ 2·hidden or B·T in different
     /// orders). The new ops add no longer chains: RMSNorm is one reduction per row (like layer
     /// norm's), RoPE is elementwise with f32 cos/sin (its angles agree to ~1e-7 relative between
     /// the shader's range reduction and the CPU's), SwiGLU is elementwise, and a shared key/value

@@ -14,6 +14,9 @@ use super::{ArchKind, ModelConfig, PositionKind};
 use crate::gpu::GpuTensor;
 use crate::{Error, Result};
 
+/// The CPU backward states of every unit, in forward order.
+pub(crate) type CpuStates = Vec<Box<dyn CpuBackward>>;
+
 /// One unit of an architecture, in forward order.
 #[derive(Clone, Debug)]
 pub(crate) enum Unit {
@@ -175,7 +178,7 @@ impl Arch {
     }
 
     /// CPU forward to the logits; returns the backward states too.
-    pub fn cpu_forward(&self, c: &CpuCtx<'_>) -> Result<(Vec<Box<dyn CpuBackward>>, Vec<f32>)> {
+    pub fn cpu_forward(&self, c: &CpuCtx<'_>) -> Result<(CpuStates, Vec<f32>)> {
         let mut states = Vec::with_capacity(self.units.len());
         let mut x: Option<Vec<f32>> = None;
         for u in &self.units {

@@ -30,8 +30,9 @@ pub(crate) struct Residual {
 }
 
 enum BodyGpu {
-    Attention(AttentionGpu),
-    Mlp(MlpGpu),
+    // Built once per layer: the size difference between the variants does not matter.
+    Attention(Box<AttentionGpu>),
+    Mlp(Box<MlpGpu>),
 }
 
 enum BodyCpu {
@@ -58,11 +59,11 @@ impl Residual {
         let (body, y) = match &self.body {
             Body::Attention(a) => {
                 let (s, y) = a.forward(ctx, ops, &norm.out)?;
-                (BodyGpu::Attention(s), y)
+                (BodyGpu::Attention(Box::new(s)), y)
             }
             Body::Mlp(m) => {
                 let (s, y) = m.forward(ctx, ops, &norm.out)?;
-                (BodyGpu::Mlp(s), y)
+                (BodyGpu::Mlp(Box::new(s)), y)
             }
         };
         if ctx.dropping {
