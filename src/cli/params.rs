@@ -22,7 +22,18 @@ pub fn run(a: &ParamsArgs) -> Result<()> {
     let vocab = vocab(&config, a.vocab)?;
     let layout = ParamLayout::gpt(&config.model, vocab, 1)?;
     let fmt = |n: usize| group_digits(n);
-    println!("{} (vocab {vocab})", a.config.display());
+    let parts = config.model.parts();
+    println!(
+        "{} (vocab {vocab}; arch {:?}: {:?}, {:?} positions, {:?} MLP {} wide, {} of {} heads for keys/values)",
+        a.config.display(),
+        config.model.arch,
+        parts.norm,
+        parts.positions,
+        parts.mlp,
+        parts.mlp_hidden,
+        parts.n_kv_head,
+        config.model.n_head
+    );
     println!(
         "{:<12} {:>14} {:>14} {:>14}",
         "component", "weights", "biases", "total"
@@ -32,7 +43,7 @@ pub fn run(a: &ParamsArgs) -> Result<()> {
             layout.count(c, ParamKind::Weight),
             layout.count(c, ParamKind::Bias),
         );
-        let note = if c == Component::Head {
+        let note = if c == Component::Head && parts.tie_embeddings {
             "  (tied to the token embedding)"
         } else {
             ""

@@ -56,7 +56,9 @@ impl std::str::FromStr for ContextWindow {
 pub struct Generator {
     gpu: Gpu,
     model: GptGpu,
-    decoder: KvDecoder,
+    /// The KV-cache decoder, for architectures it supports (else every token recomputes the
+    /// window).
+    decoder: Option<KvDecoder>,
     kv_cache: bool,
     window: ContextWindow,
     folder: PathBuf,
@@ -107,7 +109,11 @@ impl Generator {
         let layout = model.layout().clone();
         let ck = ck.with_layout(&layout)?;
         model.set_weights(&gpu, &ck.master)?;
-        let decoder = KvDecoder::new(&gpu, &model)?;
+        let decoder = if KvDecoder::supports(&model) {
+            Some(KvDecoder::new(&gpu, &model)?)
+        } else {
+            None
+        };
         Ok(Generator {
             gpu,
             model,
@@ -205,9 +211,13 @@ impl Generator {
         for i in 0..params.max_tokens {
             if i > 0 {
                 let last = *tokens.last().unwrap_or(&0);
-                logits = if !self.kv_cache {
+                let decoder = self.decoder.as_ref().filter(|_| self.kv_cache);
+                logits = if let Some(decoder) = decoder.filter(|_| pos < self.block_size) {
+                    pos += 1;
+                    decoder.decode(&self.gpu, last, pos - 1)?
+                } else if decoder.is_none() {
                     self.prefill(&tokens[tokens.len().saturating_sub(self.block_size)..])?
-                } else if pos == self.block_size {
+                } else {
                     match self.window {
                         ContextWindow::Restart => {
                             let keep = &tokens[tokens.len() - self.block_size / 2..];
@@ -219,9 +229,6 @@ impl Generator {
                             self.prefill(&tokens[tokens.len() - self.block_size..])?
                         }
                     }
-                } else {
-                    pos += 1;
-                    self.decoder.decode(&self.gpu, last, pos - 1)?
                 };
             }
             self.check_logits(&logits, i)?;

@@ -25,10 +25,14 @@ pub struct Config {
     pub sample: SamplingParams,
 }
 
-/// A GPT-2-style decoder: learned positions, layer norm, GELU MLP, tied embedding and head.
+/// A decoder-only transformer. `arch` picks the defaults of every part (GPT-2: learned
+/// positions, layer norm, GELU MLP 4× wide, tied head; Llama: RoPE, RMSNorm, SwiGLU MLP, separate
+/// head); the part keys override them one by one. See [`ModelConfig::parts`].
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct ModelConfig {
+    /// The architecture whose defaults the parts take.
+    pub arch: ArchKind,
     /// Transformer blocks.
     pub n_layer: usize,
     /// Attention heads per block; must divide `n_embd`.
@@ -45,6 +49,187 @@ pub struct ModelConfig {
     pub vocab_size: usize,
     /// Apply weight decay to the position embedding too (nanoGPT does; GPT-2's recipe doesn't).
     pub decay_position_embedding: bool,
+    /// Normalisation (default: the architecture's).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub norm: Option<NormKind>,
+    /// Added under the norms' square root (default 1e-5).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub norm_eps: Option<f32>,
+    /// How positions enter the model (default: the architecture's).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub positions: Option<PositionKind>,
+    /// RoPE's frequency base (default 10000; only with positions = "rope").
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub rope_theta: Option<f32>,
+    /// The MLP's activation (default: the architecture's).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub mlp: Option<MlpKind>,
+    /// The MLP's hidden width (default 4·n_embd for GELU, 8·n_embd/3 rounded up to a multiple
+    /// of 64 for SwiGLU, as Llama does).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub mlp_hidden: Option<usize>,
+    /// Key/value heads of grouped-query attention; must divide n_head (default n_head).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub n_kv_head: Option<usize>,
+    /// Tie the output head to the token embedding (default: GPT-2 ties, Llama doesn't).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub tie_embeddings: Option<bool>,
+}
+
+/// Which architecture a model's parts default to.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ArchKind {
+    /// GPT-2.
+    #[default]
+    Gpt2,
+    /// Llama (2 and 3 without its RoPE frequency scaling).
+    Llama,
+}
+
+/// The normalisation of the blocks and of the final norm.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum NormKind {
+    /// Mean and variance, gain and (with bias) shift.
+    LayerNorm,
+    /// Root mean square, gain only.
+    RmsNorm,
+}
+
+/// How positions enter the model.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum PositionKind {
+    /// A learned table added to the token embedding.
+    Learned,
+    /// Rotary embedding of queries and keys (rotate-half convention).
+    Rope,
+}
+
+/// The MLP's activation.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum MlpKind {
+    /// fc, GELU (tanh approximation), proj.
+    Gelu,
+    /// SiLU(gate)·up, down.
+    SwiGlu,
+}
+
+/// Every part of a model, resolved from the architecture's defaults and the config's keys.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct ModelParts {
+    /// Normalisation.
+    pub norm: NormKind,
+    /// Its eps.
+    pub norm_eps: f32,
+    /// Positions.
+    pub positions: PositionKind,
+    /// RoPE's base (meaningful with RoPE only).
+    pub rope_theta: f32,
+    /// MLP activation.
+    pub mlp: MlpKind,
+    /// MLP hidden width.
+    pub mlp_hidden: usize,
+    /// Key/value heads.
+    pub n_kv_head: usize,
+    /// Head tied to the token embedding.
+    pub tie_embeddings: bool,
+}
+
+impl ModelConfig {
+    /// The parts of this model: the architecture's defaults with the config's keys applied.
+    /// Does not validate them ([`Config::validate`] does).
+    pub fn parts(&self) -> ModelParts {
+        let llama = self.arch == ArchKind::Llama;
+        let mlp = self.mlp.unwrap_or(if llama {
+            MlpKind::SwiGlu
+        } else {
+            MlpKind::Gelu
+        });
+        let c = self.n_embd;
+        let default_hidden = match mlp {
+            MlpKind::Gelu => 4 * c,
+            MlpKind::SwiGlu => (8 * c).div_ceil(3).div_ceil(64) * 64,
+        };
+        ModelParts {
+            norm: self.norm.unwrap_or(if llama {
+                NormKind::RmsNorm
+            } else {
+                NormKind::LayerNorm
+            }),
+            norm_eps: self.norm_eps.unwrap_or(1e-5),
+            positions: self.positions.unwrap_or(if llama {
+                PositionKind::Rope
+            } else {
+                PositionKind::Learned
+            }),
+            rope_theta: self.rope_theta.unwrap_or(10000.0),
+            mlp,
+            mlp_hidden: self.mlp_hidden.unwrap_or(default_hidden),
+            n_kv_head: self.n_kv_head.unwrap_or(self.n_head),
+            tie_embeddings: self.tie_embeddings.unwrap_or(!llama),
+        }
+    }
+
+    /// Checks the parts against each other (part of [`Config::validate`]).
+    fn validate_parts(&self) -> Result<()> {
+        let p = self.parts();
+        if !(p.norm_eps.is_finite() && p.norm_eps > 0.0) {
+            return Err(Error::invalid(
+                "model.norm_eps",
+                p.norm_eps,
+                "must be a finite number > 0",
+            ));
+        }
+        if p.mlp_hidden == 0 {
+            return Err(Error::invalid("model.mlp_hidden", 0, "must be at least 1"));
+        }
+        if p.n_kv_head == 0 || !self.n_head.is_multiple_of(p.n_kv_head) {
+            return Err(Error::invalid(
+                "model.n_kv_head",
+                p.n_kv_head,
+                format!("must divide model.n_head = {}", self.n_head),
+            ));
+        }
+        match p.positions {
+            PositionKind::Rope => {
+                let hd = self.n_embd / self.n_head.max(1);
+                if !hd.is_multiple_of(2) {
+                    return Err(Error::invalid(
+                        "model.positions",
+                        "rope",
+                        format!("needs an even head size; n_embd / n_head = {hd}"),
+                    ));
+                }
+                if !(p.rope_theta.is_finite() && p.rope_theta > 1.0) {
+                    return Err(Error::invalid(
+                        "model.rope_theta",
+                        p.rope_theta,
+                        "must be a finite number > 1",
+                    ));
+                }
+                if self.decay_position_embedding {
+                    return Err(Error::invalid(
+                        "model.decay_position_embedding",
+                        true,
+                        "there is no position table with positions = \"rope\"",
+                    ));
+                }
+            }
+            PositionKind::Learned => {
+                if let Some(theta) = self.rope_theta {
+                    return Err(Error::invalid(
+                        "model.rope_theta",
+                        theta,
+                        "applies only with model.positions = \"rope\"",
+                    ));
+                }
+            }
+        }
+        Ok(())
+    }
 }
 
 impl Default for ModelConfig {
@@ -58,6 +243,15 @@ impl Default for ModelConfig {
             dropout: 0.0,
             vocab_size: 0,
             decay_position_embedding: false,
+            arch: ArchKind::Gpt2,
+            norm: None,
+            norm_eps: None,
+            positions: None,
+            rope_theta: None,
+            mlp: None,
+            mlp_hidden: None,
+            n_kv_head: None,
+            tie_embeddings: None,
         }
     }
 }
@@ -257,6 +451,7 @@ impl Config {
                 format!("must be divisible by model.n_head = {}", m.n_head),
             ));
         }
+        m.validate_parts()?;
         if !(0.0..1.0).contains(&m.dropout) {
             return Err(Error::invalid(
                 "model.dropout",

@@ -9,20 +9,15 @@
 //! row, so a step costs about 2·params FLOPs instead of the whole window's forward pass.
 
 use super::gpu::GptGpu;
+use super::units::DecodeCtx;
 use crate::gpu::{DType, Gpu, GpuTensor};
 use crate::kernels::Record;
-use crate::kernels::activation::GeluForward;
-use crate::kernels::decode::{AttendOne, EmbedOne, MAX_POSITIONS};
-use crate::kernels::layernorm::LayerNormForward;
-use crate::kernels::matmul::Matmul;
-use crate::kernels::residual::ResidualForward;
-use crate::ops::{LayerNormSpec, Layout, MatmulSpec};
+use crate::kernels::decode::MAX_POSITIONS;
 use crate::{Error, Result};
 
 /// The decode plan over a prefill model's weights and cache (see the module docs).
 pub struct KvDecoder {
     step: GpuTensor,
-    embed: EmbedOne,
     ops: Vec<Box<dyn Record>>,
     logits: GpuTensor,
     positions: usize,
@@ -30,31 +25,11 @@ pub struct KvDecoder {
     _buffers: Vec<GpuTensor>,
 }
 
-/// `y = x·Wᵀ (+ b)` for one row.
-fn linear_one(
-    gpu: &Gpu,
-    y: &GpuTensor,
-    x: &GpuTensor,
-    w: &GpuTensor,
-    b: Option<&GpuTensor>,
-    fan_in: usize,
-    fan_out: usize,
-) -> Result<Box<dyn Record>> {
-    Ok(Box::new(Matmul::new(
-        gpu,
-        y,
-        x,
-        w,
-        b,
-        &MatmulSpec::new(Layout::NT, 1, fan_out, fan_in),
-    )?))
-}
-
 impl KvDecoder {
-    /// Builds the plan for `model`, which must have been built for a batch of one sequence.
+    /// Builds the plan for `model`, which must have been built for a batch of one sequence: the
+    /// one-row forward of each unit of its architecture, in order.
     pub fn new(gpu: &Gpu, model: &GptGpu) -> Result<KvDecoder> {
         let batch = model.batch();
-        let cfg = model.model().clone();
         if batch.batch != 1 {
             return Err(Error::shape(
                 "kv decoder",
@@ -73,120 +48,33 @@ impl KvDecoder {
                 ),
             ));
         }
-        let (c, v) = (cfg.n_embd, model.vocab());
-        let dt = DType::from(model.precision());
-        let act = |name: &str, len: usize| gpu.zeros(name, &[len], dt);
-        let stat = |name: &str| gpu.zeros(name, &[1], DType::F32);
         let step = gpu.zeros("decode step", &[2], DType::U32)?;
-        let ln_spec = LayerNormSpec::new(1, c);
-        let zero_bias = act("decode zero bias", c)?;
-        let (mean, rstd) = (stat("decode mean")?, stat("decode rstd")?);
-        let (x, ln, qkv) = (
-            act("decode x", c)?,
-            act("decode ln", c)?,
-            act("decode qkv", 3 * c)?,
-        );
-        let (att, proj, resid) = (
-            act("decode att", c)?,
-            act("decode proj", c)?,
-            act("decode resid", c)?,
-        );
-        let (fc, gelu, mlp, out) = (
-            act("decode fc", 4 * c)?,
-            act("decode gelu", 4 * c)?,
-            act("decode mlp", c)?,
-            act("decode x'", c)?,
-        );
-        let logits = act("decode logits", v)?;
-        let wte = model.param("wte.weight")?;
-        let embed = EmbedOne::new(gpu, &x, &step, &wte, &model.param("wpe.weight")?, c)?;
-
+        let mut d = DecodeCtx {
+            gpu,
+            model,
+            step: &step,
+            keep: Vec::new(),
+        };
         let mut ops: Vec<Box<dyn Record>> = Vec::new();
-        let norm =
-            |ops: &mut Vec<Box<dyn Record>>, out: &GpuTensor, inp: &GpuTensor, name: &str| {
-                let bias = model.param_opt(&format!("{name}.bias"))?;
-                ops.push(Box::new(LayerNormForward::new(
-                    gpu,
-                    out,
-                    &mean,
-                    &rstd,
-                    inp,
-                    &model.param(&format!("{name}.weight"))?,
-                    bias.as_ref().unwrap_or(&zero_bias),
-                    &ln_spec,
-                )?));
-                Result::Ok(())
-            };
-        // Layers alternate between two residual-stream buffers: layer l reads xs[l % 2] and
-        // writes xs[(l + 1) % 2].
-        let xs = [&x, &out];
-        for l in 0..cfg.n_layer {
-            let name = |s: &str| format!("h.{l}.{s}");
-            let (x, out) = (xs[l % 2], xs[(l + 1) % 2]);
-            norm(&mut ops, &ln, x, &name("ln_1"))?;
-            ops.push(linear_one(
-                gpu,
-                &qkv,
-                &ln,
-                &model.param(&name("attn.c_attn.weight"))?,
-                model.param_opt(&name("attn.c_attn.bias"))?.as_ref(),
-                c,
-                3 * c,
-            )?);
-            ops.push(Box::new(AttendOne::new(
-                gpu,
-                &att,
-                model.layer_qkv(l),
-                &qkv,
-                &step,
-                cfg.n_head,
-                c,
-            )?));
-            ops.push(linear_one(
-                gpu,
-                &proj,
-                &att,
-                &model.param(&name("attn.c_proj.weight"))?,
-                model.param_opt(&name("attn.c_proj.bias"))?.as_ref(),
-                c,
-                c,
-            )?);
-            ops.push(Box::new(ResidualForward::new(gpu, &resid, x, &proj)?));
-            norm(&mut ops, &ln, &resid, &name("ln_2"))?;
-            ops.push(linear_one(
-                gpu,
-                &fc,
-                &ln,
-                &model.param(&name("mlp.c_fc.weight"))?,
-                model.param_opt(&name("mlp.c_fc.bias"))?.as_ref(),
-                c,
-                4 * c,
-            )?);
-            ops.push(Box::new(GeluForward::new(gpu, &gelu, &fc)?));
-            ops.push(linear_one(
-                gpu,
-                &mlp,
-                &gelu,
-                &model.param(&name("mlp.c_proj.weight"))?,
-                model.param_opt(&name("mlp.c_proj.bias"))?.as_ref(),
-                4 * c,
-                c,
-            )?);
-            ops.push(Box::new(ResidualForward::new(gpu, out, &resid, &mlp)?));
-        }
-        norm(&mut ops, &ln, xs[cfg.n_layer % 2], "ln_f")?;
-        ops.push(linear_one(gpu, &logits, &ln, &wte, None, c, v)?);
+        let logits = model.arch().decode(&mut d, &mut ops)?;
+        let buffers = d.keep;
         gpu.check("preparing the decoder")?;
         Ok(KvDecoder {
             step,
-            embed,
             ops,
             logits,
             positions: batch.seq,
-            _buffers: vec![
-                zero_bias, mean, rstd, x, ln, qkv, att, proj, resid, fc, gelu, mlp, out,
-            ],
+            _buffers: buffers,
         })
+    }
+
+    /// Whether the decoder supports `model`'s architecture: learned positions and multi-head
+    /// attention (RoPE at the decode position and grouped heads in `attend_one` are not written
+    /// yet; such models recompute the window for each token).
+    pub fn supports(model: &GptGpu) -> bool {
+        let m = model.model();
+        let parts = m.parts();
+        parts.positions == crate::model::PositionKind::Learned && parts.n_kv_head == m.n_head
     }
 
     /// Positions the cache holds (the model's block size).
@@ -208,7 +96,6 @@ impl KvDecoder {
         }
         gpu.write_u32(&self.step, &[token, pos as u32])?;
         gpu.run_pass("decode", |pass| {
-            self.embed.record(pass);
             for op in &self.ops {
                 op.record_into(pass);
             }

@@ -1,11 +1,13 @@
-//! GPT-2 initialisation of a parameter buffer.
+//! GPT-2 initialisation of a parameter buffer (Llama-style models use the same recipe, as
+//! nanoGPT-derived Llama trainers do).
 
-use super::{ModelConfig, ParamLayout};
+use super::{Component, ModelConfig, ParamKind, ParamLayout};
 use rand::{RngExt, SeedableRng};
 
 /// Fills a flat buffer laid out by `layout` as GPT-2 (and nanoGPT) initialise: weights from
-/// N(0, 0.02²), the residual output projections (`c_proj`) scaled down by √(2·n_layer) so the
-/// residual stream's variance does not grow with depth, biases zero, norm gains one. Padding
+/// N(0, 0.02²), the residual output projections (GPT-2's `c_proj`, Llama's `o_proj` and
+/// `down_proj`) scaled down by √(2·n_layer) so the residual stream's variance does not grow with
+/// depth, biases zero, norm gains one. Padding
 /// between tensors stays zero. Deterministic in `seed`.
 pub fn gpt2_init(layout: &ParamLayout, model: &ModelConfig, seed: u64) -> Vec<f32> {
     let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
@@ -13,16 +15,19 @@ pub fn gpt2_init(layout: &ParamLayout, model: &ModelConfig, seed: u64) -> Vec<f3
     let proj_std = 0.02 / (2.0 * model.n_layer as f64).sqrt();
     for t in layout.tensors() {
         let dst = &mut out[t.offset..t.offset + t.len()];
-        if t.name.contains("ln_") {
-            if t.name.ends_with(".weight") {
+        // Norms and biases draw nothing (so the draws of the other tensors, in layout order,
+        // are GPT-2's whatever the biases).
+        if t.component == Component::Norm {
+            if t.kind == ParamKind::Weight {
                 dst.fill(1.0);
             }
             continue;
         }
-        if t.name.ends_with(".bias") {
+        if t.kind == ParamKind::Bias {
             continue;
         }
-        let std = if t.name.ends_with("c_proj.weight") {
+        let residual_out = ["c_proj.weight", "o_proj.weight", "down_proj.weight"];
+        let std = if residual_out.iter().any(|s| t.name.ends_with(s)) {
             proj_std
         } else {
             0.02

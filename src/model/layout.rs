@@ -5,7 +5,7 @@
 //! comparisons. Gradients, f32 master weights and Adam moments mirror the same offsets.
 
 use super::config::ModelConfig;
-use crate::{Error, Result};
+use crate::Result;
 
 /// Which part of the model a tensor belongs to (for the parameter report).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, serde::Serialize)]
@@ -92,82 +92,17 @@ pub struct ParamLayout {
 impl ParamLayout {
     /// The layout of a GPT-2-style model with `vocab` tokens. Each tensor starts at a multiple of
     /// `align` elements (so per-tensor bindings can meet the adapter's offset alignment); padding
-    /// is not counted as parameters.
+    /// is not counted as parameters. The units of the architecture declare the tensors.
     pub fn gpt(model: &ModelConfig, vocab: usize, align: usize) -> Result<ParamLayout> {
-        if vocab == 0 {
-            return Err(Error::invalid("model.vocab_size", 0, "must be at least 1"));
-        }
-        let c = model.n_embd;
-        let align = align.max(1);
-        let mut layout = ParamLayout {
-            tensors: Vec::new(),
-            total: 0,
-        };
-        let mut add = |name: String,
-                       shape: Vec<usize>,
-                       kind: ParamKind,
-                       component: Component,
-                       decayed: bool| {
-            let offset = layout.total.div_ceil(align) * align;
-            let len: usize = shape.iter().product();
-            layout.tensors.push(TensorInfo {
-                name,
-                shape,
-                offset,
-                decayed,
-                kind,
-                component,
-            });
-            layout.total = offset + len;
-        };
-        use Component::*;
-        use ParamKind::*;
-        add("wte.weight".into(), vec![vocab, c], Weight, Embedding, true);
-        add(
-            "wpe.weight".into(),
-            vec![model.block_size, c],
-            Weight,
-            Embedding,
-            model.decay_position_embedding,
-        );
-        for l in 0..model.n_layer {
-            let p = |s: &str| format!("h.{l}.{s}");
-            add(p("ln_1.weight"), vec![c], Weight, Norm, false);
-            if model.bias {
-                add(p("ln_1.bias"), vec![c], Bias, Norm, false);
-            }
-            add(
-                p("attn.c_attn.weight"),
-                vec![3 * c, c],
-                Weight,
-                Attention,
-                true,
-            );
-            if model.bias {
-                add(p("attn.c_attn.bias"), vec![3 * c], Bias, Attention, false);
-            }
-            add(p("attn.c_proj.weight"), vec![c, c], Weight, Attention, true);
-            if model.bias {
-                add(p("attn.c_proj.bias"), vec![c], Bias, Attention, false);
-            }
-            add(p("ln_2.weight"), vec![c], Weight, Norm, false);
-            if model.bias {
-                add(p("ln_2.bias"), vec![c], Bias, Norm, false);
-            }
-            add(p("mlp.c_fc.weight"), vec![4 * c, c], Weight, Mlp, true);
-            if model.bias {
-                add(p("mlp.c_fc.bias"), vec![4 * c], Bias, Mlp, false);
-            }
-            add(p("mlp.c_proj.weight"), vec![c, 4 * c], Weight, Mlp, true);
-            if model.bias {
-                add(p("mlp.c_proj.bias"), vec![c], Bias, Mlp, false);
-            }
-        }
-        add("ln_f.weight".into(), vec![c], Weight, Norm, false);
-        if model.bias {
-            add("ln_f.bias".into(), vec![c], Bias, Norm, false);
-        }
-        Ok(layout)
+        Ok(super::arch::Arch::new(model, vocab)?.layout(align))
+    }
+
+    /// The token embedding: the first tensor of every architecture (`wte.weight`,
+    /// `model.embed_tokens.weight`), whose rows are the vocabulary.
+    pub fn token_table(&self) -> Option<&TensorInfo> {
+        self.tensors
+            .first()
+            .filter(|t| t.component == Component::Embedding)
     }
 
     /// Every tensor, in buffer order.
@@ -244,5 +179,54 @@ impl ParamLayout {
     /// gradients.
     pub fn training_state_bytes(&self, param_bytes: usize) -> usize {
         self.total * (param_bytes + 4 + 4 + 4 + 4)
+    }
+}
+
+/// Collects the tensors the units of an architecture declare, in order, each at the next aligned
+/// offset.
+#[derive(Debug)]
+pub struct LayoutBuilder {
+    layout: ParamLayout,
+    align: usize,
+}
+
+impl LayoutBuilder {
+    /// An empty table whose tensors start at multiples of `align` elements.
+    pub fn new(align: usize) -> Self {
+        LayoutBuilder {
+            layout: ParamLayout {
+                tensors: Vec::new(),
+                total: 0,
+            },
+            align: align.max(1),
+        }
+    }
+
+    /// Appends a tensor.
+    pub fn add(
+        &mut self,
+        name: String,
+        shape: Vec<usize>,
+        kind: ParamKind,
+        component: Component,
+        decayed: bool,
+    ) {
+        let l = &mut self.layout;
+        let offset = l.total.div_ceil(self.align) * self.align;
+        let len: usize = shape.iter().product();
+        l.tensors.push(TensorInfo {
+            name,
+            shape,
+            offset,
+            decayed,
+            kind,
+            component,
+        });
+        l.total = offset + len;
+    }
+
+    /// The finished table.
+    pub fn finish(self) -> ParamLayout {
+        self.layout
     }
 }

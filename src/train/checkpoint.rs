@@ -342,7 +342,7 @@ fn check_savable(ckpt: &Checkpoint) -> Result<()> {
 fn dense_layout(config: &Config, like: &ParamLayout) -> Result<ParamLayout> {
     let vocab = match config.model.vocab_size {
         0 => like
-            .get("wte.weight")
+            .token_table()
             .and_then(|t| t.shape.first().copied())
             .unwrap_or(0),
         v => v,
@@ -759,14 +759,14 @@ pub fn load(dir: &Path) -> Result<Checkpoint> {
     let model_bytes = read_bytes(&model_path)?;
     let model = SafetensorsFile::parse(&model_path, &model_bytes)?;
     let vocab = match config.model.vocab_size {
-        0 => model
-            .entries
-            .get("wte.weight")
+        0 => ["wte.weight", "model.embed_tokens.weight"]
+            .iter()
+            .find_map(|name| model.entries.get(*name))
             .and_then(|e| e.shape.first().copied())
             .ok_or_else(|| {
                 ckpt_err(
                     &model_path,
-                    "tensor wte.weight is missing (it sets the vocabulary size, which \
+                    "the token embedding (wte.weight or model.embed_tokens.weight) is missing (it sets the vocabulary size, which \
                      config.toml leaves to the tokenizer); load an earlier checkpoint (--checkpoint RUN/step-N for eval and sample, kiln train --out RUN --resume-from N to train on)",
                 )
             })?,
@@ -1042,10 +1042,16 @@ pub fn check_compatible(ckpt: &Checkpoint, config: &Config, layout: &ParamLayout
         b.block_size.to_string(),
     );
     field("bias", a.bias.to_string(), b.bias.to_string());
+    field("arch", format!("{:?}", a.arch), format!("{:?}", b.arch));
+    field(
+        "(parts)",
+        format!("{:?}", a.parts()),
+        format!("{:?}", b.parts()),
+    );
     // A vocabulary of 0 means "from the tokenizer"; the token embedding's rows say what it was.
     let vocab = |v: usize, l: &ParamLayout| match v {
         0 => l
-            .get("wte.weight")
+            .token_table()
             .and_then(|t| t.shape.first().copied())
             .unwrap_or(0),
         v => v,

@@ -1,0 +1,339 @@
+//! The attention unit: fused q|k|v projection, optional rotary embedding of q and k, causal
+//! multi-head or grouped-query attention (with dropout on the probabilities), output projection.
+//! GPT-2's `attn.c_attn` / `attn.c_proj`; Llama's `self_attn.qkv_proj` (q_proj, k_proj and
+//! v_proj stacked by rows) / `self_attn.o_proj`.
+
+use super::{CpuCtx, DecodeCtx, GpuCtx, Linear, Ops, alias};
+use crate::gpu::GpuTensor;
+use crate::kernels::RowKernel;
+use crate::kernels::attention::{AttentionBackward, AttentionDropout, AttentionForward};
+use crate::kernels::decode::AttendOne;
+use crate::kernels::rope::Rope;
+use crate::model::layout::{Component, LayoutBuilder, ParamKind};
+use crate::ops::{AttentionShape, GroupedAttentionShape, RopeSpec};
+use crate::{Error, Result};
+
+/// Layer `layer`'s attention.
+#[derive(Clone, Debug)]
+pub(crate) struct Attention {
+    pub layer: usize,
+    /// Prefixes of the fused q|k|v projection and of the output projection.
+    pub qkv_prefix: String,
+    pub proj_prefix: String,
+    pub channels: usize,
+    pub heads: usize,
+    /// Key/value heads (= heads: multi-head attention; fewer: grouped-query).
+    pub kv_heads: usize,
+    pub bias: bool,
+    /// RoPE's base, when queries and keys are rotated.
+    pub rope_theta: Option<f32>,
+    /// Dropout site of the probabilities (distinct across the network).
+    pub dropout_site: u32,
+}
+
+impl Attention {
+    fn qkv_prefix(&self) -> String {
+        self.qkv_prefix.clone()
+    }
+    fn proj_prefix(&self) -> String {
+        self.proj_prefix.clone()
+    }
+    fn head_dim(&self) -> usize {
+        self.channels / self.heads
+    }
+    /// Width of a q|k|v row.
+    fn qkv_width(&self) -> usize {
+        (self.heads + 2 * self.kv_heads) * self.head_dim()
+    }
+    fn linears<'n>(&self, qkv: &'n str, proj: &'n str) -> (Linear<'n>, Linear<'n>) {
+        let c = self.channels;
+        (
+            Linear {
+                prefix: qkv,
+                fan_in: c,
+                fan_out: self.qkv_width(),
+            },
+            Linear {
+                prefix: proj,
+                fan_in: c,
+                fan_out: c,
+            },
+        )
+    }
+
+    pub fn declare(&self, l: &mut LayoutBuilder) {
+        let c = self.channels;
+        for (prefix, out) in [
+            (self.qkv_prefix(), self.qkv_width()),
+            (self.proj_prefix(), c),
+        ] {
+            l.add(
+                format!("{prefix}.weight"),
+                vec![out, c],
+                ParamKind::Weight,
+                Component::Attention,
+                true,
+            );
+            if self.bias {
+                l.add(
+                    format!("{prefix}.bias"),
+                    vec![out],
+                    ParamKind::Bias,
+                    Component::Attention,
+                    false,
+                );
+            }
+        }
+    }
+
+    fn shape(&self, batch: usize, seq: usize) -> AttentionShape {
+        AttentionShape {
+            batch,
+            seq,
+            channels: self.channels,
+            heads: self.heads,
+        }
+    }
+
+    fn grouped(&self, batch: usize, seq: usize) -> GroupedAttentionShape {
+        GroupedAttentionShape {
+            batch,
+            seq,
+            heads: self.heads,
+            kv_heads: self.kv_heads,
+            head_dim: self.head_dim(),
+        }
+    }
+
+    /// Grouped-query kernels when key/value heads are shared; GPT-2's multi-head ones otherwise
+    /// (the same products, kept so that GPT-2's results do not change by a bit).
+    fn is_grouped(&self) -> bool {
+        self.kv_heads != self.heads
+    }
+
+    fn rope(&self, batch: usize, seq: usize) -> Option<RopeSpec> {
+        self.rope_theta.map(|theta| {
+            RopeSpec::qkv(batch, seq, self.heads, self.kv_heads, self.head_dim()).theta(theta)
+        })
+    }
+
+    /// Records `y = proj(attention(qkv(x)))`.
+    pub fn forward(
+        &self,
+        ctx: &mut GpuCtx<'_>,
+        ops: &mut Ops,
+        x: &GpuTensor,
+    ) -> Result<(AttentionGpu, GpuTensor)> {
+        let (bt, c) = (ctx.rows(), self.channels);
+        let shape = self.shape(ctx.batch.batch, ctx.batch.seq);
+        let name = |s: &str| format!("h.{}.{s}", self.layer);
+        let s = AttentionGpu {
+            unit: self.clone(),
+            input: alias(x)?,
+            qkv: ctx.act(&name("qkv"), bt * self.qkv_width())?,
+            probs: ctx.act(&name("probs"), shape.probs_len())?,
+            att: ctx.act(&name("att"), bt * c)?,
+            dropped: if ctx.dropping {
+                Some(ctx.act(&name("probs dropped"), shape.probs_len())?)
+            } else {
+                None
+            },
+        };
+        let y = ctx.act(&name("attn proj"), bt * c)?;
+        let (qp, pp) = (self.qkv_prefix(), self.proj_prefix());
+        let (lq, lp) = self.linears(&qp, &pp);
+        lq.forward(ctx, ops, &s.qkv, x)?;
+        if let Some(spec) = self.rope(ctx.batch.batch, ctx.batch.seq) {
+            ops.push(Box::new(Rope::forward(ctx.gpu, &s.qkv, &spec)?));
+        }
+        let dropout = s.dropout(ctx.dropout_state);
+        ops.push(Box::new(if self.is_grouped() {
+            let g = self.grouped(ctx.batch.batch, ctx.batch.seq);
+            // Three passes over a row in the forward softmax, two in the backward (as
+            // AttentionForward::grouped and AttentionBackward::grouped choose).
+            let kernel = RowKernel::for_rows(ctx.gpu, g.seq, 3);
+            AttentionForward::grouped_with_row_kernel(
+                ctx.gpu, &s.att, &s.probs, &s.qkv, &g, dropout, kernel,
+            )?
+        } else {
+            AttentionForward::with_dropout(ctx.gpu, &s.att, &s.probs, &s.qkv, &shape, dropout)?
+        }));
+        lp.forward(ctx, ops, &y, &s.att)?;
+        ctx.qkv.push(alias(&s.qkv)?);
+        Ok((s, y))
+    }
+
+    /// The one-row forward of the decoder: attends over this layer's cache (the prefill model's
+    /// q|k|v activation) and appends the row's k and v to it.
+    pub fn decode(&self, d: &mut DecodeCtx<'_>, ops: &mut Ops, x: &GpuTensor) -> Result<GpuTensor> {
+        let c = self.channels;
+        if self.rope_theta.is_some() || self.is_grouped() {
+            return Err(Error::invalid(
+                "model",
+                "rope or n_kv_head < n_head",
+                "the key/value cache decoder supports learned positions and multi-head attention \
+                 only (recompute the window instead)",
+            ));
+        }
+        let (qkv, att) = (d.act("decode qkv", 3 * c)?, d.act("decode att", c)?);
+        let y = d.act("decode proj", c)?;
+        let (qp, pp) = (self.qkv_prefix(), self.proj_prefix());
+        let (lq, lp) = self.linears(&qp, &pp);
+        ops.push(lq.decode(d, &qkv, x)?);
+        ops.push(Box::new(AttendOne::new(
+            d.gpu,
+            &att,
+            d.model.layer_qkv(self.layer),
+            &qkv,
+            d.step,
+            self.heads,
+            c,
+        )?));
+        ops.push(lp.decode(d, &y, &att)?);
+        Ok(y)
+    }
+
+    pub fn cpu_forward(&self, c: &CpuCtx<'_>, x: Vec<f32>) -> Result<(AttentionCpu, Vec<f32>)> {
+        let (bt, ch) = (c.rows(), self.channels);
+        let shape = self.shape(c.batch.batch, c.batch.seq);
+        let mut s = AttentionCpu {
+            unit: self.clone(),
+            qkv: vec![0.0; bt * self.qkv_width()],
+            probs: vec![0.0; shape.probs_len()],
+            att: vec![0.0; bt * ch],
+            input: x,
+        };
+        let (qp, pp) = (self.qkv_prefix(), self.proj_prefix());
+        let (lq, lp) = self.linears(&qp, &pp);
+        lq.cpu_forward(c, &mut s.qkv, &s.input)?;
+        if let Some(spec) = self.rope(c.batch.batch, c.batch.seq) {
+            crate::cpu::rope::rope_forward(&mut s.qkv, &spec)?;
+        }
+        if self.is_grouped() {
+            let g = self.grouped(c.batch.batch, c.batch.seq);
+            crate::cpu::attention::grouped_attention_forward(&mut s.att, &mut s.probs, &s.qkv, &g)?;
+        } else {
+            crate::cpu::attention::attention_forward(&mut s.att, &mut s.probs, &s.qkv, &shape)?;
+        }
+        let mut y = vec![0.0; bt * ch];
+        lp.cpu_forward(c, &mut y, &s.att)?;
+        Ok((s, y))
+    }
+}
+
+/// The GPU state of an attention's backward.
+pub(crate) struct AttentionGpu {
+    unit: Attention,
+    input: GpuTensor,
+    qkv: GpuTensor,
+    probs: GpuTensor,
+    att: GpuTensor,
+    /// The probabilities after dropout (only with dropout).
+    dropped: Option<GpuTensor>,
+}
+
+impl AttentionGpu {
+    fn dropout<'a>(&'a self, state: &'a GpuTensor) -> Option<AttentionDropout<'a>> {
+        self.dropped.as_ref().map(|dropped| AttentionDropout {
+            dropped,
+            state,
+            site: self.unit.dropout_site,
+        })
+    }
+
+    /// Records the backward given dy; returns dx (a buffer shared across layers).
+    pub fn backward(
+        &self,
+        ctx: &mut GpuCtx<'_>,
+        ops: &mut Ops,
+        dy: &GpuTensor,
+    ) -> Result<GpuTensor> {
+        let u = &self.unit;
+        let (bt, c) = (ctx.rows(), u.channels);
+        let shape = u.shape(ctx.batch.batch, ctx.batch.seq);
+        let datt = ctx.shared("datt", bt * c)?;
+        let dqkv = ctx.shared(&format!("dqkv {}", u.qkv_width()), bt * u.qkv_width())?;
+        let dprobs = ctx.shared("dprobs", shape.probs_len())?;
+        let dx = ctx.shared("dln", bt * c)?;
+        let (qp, pp) = (u.qkv_prefix(), u.proj_prefix());
+        let (lq, lp) = u.linears(&qp, &pp);
+        lp.backward(ctx, ops, &datt, dy, &self.att)?;
+        let dropout = self.dropout(ctx.dropout_state);
+        ops.push(Box::new(if u.is_grouped() {
+            let g = u.grouped(ctx.batch.batch, ctx.batch.seq);
+            let kernel = RowKernel::for_rows(ctx.gpu, g.seq, 2);
+            AttentionBackward::grouped_with_row_kernel(
+                ctx.gpu,
+                &dqkv,
+                &dprobs,
+                &datt,
+                &self.qkv,
+                &self.probs,
+                &g,
+                dropout,
+                kernel,
+            )?
+        } else {
+            AttentionBackward::with_dropout(
+                ctx.gpu,
+                &dqkv,
+                &dprobs,
+                &datt,
+                &self.qkv,
+                &self.probs,
+                &shape,
+                dropout,
+            )?
+        }));
+        if let Some(spec) = u.rope(ctx.batch.batch, ctx.batch.seq) {
+            ops.push(Box::new(Rope::backward(ctx.gpu, &dqkv, &spec)?));
+        }
+        lq.backward(ctx, ops, &dx, &dqkv, &self.input)?;
+        Ok(dx)
+    }
+}
+
+/// The CPU state of an attention's backward.
+pub(crate) struct AttentionCpu {
+    unit: Attention,
+    input: Vec<f32>,
+    qkv: Vec<f32>,
+    probs: Vec<f32>,
+    att: Vec<f32>,
+}
+
+impl AttentionCpu {
+    pub fn backward(&self, c: &CpuCtx<'_>, g: &mut [f32], dy: &[f32]) -> Result<Vec<f32>> {
+        let u = &self.unit;
+        let (bt, ch) = (c.rows(), u.channels);
+        let (qp, pp) = (u.qkv_prefix(), u.proj_prefix());
+        let (lq, lp) = u.linears(&qp, &pp);
+        let mut datt = vec![0.0f32; bt * ch];
+        lp.cpu_backward(c, g, &mut datt, dy, &self.att)?;
+        let mut dqkv = vec![0.0f32; bt * u.qkv_width()];
+        if u.is_grouped() {
+            let g = u.grouped(c.batch.batch, c.batch.seq);
+            crate::cpu::attention::grouped_attention_backward(
+                &mut dqkv,
+                &datt,
+                &self.qkv,
+                &self.probs,
+                &g,
+            )?;
+        } else {
+            crate::cpu::attention::attention_backward(
+                &mut dqkv,
+                &datt,
+                &self.qkv,
+                &self.probs,
+                &u.shape(c.batch.batch, c.batch.seq),
+            )?;
+        }
+        if let Some(spec) = u.rope(c.batch.batch, c.batch.seq) {
+            crate::cpu::rope::rope_backward(&mut dqkv, &spec)?;
+        }
+        let mut dx = vec![0.0f32; bt * ch];
+        lq.cpu_backward(c, g, &mut dx, &dqkv, &self.input)?;
+        Ok(dx)
+    }
+}

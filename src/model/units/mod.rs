@@ -1,0 +1,414 @@
+//! The layer kinds a model is built from, each written once.
+//!
+//! A unit declares its parameters into the [`ParamLayout`], and has three faces that sit side by
+//! side in its file: the GPU training step (forward ops, then a state whose `backward` adds the
+//! backward ops), the CPU reference (the same ops on `f32` slices) and the one-token KV-cache
+//! decoder. An architecture ([`super::arch::Arch`]) is a list of units; the GPU step, the CPU
+//! reference and the decoder all walk that list, so they cannot drift apart.
+//!
+//! Every unit maps an input activation to an output activation, and in the backward the gradient
+//! of its output to the gradient of its input. Backward scratch buffers that only live within one
+//! unit's backward are shared across layers by name ([`GpuCtx::shared`]), as the hand-written
+//! builder did, so memory does not grow with depth.
+
+pub(crate) mod attention;
+pub(crate) mod embedding;
+pub(crate) mod head;
+pub(crate) mod mlp;
+pub(crate) mod norm;
+pub(crate) mod residual;
+
+use super::{ModelConfig, ParamLayout};
+use crate::cpu::gpt::GptBatch;
+use crate::gpu::{DType, Gpu, GpuTensor};
+use crate::kernels::Record;
+use crate::kernels::matmul::Matmul;
+use crate::ops::{Layout, MatmulSpec};
+use crate::{Error, Result};
+use std::collections::HashMap;
+
+/// Recorded ops of one phase.
+pub(crate) type Ops = Vec<Box<dyn Record>>;
+
+/// A second handle on the same tensor (bind groups and later units refer to it).
+pub(crate) fn alias(t: &GpuTensor) -> Result<GpuTensor> {
+    t.view(t.label(), 0, t.shape())
+}
+
+/// Views of one flat GPU buffer by tensor name.
+pub(crate) struct Views<'a> {
+    pub layout: &'a ParamLayout,
+    pub flat: &'a GpuTensor,
+}
+
+impl Views<'_> {
+    pub fn get(&self, name: &str) -> Result<GpuTensor> {
+        let t = self
+            .layout
+            .get(name)
+            .ok_or_else(|| Error::shape("gpt", format!("the layout has no tensor {name}")))?;
+        self.flat.view(name, t.offset, &t.shape)
+    }
+    pub fn opt(&self, name: &str) -> Result<Option<GpuTensor>> {
+        match self.layout.get(name) {
+            Some(_) => self.get(name).map(Some),
+            None => Ok(None),
+        }
+    }
+}
+
+/// What the units of a GPU training step share while it is built.
+pub(crate) struct GpuCtx<'a> {
+    pub gpu: &'a Gpu,
+    pub batch: GptBatch,
+    pub dt: DType,
+    /// Parameters (working copy) and gradients.
+    pub p: Views<'a>,
+    pub g: Views<'a>,
+    /// The micro-batch's token ids, and the token index of the embedding backward.
+    pub tokens: &'a GpuTensor,
+    pub order: &'a GpuTensor,
+    pub starts: &'a GpuTensor,
+    /// Dropout's per-micro-batch state, and whether the model drops anything at all.
+    pub dropout_state: &'a GpuTensor,
+    pub dropping: bool,
+    /// B·T ones (bias gradients as column sums).
+    pub ones: &'a GpuTensor,
+    /// Each attention layer's q|k|v activation, in layer order: the decoder's cache.
+    pub qkv: Vec<GpuTensor>,
+    shared: HashMap<String, GpuTensor>,
+}
+
+impl<'a> GpuCtx<'a> {
+    #[allow(clippy::too_many_arguments)]
+    pub fn new(
+        gpu: &'a Gpu,
+        model: &ModelConfig,
+        batch: GptBatch,
+        p: Views<'a>,
+        g: Views<'a>,
+        tokens: &'a GpuTensor,
+        order: &'a GpuTensor,
+        starts: &'a GpuTensor,
+        dropout_state: &'a GpuTensor,
+        ones: &'a GpuTensor,
+    ) -> Self {
+        GpuCtx {
+            gpu,
+            batch,
+            dt: DType::from(gpu.precision()),
+            p,
+            g,
+            tokens,
+            order,
+            starts,
+            dropout_state,
+            dropping: model.dropout > 0.0,
+            ones,
+            qkv: Vec::new(),
+            shared: HashMap::new(),
+        }
+    }
+
+    /// B·T.
+    pub fn rows(&self) -> usize {
+        self.batch.batch * self.batch.seq
+    }
+
+    /// A fresh activation of `len` elements in the storage precision.
+    pub fn act(&self, name: &str, len: usize) -> Result<GpuTensor> {
+        self.gpu.zeros(name, &[len], self.dt)
+    }
+
+    /// A fresh f32 per-row statistic (B·T elements).
+    pub fn stat(&self, name: &str) -> Result<GpuTensor> {
+        self.gpu.zeros(name, &[self.rows()], DType::F32)
+    }
+
+    /// The scratch buffer called `name`, allocated on first use and shared by every unit that
+    /// asks for it (backward temporaries that do not outlive one unit's backward).
+    pub fn shared(&mut self, name: &str, len: usize) -> Result<GpuTensor> {
+        if let Some(t) = self.shared.get(name) {
+            if t.len() != len {
+                return Err(Error::shape(
+                    "gpt",
+                    format!("shared buffer {name} is {} elements, not {len}", t.len()),
+                ));
+            }
+            return alias(t);
+        }
+        let t = self.act(name, len)?;
+        let out = alias(&t)?;
+        self.shared.insert(name.to_string(), t);
+        Ok(out)
+    }
+
+    /// The shared buffers, to keep with the plan.
+    pub fn into_shared(self) -> (Vec<GpuTensor>, Vec<GpuTensor>) {
+        (self.shared.into_values().collect(), self.qkv)
+    }
+}
+
+/// The backward half of a unit of the GPU step, built by its forward.
+pub(crate) trait GpuBackward {
+    /// Records the backward given `dy`, the gradient of the unit's output; returns the gradient
+    /// of its input (`None` for the embedding, whose input is token ids).
+    fn backward(
+        &self,
+        ctx: &mut GpuCtx<'_>,
+        ops: &mut Ops,
+        dy: &GpuTensor,
+    ) -> Result<Option<GpuTensor>>;
+}
+
+/// `Y = X·Wᵀ (+ b)` for `rows` rows.
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn linear(
+    gpu: &Gpu,
+    y: &GpuTensor,
+    x: &GpuTensor,
+    w: &GpuTensor,
+    b: Option<&GpuTensor>,
+    rows: usize,
+    fan_in: usize,
+    fan_out: usize,
+) -> Result<Box<dyn Record>> {
+    Ok(Box::new(Matmul::new(
+        gpu,
+        y,
+        x,
+        w,
+        b,
+        &MatmulSpec::new(Layout::NT, rows, fan_out, fan_in),
+    )?))
+}
+
+/// A linear layer's parameters by prefix (`prefix.weight`, optional `prefix.bias`).
+pub(crate) struct Linear<'n> {
+    pub prefix: &'n str,
+    pub fan_in: usize,
+    pub fan_out: usize,
+}
+
+impl Linear<'_> {
+    pub fn weight(&self) -> String {
+        format!("{}.weight", self.prefix)
+    }
+    pub fn bias(&self) -> String {
+        format!("{}.bias", self.prefix)
+    }
+
+    /// Forward over the ctx's B·T rows.
+    pub fn forward(
+        &self,
+        ctx: &GpuCtx<'_>,
+        ops: &mut Ops,
+        y: &GpuTensor,
+        x: &GpuTensor,
+    ) -> Result<()> {
+        ops.push(linear(
+            ctx.gpu,
+            y,
+            x,
+            &ctx.p.get(&self.weight())?,
+            ctx.p.opt(&self.bias())?.as_ref(),
+            ctx.rows(),
+            self.fan_in,
+            self.fan_out,
+        )?);
+        Ok(())
+    }
+
+    /// dX = dY·W (overwritten), dW += dYᵀ·X, db += 1ᵀ·dY.
+    pub fn backward(
+        &self,
+        ctx: &GpuCtx<'_>,
+        ops: &mut Ops,
+        dx: &GpuTensor,
+        dy: &GpuTensor,
+        x: &GpuTensor,
+    ) -> Result<()> {
+        let (gpu, rows) = (ctx.gpu, ctx.rows());
+        let (fan_in, fan_out) = (self.fan_in, self.fan_out);
+        let w = ctx.p.get(&self.weight())?;
+        ops.push(Box::new(Matmul::new(
+            gpu,
+            dx,
+            dy,
+            &w,
+            None,
+            &MatmulSpec::new(Layout::NN, rows, fan_in, fan_out),
+        )?));
+        ops.push(Box::new(Matmul::new(
+            gpu,
+            &ctx.g.get(&self.weight())?,
+            dy,
+            x,
+            None,
+            &MatmulSpec::new(Layout::TN, fan_out, fan_in, rows).accumulate(true),
+        )?));
+        if let Some(db) = ctx.g.opt(&self.bias())? {
+            // The bias gradient is a column sum: a 1×rows by rows×fan_out product, deterministic.
+            ops.push(Box::new(Matmul::new(
+                gpu,
+                &db,
+                ctx.ones,
+                dy,
+                None,
+                &MatmulSpec::new(Layout::TN, 1, fan_out, rows).accumulate(true),
+            )?));
+        }
+        Ok(())
+    }
+
+    /// Forward of one row (the decoder).
+    pub fn decode(
+        &self,
+        d: &DecodeCtx<'_>,
+        y: &GpuTensor,
+        x: &GpuTensor,
+    ) -> Result<Box<dyn Record>> {
+        linear(
+            d.gpu,
+            y,
+            x,
+            &d.param(&self.weight())?,
+            d.param_opt(&self.bias())?.as_ref(),
+            1,
+            self.fan_in,
+            self.fan_out,
+        )
+    }
+
+    /// CPU forward: `y = x·Wᵀ (+ b)`.
+    pub fn cpu_forward(&self, c: &CpuCtx<'_>, y: &mut [f32], x: &[f32]) -> Result<()> {
+        crate::cpu::matmul::matmul(
+            y,
+            x,
+            c.get(&self.weight())?,
+            c.opt(&self.bias()),
+            &MatmulSpec::new(Layout::NT, c.rows(), self.fan_out, self.fan_in),
+        )
+    }
+
+    /// CPU backward: dX (overwritten), dW and db (accumulated).
+    pub fn cpu_backward(
+        &self,
+        c: &CpuCtx<'_>,
+        g: &mut [f32],
+        dx: &mut [f32],
+        dy: &[f32],
+        x: &[f32],
+    ) -> Result<()> {
+        let (rows, fan_in, fan_out) = (c.rows(), self.fan_in, self.fan_out);
+        crate::cpu::matmul::matmul(
+            dx,
+            dy,
+            c.get(&self.weight())?,
+            None,
+            &MatmulSpec::new(Layout::NN, rows, fan_in, fan_out),
+        )?;
+        crate::cpu::matmul::matmul(
+            grad_mut(c.layout, g, &self.weight())?,
+            dy,
+            x,
+            None,
+            &MatmulSpec::new(Layout::TN, fan_out, fan_in, rows).accumulate(true),
+        )?;
+        if c.layout.get(&self.bias()).is_some() {
+            let db = grad_mut(c.layout, g, &self.bias())?;
+            for r in 0..rows {
+                for (g, d) in db.iter_mut().zip(&dy[r * fan_out..(r + 1) * fan_out]) {
+                    *g += d;
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+/// What the units of the CPU reference share: the parameters and the micro-batch.
+pub(crate) struct CpuCtx<'a> {
+    pub layout: &'a ParamLayout,
+    pub params: &'a [f32],
+    pub batch: GptBatch,
+    pub inputs: &'a [u32],
+}
+
+impl<'a> CpuCtx<'a> {
+    /// B·T.
+    pub fn rows(&self) -> usize {
+        self.batch.batch * self.batch.seq
+    }
+    pub fn get(&self, name: &str) -> Result<&'a [f32]> {
+        let t = self
+            .layout
+            .get(name)
+            .ok_or_else(|| Error::shape("gpt", format!("the layout has no tensor {name}")))?;
+        Ok(&self.params[t.offset..t.offset + t.len()])
+    }
+    pub fn opt(&self, name: &str) -> Option<&'a [f32]> {
+        self.layout
+            .get(name)
+            .map(|t| &self.params[t.offset..t.offset + t.len()])
+    }
+}
+
+/// The gradient slice of tensor `name` in a flat gradient buffer.
+pub(crate) fn grad_mut<'g>(
+    layout: &ParamLayout,
+    g: &'g mut [f32],
+    name: &str,
+) -> Result<&'g mut [f32]> {
+    let t = layout
+        .get(name)
+        .ok_or_else(|| Error::shape("gpt", format!("the layout has no tensor {name}")))?;
+    Ok(&mut g[t.offset..t.offset + t.len()])
+}
+
+/// The backward half of a unit of the CPU reference, built by its forward.
+pub(crate) trait CpuBackward {
+    /// Adds this unit's parameter gradients into `g` and returns the gradient of its input given
+    /// that of its output (`None` for the embedding).
+    fn backward(
+        self: Box<Self>,
+        c: &CpuCtx<'_>,
+        g: &mut [f32],
+        dy: Vec<f32>,
+    ) -> Result<Option<Vec<f32>>>;
+}
+
+/// What the units of the one-token decoder share.
+pub(crate) struct DecodeCtx<'a> {
+    pub gpu: &'a Gpu,
+    pub model: &'a super::gpu::GptGpu,
+    /// u32 (token, pos) of the step.
+    pub step: &'a GpuTensor,
+    /// Buffers the plan keeps alive.
+    pub keep: Vec<GpuTensor>,
+}
+
+impl DecodeCtx<'_> {
+    /// A fresh one-row activation (the plan keeps it); returns a handle on it.
+    pub fn act(&mut self, name: &str, len: usize) -> Result<GpuTensor> {
+        let t = self
+            .gpu
+            .zeros(name, &[len], DType::from(self.model.precision()))?;
+        let out = alias(&t)?;
+        self.keep.push(t);
+        Ok(out)
+    }
+    /// A fresh f32 scalar (the norms' statistics of the one row).
+    pub fn stat(&mut self, name: &str) -> Result<GpuTensor> {
+        let t = self.gpu.zeros(name, &[1], DType::F32)?;
+        let out = alias(&t)?;
+        self.keep.push(t);
+        Ok(out)
+    }
+    pub fn param(&self, name: &str) -> Result<GpuTensor> {
+        self.model.param(name)
+    }
+    pub fn param_opt(&self, name: &str) -> Result<Option<GpuTensor>> {
+        self.model.param_opt(name)
+    }
+}
