@@ -244,3 +244,52 @@ mod gpu_step {
         }
     }
 }
+
+/// Inconsistent parts are refused with the key, the value and the rule.
+#[test]
+fn inconsistent_parts_are_refused() {
+    use kiln::Error;
+    use kiln::model::Config;
+    let cases = [
+        (
+            "model.n_kv_head=3",
+            "model.n_kv_head",
+            "must divide model.n_head",
+        ),
+        (
+            "model.rope_theta=500000.0",
+            "model.rope_theta",
+            "applies only",
+        ),
+        ("model.n_embd=12", "model.positions", "even head size"),
+        ("model.norm_eps=0.0", "model.norm_eps", "> 0"),
+        ("model.mlp_hidden=0", "model.mlp_hidden", "at least 1"),
+    ];
+    for (set, want_key, want_rule) in cases {
+        let arch = if set.contains("rope_theta") {
+            "gpt2"
+        } else {
+            "llama"
+        };
+        let err = Config::from_toml(
+            &format!("[model]\narch = \"{arch}\"\nn_head = 4\nn_embd = 16\n"),
+            &[set.to_string()],
+        )
+        .unwrap_err();
+        match err {
+            Error::Invalid { key, rule, .. } => {
+                assert_eq!(key, want_key, "{set}");
+                assert!(rule.contains(want_rule), "{set}: {rule}");
+            }
+            other => panic!("{set}: {other}"),
+        }
+    }
+    let err = Config::from_toml("[model]\narch = \"mamba\"\n", &[]).unwrap_err();
+    assert!(err.to_string().contains("mamba"), "{err}");
+    // A model built in code is checked too, not divided by zero heads.
+    let model = ModelConfig {
+        n_head: 0,
+        ..tiny(1)
+    };
+    assert!(ParamLayout::gpt(&model, 11, 1).is_err());
+}

@@ -49,6 +49,9 @@ impl Arch {
         if vocab == 0 {
             return Err(Error::invalid("model.vocab_size", 0, "must be at least 1"));
         }
+        // A config built in code has not been through Config::validate: no division by zero
+        // heads below.
+        model.validate_parts()?;
         let parts = model.parts();
         let n = names(model.arch);
         let c = model.n_embd;

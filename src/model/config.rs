@@ -173,8 +173,26 @@ impl ModelConfig {
         }
     }
 
-    /// Checks the parts against each other (part of [`Config::validate`]).
-    fn validate_parts(&self) -> Result<()> {
+    /// Checks the shape and the parts against each other (part of [`Config::validate`]; the
+    /// model builders call it too, for a config built in code).
+    pub fn validate_parts(&self) -> Result<()> {
+        for (key, v) in [
+            ("model.n_layer", self.n_layer),
+            ("model.n_head", self.n_head),
+            ("model.n_embd", self.n_embd),
+            ("model.block_size", self.block_size),
+        ] {
+            if v == 0 {
+                return Err(Error::invalid(key, v, "must be at least 1"));
+            }
+        }
+        if !self.n_embd.is_multiple_of(self.n_head) {
+            return Err(Error::invalid(
+                "model.n_embd",
+                self.n_embd,
+                format!("must be divisible by model.n_head = {}", self.n_head),
+            ));
+        }
         let p = self.parts();
         if !(p.norm_eps.is_finite() && p.norm_eps > 0.0) {
             return Err(Error::invalid(
