@@ -63,7 +63,6 @@ pub fn run(
     precision: Option<PrecisionChoice>,
     a: &SampleArgs,
 ) -> Result<()> {
-    let precision = super::train::checkpoint_precision(&a.checkpoint, precision);
     let prompt = match &a.prompt_file {
         Some(p) => std::fs::read_to_string(p).map_err(|source| Error::Io {
             path: p.display().to_string(),
@@ -76,12 +75,12 @@ pub fn run(
     }
     // The checkpoint's [sample] table (or --config's), then each flag given; checked before the
     // model is loaded.
+    let checkpoint_config =
+        kiln::train::checkpoint::read_config(&kiln::train::checkpoint::resolve(&a.checkpoint)?)?;
+    let precision = PrecisionChoice::resolve(precision, checkpoint_config.train.precision);
     let mut base = match &a.config {
         Some(path) => kiln::model::Config::load(path, &[])?.sample,
-        None => {
-            let dir = kiln::train::checkpoint::resolve(&a.checkpoint)?;
-            kiln::train::checkpoint::read_config(&dir)?.sample
-        }
+        None => checkpoint_config.sample,
     };
     let set = |v: Option<f32>, field: &mut f32| {
         if let Some(v) = v {

@@ -5,8 +5,8 @@
 use super::journal::{TrialRecord, TrialState};
 use super::spec::{ParamKind, SweepSpec};
 use super::{SweepSummary, trial_config};
+use crate::data::write_atomic;
 use crate::train::plot::{FONT_NAME, register_font};
-use crate::train::run_dir::write_atomic;
 use crate::{Error, Result};
 use plotters::prelude::*;
 use std::path::Path;

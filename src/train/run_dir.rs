@@ -9,6 +9,7 @@
 //! writer gets.
 
 use super::checkpoint::{self, CONFIG_FILE, LATEST_FILE};
+use crate::data::write_atomic;
 use crate::model::Config;
 use crate::{Error, Result};
 use std::fs;
@@ -241,24 +242,4 @@ impl RunDir {
 fn is_step_name(name: &str) -> bool {
     name.strip_prefix("step-")
         .is_some_and(|d| !d.is_empty() && d.bytes().all(|b| b.is_ascii_digit()))
-}
-
-/// Writes `bytes` to `path` through a temporary file in the same folder, synced and renamed.
-pub(crate) fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
-    let io = |p: &Path, source| Error::Io {
-        path: p.display().to_string(),
-        source,
-    };
-    let name = path.file_name().unwrap_or_default().to_string_lossy();
-    let tmp = path.with_file_name(format!(".partial-{name}-{}", std::process::id()));
-    let mut f = fs::File::create(&tmp).map_err(|e| io(&tmp, e))?;
-    f.write_all(bytes).map_err(|e| io(&tmp, e))?;
-    f.sync_all().map_err(|e| io(&tmp, e))?;
-    drop(f);
-    fs::rename(&tmp, path).map_err(|e| io(path, e))?;
-    #[cfg(unix)]
-    if let Some(dir) = path.parent() {
-        let _ = fs::File::open(dir).and_then(|d| d.sync_all());
-    }
-    Ok(())
 }
