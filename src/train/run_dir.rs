@@ -119,7 +119,11 @@ impl RunDir {
         match mode {
             RunMode::Fresh { overwrite } => {
                 let found = dir.previous_run()?;
-                if !found.is_empty() {
+                // A config.toml alone is a run that stopped before its first step (a bad corpus
+                // path, a missing adapter, a kill during set-up): nothing is lost by starting
+                // over, and refusing would make every fixed typo need --overwrite.
+                let started = found.iter().any(|n| n != CONFIG_FILE);
+                if started {
                     if !overwrite {
                         return Err(run_err(
                             path,
