@@ -5,14 +5,17 @@
 //! irrelevant to its logits), which leaves every layer's keys and values in its activation
 //! buffers. Each further token then runs through [`KvDecoder`] alone, attending over that cache.
 //!
-//! When the cache is full (prompt plus output reach `block_size`), the model's learned absolute
-//! positions rule out sliding the cache by one. [`ContextWindow`] says what happens then: by
-//! default ([`ContextWindow::Restart`]) the last `block_size / 2` tokens are prefilled again and
-//! decoding continues from there, so the context holds between half and all of the block and
-//! each token costs one decode step; [`ContextWindow::Slide`] recomputes the last `block_size`
-//! tokens for every further token, as nanoGPT's `generate` does (exact, a full forward pass per
-//! token). [`Generator::set_kv_cache`]`(false)` recomputes the window for every token from the
-//! first (slowest; the reference the cache is tested against).
+//! When the cache is full (prompt plus output reach `block_size`), it cannot slide by one: with
+//! learned absolute positions every cached row depends on its position, and with RoPE the cached
+//! keys are rotated at their positions in the old window, which differ from those a forward pass
+//! over the slid window would use (the scores agree in exact arithmetic, not in f32).
+//! [`ContextWindow`] says what happens then: by default ([`ContextWindow::Restart`]) the last
+//! `block_size / 2` tokens are prefilled again at positions 0.. and decoding continues from
+//! there, so the context holds between half and all of the block and each token costs one
+//! decode step; [`ContextWindow::Slide`] recomputes the last `block_size` tokens for every
+//! further token, as nanoGPT's `generate` does (a full forward pass per token).
+//! [`Generator::set_kv_cache`]`(false)` recomputes the context for every token from the first,
+//! following the same window rule (slowest; the reference the cache is tested against).
 
 use super::processors::{SamplingParams, next_token};
 use super::stop::StopMatcher;
@@ -56,8 +59,9 @@ impl std::str::FromStr for ContextWindow {
 pub struct Generator {
     gpu: Gpu,
     model: GptGpu,
-    /// The KV-cache decoder, for architectures it supports (else every token recomputes the
-    /// window).
+    /// The KV-cache decoder, where it supports the model (every architecture, up to
+    /// [`crate::kernels::decode::MAX_POSITIONS`] positions; else every token recomputes the
+    /// context).
     decoder: Option<KvDecoder>,
     kv_cache: bool,
     window: ContextWindow,
@@ -109,7 +113,7 @@ impl Generator {
         let layout = model.layout().clone();
         let ck = ck.with_layout(&layout)?;
         model.set_weights(&gpu, &ck.master)?;
-        let decoder = if KvDecoder::supports(&model) {
+        let decoder = if KvDecoder::supports(&gpu, &model) {
             Some(KvDecoder::new(&gpu, &model)?)
         } else {
             None
@@ -133,9 +137,17 @@ impl Generator {
     }
 
     /// Whether tokens after the prompt run through the key/value cache (the default) or
-    /// recompute the whole window.
+    /// recompute the whole context for every token. Both compute the same function (the
+    /// context each token sees follows the [`ContextWindow`] either way); recomputing is the
+    /// slow reference the cache is tested against.
     pub fn set_kv_cache(&mut self, on: bool) {
         self.kv_cache = on;
+    }
+
+    /// Whether generation runs through the key/value cache: it is on ([`Generator::set_kv_cache`])
+    /// and the decoder supports the model ([`KvDecoder::supports`]).
+    pub fn uses_kv_cache(&self) -> bool {
+        self.kv_cache && self.decoder.is_some()
     }
 
     /// What happens once the context is full (see [`ContextWindow`]).
@@ -152,6 +164,31 @@ impl Generator {
         self.gpu
             .run_pass("prefill", |pass| self.model.record_logits(pass))?;
         self.model.read_logits_row(&self.gpu, context.len() - 1)
+    }
+
+    /// The logits after the last of `tokens`, whose context so far is `tokens[*start..]` with
+    /// all but the last token in the cache. A context that would outgrow the block is re-based
+    /// first ([`ContextWindow`]); then the last token runs through the decoder at its position
+    /// in the context, or, after a re-base or without the cache, the context is recomputed.
+    /// Either way the logits are those of a forward pass over `tokens[*start..]` at positions
+    /// 0.., so the cache changes the cost and never the function.
+    fn next_logits(&self, tokens: &[u32], start: &mut usize) -> Result<Vec<f32>> {
+        let rebase = tokens.len() - *start > self.block_size;
+        if rebase {
+            *start = tokens.len()
+                - match self.window {
+                    // At least one token, for a block of one.
+                    ContextWindow::Restart => (self.block_size / 2).max(1),
+                    ContextWindow::Slide => self.block_size,
+                };
+        }
+        match self.decoder.as_ref().filter(|_| self.kv_cache && !rebase) {
+            Some(decoder) => {
+                let last = tokens[tokens.len() - 1];
+                decoder.decode(&self.gpu, last, tokens.len() - 1 - *start)
+            }
+            None => self.prefill(&tokens[*start..]),
+        }
     }
 
     /// Refuses logits that are not all finite: sampling from them would print text that means
@@ -201,35 +238,16 @@ impl Generator {
         let mut matcher = StopMatcher::new(&params.stop);
         let mut bytes = Vec::new();
         let t0 = std::time::Instant::now();
-        let window = &tokens[truncated..];
-        let prompt_tokens = window.len();
-        let mut logits = self.prefill(window)?;
-        // The position the next token takes in the cache.
-        let mut pos = window.len();
+        // The model's context is tokens[start..]: the prompt's last block_size tokens, then
+        // re-based by the window rule whenever it would outgrow the block.
+        let mut start = truncated;
+        let prompt_tokens = tokens.len() - start;
+        let mut logits = self.prefill(&tokens[start..])?;
         let prefill_s = t0.elapsed().as_secs_f64();
         let t1 = std::time::Instant::now();
         for i in 0..params.max_tokens {
             if i > 0 {
-                let last = *tokens.last().unwrap_or(&0);
-                let decoder = self.decoder.as_ref().filter(|_| self.kv_cache);
-                logits = if let Some(decoder) = decoder.filter(|_| pos < self.block_size) {
-                    pos += 1;
-                    decoder.decode(&self.gpu, last, pos - 1)?
-                } else if decoder.is_none() {
-                    self.prefill(&tokens[tokens.len().saturating_sub(self.block_size)..])?
-                } else {
-                    match self.window {
-                        ContextWindow::Restart => {
-                            let keep = &tokens[tokens.len() - self.block_size / 2..];
-                            pos = keep.len();
-                            self.prefill(keep)?
-                        }
-                        // pos stays at block_size, so every further token comes here.
-                        ContextWindow::Slide => {
-                            self.prefill(&tokens[tokens.len() - self.block_size..])?
-                        }
-                    }
-                };
+                logits = self.next_logits(&tokens, &mut start)?;
             }
             self.check_logits(&logits, i)?;
             let next = next_token(&mut logits, &tokens, params, &mut rng);
