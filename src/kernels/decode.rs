@@ -27,6 +27,7 @@ struct Dims {
     scale: f32,
     _pad: [u32; 3],
 }
+
 /// `x = wte[token] + wpe[pos]` for the (token, pos) in the 2-word u32 `step` tensor.
 pub struct EmbedOne {
     dispatch: Dispatch,
