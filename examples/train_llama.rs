@@ -40,7 +40,7 @@ struct PrintLosses;
 
 impl Observer for PrintLosses {
     fn on_step(&mut self, s: &StepStats) -> kiln::Result<Control> {
-        if s.step % 25 == 0 {
+        if s.step.is_multiple_of(25) {
             println!(
                 "step {:4}: loss {:.4}  lr {:.2e}  grad norm {:.3}  {:.0} tok/s",
                 s.step, s.loss, s.lr, s.grad_norm, s.tokens_per_s
