@@ -193,15 +193,15 @@ impl Trainer {
     /// Everything but the weights: checks, model, ring, validation batches.
     fn build(gpu: Gpu, config: Config, dataset: Dataset) -> Result<Trainer> {
         config.validate()?;
-        let precision_agrees = match config.train.precision {
-            PrecisionChoice::Auto => true,
-            PrecisionChoice::F32 => gpu.precision() == Precision::F32,
-            PrecisionChoice::F16 => gpu.precision() == Precision::F16,
+        let wanted = match config.train.precision {
+            PrecisionChoice::Auto => None,
+            PrecisionChoice::F32 => Some(Precision::F32),
+            PrecisionChoice::F16 => Some(Precision::F16),
         };
-        if !precision_agrees {
+        if let Some(wanted) = wanted.filter(|&p| p != gpu.precision()) {
             return Err(Error::invalid(
                 "train.precision",
-                format!("{:?}", config.train.precision).to_lowercase(),
+                wanted,
                 format!(
                     "the device was opened for {} storage; open it with GpuOptions {{ precision: \
                      config.train.precision, .. }} or set train.precision = \"auto\"",
@@ -430,10 +430,13 @@ impl Trainer {
     pub fn checkpoint(&mut self) -> Result<Checkpoint> {
         self.settle()?;
         if let Some((step, loss)) = self.diverged {
-            return Err(diverged(
-                "training loss",
-                format!("step {step} gave a training loss of {loss}; nothing is saved from it"),
-            ));
+            return Err(Error::NonFinite {
+                what: "training loss".into(),
+                message: format!(
+                    "step {step} gave a training loss of {loss}: the run has diverged, or its \
+                     weights were damaged, and nothing is saved from this state"
+                ),
+            });
         }
         let master = self.model.read_master(&self.gpu)?;
         let (m, v) = self.model.read_moments(&self.gpu)?;
