@@ -1,7 +1,7 @@
 //! `kiln train` and `kiln eval`.
 
 use kiln::model::Config;
-use kiln::train::trainer::{TrainOptions, train};
+use kiln::train::{TrainOptions, train};
 use kiln::{Error, Result};
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -101,9 +101,8 @@ pub fn run(
         progress: !a.quiet && std::io::IsTerminal::is_terminal(&std::io::stderr()),
         adapter,
         stop_after: a.steps,
-        on_eval: None,
     };
-    let s = train(&opts, &stop)?;
+    let s = train(&opts, &stop, &mut [])?;
     eprintln!(
         "done: {} steps, val loss {}, {:.1} ms/step, {:.0} tokens/s, {:.2} model GFLOP/s, {} dispatches/step, {:.0} µs to encode a step ({:.0} µs until its submit returned), {} skipped steps, precision {}",
         s.steps,

@@ -22,6 +22,7 @@ use super::stop::StopMatcher;
 use crate::cpu::gpt::GptBatch;
 use crate::data::Tokenizer;
 use crate::gpu::{Gpu, GpuOptions};
+use crate::model::Config;
 use crate::model::decode::KvDecoder;
 use crate::model::gpu::GptGpu;
 use crate::train::checkpoint;
@@ -98,11 +99,54 @@ impl Generator {
         let ck = checkpoint::load(&folder)?;
         let tokenizer = Tokenizer::from_json(&ck.tokenizer_json)?;
         let gpu = Gpu::with_options(options)?;
+        let config = ck.config.clone();
+        Generator::build(gpu, &config, tokenizer, folder, |gpu, model| {
+            let ck = ck.with_layout(model.layout())?;
+            model.set_weights(gpu, &ck.master)
+        })
+    }
+
+    /// A generator on `gpu` for a model of `config` with the f32 master weights `master`, laid
+    /// out as a model of that config lays them out on that device (what
+    /// [`crate::Trainer::master_weights`] returns), e.g. a model just trained.
+    /// `source` names the weights in error messages.
+    pub fn from_weights(
+        gpu: Gpu,
+        config: &Config,
+        tokenizer: Tokenizer,
+        master: &[f32],
+        source: &str,
+    ) -> Result<Generator> {
+        let folder = PathBuf::from(source);
+        Generator::build(gpu, config, tokenizer, folder, |gpu, model| {
+            let expected = model.layout().buffer_len();
+            if master.len() != expected {
+                return Err(Error::shape(
+                    "generator weights",
+                    format!(
+                        "{} values for a model whose layout holds {expected} on this device",
+                        master.len()
+                    ),
+                ));
+            }
+            model.set_weights(gpu, master)
+        })
+    }
+
+    /// The model for one sequence of `block_size` tokens, its weights set by `load`, and the
+    /// decoder.
+    fn build(
+        gpu: Gpu,
+        config: &Config,
+        tokenizer: Tokenizer,
+        folder: PathBuf,
+        load: impl FnOnce(&Gpu, &GptGpu) -> Result<()>,
+    ) -> Result<Generator> {
         gpu.tuning().set_enabled(false);
-        let block_size = ck.config.model.block_size;
+        let block_size = config.model.block_size;
         let model = GptGpu::new(
             &gpu,
-            &ck.config.model,
+            &config.model,
             tokenizer.vocab_size(),
             GptBatch {
                 batch: 1,
@@ -110,9 +154,7 @@ impl Generator {
             },
             1,
         )?;
-        let layout = model.layout().clone();
-        let ck = ck.with_layout(&layout)?;
-        model.set_weights(&gpu, &ck.master)?;
+        load(&gpu, &model)?;
         let decoder = if KvDecoder::supports(&gpu, &model) {
             Some(KvDecoder::new(&gpu, &model)?)
         } else {
@@ -125,7 +167,7 @@ impl Generator {
             kv_cache: true,
             window: ContextWindow::default(),
             folder,
-            defaults: ck.config.sample.clone(),
+            defaults: config.sample.clone(),
             tokenizer,
             block_size,
         })

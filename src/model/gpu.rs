@@ -642,6 +642,20 @@ impl GptGpu {
         &self.s.losses
     }
 
+    /// The optimizer's one-element scalars after an update, in this order: global gradient norm
+    /// (f32, of the raw loss-scaled buffer), inf/NaN flag (u32), steps skipped since the model
+    /// was built (u32), dynamic loss scale (f32) and its run of clean steps (u32). The training
+    /// loop copies them into its read-back ring after every step.
+    pub fn update_scalars(&self) -> [&GpuTensor; 5] {
+        [
+            &self.s.norm,
+            &self.s.flag,
+            &self.s.skipped,
+            &self.s.loss_scale,
+            &self.s.scale_run,
+        ]
+    }
+
     /// A view of one parameter tensor of the working (T) copy, by layout name.
     pub(crate) fn param(&self, name: &str) -> Result<GpuTensor> {
         Views {

@@ -1,7 +1,6 @@
 //! Loss and perplexity of a checkpoint on its validation split or on any text file.
 
 use super::checkpoint;
-use super::trainer::evaluate;
 use crate::cpu::gpt::GptBatch;
 use crate::data::{Batch, Dataset, Tokenizer};
 use crate::gpu::{Gpu, GpuOptions};
@@ -77,7 +76,7 @@ pub fn eval_checkpoint(
     )?;
     let ck = ck.with_layout(model.layout())?;
     model.set_weights(&gpu, &ck.master)?;
-    let loss = evaluate(&gpu, &model, &batches)?;
+    let (loss, _) = mean_loss(&gpu, &model, &batches)?;
     if !loss.is_finite() {
         return Err(Error::NonFinite {
             what: "loss".into(),
@@ -99,6 +98,23 @@ pub fn eval_checkpoint(
         tokens,
         checkpoint: folder.display().to_string(),
     })
+}
+
+/// Mean loss per scored token over `batches` (waits for each), and the number of tokens scored;
+/// targets equal to `u32::MAX` are not scored.
+pub fn mean_loss(gpu: &Gpu, model: &GptGpu, batches: &[Batch]) -> Result<(f64, u64)> {
+    let (mut total, mut count) = (0.0f64, 0u64);
+    for b in batches {
+        model.set_batch(gpu, &b.inputs, &b.targets)?;
+        gpu.run_pass("eval", |pass| model.record_eval(pass))?;
+        total += gpu
+            .read(model.losses())?
+            .iter()
+            .map(|&l| f64::from(l))
+            .sum::<f64>();
+        count += u64::from(gpu.read_u32(model.target_count())?[0]);
+    }
+    Ok((total / count.max(1) as f64, count))
 }
 
 /// Consecutive windows of `block + 1` tokens covering `ids`, `batch` to a batch. The last
