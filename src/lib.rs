@@ -40,6 +40,6 @@ pub use model::{
 pub use precision::{Precision, PrecisionChoice};
 pub use train::checkpoint::{Checkpoint, TrainingState};
 pub use train::{
-    Control, EvalSet, EvalStats, FitOptions, LossPlot, MetricsLog, Observer, Progress,
+    Control, EarlyStop, EvalSet, EvalStats, FitOptions, LossPlot, MetricsLog, Observer, Progress,
     SavedCheckpoint, StepStats, TrainSummary, Trainer,
 };

@@ -7,7 +7,8 @@ use std::path::PathBuf;
 
 #[derive(clap::Args, Debug)]
 pub struct SampleArgs {
-    /// A run folder (its latest checkpoint is used) or a checkpoint folder.
+    /// A run folder (its latest checkpoint), one of its pointers (RUN/latest, RUN/best: the
+    /// lowest validation loss of an early-stopping run) or a checkpoint folder (RUN/step-N).
     #[arg(long)]
     checkpoint: PathBuf,
     /// The prompt.

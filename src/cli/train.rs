@@ -125,6 +125,12 @@ pub fn run(
             s.full_val_tokens
         );
     }
+    if let Some(e) = &s.early_stop {
+        eprintln!(
+            "{e}; that checkpoint is {} (kiln sample --checkpoint {0})",
+            out.join(kiln::train::checkpoint::BEST_FILE).display()
+        );
+    }
     if let Some(ck) = &s.checkpoint {
         eprintln!("checkpoint: {}", ck.display());
     }
@@ -136,7 +142,8 @@ pub fn run(
 
 #[derive(clap::Args, Debug)]
 pub struct EvalArgs {
-    /// A run folder (its latest checkpoint) or a checkpoint folder.
+    /// A run folder (its latest checkpoint), one of its pointers (RUN/latest, RUN/best: the
+    /// lowest validation loss of an early-stopping run) or a checkpoint folder (RUN/step-N).
     #[arg(long)]
     checkpoint: PathBuf,
     /// Score this text file instead of the training corpus's validation split.

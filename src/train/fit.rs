@@ -2,7 +2,7 @@
 //! observers, with the steps kept in flight on the GPU.
 
 use super::observer::{Control, Observer};
-use super::stats::{EvalSet, EvalStats, SavedCheckpoint, TrainSummary};
+use super::stats::{EarlyStop, EvalSet, EvalStats, SavedCheckpoint, TrainSummary};
 use super::trainer::{Trainer, check_loss};
 use crate::Result;
 use crate::model::Config;
@@ -40,7 +40,10 @@ impl Trainer {
     /// validation split once more (with `train.final_eval_full_split`). Every step, evaluation
     /// and checkpoint is reported to each of `observers` in order; any of them, or
     /// `options.stop`, can end the run early, which still evaluates and checkpoints the last
-    /// step. A non-finite loss ends it with [`crate::Error::NonFinite`] before anything is saved
+    /// step. With `train.early_stopping_patience`, every periodic evaluation that lowers the
+    /// best validation loss is also checkpointed (named by the `best` pointer), and the run ends
+    /// as an observer's stop would once that many evaluations in a row did not improve it by
+    /// more than `train.early_stopping_min_delta` ([`TrainSummary::early_stop`] says so). A non-finite loss ends it with [`crate::Error::NonFinite`] before anything is saved
     /// from that state.
     pub fn fit(
         &mut self,
@@ -64,6 +67,7 @@ impl Trainer {
         // Set when an observer ends the run: like a Ctrl-C stop, it skips the final full-split
         // evaluation.
         let mut stopped_early = false;
+        let mut early_stop = None;
         while self.steps_done() < last_step {
             self.submit_step()?;
             let mut stopping = self.report_steps(false, observers)? == Control::Stop;
@@ -71,6 +75,8 @@ impl Trainer {
             stopping |= stop_flag();
             let step = self.steps_done();
             let (eval_every, save_every) = (t.eval_interval as u64, t.checkpoint_interval as u64);
+            // With early stopping, each new best is saved so that `best` can name it.
+            let mut new_best = false;
             if step.is_multiple_of(eval_every) || step == last_step || stopping {
                 let (loss, control) = self.evaluate_and_report(EvalSet::Periodic, observers)?;
                 val_loss = Some(loss);
@@ -78,11 +84,18 @@ impl Trainer {
                     stopping = true;
                     stopped_early = true;
                 }
+                if t.early_stopping_patience > 0 {
+                    new_best = self.state().best_step == Some(step);
+                    early_stop = self.early_stop_due();
+                    stopping |= early_stop.is_some();
+                    stopped_early |= early_stop.is_some();
+                }
             }
             // Decided after the evaluation, whose observers may have ended the run.
             let save_due = (save_every > 0 && step.is_multiple_of(save_every))
                 || step == last_step
-                || stopping;
+                || stopping
+                || new_best;
             if save_due && let Some(dir) = options.checkpoint_dir {
                 let (saved, control) = self.save_and_report(dir, observers)?;
                 last_checkpoint = Some(saved.path);
@@ -104,11 +117,26 @@ impl Trainer {
             self.timed(|_| notify(observers, |o| o.on_eval(&e)))?;
             full = Some(e);
         }
-        let summary = self.summary(first_step, start, val_loss, full, last_checkpoint);
+        let mut summary = self.summary(first_step, start, val_loss, full, last_checkpoint);
+        summary.early_stop = early_stop;
         for o in observers.iter_mut() {
             o.on_end(&summary)?;
         }
         Ok(summary)
+    }
+
+    /// Whether the last periodic evaluation used up `train.early_stopping_patience`.
+    fn early_stop_due(&self) -> Option<EarlyStop> {
+        let (state, patience) = (self.state(), self.config().train.early_stopping_patience);
+        if patience == 0 || (state.evals_without_improvement as usize) < patience {
+            return None;
+        }
+        Some(EarlyStop {
+            step: state.step,
+            evals_without_improvement: state.evals_without_improvement,
+            best_val_loss: state.best_val_loss?,
+            best_step: state.best_step?,
+        })
     }
 
     /// Hands the finished steps' statistics to the observers (all of them, with `wait`),
@@ -192,6 +220,7 @@ impl Trainer {
             submit_us: 1e6 * (self.clock.submit - start.submit) / per_step,
             skipped_steps: self.state().skipped_steps,
             checkpoint,
+            early_stop: None,
             precision: self.precision(),
         }
     }

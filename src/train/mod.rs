@@ -6,7 +6,8 @@
 //! - `fit`: [`Trainer::fit`] and [`FitOptions`].
 //! - [`observer`]: the [`Observer`] trait and [`Control`]; [`observers`]: the metrics log, the
 //!   loss plot and the progress display.
-//! - [`stats`]: [`StepStats`], [`EvalStats`], [`SavedCheckpoint`], [`TrainSummary`].
+//! - [`stats`]: [`StepStats`], [`EvalStats`], [`SavedCheckpoint`], [`TrainSummary`],
+//!   [`EarlyStop`].
 //! - [`run`]: a run into a run folder (`kiln train`, each `kiln sweep` trial).
 
 pub mod checkpoint;
@@ -26,5 +27,5 @@ pub use fit::FitOptions;
 pub use observer::{Control, Observer};
 pub use observers::{LossPlot, MetricsLog, Progress};
 pub use run::{TrainOptions, train};
-pub use stats::{EvalSet, EvalStats, SavedCheckpoint, StepStats, TrainSummary};
+pub use stats::{EarlyStop, EvalSet, EvalStats, SavedCheckpoint, StepStats, TrainSummary};
 pub use trainer::Trainer;

@@ -78,6 +78,31 @@ pub struct SavedCheckpoint {
     pub path: PathBuf,
 }
 
+/// The run ended because `train.early_stopping_patience` periodic evaluations in a row did
+/// not improve the best validation loss by more than `train.early_stopping_min_delta`.
+#[derive(Clone, Debug, PartialEq, serde::Serialize)]
+pub struct EarlyStop {
+    /// The step at which the run stopped (the last evaluation's).
+    pub step: u64,
+    /// Evaluations without an improvement (the patience, reached).
+    pub evals_without_improvement: u32,
+    /// The lowest validation loss of the run.
+    pub best_val_loss: f64,
+    /// The step that reached it; the checkpoint the `best` pointer names.
+    pub best_step: u64,
+}
+
+impl std::fmt::Display for EarlyStop {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "early stopping at step {}: {} evaluations without an improvement of the validation \
+             loss (train.early_stopping_patience); the best, {:.4}, was at step {}",
+            self.step, self.evals_without_improvement, self.best_val_loss, self.best_step
+        )
+    }
+}
+
 /// What [`super::Trainer::fit`] (and `kiln train`) measured.
 #[derive(Clone, Debug, serde::Serialize)]
 pub struct TrainSummary {
@@ -108,6 +133,8 @@ pub struct TrainSummary {
     pub skipped_steps: u64,
     /// The last checkpoint written.
     pub checkpoint: Option<PathBuf>,
+    /// Why and where early stopping ended the run, when it did.
+    pub early_stop: Option<EarlyStop>,
     /// Storage precision used.
     pub precision: Precision,
 }

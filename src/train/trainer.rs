@@ -409,8 +409,8 @@ impl Trainer {
                 format!("the evaluation after step {} gave {loss}", self.state.step),
             ));
         }
-        if set == EvalSet::Periodic && self.state.best_val_loss.is_none_or(|b| loss < b) {
-            self.state.best_val_loss = Some(loss);
+        if set == EvalSet::Periodic {
+            self.record_periodic_loss(loss);
         }
         let seconds = start.elapsed().as_secs_f64();
         self.clock.excluded += seconds;
@@ -424,6 +424,24 @@ impl Trainer {
             loss_scale: self.state.loss_scale,
             seconds,
         })
+    }
+
+    /// Updates the best validation loss, the step that reached it and early stopping's count.
+    /// The best is the lowest loss, whatever `min_delta`, so `best` names the lowest loss seen;
+    /// the count restarts only when the loss beats the previous best by more than `min_delta`.
+    fn record_periodic_loss(&mut self, loss: f64) {
+        let delta = self.config.train.early_stopping_min_delta;
+        let state = &mut self.state;
+        match state.best_val_loss {
+            Some(best) if loss >= best - delta => {
+                state.evals_without_improvement = state.evals_without_improvement.saturating_add(1)
+            }
+            _ => state.evals_without_improvement = 0,
+        }
+        if state.best_val_loss.is_none_or(|b| loss < b) {
+            state.best_val_loss = Some(loss);
+            state.best_step = Some(state.step);
+        }
     }
 
     /// The whole training state as a checkpoint in memory (waits for the steps in flight).
