@@ -328,14 +328,7 @@ impl AttentionShape {
             ("out", batch * seq * channels, out_len),
             ("probs", self.probs_len(), probs_len),
         ];
-        for (name, need, have) in want {
-            if need != have {
-                return Err(Error::shape(
-                    op,
-                    format!("{name} has {have} elements, expected {need} for {self:?}"),
-                ));
-            }
-        }
+        buffer_lengths(op, self, &want)?;
         Ok(())
     }
 }
@@ -404,12 +397,7 @@ impl GroupedAttentionShape {
                 format!("B, T, n_head, n_kv_head and head_dim must be positive; got {self:?}"),
             ));
         }
-        if !heads.is_multiple_of(kv_heads) {
-            return Err(Error::shape(
-                op,
-                format!("n_kv_head = {kv_heads} does not divide n_head = {heads}"),
-            ));
-        }
+        kv_groups(op, heads, kv_heads)?;
         let big = [self.qkv_len(), self.probs_len()];
         if big.iter().any(|&n| n > u32::MAX as usize) {
             return Err(Error::shape(
@@ -422,14 +410,7 @@ impl GroupedAttentionShape {
             ("out", self.out_len(), out_len),
             ("probs", self.probs_len(), probs_len),
         ];
-        for (name, need, have) in want {
-            if need != have {
-                return Err(Error::shape(
-                    op,
-                    format!("{name} has {have} elements, expected {need} for {self:?}"),
-                ));
-            }
-        }
+        buffer_lengths(op, self, &want)?;
         Ok(())
     }
 }
@@ -518,12 +499,7 @@ impl AttendOneShape {
                 format!("positions, n_head, n_kv_head and head_dim must be positive; got {self:?}"),
             ));
         }
-        if !heads.is_multiple_of(kv_heads) {
-            return Err(Error::shape(
-                op,
-                format!("n_kv_head = {kv_heads} does not divide n_head = {heads}"),
-            ));
-        }
+        kv_groups(op, heads, kv_heads)?;
         let need = positions
             .checked_mul(heads + 2 * kv_heads)
             .and_then(|n| n.checked_mul(head_dim));
@@ -538,14 +514,7 @@ impl AttendOneShape {
             ("qkv_new", self.qkv_width(), qkv_new_len),
             ("out", self.out_len(), out_len),
         ];
-        for (name, need, have) in want {
-            if need != have {
-                return Err(Error::shape(
-                    op,
-                    format!("{name} has {have} elements, expected {need} for {self:?}"),
-                ));
-            }
-        }
+        buffer_lengths(op, self, &want)?;
         Ok(())
     }
 }
@@ -600,14 +569,7 @@ impl EmbeddingShape {
             ("wpe", positions * channels, wpe_len),
             ("out", batch * seq * channels, out_len),
         ];
-        for (name, need, have) in want {
-            if need != have {
-                return Err(Error::shape(
-                    op,
-                    format!("{name} has {have} elements, expected {need} for {self:?}"),
-                ));
-            }
-        }
+        buffer_lengths(op, self, &want)?;
         if let Some((i, t)) = tokens
             .iter()
             .enumerate()
@@ -1049,5 +1011,33 @@ impl SwiGluSpec {
             }
         }
         Ok(())
+    }
+}
+
+/// Checks each buffer's length, given as (name, elements needed, elements passed), against the
+/// shape `what`, naming the first that differs.
+fn buffer_lengths(
+    op: &'static str,
+    what: &impl std::fmt::Debug,
+    want: &[(&str, usize, usize)],
+) -> Result<()> {
+    match want.iter().find(|(_, need, have)| need != have) {
+        Some((name, need, have)) => Err(Error::shape(
+            op,
+            format!("{name} has {have} elements, expected {need} for {what:?}"),
+        )),
+        None => Ok(()),
+    }
+}
+
+/// Grouped-query attention needs whole groups: n_kv_head must divide n_head.
+fn kv_groups(op: &'static str, heads: usize, kv_heads: usize) -> Result<()> {
+    if heads.is_multiple_of(kv_heads) {
+        Ok(())
+    } else {
+        Err(Error::shape(
+            op,
+            format!("n_kv_head = {kv_heads} does not divide n_head = {heads}"),
+        ))
     }
 }

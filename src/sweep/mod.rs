@@ -195,16 +195,7 @@ pub fn run(opts: &SweepOptions, stop: &AtomicBool) -> Result<SweepSummary> {
                     .collect()
             }
         };
-        let record = TrialRecord {
-            number,
-            params,
-            state: TrialState::Running,
-            value: None,
-            reports: Vec::new(),
-            steps: 0,
-            seconds: 0.0,
-            error: None,
-        };
+        let record = TrialRecord::running(number, params);
         lock_journal(&journal).created(number, &record.params)?;
         if number < trials.len() {
             trials[number] = record;
