@@ -20,8 +20,8 @@ use crate::cpu::gpt::GptBatch;
 use crate::data::Tokenizer;
 use crate::gpu::{Gpu, GpuOptions};
 use crate::model::decode::KvDecoder;
-use crate::model::gpu::GptGpu;
-use crate::train::checkpoint;
+use crate::model::gpu::{GptGpu, WeightBytes};
+use crate::quant::weights::ModelWeights;
 use crate::{Error, Result};
 use rand::SeedableRng;
 use std::path::{Path, PathBuf};
@@ -62,6 +62,7 @@ pub struct Generator {
     kv_cache: bool,
     window: ContextWindow,
     folder: PathBuf,
+    description: String,
     defaults: SamplingParams,
     tokenizer: Tokenizer,
     block_size: usize,
@@ -88,27 +89,20 @@ pub struct Generation {
 }
 
 impl Generator {
-    /// Loads the latest checkpoint under `dir` (or `dir` itself if it is a checkpoint folder).
+    /// Loads the latest checkpoint under `dir` (or `dir` itself if it is a checkpoint folder,
+    /// float or quantised by `kiln quantize`) into a model built for inference.
     pub fn load(dir: &Path, options: &GpuOptions) -> Result<Generator> {
-        let folder = checkpoint::resolve(dir)?;
-        let ck = checkpoint::load(&folder)?;
-        let tokenizer = Tokenizer::from_json(&ck.tokenizer_json)?;
+        let weights = ModelWeights::load(dir)?;
+        let tokenizer = Tokenizer::from_json(&weights.tokenizer_json)?;
         let gpu = Gpu::with_options(options)?;
         gpu.tuning().set_enabled(false);
-        let block_size = ck.config.model.block_size;
-        let model = GptGpu::new(
-            &gpu,
-            &ck.config.model,
-            tokenizer.vocab_size(),
-            GptBatch {
-                batch: 1,
-                seq: block_size,
-            },
-            1,
-        )?;
-        let layout = model.layout().clone();
-        let ck = ck.with_layout(&layout)?;
-        model.set_weights(&gpu, &ck.master)?;
+        let block_size = weights.config.model.block_size;
+        let batch = GptBatch {
+            batch: 1,
+            seq: block_size,
+        };
+        let model = GptGpu::inference(&gpu, &weights, batch)?;
+        let (folder, description) = (weights.folder.clone(), weights.describe());
         let decoder = if KvDecoder::supports(&model) {
             Some(KvDecoder::new(&gpu, &model)?)
         } else {
@@ -121,10 +115,34 @@ impl Generator {
             kv_cache: true,
             window: ContextWindow::default(),
             folder,
-            defaults: ck.config.sample.clone(),
+            description,
+            defaults: weights.config.sample.clone(),
             tokenizer,
             block_size,
         })
+    }
+
+    /// Bytes of the model's weights resident on the GPU.
+    pub fn weight_bytes(&self) -> WeightBytes {
+        self.model.weight_bytes()
+    }
+
+    /// What the weights are: `float`, or the quantisation settings.
+    pub fn weights_description(&self) -> &str {
+        &self.description
+    }
+
+    /// The logits of the token after `context` (1 to block_size tokens), by a forward pass over
+    /// it: what generation samples from at that point, for comparing models token by token.
+    pub fn logits_after(&self, context: &[u32]) -> Result<Vec<f32>> {
+        if context.is_empty() || context.len() > self.block_size {
+            return Err(Error::invalid(
+                "context",
+                format!("{} tokens", context.len()),
+                format!("must hold 1 to {} tokens", self.block_size),
+            ));
+        }
+        self.prefill(context)
     }
 
     /// The sampling settings of the checkpoint's config (its `[sample]` table).

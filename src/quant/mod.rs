@@ -38,6 +38,9 @@
 //! than padded. Every width of the models kiln builds is a multiple of 64 with the shipped
 //! configs (a config with `n_embd = 96` takes `--group-size 32`).
 
+pub mod checkpoint;
+pub mod convert;
+pub mod weights;
 
 use crate::{Error, Result};
 use half::f16;
