@@ -20,6 +20,9 @@
 //     qmatmul_wg      one workgroup of 64 per output: lanes read consecutive words of the weight
 //                     row (coalesced) and a fixed tree adds their partial sums: the decoder's
 //                     one-row product on GPUs.
+//     qmatmul_pack_b  dequantises W into the texture matmul's B operand (matmul_texture.wgsl),
+//                     whose multiply then runs as for float weights: what CPU-backed adapters
+//                     want for several rows, where texel fetches beat storage loads.
 //     qembed          out = dequantised token rows (+ position rows), one invocation per
 //                     element; with ONE_TOKEN the (token, pos) pair of the decode step.
 //
@@ -301,6 +304,28 @@ fn qmatmul_wg(
     if lid == 0u {
         store(i, j, partial[0]);
     }
+}
+
+// ---- qmatmul_pack_b -------------------------------------------------------------------------
+
+// The texture matmul's B operand for Y = X·Wᵀ: texel (x, k) = (W[4x, k], .., W[4x+3, k]), zeros
+// past n; k rows (k is a multiple of 32, the texture's K rounding, so no zero rows follow).
+@group(0) @binding(8) var packed_b: texture_storage_2d_array<rgba32float, write>;
+
+@compute @workgroup_size(64)
+fn qmatmul_pack_b(@builtin(global_invocation_id) gid: vec3<u32>) {
+    let size = textureDimensions(packed_b);
+    if gid.x >= size.x || gid.y >= size.y {
+        return;
+    }
+    var v = vec4<f32>(0.0);
+    for (var j = 0u; j < 4u; j++) {
+        let r = 4u * gid.x + j;
+        if r < dims.n && gid.y < dims.k {
+            v[j] = weight(r, gid.y);
+        }
+    }
+    textureStore(packed_b, gid.xy, 0, v);
 }
 
 // ---- qembed --------------------------------------------------------------------------------

@@ -32,11 +32,13 @@ pub fn run(
     let reports = eval_checkpoints(&dirs, text, options)?;
     for r in &reports {
         eprintln!(
-            "{}: loss {:.4}, perplexity {:.4} over {} tokens; weights {}, {} bytes on the GPU",
+            "{}: loss {:.4}, perplexity {:.4} over {} tokens in {:.1} s; weights {}, {} bytes \
+             on the GPU",
             r.checkpoint,
             r.loss,
             r.perplexity,
             r.tokens,
+            r.seconds,
             r.weights,
             r.weight_bytes.total()
         );

@@ -112,12 +112,14 @@ pub fn run(
     let mut stdout = std::io::stdout();
     let bytes = generator.weight_bytes();
     eprintln!(
-        "weights ({}): {} bytes on the GPU ({} float, {} packed integers, {} scales)",
+        "weights ({}): {} bytes on the GPU ({} float, {} packed integers, {} scales); {} bytes \
+         of scratch textures",
         generator.weights_description(),
         bytes.total(),
         bytes.float,
         bytes.packed,
-        bytes.scales
+        bytes.scales,
+        generator.scratch_bytes()
     );
     for i in 0..a.num_samples {
         let mut params = base.clone();

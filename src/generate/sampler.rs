@@ -127,6 +127,17 @@ impl Generator {
         self.model.weight_bytes()
     }
 
+    /// Bytes of the scratch textures the device holds (operands the texture matmul stages,
+    /// on software adapters; shared by every product of one shape).
+    pub fn scratch_bytes(&self) -> u64 {
+        self.gpu.scratch_texture_bytes()
+    }
+
+    /// The context length (the model's block size).
+    pub fn block_size(&self) -> usize {
+        self.block_size
+    }
+
     /// What the weights are: `float`, or the quantisation settings.
     pub fn weights_description(&self) -> &str {
         &self.description

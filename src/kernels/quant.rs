@@ -2,8 +2,10 @@
 //! ([`crate::quant`]), dequantising as they read, with f32 accumulation.
 
 use super::checks::expect_tensor;
+use super::matmul::{Matmul, MatmulVariant};
 use super::{Dispatch, common_precision, grid, loop_budget_ok};
 use crate::gpu::{Bind, DType, Gpu, GpuTensor, Specialisation};
+use crate::ops::{Layout, MatmulSpec};
 use crate::quant::{BLOCK, QuantKind, QuantMatrix};
 use crate::{Error, Precision, Result};
 
@@ -101,36 +103,56 @@ impl Dims {
     }
 }
 
-/// How a quantised product is laid out (all three compute the same sums; see the shader).
+/// How a quantised product is laid out (all compute the same sums; see the shader).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub enum QMatmulKernel {
     /// 64×64 output tiles staged in workgroup memory: GPUs, several rows.
     Tiled,
-    /// One invocation per output, no barriers: CPU-backed adapters.
+    /// One invocation per output, no barriers: CPU-backed adapters, one row.
     Rows,
     /// One workgroup per output with a tree over its lanes: the one-row product on GPUs.
     Workgroup,
+    /// W dequantised into the texture matmul's B operand, then that variant's multiply
+    /// ([`crate::kernels::matmul::MatmulVariant::Texture`]): CPU-backed adapters, several rows.
+    /// Its B texture is scratch shared with the float products of the same shape.
+    Texture,
 }
 
 impl QMatmulKernel {
     /// Every layout.
-    pub const ALL: [QMatmulKernel; 3] = [
+    pub const ALL: [QMatmulKernel; 4] = [
         QMatmulKernel::Tiled,
         QMatmulKernel::Rows,
         QMatmulKernel::Workgroup,
+        QMatmulKernel::Texture,
     ];
 
-    /// The layout for `m` rows of `w` on `gpu`: one invocation per output on software adapters
-    /// (barriers cost more than the arithmetic there, and the sum is one walk over k); on
-    /// GPUs, tiles for several rows and a workgroup per output for one row.
+    /// The layout for `m` rows of `w` on `gpu`. On software adapters, where a barrier costs
+    /// more than the arithmetic and a texel fetch less than a storage load: the texture
+    /// multiply for several rows (where the adapter can run it), else one invocation per
+    /// output. On GPUs: tiles for several rows, a workgroup per output for one.
     pub fn for_shape(gpu: &Gpu, m: usize, w: &QuantWeight) -> QMatmulKernel {
-        let rows_fit = loop_budget_ok(gpu, QMatmulKernel::Rows.loop_iterations(w.cols));
-        if gpu.capabilities().adapter.software && rows_fit {
-            QMatmulKernel::Rows
-        } else if m == 1 {
+        if gpu.capabilities().adapter.software {
+            if m > 1 && QMatmulKernel::Texture.supports(gpu, m, w) {
+                return QMatmulKernel::Texture;
+            }
+            if QMatmulKernel::Rows.supports(gpu, m, w) {
+                return QMatmulKernel::Rows;
+            }
+        }
+        if m == 1 {
             QMatmulKernel::Workgroup
         } else {
             QMatmulKernel::Tiled
+        }
+    }
+
+    /// Whether this layout can run `m` rows of `w` on `gpu`: the loop budget of llvmpipe, and
+    /// for `Texture` what the texture matmul needs (SUBGROUP, texture limits).
+    pub fn supports(self, gpu: &Gpu, m: usize, w: &QuantWeight) -> bool {
+        match self {
+            QMatmulKernel::Texture => MatmulVariant::Texture.supports(gpu, &texture_spec(m, w)),
+            _ => loop_budget_ok(gpu, self.loop_iterations(w.cols)),
         }
     }
 
@@ -139,6 +161,7 @@ impl QMatmulKernel {
             QMatmulKernel::Tiled => "qmatmul_tiled",
             QMatmulKernel::Rows => "qmatmul_rows",
             QMatmulKernel::Workgroup => "qmatmul_wg",
+            QMatmulKernel::Texture => "qmatmul_pack_b",
         }
     }
 
@@ -150,6 +173,8 @@ impl QMatmulKernel {
             // One iteration per word (q8) or 8 per block (q4): at most k / 4.
             QMatmulKernel::Rows => k / 4 + 64,
             QMatmulKernel::Workgroup => k / BLOCK / 8 + 64,
+            // The packing: no loop over k.
+            QMatmulKernel::Texture => 64,
         }
     }
 
@@ -159,8 +184,16 @@ impl QMatmulKernel {
             QMatmulKernel::Tiled => [n.div_ceil(64), m.div_ceil(64), 1],
             QMatmulKernel::Rows => [n.div_ceil(ROWS_WG), m, 1],
             QMatmulKernel::Workgroup => [n, m, 1],
+            // The packing: one invocation per texel of the B texture, whose k rows the caller
+            // adds (see QMatmul::with_kernel).
+            QMatmulKernel::Texture => [n.div_ceil(4).div_ceil(64), 1, 1],
         }
     }
+}
+
+/// The float product whose B operand the `Texture` layout packs: `Y = X·Wᵀ`.
+fn texture_spec(m: usize, w: &QuantWeight) -> MatmulSpec {
+    MatmulSpec::new(Layout::NT, m, w.rows, w.cols)
 }
 
 /// Invocations per workgroup of `qmatmul_rows` and `qembed` (the shader's `ROWS_WG`).
@@ -169,6 +202,8 @@ const ROWS_WG: usize = 64;
 /// `y = x·Wᵀ (+ bias)` for `m` rows of `x` and a quantised `W`, prepared once.
 pub struct QMatmul {
     dispatch: Dispatch,
+    /// The texture layout's multiply, after `dispatch` packed its B operand.
+    product: Option<Matmul>,
     kernel: QMatmulKernel,
 }
 
@@ -212,11 +247,12 @@ impl QMatmul {
         if let Some(b) = bias {
             expect_tensor(OP, "bias", b, b.dtype(), n)?;
         }
-        if !loop_budget_ok(gpu, kernel.loop_iterations(k)) {
+        if !kernel.supports(gpu, m, w) {
             return Err(Error::shape(
                 OP,
                 format!(
-                    "{kernel:?} over {k} inputs exceeds this adapter's loop budget; use \
+                    "{kernel:?} cannot run {m}×{n}×{k} here (llvmpipe's loop budget; the texture \
+                     layout needs SUBGROUP and sizes within the texture limits); use \
                      QMatmul::new"
                 ),
             ));
@@ -237,6 +273,28 @@ impl QMatmul {
             .constants()
             .with("HAS_BIAS", bias.is_some() as u8)
             .with("ROWS_WG", ROWS_WG as u32);
+        if kernel == QMatmulKernel::Texture {
+            let (product, packed) = Matmul::with_packed_b(gpu, y, x, bias, &texture_spec(m, w))?;
+            let dispatch = Dispatch::new(
+                gpu,
+                "quant",
+                kernel.entry(),
+                precision,
+                constants,
+                &[
+                    (0, Bind::whole(&dims)),
+                    (1, w.packed.bind()),
+                    (2, w.scales.bind()),
+                    (8, Bind::texture(packed.view())),
+                ],
+                [gx as u32, packed.size()[1], 1],
+            )?;
+            return Ok(QMatmul {
+                dispatch,
+                product: Some(product),
+                kernel,
+            });
+        }
         let dispatch = Dispatch::new(
             gpu,
             "quant",
@@ -254,7 +312,11 @@ impl QMatmul {
             ],
             [gx as u32, gy as u32, gz as u32],
         )?;
-        Ok(QMatmul { dispatch, kernel })
+        Ok(QMatmul {
+            dispatch,
+            product: None,
+            kernel,
+        })
     }
 
     /// The layout in use.
@@ -262,9 +324,12 @@ impl QMatmul {
         self.kernel
     }
 
-    /// Adds the dispatch to `pass`.
+    /// Adds the dispatches to `pass`.
     pub fn record(&self, pass: &mut wgpu::ComputePass<'_>) {
         self.dispatch.record(pass);
+        if let Some(p) = &self.product {
+            p.record(pass);
+        }
     }
 
     /// Records and submits on its own (does not wait).

@@ -24,6 +24,8 @@ pub struct EvalReport {
     pub weights: String,
     /// Bytes of its weights on the GPU.
     pub weight_bytes: WeightBytes,
+    /// Seconds of the forward passes (building the model and reading the corpus excluded).
+    pub seconds: f64,
 }
 
 /// Which tokens an evaluation scores.
@@ -103,7 +105,9 @@ pub fn eval_checkpoints(
             seq: batches[0].block_size,
         };
         let model = GptGpu::inference(&gpu, &w, batch)?;
+        let t0 = std::time::Instant::now();
         let loss = evaluate(&gpu, &model, &batches)?;
+        let seconds = t0.elapsed().as_secs_f64();
         if !loss.is_finite() {
             return Err(Error::NonFinite {
                 what: "loss".into(),
@@ -122,6 +126,7 @@ pub fn eval_checkpoints(
             checkpoint: w.folder.display().to_string(),
             weights: w.describe(),
             weight_bytes: model.weight_bytes(),
+            seconds,
         });
     }
     Ok(reports)
