@@ -76,13 +76,14 @@ fn bench(c: &mut Criterion) {
             for q in &quantized {
                 let qw = QuantWeight::upload(gpu, "w", q).unwrap();
                 for kernel in QMatmulKernel::ALL {
-                    // The workgroup-per-output layout is for one row; tiles for many.
+                    // The workgroup-per-output layout is for one row; tiles and textures for
+                    // many.
                     let fits = match kernel {
                         QMatmulKernel::Workgroup => m == 1,
-                        QMatmulKernel::Tiled => m > 1,
+                        QMatmulKernel::Tiled | QMatmulKernel::Texture => m > 1,
                         QMatmulKernel::Rows => true,
                     };
-                    if !fits {
+                    if !fits || !kernel.supports(gpu, m, &qw) {
                         continue;
                     }
                     let op = QMatmul::with_kernel(gpu, kernel, &gy, &gx, &qw, None, m).unwrap();
