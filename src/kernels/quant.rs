@@ -273,27 +273,27 @@ impl QMatmul {
             .constants()
             .with("HAS_BIAS", bias.is_some() as u8)
             .with("ROWS_WG", ROWS_WG as u32);
-        if kernel == QMatmulKernel::Texture {
+        let mut buffers = vec![
+            (0, Bind::whole(&dims)),
+            (1, w.packed.bind()),
+            (2, w.scales.bind()),
+        ];
+        let (product, packed, workgroups) = if kernel == QMatmulKernel::Texture {
+            // The packing writes the B texture; the texture matmul then multiplies.
             let (product, packed) = Matmul::with_packed_b(gpu, y, x, bias, &texture_spec(m, w))?;
-            let dispatch = Dispatch::new(
-                gpu,
-                "quant",
-                kernel.entry(),
-                precision,
-                constants,
-                &[
-                    (0, Bind::whole(&dims)),
-                    (1, w.packed.bind()),
-                    (2, w.scales.bind()),
-                    (8, Bind::texture(packed.view())),
-                ],
-                [gx as u32, packed.size()[1], 1],
-            )?;
-            return Ok(QMatmul {
-                dispatch,
-                product: Some(product),
-                kernel,
-            });
+            let rows = packed.size()[1];
+            (Some(product), Some(packed), [gx as u32, rows, 1])
+        } else {
+            buffers.extend([
+                (3, x.bind()),
+                // Without a bias, x again (read-only either way); HAS_BIAS keeps it unread.
+                (4, bias.unwrap_or(x).bind()),
+                (5, y.bind()),
+            ]);
+            (None, None, [gx as u32, gy as u32, gz as u32])
+        };
+        if let Some(p) = &packed {
+            buffers.push((8, Bind::texture(p.view())));
         }
         let dispatch = Dispatch::new(
             gpu,
@@ -301,20 +301,12 @@ impl QMatmul {
             kernel.entry(),
             precision,
             constants,
-            &[
-                (0, Bind::whole(&dims)),
-                (1, w.packed.bind()),
-                (2, w.scales.bind()),
-                (3, x.bind()),
-                // Without a bias, x again (read-only either way); HAS_BIAS keeps it unread.
-                (4, bias.unwrap_or(x).bind()),
-                (5, y.bind()),
-            ],
-            [gx as u32, gy as u32, gz as u32],
+            &buffers,
+            workgroups,
         )?;
         Ok(QMatmul {
             dispatch,
-            product: None,
+            product,
             kernel,
         })
     }

@@ -268,23 +268,17 @@ impl GptGpu {
         check_batch(model, batch)?;
         let arch = Arch::new(model, vocab)?;
         let layout = arch.layout(param_alignment(gpu));
-        let state = State::new(gpu, &layout, vocab, batch, Some(micro_batches))?;
         let quant = BTreeMap::new();
-        let plan = Plan::new(gpu, model, &arch, &layout, &state, &quant, vocab, batch)?;
-        Ok(GptGpu {
-            model: model.clone(),
+        Self::build(
+            gpu,
+            model,
             arch,
             vocab,
             batch,
-            precision: gpu.precision(),
-            micro_batches,
-            dropout_seed: 0,
-            scaler: None,
             layout,
             quant,
-            s: state,
-            p: plan,
-        })
+            Some(micro_batches),
+        )
     }
 
     /// A model for inference over `batch` with `weights` (a float or a quantised checkpoint's):
@@ -302,16 +296,38 @@ impl GptGpu {
         let full = arch.layout(align);
         let quant = upload_quantized(gpu, model, &full, weights)?;
         let layout = full.filtered(align, |t| !quant.contains_key(&t.name));
-        let state = State::new(gpu, &layout, vocab, batch, None)?;
-        gpu.write(&state.params, &float_values(&layout, weights)?)?;
+        let values = float_values(&layout, weights)?;
+        let built = Self::build(gpu, model, arch, vocab, batch, layout, quant, None)?;
+        gpu.write(&built.s.params, &values)?;
+        Ok(built)
+    }
+
+    /// The model over `layout` (its float tensors) and `quant`, for training with
+    /// `micro_batches`, or for inference.
+    #[allow(clippy::too_many_arguments)]
+    fn build(
+        gpu: &Gpu,
+        model: &ModelConfig,
+        arch: Arch,
+        vocab: usize,
+        batch: GptBatch,
+        layout: ParamLayout,
+        quant: BTreeMap<String, QuantWeight>,
+        micro_batches: Option<usize>,
+    ) -> Result<Self> {
+        let state = State::new(gpu, &layout, vocab, batch, micro_batches)?;
         // Nothing drops at inference: no dropout buffers or dispatches.
-        let forward_model = ModelConfig {
-            dropout: 0.0,
+        let plan_model = ModelConfig {
+            dropout: if micro_batches.is_some() {
+                model.dropout
+            } else {
+                0.0
+            },
             ..model.clone()
         };
         let plan = Plan::new(
             gpu,
-            &forward_model,
+            &plan_model,
             &arch,
             &layout,
             &state,
@@ -325,7 +341,7 @@ impl GptGpu {
             vocab,
             batch,
             precision: gpu.precision(),
-            micro_batches: 0,
+            micro_batches: micro_batches.unwrap_or(0),
             dropout_seed: 0,
             scaler: None,
             layout,
