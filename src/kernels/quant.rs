@@ -108,7 +108,8 @@ impl Dims {
 pub enum QMatmulKernel {
     /// 64×64 output tiles staged in workgroup memory: GPUs, several rows.
     Tiled,
-    /// One invocation per output, no barriers: CPU-backed adapters, one row.
+    /// One invocation per output, no barriers: CPU-backed adapters, one row (or several where
+    /// the texture layout cannot run).
     Rows,
     /// One workgroup per output with a tree over its lanes: the one-row product on GPUs.
     Workgroup,
