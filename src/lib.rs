@@ -24,6 +24,7 @@ pub mod kernels;
 pub mod model;
 pub mod ops;
 mod precision;
+pub mod quant;
 pub mod shaders;
 pub mod sweep;
 pub mod train;

@@ -23,6 +23,7 @@ const LOSSSCALE: &str = include_str!("../shaders/lossscale.wgsl");
 const RMSNORM: &str = include_str!("../shaders/rmsnorm.wgsl");
 const ROPE: &str = include_str!("../shaders/rope.wgsl");
 const SWIGLU: &str = include_str!("../shaders/swiglu.wgsl");
+const QUANT: &str = include_str!("../shaders/quant.wgsl");
 
 /// Every shader module: (name, the files it is made of, in order). A module made of several
 /// files is an extension compiled after its base (used for kernels that need an optional feature
@@ -45,6 +46,7 @@ pub const MODULES: &[(&str, &[&str])] = &[
     ("rmsnorm", &[RMSNORM]),
     ("rope", &[ROPE]),
     ("swiglu", &[SWIGLU]),
+    ("quant", &[QUANT]),
 ];
 
 /// The concatenated source of a module, without the precision prelude.

@@ -122,6 +122,17 @@ pub fn run(
     // A prompt the tokenizer cannot encode fails before anything is printed.
     generator.tokenizer().encode(&prompt)?;
     let mut stdout = std::io::stdout();
+    let bytes = generator.weight_bytes();
+    eprintln!(
+        "weights ({}): {} bytes on the GPU ({} float, {} packed integers, {} scales); {} bytes \
+         of scratch textures",
+        generator.weights_description(),
+        bytes.total(),
+        bytes.float,
+        bytes.packed,
+        bytes.scales,
+        generator.scratch_bytes()
+    );
     for i in 0..a.num_samples {
         let mut params = base.clone();
         params.seed = base.seed + i as u64;

@@ -152,6 +152,14 @@ pub struct EvalArgs {
     /// At most this many validation batches (default: the config's eval_batches).
     #[arg(long, default_value_t = usize::MAX)]
     batches: usize,
+    /// Score every token of the validation split once, in consecutive windows, instead of the
+    /// fixed validation batches.
+    #[arg(long, conflicts_with_all = ["data", "batches"])]
+    full_split: bool,
+    /// Also evaluate this checkpoint (e.g. the float one a quantised model was made from) on
+    /// the same tokens, and print the two perplexities side by side.
+    #[arg(long)]
+    compare: Option<PathBuf>,
 }
 
 pub fn eval(
@@ -159,26 +167,15 @@ pub fn eval(
     precision: Option<kiln::PrecisionChoice>,
     a: &EvalArgs,
 ) -> Result<()> {
-    if a.batches == 0 {
-        return Err(Error::invalid(
-            "--batches",
-            0,
-            "must be at least 1 (leave it out to use the config's train.eval_batches)",
-        ));
-    }
     let precision = checkpoint_precision(&a.checkpoint, precision);
-    let r = kiln::train::eval::eval_checkpoint(
+    super::eval::run(
         &a.checkpoint,
+        a.compare.as_deref(),
         a.data.as_deref(),
         a.batches,
+        a.full_split,
         &kiln::GpuOptions { adapter, precision },
-    )?;
-    eprintln!(
-        "{}: loss {:.4}, perplexity {:.2} over {} tokens",
-        r.checkpoint, r.loss, r.perplexity, r.tokens
-    );
-    println!("{}", serde_json::to_string(&r).unwrap_or_default());
-    Ok(())
+    )
 }
 
 /// The storage precision for a command that loads a checkpoint: the flag, else the checkpoint

@@ -24,8 +24,8 @@ use crate::data::Tokenizer;
 use crate::gpu::{Gpu, GpuOptions};
 use crate::model::Config;
 use crate::model::decode::KvDecoder;
-use crate::model::gpu::GptGpu;
-use crate::train::checkpoint;
+use crate::model::gpu::{GptGpu, WeightBytes};
+use crate::quant::weights::ModelWeights;
 use crate::{Error, Result};
 use rand::SeedableRng;
 use std::path::{Path, PathBuf};
@@ -67,6 +67,7 @@ pub struct Generator {
     kv_cache: bool,
     window: ContextWindow,
     folder: PathBuf,
+    description: String,
     defaults: SamplingParams,
     tokenizer: Tokenizer,
     block_size: usize,
@@ -93,17 +94,13 @@ pub struct Generation {
 }
 
 impl Generator {
-    /// Loads the latest checkpoint under `dir` (or `dir` itself if it is a checkpoint folder).
+    /// Loads the latest checkpoint under `dir` (or `dir` itself if it is a checkpoint folder,
+    /// float or quantised by `kiln quantize`) into a model built for inference.
     pub fn load(dir: &Path, options: &GpuOptions) -> Result<Generator> {
-        let folder = checkpoint::resolve(dir)?;
-        let ck = checkpoint::load(&folder)?;
-        let tokenizer = Tokenizer::from_json(&ck.tokenizer_json)?;
+        let weights = ModelWeights::load(dir)?;
+        let tokenizer = Tokenizer::from_json(&weights.tokenizer_json)?;
         let gpu = Gpu::with_options(options)?;
-        let config = ck.config.clone();
-        Generator::build(gpu, &config, tokenizer, folder, |gpu, model| {
-            let ck = ck.with_layout(model.layout())?;
-            model.set_weights(gpu, &ck.master)
-        })
+        Generator::build(gpu, &weights, tokenizer)
     }
 
     /// A generator on `gpu` for a model of `config` with the f32 master weights `master`, laid
@@ -117,44 +114,42 @@ impl Generator {
         master: &[f32],
         source: &str,
     ) -> Result<Generator> {
-        let folder = PathBuf::from(source);
-        Generator::build(gpu, config, tokenizer, folder, |gpu, model| {
-            let expected = model.layout().buffer_len();
-            if master.len() != expected {
-                return Err(Error::shape(
-                    "generator weights",
-                    format!(
-                        "{} values for a model whose layout holds {expected} on this device",
-                        master.len()
-                    ),
-                ));
-            }
-            model.set_weights(gpu, master)
-        })
+        let vocab = tokenizer.vocab_size();
+        let layout = GptGpu::training_layout(&gpu, &config.model, vocab)?;
+        let expected = layout.buffer_len();
+        if master.len() != expected {
+            return Err(Error::shape(
+                "generator weights",
+                format!(
+                    "{} values for a model whose layout holds {expected} on this device",
+                    master.len()
+                ),
+            ));
+        }
+        let weights = ModelWeights {
+            folder: PathBuf::from(source),
+            config: config.clone(),
+            tokenizer_json: tokenizer.to_json()?,
+            vocab,
+            layout,
+            values: master.to_vec(),
+            quantized: Default::default(),
+            settings: None,
+        };
+        Generator::build(gpu, &weights, tokenizer)
     }
 
-    /// The model for one sequence of `block_size` tokens, its weights set by `load`, and the
-    /// decoder.
-    fn build(
-        gpu: Gpu,
-        config: &Config,
-        tokenizer: Tokenizer,
-        folder: PathBuf,
-        load: impl FnOnce(&Gpu, &GptGpu) -> Result<()>,
-    ) -> Result<Generator> {
+    /// The inference model for one sequence of `block_size` tokens holding `weights`, and
+    /// the decoder.
+    fn build(gpu: Gpu, weights: &ModelWeights, tokenizer: Tokenizer) -> Result<Generator> {
         gpu.tuning().set_enabled(false);
-        let block_size = config.model.block_size;
-        let model = GptGpu::new(
-            &gpu,
-            &config.model,
-            tokenizer.vocab_size(),
-            GptBatch {
-                batch: 1,
-                seq: block_size,
-            },
-            1,
-        )?;
-        load(&gpu, &model)?;
+        let block_size = weights.config.model.block_size;
+        let batch = GptBatch {
+            batch: 1,
+            seq: block_size,
+        };
+        let model = GptGpu::inference(&gpu, weights, batch)?;
+        let (folder, description) = (weights.folder.clone(), weights.describe());
         let decoder = if KvDecoder::supports(&gpu, &model) {
             Some(KvDecoder::new(&gpu, &model)?)
         } else {
@@ -167,10 +162,45 @@ impl Generator {
             kv_cache: true,
             window: ContextWindow::default(),
             folder,
-            defaults: config.sample.clone(),
+            description,
+            defaults: weights.config.sample.clone(),
             tokenizer,
             block_size,
         })
+    }
+
+    /// Bytes of the model's weights resident on the GPU.
+    pub fn weight_bytes(&self) -> WeightBytes {
+        self.model.weight_bytes()
+    }
+
+    /// Bytes of the scratch textures the device holds (operands the texture matmul stages,
+    /// on software adapters; shared by every product of one shape).
+    pub fn scratch_bytes(&self) -> u64 {
+        self.gpu.scratch_texture_bytes()
+    }
+
+    /// The context length (the model's block size).
+    pub fn block_size(&self) -> usize {
+        self.block_size
+    }
+
+    /// What the weights are: `float`, or the quantisation settings.
+    pub fn weights_description(&self) -> &str {
+        &self.description
+    }
+
+    /// The logits of the token after `context` (1 to block_size tokens), by a forward pass over
+    /// it: what generation samples from at that point, for comparing models token by token.
+    pub fn logits_after(&self, context: &[u32]) -> Result<Vec<f32>> {
+        if context.is_empty() || context.len() > self.block_size {
+            return Err(Error::invalid(
+                "context",
+                format!("{} tokens", context.len()),
+                format!("must hold 1 to {} tokens", self.block_size),
+            ));
+        }
+        self.prefill(context)
     }
 
     /// The sampling settings of the checkpoint's config (its `[sample]` table).

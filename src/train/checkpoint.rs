@@ -205,14 +205,14 @@ struct StateFileOut<'a> {
     state: &'a TrainingState,
 }
 
-fn ckpt_err(path: &Path, message: impl Into<String>) -> Error {
+pub(crate) fn ckpt_err(path: &Path, message: impl Into<String>) -> Error {
     Error::Checkpoint {
         path: path.display().to_string(),
         message: message.into(),
     }
 }
 
-fn io_err(path: &Path, source: std::io::Error) -> Error {
+pub(crate) fn io_err(path: &Path, source: std::io::Error) -> Error {
     Error::Io {
         path: path.display().to_string(),
         source,
@@ -424,7 +424,7 @@ fn encode_tensors(
 /// safetensors takes the metadata as a `HashMap`, whose iteration order is random per process, so
 /// the same checkpoint written twice would differ in its header. The rewritten header has the
 /// same length (the same keys and values, reordered), so the data offsets stay valid.
-fn canonical_metadata(mut bytes: Vec<u8>) -> Result<Vec<u8>> {
+pub(crate) fn canonical_metadata(mut bytes: Vec<u8>) -> Result<Vec<u8>> {
     let broken = |m: &str| Error::Invalid {
         key: "checkpoint header".into(),
         value: m.to_string(),
@@ -455,7 +455,7 @@ fn canonical_metadata(mut bytes: Vec<u8>) -> Result<Vec<u8>> {
     Ok(bytes)
 }
 
-fn write_synced(path: &Path, bytes: &[u8]) -> Result<()> {
+pub(crate) fn write_synced(path: &Path, bytes: &[u8]) -> Result<()> {
     let mut f = fs::File::create(path).map_err(|e| io_err(path, e))?;
     f.write_all(bytes).map_err(|e| io_err(path, e))?;
     f.sync_all().map_err(|e| io_err(path, e))
@@ -463,7 +463,7 @@ fn write_synced(path: &Path, bytes: &[u8]) -> Result<()> {
 
 /// Makes renames and creations inside `dir` durable. Windows cannot open a directory as a file
 /// and orders metadata updates itself, so there this is a no-op.
-fn sync_dir(dir: &Path) -> Result<()> {
+pub(crate) fn sync_dir(dir: &Path) -> Result<()> {
     #[cfg(unix)]
     {
         fs::File::open(dir)
@@ -607,7 +607,9 @@ pub fn latest_dir(root: &Path) -> Result<PathBuf> {
         .map(|(_, _, path)| path)
         .find(|p| is_complete(p))
         .ok_or_else(|| {
-            if root.join(CONFIG_FILE).is_file() {
+            if let Some(h) = crate::quant::checkpoint::header(root) {
+                crate::quant::checkpoint::not_float(root, &h, "trained or resumed")
+            } else if root.join(CONFIG_FILE).is_file() {
                 ckpt_err(
                     root,
                     "no checkpoint yet: this run stopped before its first checkpoint (one is \
@@ -771,7 +773,7 @@ pub fn read_state(dir: &Path) -> Result<TrainingState> {
     serde_json::from_value(serde_json::Value::Object(value)).map_err(corrupt)
 }
 
-fn read_text(path: &Path) -> Result<String> {
+pub(crate) fn read_text(path: &Path) -> Result<String> {
     let bytes = read_bytes(path)?;
     String::from_utf8(bytes).map_err(|e| {
         ckpt_err(
@@ -781,7 +783,7 @@ fn read_text(path: &Path) -> Result<String> {
     })
 }
 
-fn read_bytes(path: &Path) -> Result<Vec<u8>> {
+pub(crate) fn read_bytes(path: &Path) -> Result<Vec<u8>> {
     fs::read(path).map_err(|e| {
         if e.kind() == std::io::ErrorKind::NotFound {
             ckpt_err(
@@ -804,6 +806,13 @@ pub fn load(dir: &Path) -> Result<Checkpoint> {
         return Err(ckpt_err(
             dir,
             "not a directory; pass a checkpoint folder (step-N) or use the checkpoint root",
+        ));
+    }
+    if let Some(h) = crate::quant::checkpoint::header(dir) {
+        return Err(crate::quant::checkpoint::not_float(
+            dir,
+            &h,
+            "trained, resumed or quantised again",
         ));
     }
     let state = read_state(dir)?;
