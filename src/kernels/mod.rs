@@ -4,6 +4,7 @@
 pub mod activation;
 pub mod adamw;
 pub mod attention;
+pub mod census;
 mod checks;
 pub mod crossentropy;
 pub mod decode;
@@ -267,6 +268,8 @@ pub(crate) struct Dispatch {
     pipeline: Arc<wgpu::ComputePipeline>,
     bind_group: wgpu::BindGroup,
     workgroups: [u32; 3],
+    /// Bytes bound, for the census.
+    bytes: u64,
 }
 
 impl Dispatch {
@@ -290,6 +293,7 @@ impl Dispatch {
             pipeline,
             bind_group,
             workgroups,
+            bytes: census::bound_bytes(buffers),
         })
     }
 
@@ -298,6 +302,7 @@ impl Dispatch {
         pass.set_bind_group(0, &self.bind_group, &[]);
         let [x, y, z] = self.workgroups;
         pass.dispatch_workgroups(x, y, z);
+        census::dispatch(self.bytes);
     }
 }
 
