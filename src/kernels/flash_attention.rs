@@ -302,7 +302,7 @@ pub struct FlashAttentionBackward {
     dq: Dispatch,
     dkdv: Dispatch,
     /// rowsum(dout∘out), (B, n_head, T) f32.
-    _delta: GpuTensor,
+    delta: GpuTensor,
 }
 
 impl FlashAttentionBackward {
@@ -380,8 +380,13 @@ impl FlashAttentionBackward {
             delta_pass,
             dq,
             dkdv,
-            _delta: delta,
+            delta,
         })
+    }
+
+    /// Bytes of the buffers the prepared backward owns (delta, (B, n_head, T) f32).
+    pub fn scratch_bytes(&self) -> u64 {
+        self.delta.bytes()
     }
 
     /// Adds the three dispatches to `pass`.
