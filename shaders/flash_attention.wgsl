@@ -362,7 +362,11 @@ fn flash_forward(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation
         workgroupBarrier();
         stage_keys_values(lid, seq_row0, k0, k_col, v_col);
         workgroupBarrier();
-        let end = min(k0 + TILE, visible);
+        // Every row of the workgroup walks the keys the workgroup's last row sees; keys after a
+        // row's own position are masked, not skipped. The loops then have the same trip count
+        // in every lane, so the lanes of a SIMD group read the same staged row at once (GPUs
+        // broadcast it; lavapipe loads it once rather than once per lane).
+        let end = min(k0 + TILE, last + 1u);
         // Scores of this lane's keys and their maximum.
         var tile_max = m;
         var n = 0u;
@@ -371,7 +375,7 @@ fn flash_forward(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation
             for (var c = 0u; c < HV; c++) {
                 acc = fma(q[c], tile_a[j * STRIDE + c], acc);
             }
-            let s = hsum(acc) * params.scale_log2;
+            let s = select(hsum(acc) * params.scale_log2, NEG_BIG, k0 + j >= visible);
             sc[n] = s;
             n++;
             tile_max = max(tile_max, s);
@@ -388,7 +392,7 @@ fn flash_forward(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation
         }
         var i = 0u;
         for (var j = lane; k0 + j < end; j += SPLIT) {
-            let p = exp2(sc[i] - m);
+            let p = select(exp2(sc[i] - m), 0.0, k0 + j >= visible);
             i++;
             l += p;
             var w = p;
@@ -501,7 +505,8 @@ fn flash_backward_dq(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invoca
         workgroupBarrier();
         stage_keys_values(lid, seq_row0, k0, k_col, v_col);
         workgroupBarrier();
-        let end = min(k0 + TILE, visible);
+        // As in the forward: the workgroup's keys, masked per row, in every lane.
+        let end = min(k0 + TILE, last + 1u);
         for (var j = lane; k0 + j < end; j += SPLIT) {
             var acc_s = vec4<f32>(0.0);
             var acc_p = vec4<f32>(0.0);
@@ -509,7 +514,7 @@ fn flash_backward_dq(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invoca
                 acc_s = fma(q[c], tile_a[j * STRIDE + c], acc_s);
                 acc_p = fma(g[c], tile_b[j * STRIDE + c], acc_p);
             }
-            let p = exp2(hsum(acc_s) * params.scale_log2 - lse2);
+            let p = select(exp2(hsum(acc_s) * params.scale_log2 - lse2), 0.0, k0 + j >= visible);
             var dp = hsum(acc_p);
             if DROPOUT {
                 dp *= dropout_factor(drop_row + k0 + j, stream);
@@ -615,18 +620,18 @@ fn flash_backward_dkdv(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invo
             workgroupBarrier();
             stage_queries(lid, seq_row0, bh, h, qt0);
             workgroupBarrier();
+            // Every query of the tile in every lane (uniform loops, as in the forward); the
+            // queries before the key, and rows past T, are masked.
             for (var i = lane; i < TILE; i += SPLIT) {
                 let t = qt0 + i;
-                if !live || t < s_key || t >= params.seq {
-                    continue;
-                }
+                let masked = !live || t < s_key || t >= params.seq;
                 var acc_s = vec4<f32>(0.0);
                 var acc_p = vec4<f32>(0.0);
                 for (var c = 0u; c < HV; c++) {
                     acc_s = fma(tile_a[i * STRIDE + c], own_k[kb + c], acc_s);
                     acc_p = fma(tile_b[i * STRIDE + c], own_v[kb + c], acc_p);
                 }
-                let p = exp2(hsum(acc_s) * params.scale_log2 - tile_s[i]);
+                let p = select(exp2(hsum(acc_s) * params.scale_log2 - tile_s[i]), 0.0, masked);
                 var dp = hsum(acc_p);
                 var pd = p;
                 if DROPOUT {

@@ -15,7 +15,8 @@ use kiln::gpu::DType;
 use kiln::kernels::RowKernel;
 use kiln::kernels::attention::{AttentionBackward, AttentionDropout, AttentionForward};
 use kiln::kernels::flash_attention::{
-    FlashAttentionBackward, FlashAttentionForward, FlashDropout, MAX_HEAD_DIM, supports,
+    FlashAttentionBackward, FlashAttentionForward, FlashDropout, MAX_HEAD_DIM, prefer_fused,
+    supports,
 };
 use kiln::ops::GroupedAttentionShape;
 use kiln::{Gpu, GpuTensor, Precision};
@@ -488,6 +489,24 @@ fn worst_difference(a: &[f32], b: &[f32]) -> f32 {
         .zip(b)
         .map(|(x, y)| (x - y).abs())
         .fold(0.0, f32::max)
+}
+
+/// `auto`'s rule: fused on hardware adapters; on CPU-backed ones the reference, unless its
+/// (B, n_head, T, T) probabilities exceed the largest buffer binding; never a shape the fused
+/// kernels refuse.
+#[test]
+fn auto_rule_follows_the_adapter_and_the_reference_memory() {
+    let gpu = gpu(Precision::F32).unwrap();
+    let caps = gpu.capabilities();
+    let small = shape(2, 64, 4, 4, 32);
+    assert_eq!(prefer_fused(gpu, &small), !caps.adapter.software);
+    // 8·6·2048² f32 probabilities: 805 MB, past lavapipe's 128 MiB binding and most GPUs' too.
+    let long = shape(8, 2048, 6, 6, 64);
+    let probs_bytes = long.probs_len() as u64 * 4;
+    if probs_bytes > caps.max_tensor_bytes() {
+        assert!(prefer_fused(gpu, &long));
+    }
+    assert!(!prefer_fused(gpu, &shape(1, 8, 1, 1, MAX_HEAD_DIM + 1)));
 }
 
 #[test]

@@ -92,11 +92,19 @@ pub fn supports(gpu: &Gpu, shape: &GroupedAttentionShape) -> Result<()> {
 }
 
 /// The rule behind `model.attention_kernel = "auto"`: the fused kernels wherever they can run,
-/// except on CPU-backed adapters (see docs/ARCHITECTURE.md, "Fused attention", for the
-/// measurements behind it). A fixed rule rather than a timing, since the two paths round
-/// differently and a resumed run must replay the same arithmetic.
+/// except on CPU-backed adapters, where the reference path measured faster (see
+/// docs/ARCHITECTURE.md, "Fused attention") unless its (B, n_head, T, T) probabilities exceed
+/// the adapter's largest buffer binding. A fixed rule rather than a timing, since the two paths
+/// round differently and a resumed run must replay the same arithmetic.
 pub fn prefer_fused(gpu: &Gpu, shape: &GroupedAttentionShape) -> bool {
-    !gpu.capabilities().adapter.software && supports(gpu, shape).is_ok()
+    if supports(gpu, shape).is_err() {
+        return false;
+    }
+    let caps = gpu.capabilities();
+    let probs_bytes = shape.probs_len() as u64 * gpu.precision().size() as u64;
+    !caps.adapter.software
+        || probs_bytes > caps.max_tensor_bytes()
+        || shape.probs_len() > u32::MAX as usize
 }
 
 /// The grid of a tiled pass: one workgroup per tile of rows (x) and per (b, head) (y).

@@ -84,8 +84,9 @@ pub struct ModelConfig {
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum AttentionKernel {
-    /// The fused kernels where they can run and the adapter is not CPU-backed, else the
-    /// reference (the rule of [`crate::kernels::flash_attention::prefer_fused`]).
+    /// The fused kernels where they can run, except on CPU-backed adapters where the reference
+    /// is faster and its T×T buffers fit (the rule of
+    /// [`crate::kernels::flash_attention::prefer_fused`]).
     #[default]
     Auto,
     /// FlashAttention-style fused kernels: memory linear in T, no T×T matrix; an error where
