@@ -9,7 +9,7 @@
 use kiln::generate::processors::SamplingParams;
 use kiln::generate::sampler::Generator;
 use kiln::model::{Config, ModelConfig, TrainConfig};
-use kiln::train::trainer::{TrainOptions, train};
+use kiln::train::{TrainOptions, train};
 use kiln::{GpuOptions, PrecisionChoice};
 use std::path::PathBuf;
 use std::sync::atomic::AtomicBool;
@@ -58,9 +58,9 @@ fn main() -> kiln::Result<()> {
             stop_after: None,
             resume_from: None,
             overwrite: !resume,
-            on_eval: None,
         },
         &AtomicBool::new(false),
+        &mut [],
     )?;
     println!(
         "{} steps, validation loss {:.4}, {:.0} tokens/s ({})",

@@ -1,22 +1,35 @@
 // Kernels of the one-token decode step of inference with a key/value cache.
 //
-// The cache of a layer is that layer's (block_size, 3C) q|k|v activation buffer of the full
-// forward pass: the prompt's prefill (the ordinary forward over the prompt) fills its rows
-// 0..len, and each decode step appends one row. Only k and v of a row are read back.
+// The cache of a layer is that layer's (block_size, (heads + 2 kv_heads) head_size) q|k|v
+// activation buffer of the full forward pass (with RoPE, q and k are stored rotated): the
+// prompt's prefill (the ordinary forward over the prompt) fills its rows 0..len, and each decode
+// step appends one row. Only k and v of a row are read back.
 //
 //     embed_one    x = wte[token] + wpe[pos]                       (token and pos from `step`)
-//     attend_one   one workgroup per head h: writes the new token's k and v (from `qkv_new`) into
-//                  row pos of the cache, then
-//                      s_j = scale · q·k_j  for j <= pos,   p = softmax(s),   out_h = Σ_j p_j v_j
-//                  Scores stay in f32 in workgroup memory (at most MAX_POS positions).
+//     attend_one   one workgroup per query head h, reading key/value head g = h / group:
+//                      s_j = scale · q_h·k_{j,g}  for j <= pos,   p = softmax(s),
+//                      out_h = Σ_j p_j v_{j,g}
+//                  and the first query head of each group writes the new token's k and v head g
+//                  (from `qkv_new`) into row pos of the cache. Scores stay in f32 in workgroup
+//                  memory (at most MAX_POS positions).
+//
+// With grouped-query attention several workgroups read key/value head g, and workgroups cannot
+// wait for one another within a dispatch; so every workgroup reads the new row's k and v from
+// `qkv_new` rather than from the cache row another workgroup is writing, and the cache rows it
+// reads (j < pos) are never written in this dispatch.
 //
 // The host writes `step` (token, pos) with queue.write_buffer before each decode submission.
 
 struct Dims {
+    // Elements of an embedded row (embed_one).
     channels: u32,
     heads: u32,
+    kv_heads: u32,
     head_size: u32,
     scale: f32,
+    _pad0: u32,
+    _pad1: u32,
+    _pad2: u32,
 }
 
 struct Step {
@@ -72,23 +85,32 @@ fn attend_one(
     @builtin(local_invocation_index) lid: u32,
 ) {
     let h = wg.x;
-    let c = dims.channels;
     let hs = dims.head_size;
-    let row = 3u * c;
+    let group = dims.heads / dims.kv_heads;
+    let g = h / group;
+    let row = (dims.heads + 2u * dims.kv_heads) * hs;
     let pos = step.pos;
-    let k_off = c + h * hs;
-    let v_off = 2u * c + h * hs;
-    for (var d = lid; d < hs; d += WG) {
-        cache[pos * row + k_off + d] = qkv_new[k_off + d];
-        cache[pos * row + v_off + d] = qkv_new[v_off + d];
+    let q_off = h * hs;
+    let k_off = (dims.heads + g) * hs;
+    let v_off = (dims.heads + dims.kv_heads + g) * hs;
+    if (h % group == 0u) {
+        for (var d = lid; d < hs; d += WG) {
+            cache[pos * row + k_off + d] = qkv_new[k_off + d];
+            cache[pos * row + v_off + d] = qkv_new[v_off + d];
+        }
     }
-    storageBarrier();
 
     var local_max = -3.0e38;
     for (var j = lid; j <= pos; j += WG) {
         var s = 0.0;
-        for (var d = 0u; d < hs; d++) {
-            s += f32(qkv_new[h * hs + d]) * f32(cache[j * row + k_off + d]);
+        if (j == pos) {
+            for (var d = 0u; d < hs; d++) {
+                s += f32(qkv_new[q_off + d]) * f32(qkv_new[k_off + d]);
+            }
+        } else {
+            for (var d = 0u; d < hs; d++) {
+                s += f32(qkv_new[q_off + d]) * f32(cache[j * row + k_off + d]);
+            }
         }
         s *= dims.scale;
         scores[j] = s;
@@ -104,9 +126,10 @@ fn attend_one(
     let total = reduce(lid, local_sum, false);
     for (var d = lid; d < hs; d += WG) {
         var acc = 0.0;
-        for (var j = 0u; j <= pos; j++) {
+        for (var j = 0u; j < pos; j++) {
             acc += scores[j] * f32(cache[j * row + v_off + d]);
         }
-        out[h * hs + d] = T(acc / total);
+        acc += scores[pos] * f32(qkv_new[v_off + d]);
+        out[q_off + d] = T(acc / total);
     }
 }

@@ -35,6 +35,8 @@ struct Dims {
 @group(0) @binding(0) var<uniform> dims: Dims;
 @group(0) @binding(1) var<storage, read_write> x: array<T>;
 @group(0) @binding(2) var<storage, read> inv_freq: array<f32>;
+// rope_at_step only: the decoder's (token, pos).
+@group(0) @binding(3) var<storage, read> at_step: array<u32>;
 
 override WG: u32 = 256u;
 override INVERSE: bool = false;
@@ -51,12 +53,8 @@ fn reduce(a: f32) -> f32 {
     return ((a - k * TWO_PI_1) - k * TWO_PI_2) - k * TWO_PI_3;
 }
 
-@compute @workgroup_size(WG)
-fn rope(
-    @builtin(workgroup_id) wg: vec3<u32>,
-    @builtin(local_invocation_index) lid: u32,
-) {
-    let e = (wg.y * dims.groups_x + wg.x) * WG + lid;
+// Rotates pair e (of dims.n) with t = 0 at position `first_position`.
+fn rotate(e: u32, first_position: u32) {
     if e >= dims.n {
         return;
     }
@@ -67,7 +65,7 @@ fn rope(
     let t = row % dims.seq;
     let lo = row * dims.row_stride + dims.offset + h * 2u * dims.half + i;
     let hi = lo + dims.half;
-    let r = reduce(f32(dims.first_position + t) * inv_freq[i]);
+    let r = reduce(f32(first_position + t) * inv_freq[i]);
     let c = cos(r);
     var s = sin(r);
     if INVERSE {
@@ -77,4 +75,24 @@ fn rope(
     let b = f32(x[hi]);
     x[lo] = T(a * c - b * s);
     x[hi] = T(b * c + a * s);
+}
+
+@compute @workgroup_size(WG)
+fn rope(
+    @builtin(workgroup_id) wg: vec3<u32>,
+    @builtin(local_invocation_index) lid: u32,
+) {
+    rotate((wg.y * dims.groups_x + wg.x) * WG + lid, dims.first_position);
+}
+
+// The KV-cache decoder's rotation: the position of t = 0 is first_position plus word 1 of the
+// decoder's step buffer (token, pos), which the host rewrites before each token, so one prepared
+// dispatch serves every position. Same function as `rope`, so a row rotated here at position p
+// is bit-identical to row p of the training forward's rotation.
+@compute @workgroup_size(WG)
+fn rope_at_step(
+    @builtin(workgroup_id) wg: vec3<u32>,
+    @builtin(local_invocation_index) lid: u32,
+) {
+    rotate((wg.y * dims.groups_x + wg.x) * WG + lid, dims.first_position + at_step[1]);
 }

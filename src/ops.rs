@@ -328,14 +328,7 @@ impl AttentionShape {
             ("out", batch * seq * channels, out_len),
             ("probs", self.probs_len(), probs_len),
         ];
-        for (name, need, have) in want {
-            if need != have {
-                return Err(Error::shape(
-                    op,
-                    format!("{name} has {have} elements, expected {need} for {self:?}"),
-                ));
-            }
-        }
+        buffer_lengths(op, self, &want)?;
         Ok(())
     }
 }
@@ -428,26 +421,14 @@ impl GroupedAttentionShape {
                 format!("B, T, n_head, n_kv_head and head_dim must be positive; got {self:?}"),
             ));
         }
-        if !heads.is_multiple_of(kv_heads) {
-            return Err(Error::shape(
-                op,
-                format!("n_kv_head = {kv_heads} does not divide n_head = {heads}"),
-            ));
-        }
+        kv_groups(op, heads, kv_heads)?;
         if want.iter().any(|&(_, n, _)| n > u32::MAX as usize) {
             return Err(Error::shape(
                 op,
                 format!("{self:?} needs buffers past the 2^32 elements that kernels index"),
             ));
         }
-        for &(name, need, have) in want {
-            if need != have {
-                return Err(Error::shape(
-                    op,
-                    format!("{name} has {have} elements, expected {need} for {self:?}"),
-                ));
-            }
-        }
+        buffer_lengths(op, self, want)?;
         Ok(())
     }
 }
@@ -462,6 +443,97 @@ impl From<AttentionShape> for GroupedAttentionShape {
             kv_heads: s.heads,
             head_dim: s.channels / s.heads.max(1),
         }
+    }
+}
+
+/// One decode step's attention: the newest token's query heads over a key/value cache of
+/// `positions` rows.
+///
+/// The cache is one sequence's q|k|v buffer in [`GroupedAttentionShape`]'s layout, (positions,
+/// (heads + 2·kv_heads)·head_dim): the prefill forward's activation, used in place. The new
+/// token's row `qkv_new` has the same width; the output is heads·head_dim. Query head h reads
+/// key/value head h / (heads / kv_heads).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct AttendOneShape {
+    /// Rows of the cache (the prefill model's block size).
+    pub positions: usize,
+    /// Query heads.
+    pub heads: usize,
+    /// Key/value heads; must divide `heads`.
+    pub kv_heads: usize,
+    /// Elements per head.
+    pub head_dim: usize,
+}
+
+impl AttendOneShape {
+    /// Multi-head attention: as many key/value heads as query heads, `channels / heads` wide.
+    pub fn multi_head(positions: usize, heads: usize, channels: usize) -> Self {
+        AttendOneShape {
+            positions,
+            heads,
+            kv_heads: heads,
+            head_dim: channels / heads.max(1),
+        }
+    }
+
+    /// Query heads per key/value head.
+    pub fn group(&self) -> usize {
+        self.heads / self.kv_heads.max(1)
+    }
+
+    /// Elements of a q|k|v row: (heads + 2·kv_heads)·head_dim.
+    pub fn qkv_width(&self) -> usize {
+        (self.heads + 2 * self.kv_heads) * self.head_dim
+    }
+
+    /// Elements of the cache.
+    pub fn cache_len(&self) -> usize {
+        self.positions * self.qkv_width()
+    }
+
+    /// Elements of the output: heads·head_dim.
+    pub fn out_len(&self) -> usize {
+        self.heads * self.head_dim
+    }
+
+    /// Checks sizes (positive, kv_heads dividing heads, indexable in u32) and the lengths of the
+    /// cache, the new row and the output.
+    pub fn validate(
+        &self,
+        op: &'static str,
+        cache_len: usize,
+        qkv_new_len: usize,
+        out_len: usize,
+    ) -> Result<()> {
+        let AttendOneShape {
+            positions,
+            heads,
+            kv_heads,
+            head_dim,
+        } = *self;
+        if positions == 0 || heads == 0 || kv_heads == 0 || head_dim == 0 {
+            return Err(Error::shape(
+                op,
+                format!("positions, n_head, n_kv_head and head_dim must be positive; got {self:?}"),
+            ));
+        }
+        kv_groups(op, heads, kv_heads)?;
+        let need = positions
+            .checked_mul(heads + 2 * kv_heads)
+            .and_then(|n| n.checked_mul(head_dim));
+        if need.is_none_or(|n| n > u32::MAX as usize) {
+            return Err(Error::shape(
+                op,
+                format!("{self:?} needs a cache past the 2^32 elements that kernels index"),
+            ));
+        }
+        let want = [
+            ("cache", self.cache_len(), cache_len),
+            ("qkv_new", self.qkv_width(), qkv_new_len),
+            ("out", self.out_len(), out_len),
+        ];
+        buffer_lengths(op, self, &want)?;
+        Ok(())
     }
 }
 
@@ -515,14 +587,7 @@ impl EmbeddingShape {
             ("wpe", positions * channels, wpe_len),
             ("out", batch * seq * channels, out_len),
         ];
-        for (name, need, have) in want {
-            if need != have {
-                return Err(Error::shape(
-                    op,
-                    format!("{name} has {have} elements, expected {need} for {self:?}"),
-                ));
-            }
-        }
+        buffer_lengths(op, self, &want)?;
         if let Some((i, t)) = tokens
             .iter()
             .enumerate()
@@ -964,5 +1029,33 @@ impl SwiGluSpec {
             }
         }
         Ok(())
+    }
+}
+
+/// Checks each buffer's length, given as (name, elements needed, elements passed), against the
+/// shape `what`, naming the first that differs.
+fn buffer_lengths(
+    op: &'static str,
+    what: &impl std::fmt::Debug,
+    want: &[(&str, usize, usize)],
+) -> Result<()> {
+    match want.iter().find(|(_, need, have)| need != have) {
+        Some((name, need, have)) => Err(Error::shape(
+            op,
+            format!("{name} has {have} elements, expected {need} for {what:?}"),
+        )),
+        None => Ok(()),
+    }
+}
+
+/// Grouped-query attention needs whole groups: n_kv_head must divide n_head.
+fn kv_groups(op: &'static str, heads: usize, kv_heads: usize) -> Result<()> {
+    if heads.is_multiple_of(kv_heads) {
+        Ok(())
+    } else {
+        Err(Error::shape(
+            op,
+            format!("n_kv_head = {kv_heads} does not divide n_head = {heads}"),
+        ))
     }
 }

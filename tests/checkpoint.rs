@@ -75,6 +75,8 @@ fn checkpoint(step: u64, config: &Config, layout: &ParamLayout, seed: u64) -> Ch
             loss_scale_run: 17,
             skipped_steps: 3,
             best_val_loss: Some(1.875),
+            best_step: Some(step),
+            evals_without_improvement: 2,
             rng_seed: 0xDEAD_BEEF_0000_0001,
             metrics: vec![Metric {
                 step,

@@ -251,7 +251,7 @@ mod gpu_step {
         g.set_batch(gpu, &data[0].0, &data[0].1).unwrap();
         run_micro_batch(gpu, &g);
         let wte = g.layout().get("wte.weight").unwrap().offset;
-        let poisoned = g.grads().view("poison", wte, &[1]).unwrap();
+        let poisoned = g.grads().unwrap().view("poison", wte, &[1]).unwrap();
         gpu.write(&poisoned, &[f32::NAN]).unwrap();
         gpu.run_pass("update", |pass| g.record_update(pass))
             .unwrap();

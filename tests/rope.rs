@@ -263,6 +263,55 @@ fn one_token_at_an_offset_equals_that_row_of_the_sequence() {
     }
 }
 
+/// The KV-cache decoder's op, [`Rope::forward_at_step`]: the q and k heads of one fused qkv row
+/// (grouped-query, head dim 6) rotated at the position in word 1 of a (token, pos) step buffer,
+/// rewritten between runs of one prepared op, give exactly (bit for bit) row pos of the training
+/// forward's rotation of the whole sequence, v untouched, in both precisions. Positions from 0
+/// to past the sequence's end (p = 70 000 against a longer sequence's row) and a base of 5e5.
+#[test]
+fn rotation_at_the_decoders_step_equals_that_row_of_the_sequence() {
+    let (heads, kv, d) = (6, 2, 6);
+    let spec_of = |seq| RopeSpec::qkv(1, seq, heads, kv, d).theta(5e5);
+    let width = (heads + 2 * kv) * d;
+    for (t, positions) in [(40, vec![0, 1, 17, 39]), (70_001, vec![70_000])] {
+        let x = random(t * width, 5);
+        for p in Precision::ALL {
+            let Some(gpu) = gpu(p) else { continue };
+            let x = round_to(p, &x);
+            let full = upload(gpu, "full", &x);
+            rope_forward(gpu, &full, &spec_of(t)).unwrap();
+            let full = gpu.read(&full).unwrap();
+            let one = upload(gpu, "one", &x[..width]);
+            let step = gpu.upload_u32("step", &[2], &[0, 0]).unwrap();
+            let op = Rope::forward_at_step(gpu, &one, &spec_of(1), &step).unwrap();
+            for &pos in &positions {
+                let row = pos * width..(pos + 1) * width;
+                gpu.write(&one, &x[row.clone()]).unwrap();
+                gpu.write_u32(&step, &[7, pos as u32]).unwrap();
+                op.run(gpu).unwrap();
+                let got = gpu.read(&one).unwrap();
+                assert_eq!(got, &full[row.clone()], "{p} pos {pos}");
+                assert_eq!(
+                    got[(heads + kv) * d..],
+                    x[row][(heads + kv) * d..],
+                    "{p} pos {pos}: v must be left alone"
+                );
+            }
+        }
+    }
+    let gpu = gpu(Precision::F32).unwrap();
+    let one = gpu.zeros("one", &[width], DType::F32).unwrap();
+    for bad in [
+        gpu.upload_u32("step", &[3], &[0; 3]).unwrap(),
+        gpu.zeros("float step", &[2], DType::F32).unwrap(),
+    ] {
+        let e = Rope::forward_at_step(gpu, &one, &spec_of(1), &bad)
+            .err()
+            .expect("a step buffer that is not 2 u32");
+        assert!(e.to_string().contains("step"), "{e}");
+    }
+}
+
 /// Backward after forward gives back the input (a rotation and its inverse), on the GPU, to
 /// within two roundings of the f32 arithmetic.
 #[test]

@@ -142,10 +142,14 @@ fn step(args: &Args, a: &StepArgs) -> Result<()> {
         }
     }
     println!(
-        "step of a {}-layer, {}-wide, {}-head GPT, batch {} x {} tokens, vocab {}, {} on {}",
+        "step of a {}-layer, {}-wide, {}-head {}, batch {} x {} tokens, vocab {}, {} on {}",
         m.n_layer,
         m.n_embd,
         m.n_head,
+        match m.arch {
+            kiln::ArchKind::Gpt2 => "GPT-2",
+            kiln::ArchKind::Llama => "Llama",
+        },
         batch.batch,
         batch.seq,
         a.vocab,

@@ -1,8 +1,10 @@
 //! Command-line parsing and the subcommands.
 
 mod bench;
+mod eval;
 mod info;
 mod params;
+mod quantize;
 mod sample;
 mod sweep;
 mod train;
@@ -40,6 +42,8 @@ enum Command {
     Sample(sample::SampleArgs),
     /// Parameter counts of a config: per component, weights vs biases, and training-state bytes.
     Params(params::ParamsArgs),
+    /// Quantise a checkpoint's weights to 8 or 4 bits for sample and eval.
+    Quantize(quantize::QuantizeArgs),
     /// Time kernels on the GPU against the CPU reference.
     #[command(subcommand)]
     Bench(bench::BenchCommand),
@@ -60,6 +64,7 @@ pub fn run(args: Args) -> Result<()> {
         Command::Info(a) => info::run(&args, a),
         Command::Bench(b) => bench::run(&args, b),
         Command::Params(p) => params::run(p),
+        Command::Quantize(q) => quantize::run(q),
         Command::Train(t) => train::run(args.adapter.clone(), args.precision, t),
         Command::Eval(e) => train::eval(args.adapter.clone(), args.precision, e),
         Command::Sweep(s) => sweep::run(args.adapter.clone(), args.precision, s),

@@ -7,7 +7,8 @@ use std::path::PathBuf;
 
 #[derive(clap::Args, Debug)]
 pub struct SampleArgs {
-    /// A run folder (its latest checkpoint is used) or a checkpoint folder.
+    /// A run folder (its latest checkpoint), one of its pointers (RUN/latest, RUN/best: the
+    /// lowest validation loss of an early-stopping run) or a checkpoint folder (RUN/step-N).
     #[arg(long)]
     checkpoint: PathBuf,
     /// The prompt.
@@ -56,6 +57,11 @@ pub struct SampleArgs {
     /// a full forward pass per token (about block_size times the work of a decode step).
     #[arg(long, default_value = "restart", value_parser = ["restart", "slide"])]
     window: String,
+    /// Recompute the whole context for every token instead of decoding it with the key/value
+    /// cache: the same text (same window rule), about block_size times the work per token; for
+    /// checking and timing the cache.
+    #[arg(long)]
+    no_kv_cache: bool,
 }
 
 pub fn run(
@@ -107,9 +113,26 @@ pub fn run(
     base.validate()?;
     let mut generator = Generator::load(&a.checkpoint, &GpuOptions { adapter, precision })?;
     generator.set_window(a.window.parse()?);
+    generator.set_kv_cache(!a.no_kv_cache);
+    let how = if generator.uses_kv_cache() {
+        "key/value cache"
+    } else {
+        "recomputing the context"
+    };
     // A prompt the tokenizer cannot encode fails before anything is printed.
     generator.tokenizer().encode(&prompt)?;
     let mut stdout = std::io::stdout();
+    let bytes = generator.weight_bytes();
+    eprintln!(
+        "weights ({}): {} bytes on the GPU ({} float, {} packed integers, {} scales); {} bytes \
+         of scratch textures",
+        generator.weights_description(),
+        bytes.total(),
+        bytes.float,
+        bytes.packed,
+        bytes.scales,
+        generator.scratch_bytes()
+    );
     for i in 0..a.num_samples {
         let mut params = base.clone();
         params.seed = base.seed + i as u64;
@@ -127,7 +150,7 @@ pub fn run(
         }
         let decode_tps = g.tokens.saturating_sub(1) as f64 / g.decode_s.max(1e-9);
         eprintln!(
-            "sample {}: {} tokens; prefill {} prompt tokens in {:.1} ms ({:.0} tokens/s), decode {:.1} tokens/s (key/value cache)",
+            "sample {}: {} tokens; prefill {} prompt tokens in {:.1} ms ({:.0} tokens/s), decode {:.1} tokens/s ({how})",
             i + 1,
             g.tokens,
             g.prompt_tokens,

@@ -1,7 +1,7 @@
 //! `kiln train` and `kiln eval`.
 
 use kiln::model::Config;
-use kiln::train::trainer::{TrainOptions, train};
+use kiln::train::{TrainOptions, train};
 use kiln::{Error, Result};
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -101,9 +101,8 @@ pub fn run(
         progress: !a.quiet && std::io::IsTerminal::is_terminal(&std::io::stderr()),
         adapter,
         stop_after: a.steps,
-        on_eval: None,
     };
-    let s = train(&opts, &stop)?;
+    let s = train(&opts, &stop, &mut [])?;
     eprintln!(
         "done: {} steps, val loss {}, {:.1} ms/step, {:.0} tokens/s, {:.2} model GFLOP/s, {} dispatches/step, {:.0} µs to encode a step ({:.0} µs until its submit returned), {} skipped steps, precision {}",
         s.steps,
@@ -126,6 +125,12 @@ pub fn run(
             s.full_val_tokens
         );
     }
+    if let Some(e) = &s.early_stop {
+        eprintln!(
+            "{e}; that checkpoint is {} (kiln sample --checkpoint {0})",
+            out.join(kiln::train::checkpoint::BEST_FILE).display()
+        );
+    }
     if let Some(ck) = &s.checkpoint {
         eprintln!("checkpoint: {}", ck.display());
     }
@@ -137,7 +142,8 @@ pub fn run(
 
 #[derive(clap::Args, Debug)]
 pub struct EvalArgs {
-    /// A run folder (its latest checkpoint) or a checkpoint folder.
+    /// A run folder (its latest checkpoint), one of its pointers (RUN/latest, RUN/best: the
+    /// lowest validation loss of an early-stopping run) or a checkpoint folder (RUN/step-N).
     #[arg(long)]
     checkpoint: PathBuf,
     /// Score this text file instead of the training corpus's validation split.
@@ -146,6 +152,14 @@ pub struct EvalArgs {
     /// At most this many validation batches (default: the config's eval_batches).
     #[arg(long, default_value_t = usize::MAX)]
     batches: usize,
+    /// Score every token of the validation split once, in consecutive windows, instead of the
+    /// fixed validation batches.
+    #[arg(long, conflicts_with_all = ["data", "batches"])]
+    full_split: bool,
+    /// Also evaluate this checkpoint (e.g. the float one a quantised model was made from) on
+    /// the same tokens, and print the two perplexities side by side.
+    #[arg(long)]
+    compare: Option<PathBuf>,
 }
 
 pub fn eval(
@@ -153,26 +167,15 @@ pub fn eval(
     precision: Option<kiln::PrecisionChoice>,
     a: &EvalArgs,
 ) -> Result<()> {
-    if a.batches == 0 {
-        return Err(Error::invalid(
-            "--batches",
-            0,
-            "must be at least 1 (leave it out to use the config's train.eval_batches)",
-        ));
-    }
     let precision = checkpoint_precision(&a.checkpoint, precision);
-    let r = kiln::train::eval::eval_checkpoint(
+    super::eval::run(
         &a.checkpoint,
+        a.compare.as_deref(),
         a.data.as_deref(),
         a.batches,
+        a.full_split,
         &kiln::GpuOptions { adapter, precision },
-    )?;
-    eprintln!(
-        "{}: loss {:.4}, perplexity {:.2} over {} tokens",
-        r.checkpoint, r.loss, r.perplexity, r.tokens
-    );
-    println!("{}", serde_json::to_string(&r).unwrap_or_default());
-    Ok(())
+    )
 }
 
 /// The storage precision for a command that loads a checkpoint: the flag, else the checkpoint

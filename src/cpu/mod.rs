@@ -17,6 +17,7 @@ pub mod gradnorm;
 pub mod layernorm;
 pub mod lossscale;
 pub mod matmul;
+pub mod quant;
 pub mod residual;
 pub mod rmsnorm;
 pub mod rope;

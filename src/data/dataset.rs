@@ -170,6 +170,26 @@ impl Dataset {
         )
     }
 
+    /// A dataset of text held in memory: trains the tokenizer `config` asks for on `text` (no
+    /// file, no cache), encodes it and splits it by `config.val_fraction`, as [`Dataset::load`]
+    /// does for a file with the same contents (`config.path` is not read).
+    pub fn from_text(text: &str, config: &DataConfig, block_size: usize) -> Result<Dataset> {
+        check_val_fraction(config.val_fraction)?;
+        if text.is_empty() {
+            return Err(Error::data(
+                "the text is empty; give the dataset some training text",
+            ));
+        }
+        let tokenizer = match config.tokenizer {
+            TokenizerKind::Char => Tokenizer::Char(CharTokenizer::from_text(text)?),
+            TokenizerKind::Bpe => {
+                Tokenizer::Bpe(BpeTokenizer::train(text.as_bytes(), config.bpe_vocab_size)?)
+            }
+        };
+        let tokens = tokenizer.encode_bytes(text.as_bytes())?;
+        Dataset::from_tokens(tokenizer, tokens, config.val_fraction, block_size)
+    }
+
     /// A dataset of ids already in memory (no corpus file, no cache).
     pub fn from_tokens(
         tokenizer: Tokenizer,

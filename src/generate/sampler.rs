@@ -5,23 +5,27 @@
 //! irrelevant to its logits), which leaves every layer's keys and values in its activation
 //! buffers. Each further token then runs through [`KvDecoder`] alone, attending over that cache.
 //!
-//! When the cache is full (prompt plus output reach `block_size`), the model's learned absolute
-//! positions rule out sliding the cache by one. [`ContextWindow`] says what happens then: by
-//! default ([`ContextWindow::Restart`]) the last `block_size / 2` tokens are prefilled again and
-//! decoding continues from there, so the context holds between half and all of the block and
-//! each token costs one decode step; [`ContextWindow::Slide`] recomputes the last `block_size`
-//! tokens for every further token, as nanoGPT's `generate` does (exact, a full forward pass per
-//! token). [`Generator::set_kv_cache`]`(false)` recomputes the window for every token from the
-//! first (slowest; the reference the cache is tested against).
+//! When the cache is full (prompt plus output reach `block_size`), it cannot slide by one: with
+//! learned absolute positions every cached row depends on its position, and with RoPE the cached
+//! keys are rotated at their positions in the old window, which differ from those a forward pass
+//! over the slid window would use (the scores agree in exact arithmetic, not in f32).
+//! [`ContextWindow`] says what happens then: by default ([`ContextWindow::Restart`]) the last
+//! `block_size / 2` tokens are prefilled again at positions 0.. and decoding continues from
+//! there, so the context holds between half and all of the block and each token costs one
+//! decode step; [`ContextWindow::Slide`] recomputes the last `block_size` tokens for every
+//! further token, as nanoGPT's `generate` does (a full forward pass per token).
+//! [`Generator::set_kv_cache`]`(false)` recomputes the context for every token from the first,
+//! following the same window rule (slowest; the reference the cache is tested against).
 
 use super::processors::{SamplingParams, next_token};
 use super::stop::StopMatcher;
 use crate::cpu::gpt::GptBatch;
 use crate::data::Tokenizer;
 use crate::gpu::{Gpu, GpuOptions};
+use crate::model::Config;
 use crate::model::decode::KvDecoder;
-use crate::model::gpu::GptGpu;
-use crate::train::checkpoint;
+use crate::model::gpu::{GptGpu, WeightBytes};
+use crate::quant::weights::ModelWeights;
 use crate::{Error, Result};
 use rand::SeedableRng;
 use std::path::{Path, PathBuf};
@@ -56,12 +60,14 @@ impl std::str::FromStr for ContextWindow {
 pub struct Generator {
     gpu: Gpu,
     model: GptGpu,
-    /// The KV-cache decoder, for architectures it supports (else every token recomputes the
-    /// window).
+    /// The KV-cache decoder, where it supports the model (every architecture, up to
+    /// [`crate::kernels::decode::MAX_POSITIONS`] positions; else every token recomputes the
+    /// context).
     decoder: Option<KvDecoder>,
     kv_cache: bool,
     window: ContextWindow,
     folder: PathBuf,
+    description: String,
     defaults: SamplingParams,
     tokenizer: Tokenizer,
     block_size: usize,
@@ -88,28 +94,63 @@ pub struct Generation {
 }
 
 impl Generator {
-    /// Loads the latest checkpoint under `dir` (or `dir` itself if it is a checkpoint folder).
+    /// Loads the latest checkpoint under `dir` (or `dir` itself if it is a checkpoint folder,
+    /// float or quantised by `kiln quantize`) into a model built for inference.
     pub fn load(dir: &Path, options: &GpuOptions) -> Result<Generator> {
-        let folder = checkpoint::resolve(dir)?;
-        let ck = checkpoint::load(&folder)?;
-        let tokenizer = Tokenizer::from_json(&ck.tokenizer_json)?;
+        let weights = ModelWeights::load(dir)?;
+        let tokenizer = Tokenizer::from_json(&weights.tokenizer_json)?;
         let gpu = Gpu::with_options(options)?;
+        Generator::build(gpu, &weights, tokenizer)
+    }
+
+    /// A generator on `gpu` for a model of `config` with the f32 master weights `master`, laid
+    /// out as a model of that config lays them out on that device (what
+    /// [`crate::Trainer::master_weights`] returns), e.g. a model just trained.
+    /// `source` names the weights in error messages.
+    pub fn from_weights(
+        gpu: Gpu,
+        config: &Config,
+        tokenizer: Tokenizer,
+        master: &[f32],
+        source: &str,
+    ) -> Result<Generator> {
+        let vocab = tokenizer.vocab_size();
+        let layout = GptGpu::training_layout(&gpu, &config.model, vocab)?;
+        let expected = layout.buffer_len();
+        if master.len() != expected {
+            return Err(Error::shape(
+                "generator weights",
+                format!(
+                    "{} values for a model whose layout holds {expected} on this device",
+                    master.len()
+                ),
+            ));
+        }
+        let weights = ModelWeights {
+            folder: PathBuf::from(source),
+            config: config.clone(),
+            tokenizer_json: tokenizer.to_json()?,
+            vocab,
+            layout,
+            values: master.to_vec(),
+            quantized: Default::default(),
+            settings: None,
+        };
+        Generator::build(gpu, &weights, tokenizer)
+    }
+
+    /// The inference model for one sequence of `block_size` tokens holding `weights`, and
+    /// the decoder.
+    fn build(gpu: Gpu, weights: &ModelWeights, tokenizer: Tokenizer) -> Result<Generator> {
         gpu.tuning().set_enabled(false);
-        let block_size = ck.config.model.block_size;
-        let model = GptGpu::new(
-            &gpu,
-            &ck.config.model,
-            tokenizer.vocab_size(),
-            GptBatch {
-                batch: 1,
-                seq: block_size,
-            },
-            1,
-        )?;
-        let layout = model.layout().clone();
-        let ck = ck.with_layout(&layout)?;
-        model.set_weights(&gpu, &ck.master)?;
-        let decoder = if KvDecoder::supports(&model) {
+        let block_size = weights.config.model.block_size;
+        let batch = GptBatch {
+            batch: 1,
+            seq: block_size,
+        };
+        let model = GptGpu::inference(&gpu, weights, batch)?;
+        let (folder, description) = (weights.folder.clone(), weights.describe());
+        let decoder = if KvDecoder::supports(&gpu, &model) {
             Some(KvDecoder::new(&gpu, &model)?)
         } else {
             None
@@ -121,10 +162,45 @@ impl Generator {
             kv_cache: true,
             window: ContextWindow::default(),
             folder,
-            defaults: ck.config.sample.clone(),
+            description,
+            defaults: weights.config.sample.clone(),
             tokenizer,
             block_size,
         })
+    }
+
+    /// Bytes of the model's weights resident on the GPU.
+    pub fn weight_bytes(&self) -> WeightBytes {
+        self.model.weight_bytes()
+    }
+
+    /// Bytes of the scratch textures the device holds (operands the texture matmul stages,
+    /// on software adapters; shared by every product of one shape).
+    pub fn scratch_bytes(&self) -> u64 {
+        self.gpu.scratch_texture_bytes()
+    }
+
+    /// The context length (the model's block size).
+    pub fn block_size(&self) -> usize {
+        self.block_size
+    }
+
+    /// What the weights are: `float`, or the quantisation settings.
+    pub fn weights_description(&self) -> &str {
+        &self.description
+    }
+
+    /// The logits of the token after `context` (1 to block_size tokens), by a forward pass over
+    /// it: what generation samples from at that point, for comparing models token by token.
+    pub fn logits_after(&self, context: &[u32]) -> Result<Vec<f32>> {
+        if context.is_empty() || context.len() > self.block_size {
+            return Err(Error::invalid(
+                "context",
+                format!("{} tokens", context.len()),
+                format!("must hold 1 to {} tokens", self.block_size),
+            ));
+        }
+        self.prefill(context)
     }
 
     /// The sampling settings of the checkpoint's config (its `[sample]` table).
@@ -133,9 +209,17 @@ impl Generator {
     }
 
     /// Whether tokens after the prompt run through the key/value cache (the default) or
-    /// recompute the whole window.
+    /// recompute the whole context for every token. Both compute the same function (the
+    /// context each token sees follows the [`ContextWindow`] either way); recomputing is the
+    /// slow reference the cache is tested against.
     pub fn set_kv_cache(&mut self, on: bool) {
         self.kv_cache = on;
+    }
+
+    /// Whether generation runs through the key/value cache: it is on ([`Generator::set_kv_cache`])
+    /// and the decoder supports the model ([`KvDecoder::supports`]).
+    pub fn uses_kv_cache(&self) -> bool {
+        self.kv_cache && self.decoder.is_some()
     }
 
     /// What happens once the context is full (see [`ContextWindow`]).
@@ -152,6 +236,31 @@ impl Generator {
         self.gpu
             .run_pass("prefill", |pass| self.model.record_logits(pass))?;
         self.model.read_logits_row(&self.gpu, context.len() - 1)
+    }
+
+    /// The logits after the last of `tokens`, whose context so far is `tokens[*start..]` with
+    /// all but the last token in the cache. A context that would outgrow the block is re-based
+    /// first ([`ContextWindow`]); then the last token runs through the decoder at its position
+    /// in the context, or, after a re-base or without the cache, the context is recomputed.
+    /// Either way the logits are those of a forward pass over `tokens[*start..]` at positions
+    /// 0.., so the cache changes the cost and never the function.
+    fn next_logits(&self, tokens: &[u32], start: &mut usize) -> Result<Vec<f32>> {
+        let rebase = tokens.len() - *start > self.block_size;
+        if rebase {
+            *start = tokens.len()
+                - match self.window {
+                    // At least one token, for a block of one.
+                    ContextWindow::Restart => (self.block_size / 2).max(1),
+                    ContextWindow::Slide => self.block_size,
+                };
+        }
+        match self.decoder.as_ref().filter(|_| self.kv_cache && !rebase) {
+            Some(decoder) => {
+                let last = tokens[tokens.len() - 1];
+                decoder.decode(&self.gpu, last, tokens.len() - 1 - *start)
+            }
+            None => self.prefill(&tokens[*start..]),
+        }
     }
 
     /// Refuses logits that are not all finite: sampling from them would print text that means
@@ -201,35 +310,16 @@ impl Generator {
         let mut matcher = StopMatcher::new(&params.stop);
         let mut bytes = Vec::new();
         let t0 = std::time::Instant::now();
-        let window = &tokens[truncated..];
-        let prompt_tokens = window.len();
-        let mut logits = self.prefill(window)?;
-        // The position the next token takes in the cache.
-        let mut pos = window.len();
+        // The model's context is tokens[start..]: the prompt's last block_size tokens, then
+        // re-based by the window rule whenever it would outgrow the block.
+        let mut start = truncated;
+        let prompt_tokens = tokens.len() - start;
+        let mut logits = self.prefill(&tokens[start..])?;
         let prefill_s = t0.elapsed().as_secs_f64();
         let t1 = std::time::Instant::now();
         for i in 0..params.max_tokens {
             if i > 0 {
-                let last = *tokens.last().unwrap_or(&0);
-                let decoder = self.decoder.as_ref().filter(|_| self.kv_cache);
-                logits = if let Some(decoder) = decoder.filter(|_| pos < self.block_size) {
-                    pos += 1;
-                    decoder.decode(&self.gpu, last, pos - 1)?
-                } else if decoder.is_none() {
-                    self.prefill(&tokens[tokens.len().saturating_sub(self.block_size)..])?
-                } else {
-                    match self.window {
-                        ContextWindow::Restart => {
-                            let keep = &tokens[tokens.len() - self.block_size / 2..];
-                            pos = keep.len();
-                            self.prefill(keep)?
-                        }
-                        // pos stays at block_size, so every further token comes here.
-                        ContextWindow::Slide => {
-                            self.prefill(&tokens[tokens.len() - self.block_size..])?
-                        }
-                    }
-                };
+                logits = self.next_logits(&tokens, &mut start)?;
             }
             self.check_logits(&logits, i)?;
             let next = next_token(&mut logits, &tokens, params, &mut rng);

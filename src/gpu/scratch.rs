@@ -49,6 +49,14 @@ impl Gpu {
             && size[2] <= l.max_texture_array_layers
     }
 
+    /// Bytes of every scratch texture created so far (16 per texel).
+    pub fn scratch_texture_bytes(&self) -> u64 {
+        let map = self.scratch.0.lock().unwrap_or_else(|e| e.into_inner());
+        map.values()
+            .map(|t| t.size().iter().map(|&d| u64::from(d)).product::<u64>() * 16)
+            .sum()
+    }
+
     /// The shared scratch texture for `role` (a name that keeps operands of one op apart) and
     /// `size` (width, height, layers), created on first use.
     pub fn scratch_texture(

@@ -1,37 +1,31 @@
 //! The decode family (shaders/decode.wgsl): the two kernels a one-token decode step with a
-//! key/value cache needs beyond the ordinary ones (matmul, layer norm, GELU, residual): the
-//! embedding of one token at a position, and single-query attention over the cache.
+//! key/value cache needs beyond the ordinary ones (matmul, the norms, the activations, RoPE,
+//! residual): the embedding of one token at a position, and single-query attention over the
+//! cache, multi-head or grouped-query.
 
 use super::checks::expect_tensor;
-use super::{Dispatch, common_precision};
+use super::{Dispatch, common_precision, distinct, loop_budget_ok};
 use crate::gpu::{Bind, DType, Gpu, GpuTensor, Specialisation};
+use crate::ops::AttendOneShape;
 use crate::{Error, Result};
 
 /// Most positions [`AttendOne`] can attend over (the shader's `MAX_POS`: its f32 scores live in
 /// 8 KiB of workgroup memory).
 pub const MAX_POSITIONS: usize = 2048;
 
+/// Invocations per workgroup (the shader's `WG`).
+const WG: usize = 64;
+
 /// The uniform block `Dims` of the shader.
 #[repr(C)]
-#[derive(Clone, Copy, Debug, bytemuck::Pod, bytemuck::Zeroable)]
+#[derive(Clone, Copy, Debug, Default, bytemuck::Pod, bytemuck::Zeroable)]
 struct Dims {
     channels: u32,
     heads: u32,
+    kv_heads: u32,
     head_size: u32,
     scale: f32,
-}
-
-fn dims(gpu: &Gpu, channels: usize, heads: usize) -> wgpu::Buffer {
-    let hs = channels / heads.max(1);
-    gpu.uniform(
-        "decode dims",
-        &Dims {
-            channels: channels as u32,
-            heads: heads as u32,
-            head_size: hs as u32,
-            scale: 1.0 / (hs as f32).sqrt(),
-        },
-    )
+    _pad: [u32; 3],
 }
 
 /// `x = wte[token] + wpe[pos]` for the (token, pos) in the 2-word u32 `step` tensor.
@@ -67,7 +61,13 @@ impl EmbedOne {
                 ),
             ));
         }
-        let dims = dims(gpu, channels, 1);
+        let dims = gpu.uniform(
+            "decode dims",
+            &Dims {
+                channels: channels as u32,
+                ..Dims::default()
+            },
+        );
         let dispatch = Dispatch::new(
             gpu,
             "decode",
@@ -92,49 +92,76 @@ impl EmbedOne {
     }
 }
 
-/// Causal attention of the newest token over a layer's cache, one workgroup per head.
+/// Causal attention of the newest token over a layer's cache, one workgroup per query head,
+/// multi-head or grouped-query ([`AttendOneShape`]).
 pub struct AttendOne {
     dispatch: Dispatch,
 }
 
 impl AttendOne {
-    /// Prepares the attention of the token whose q|k|v row (3·channels) is `qkv_new`, at the
-    /// position in `step` (u32 token, pos), over `cache` (positions × 3·channels, the layer's
-    /// q|k|v rows): writes its k and v into row pos of the cache and the heads' outputs into `out`
-    /// (channels).
+    /// Loop iterations one invocation runs at most (see [`loop_budget_ok`]): the scores and
+    /// exponentials of every 64th position (head_dim + 2 each), the copy and weighted sum of
+    /// every 64th element of the head (`positions` + 2 each) and the two reductions.
+    fn iterations(shape: &AttendOneShape) -> usize {
+        let (p, hs) = (shape.positions, shape.head_dim);
+        p.div_ceil(WG) * (hs + 2) + hs.div_ceil(WG) * (p + 2) + 2 * WG.ilog2() as usize
+    }
+
+    /// Whether `gpu` runs the kernel on `shape` correctly: at most [`MAX_POSITIONS`] positions,
+    /// and within llvmpipe's loop budget (a head dim in the thousands at 2048 positions is not).
+    pub fn supports(gpu: &Gpu, shape: &AttendOneShape) -> bool {
+        shape.positions <= MAX_POSITIONS && loop_budget_ok(gpu, Self::iterations(shape))
+    }
+
+    /// Prepares the attention of the token whose q|k|v row is `qkv_new`, at the position in
+    /// `step` (u32 token, pos), over `cache` (the layer's q|k|v rows, see [`AttendOneShape`]):
+    /// writes its key and value heads into row pos of the cache and the query heads' outputs
+    /// into `out`. The position is read when the dispatch runs; the caller keeps it below
+    /// `shape.positions` (the kernel does not check it).
     pub fn new(
         gpu: &Gpu,
         out: &GpuTensor,
         cache: &GpuTensor,
         qkv_new: &GpuTensor,
         step: &GpuTensor,
-        heads: usize,
-        channels: usize,
+        shape: &AttendOneShape,
     ) -> Result<Self> {
         const OP: &str = "attend_one";
         let precision = common_precision(OP, &[out, cache, qkv_new])?;
         expect_tensor(OP, "step", step, DType::U32, 2)?;
-        if heads == 0 || !channels.is_multiple_of(heads) {
-            return Err(Error::shape(
-                OP,
-                format!("{channels} channels do not split into {heads} heads"),
-            ));
-        }
-        expect_tensor(OP, "out", out, out.dtype(), channels)?;
-        expect_tensor(OP, "qkv_new", qkv_new, qkv_new.dtype(), 3 * channels)?;
-        let positions = cache.len() / (3 * channels);
-        if cache.len() != positions * 3 * channels || positions > MAX_POSITIONS {
+        distinct(OP, &[out, cache], &[out, cache, qkv_new])?;
+        shape.validate(OP, cache.len(), qkv_new.len(), out.len())?;
+        if shape.positions > MAX_POSITIONS {
             return Err(Error::shape(
                 OP,
                 format!(
-                    "the cache must hold whole rows of {} and at most {MAX_POSITIONS} of them; it \
-                     has {} elements",
-                    3 * channels,
-                    cache.len()
+                    "the cache has {} positions; attend_one attends over at most {MAX_POSITIONS}",
+                    shape.positions
                 ),
             ));
         }
-        let dims = dims(gpu, channels, heads);
+        if !loop_budget_ok(gpu, Self::iterations(shape)) {
+            return Err(Error::shape(
+                OP,
+                format!(
+                    "{shape:?} runs past this adapter's loop budget ({} iterations per \
+                     invocation); recompute the window instead",
+                    Self::iterations(shape)
+                ),
+            ));
+        }
+        let hs = shape.head_dim;
+        let dims = gpu.uniform(
+            "decode dims",
+            &Dims {
+                channels: shape.out_len() as u32,
+                heads: shape.heads as u32,
+                kv_heads: shape.kv_heads as u32,
+                head_size: hs as u32,
+                scale: 1.0 / (hs as f32).sqrt(),
+                _pad: [0; 3],
+            },
+        );
         let dispatch = Dispatch::new(
             gpu,
             "decode",
@@ -148,7 +175,7 @@ impl AttendOne {
                 (6, cache.bind()),
                 (7, out.bind()),
             ],
-            [heads as u32, 1, 1],
+            [shape.heads as u32, 1, 1],
         )?;
         Ok(AttendOne { dispatch })
     }

@@ -1,7 +1,7 @@
 //! The matmul family (shaders/matmul.wgsl): every product of a linear layer and of attention.
 
 use super::{common_precision, groups, loop_budget_ok};
-use crate::gpu::{Bind, Gpu, GpuTensor, PipelineKey, Specialisation};
+use crate::gpu::{Bind, Gpu, GpuTensor, PipelineKey, ScratchTexture, Specialisation};
 use crate::ops::MatmulSpec;
 use crate::{Error, Result};
 use std::sync::Arc;
@@ -269,10 +269,41 @@ impl Matmul {
         bias: Option<&GpuTensor>,
         spec: &MatmulSpec,
     ) -> Result<Self> {
-        let mut operands = vec![c, a, b];
+        Self::build(gpu, variant, c, a, Some(b), bias, spec)
+    }
+
+    /// Prepares the texture variant's product with op(B) packed by the caller: its own dispatch,
+    /// recorded before this product's, fills the returned texture with op(B) (the layout of
+    /// `matmul_pack_b`). The quantised products dequantise their weights into it, so that
+    /// software adapters run them through this kernel.
+    pub(crate) fn with_packed_b(
+        gpu: &Gpu,
+        c: &GpuTensor,
+        a: &GpuTensor,
+        bias: Option<&GpuTensor>,
+        spec: &MatmulSpec,
+    ) -> Result<(Self, Arc<ScratchTexture>)> {
+        let product = Self::build(gpu, MatmulVariant::Texture, c, a, None, bias, spec)?;
+        let b = gpu.scratch_texture("matmul b", packed_sizes(spec)[1])?;
+        Ok((product, b))
+    }
+
+    /// [`Matmul::with_variant`], or with `b: None` the texture variant without its B packing.
+    fn build(
+        gpu: &Gpu,
+        variant: MatmulVariant,
+        c: &GpuTensor,
+        a: &GpuTensor,
+        b: Option<&GpuTensor>,
+        bias: Option<&GpuTensor>,
+        spec: &MatmulSpec,
+    ) -> Result<Self> {
+        let mut operands = vec![c, a];
+        operands.extend(b);
         operands.extend(bias);
         let precision = common_precision("matmul", &operands)?;
-        spec.validate(a.len(), b.len(), bias.map(GpuTensor::len), c.len())?;
+        let b_len = b.map_or(spec.b_len(), GpuTensor::len);
+        spec.validate(a.len(), b_len, bias.map(GpuTensor::len), c.len())?;
         if !variant.supports(gpu, spec) {
             return Err(Error::shape(
                 "matmul",
@@ -367,17 +398,19 @@ impl Matmul {
                 ],
                 pack_groups(a_size, a_rows),
             )?;
-            let pipeline = gpu.pipeline(&key(pack_b, constants.clone()))?;
-            push(
-                "matmul pack b",
-                pipeline,
-                &[
-                    (0, Bind::whole(&dims)),
-                    (b_slot, b.bind()),
-                    (7, Bind::texture(b_packed.view())),
-                ],
-                pack_groups(b_size, b_rows),
-            )?;
+            if let Some(b) = b {
+                let pipeline = gpu.pipeline(&key(pack_b, constants.clone()))?;
+                push(
+                    "matmul pack b",
+                    pipeline,
+                    &[
+                        (0, Bind::whole(&dims)),
+                        (b_slot, b.bind()),
+                        (7, Bind::texture(b_packed.view())),
+                    ],
+                    pack_groups(b_size, b_rows),
+                )?;
+            }
             // A narrow C gets a narrower workgroup rather than idle invocations that repeat the
             // last column's loads (powers of two, to bound the number of pipelines compiled).
             let wg_x = spec.n.div_ceil(4).next_power_of_two().clamp(8, ROWS_WG_X);
@@ -402,6 +435,12 @@ impl Matmul {
                 ],
             )?;
         } else {
+            let b = b.ok_or_else(|| {
+                Error::shape(
+                    "matmul",
+                    "only the texture variant takes a packed B operand",
+                )
+            })?;
             let constants = match variant {
                 MatmulVariant::Rows | MatmulVariant::RowsSubgroup => {
                     constants.with("ROWS_WG_X", ROWS_WG_X as u32)

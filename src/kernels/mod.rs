@@ -15,6 +15,7 @@ pub mod gradnorm;
 pub mod layernorm;
 pub mod lossscale;
 pub mod matmul;
+pub mod quant;
 pub mod residual;
 pub mod rmsnorm;
 pub mod rope;
@@ -163,6 +164,8 @@ impl_record!(
     layernorm::LayerNormForward,
     layernorm::LayerNormBackward,
     matmul::Matmul,
+    quant::QMatmul,
+    quant::QEmbedding,
     residual::ResidualForward,
     residual::AddInplace,
     rmsnorm::RmsNormForward,

@@ -5,9 +5,11 @@
 //! cos and sin are computed in the shader in f32 from `f32(position) · inv_freq_i`, with
 //! `inv_freq` (head_dim/2 f32) computed once on the host by [`RopeSpec::inv_freq`] exactly as the
 //! CPU reference does. No table of positions: any position up to 2^24 works without sizing a
-//! buffer for the longest context, and the decoder moves to the next position by rewriting one
-//! uniform ([`Rope::set_first_position`]).
+//! buffer for the longest context. A caller that owns the op moves it to other positions by
+//! rewriting its uniform ([`Rope::set_first_position`]); the KV-cache decoder's op reads the
+//! position from the decoder's step buffer instead ([`Rope::forward_at_step`]).
 
+use super::checks::expect_tensor;
 use super::{Dispatch, ELEMENTWISE_WG, float_precision, grid};
 use crate::gpu::{Bind, DType, Gpu, GpuTensor, Specialisation};
 use crate::ops::RopeSpec;
@@ -40,13 +42,31 @@ pub struct Rope {
 impl Rope {
     /// Prepares the forward rotation of the heads of `x` that `spec` selects, in place.
     pub fn forward(gpu: &Gpu, x: &GpuTensor, spec: &RopeSpec) -> Result<Self> {
-        Self::new(gpu, "rope_forward", x, spec, false)
+        Self::new(gpu, "rope_forward", x, spec, false, None)
     }
 
     /// Prepares the backward, in place on the gradient `dx` (the gradient of the rotated
     /// tensor in, the gradient of the unrotated one out): the rotation by the opposite angle.
     pub fn backward(gpu: &Gpu, dx: &GpuTensor, spec: &RopeSpec) -> Result<Self> {
-        Self::new(gpu, "rope_backward", dx, spec, true)
+        Self::new(gpu, "rope_backward", dx, spec, true, None)
+    }
+
+    /// Prepares the forward rotation with the positions moved on by word 1 of `step`, the
+    /// KV-cache decoder's u32 (token, pos), read when the dispatch runs: row t is at position
+    /// `spec.first_position + pos + t`. One prepared dispatch thus serves every decode step
+    /// (the host rewrites `step` before each), with exactly the arithmetic of [`Rope::forward`]
+    /// (the same shader function), so a row rotated at pos is bit-identical to row pos of the
+    /// training forward's rotation. `spec` is checked at `first_position` only: the caller keeps
+    /// the positions it writes below [`RopeSpec::MAX_POSITION`].
+    pub fn forward_at_step(
+        gpu: &Gpu,
+        x: &GpuTensor,
+        spec: &RopeSpec,
+        step: &GpuTensor,
+    ) -> Result<Self> {
+        const OP: &str = "rope_at_step";
+        expect_tensor(OP, "step", step, DType::U32, 2)?;
+        Self::new(gpu, OP, x, spec, false, Some(step))
     }
 
     fn new(
@@ -55,6 +75,7 @@ impl Rope {
         x: &GpuTensor,
         spec: &RopeSpec,
         inverse: bool,
+        step: Option<&GpuTensor>,
     ) -> Result<Self> {
         let precision = float_precision(op, x)?;
         spec.validate(op, x.len())?;
@@ -80,19 +101,27 @@ impl Rope {
             first_position: spec.first_position as u32,
         };
         let dims_buffer = gpu.uniform("rope dims", &dims);
+        let mut binds = vec![
+            (0, Bind::whole(&dims_buffer)),
+            (1, x.bind()),
+            (2, inv_freq.bind()),
+        ];
+        let entry = match step {
+            Some(step) => {
+                binds.push((3, step.bind()));
+                "rope_at_step"
+            }
+            None => "rope",
+        };
         let dispatch = Dispatch::new(
             gpu,
             "rope",
-            "rope",
+            entry,
             precision,
             Specialisation::default()
                 .with("WG", ELEMENTWISE_WG as u32)
                 .with("INVERSE", inverse as u8),
-            &[
-                (0, Bind::whole(&dims_buffer)),
-                (1, x.bind()),
-                (2, inv_freq.bind()),
-            ],
+            &binds,
             workgroups,
         )?;
         Ok(Rope {

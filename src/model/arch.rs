@@ -12,6 +12,7 @@ use super::units::residual::{Body, Residual};
 use super::units::{CpuBackward, CpuCtx, DecodeCtx, GpuBackward, GpuCtx, Ops};
 use super::{ArchKind, ModelConfig, PositionKind};
 use crate::gpu::GpuTensor;
+use crate::ops::AttendOneShape;
 use crate::{Error, Result};
 
 /// The CPU backward states of every unit, in forward order.
@@ -217,6 +218,21 @@ impl Arch {
             }
         }
         Ok(())
+    }
+
+    /// The decode step's attention shape of every attention unit, over a cache of `positions`
+    /// rows.
+    pub fn decode_attention_shapes(&self, positions: usize) -> Vec<AttendOneShape> {
+        self.units
+            .iter()
+            .filter_map(|u| match u {
+                Unit::Residual(Residual {
+                    body: Body::Attention(a),
+                    ..
+                }) => Some(a.decode_shape(positions)),
+                _ => None,
+            })
+            .collect()
     }
 
     /// The one-token decode plan: every unit's one-row forward, in order; returns the logits.

@@ -374,6 +374,12 @@ pub struct TrainConfig {
     /// Clean steps in a row after which an f16 run doubles its loss scale (it halves it, and
     /// skips the step, when gradients overflow).
     pub loss_scale_growth_interval: usize,
+    /// Stop the run after this many periodic evaluations in a row without an improvement of the
+    /// best validation loss by more than `early_stopping_min_delta` (0: never stop early).
+    pub early_stopping_patience: usize,
+    /// How much lower than the best so far a validation loss must be to count as an
+    /// improvement for early stopping (≥ 0; only with `early_stopping_patience`).
+    pub early_stopping_min_delta: f64,
 }
 
 impl Default for TrainConfig {
@@ -399,6 +405,8 @@ impl Default for TrainConfig {
             precision: PrecisionChoice::Auto,
             init_loss_scale: 65536.0,
             loss_scale_growth_interval: 2000,
+            early_stopping_patience: 0,
+            early_stopping_min_delta: 0.0,
         }
     }
 }
@@ -568,6 +576,7 @@ impl Config {
                 "must fit in 32 bits",
             ));
         }
+        validate_early_stopping(t)?;
         self.sample.validate().map_err(|e| match e {
             Error::Invalid { key, value, rule } => Error::Invalid {
                 key: format!("sample.{}", key.trim_start_matches("sample.")),
@@ -644,5 +653,42 @@ fn apply_override(table: &mut toml::Table, text: &str) -> Result<()> {
         .as_table_mut()
         .ok_or_else(|| Error::invalid("--set", text, format!("{} is not a table", keys[0])))?;
     section.insert(keys[1].to_string(), value);
+    Ok(())
+}
+
+/// Early stopping needs a threshold that can be met and evaluations to judge by.
+fn validate_early_stopping(t: &TrainConfig) -> Result<()> {
+    let delta = t.early_stopping_min_delta;
+    if !delta.is_finite() || delta < 0.0 {
+        return Err(Error::invalid(
+            "train.early_stopping_min_delta",
+            delta,
+            "must be a finite number ≥ 0 (how much lower a validation loss must be to count as \
+             an improvement)",
+        ));
+    }
+    if t.early_stopping_patience == 0 {
+        if delta > 0.0 {
+            return Err(Error::invalid(
+                "train.early_stopping_min_delta",
+                delta,
+                "has no effect without train.early_stopping_patience ≥ 1; set both or neither",
+            ));
+        }
+        return Ok(());
+    }
+    // The periodic evaluations are the only ones early stopping counts; with one or none before
+    // the last step there is nothing to compare.
+    if t.eval_interval >= t.max_steps {
+        return Err(Error::invalid(
+            "train.early_stopping_patience",
+            t.early_stopping_patience,
+            format!(
+                "needs evaluations during the run, but train.eval_interval = {} is not below \
+                 train.max_steps = {}; lower train.eval_interval or turn early stopping off (0)",
+                t.eval_interval, t.max_steps
+            ),
+        ));
+    }
     Ok(())
 }

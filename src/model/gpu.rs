@@ -21,8 +21,11 @@ use crate::kernels::crossentropy::CrossEntropy;
 use crate::kernels::dropout::DropoutState;
 use crate::kernels::gradnorm::GradNorm;
 use crate::kernels::lossscale::LossScaler;
+use crate::kernels::quant::QuantWeight;
+use crate::quant::weights::ModelWeights;
 use crate::training::{AdamWStep, CrossEntropySpec, LossScaling};
 use crate::{Error, Precision, Result};
+use std::collections::BTreeMap;
 
 /// u32 words of a staged [`DropoutState`].
 const DROPOUT_WORDS: usize = 4;
@@ -38,14 +41,31 @@ pub struct GptGpu {
     dropout_seed: u64,
     scaler: Option<LossScaler>,
     layout: ParamLayout,
+    /// Quantised matrices by tensor name, outside the flat parameter buffer (inference only).
+    quant: BTreeMap<String, QuantWeight>,
     s: State,
     p: Plan,
 }
 
-/// Every buffer of the run that is not an activation: parameters, gradients, optimizer state,
-/// the micro-batch's tokens and the step's scalars.
+/// Every buffer of the run that is not an activation: parameters, the micro-batch's tokens, the
+/// step's scalars and, when training, gradients and optimizer state.
 struct State {
     params: GpuTensor,
+    tokens: GpuTensor,
+    targets: GpuTensor,
+    order: GpuTensor,
+    starts: GpuTensor,
+    loss_scale: GpuTensor,
+    dropout_state: GpuTensor,
+    losses: GpuTensor,
+    ones: GpuTensor,
+    /// `None` for a model built for inference ([`GptGpu::inference`]).
+    optim: Option<Optim>,
+}
+
+/// The buffers only training needs: gradients, master weights, Adam moments, the update's
+/// scalars and the staged micro-batches.
+struct Optim {
     grads: GpuTensor,
     master: GpuTensor,
     exp_avg: GpuTensor,
@@ -53,68 +73,67 @@ struct State {
     skipped: GpuTensor,
     norm: GpuTensor,
     flag: GpuTensor,
-    tokens: GpuTensor,
     staged: GpuTensor,
-    targets: GpuTensor,
-    order: GpuTensor,
-    starts: GpuTensor,
-    loss_scale: GpuTensor,
     scale_run: GpuTensor,
-    dropout_state: GpuTensor,
-    losses: GpuTensor,
-    ones: GpuTensor,
 }
 
 impl State {
+    /// The buffers of a model over `layout`; with `micro_batches`, those of training too.
     fn new(
         gpu: &Gpu,
         layout: &ParamLayout,
         vocab: usize,
         batch: GptBatch,
-        micro_batches: usize,
+        micro_batches: Option<usize>,
     ) -> Result<State> {
         let dt = DType::from(gpu.precision());
         let n = layout.buffer_len();
         let bt = batch.batch * batch.seq;
+        let optim = match micro_batches {
+            None => None,
+            Some(micro_batches) => Some(Optim {
+                grads: gpu.zeros("grads", &[n], dt)?,
+                master: gpu.zeros("master", &[n], DType::F32)?,
+                exp_avg: gpu.zeros("adam m", &[n], DType::F32)?,
+                exp_avg_sq: gpu.zeros("adam v", &[n], DType::F32)?,
+                skipped: gpu.zeros("skipped steps", &[1], DType::U32)?,
+                norm: gpu.zeros("grad norm", &[1], DType::F32)?,
+                flag: gpu.zeros("nonfinite flag", &[1], DType::U32)?,
+                // Every micro-batch of a step is uploaded at once and copied into place inside
+                // the step's single submission (see `step`).
+                staged: gpu.zeros(
+                    "staged batches",
+                    &[micro_batches * (3 * bt + vocab + 1 + DROPOUT_WORDS)],
+                    DType::U32,
+                )?,
+                // The loss scale's run of clean steps.
+                scale_run: gpu.zeros("loss scale clean run", &[1], DType::U32)?,
+            }),
+        };
         Ok(State {
             params: gpu.zeros("params", &[n], dt)?,
-            grads: gpu.zeros("grads", &[n], dt)?,
-            master: gpu.zeros("master", &[n], DType::F32)?,
-            exp_avg: gpu.zeros("adam m", &[n], DType::F32)?,
-            exp_avg_sq: gpu.zeros("adam v", &[n], DType::F32)?,
-            skipped: gpu.zeros("skipped steps", &[1], DType::U32)?,
-            norm: gpu.zeros("grad norm", &[1], DType::F32)?,
-            flag: gpu.zeros("nonfinite flag", &[1], DType::U32)?,
             tokens: gpu.zeros("tokens", &[bt], DType::U32)?,
             targets: gpu.zeros("targets", &[bt], DType::U32)?,
             order: gpu.zeros("token order", &[bt], DType::U32)?,
             starts: gpu.zeros("token starts", &[vocab + 1], DType::U32)?,
-            // Every micro-batch of a step is uploaded at once and copied into place inside the
-            // step's single submission (see `step`).
-            staged: gpu.zeros(
-                "staged batches",
-                &[micro_batches * (3 * bt + vocab + 1 + DROPOUT_WORDS)],
-                DType::U32,
-            )?,
-            // The dynamic loss scale (1 until enable_loss_scaling) and its run of clean steps.
+            // The dynamic loss scale (1 until enable_loss_scaling).
             loss_scale: gpu.upload("loss scale", &[1], DType::F32, &[1.0])?,
-            scale_run: gpu.zeros("loss scale clean run", &[1], DType::U32)?,
             // Staged with each micro-batch (a fresh mask per step and micro-batch); off until
             // then.
             dropout_state: gpu.zeros("dropout state", &[DROPOUT_WORDS], DType::U32)?,
             losses: gpu.zeros("losses", &[bt], DType::F32)?,
             ones: gpu.upload("ones", &[bt], dt, &vec![1.0; bt])?,
+            optim,
         })
     }
 }
 
-/// The prepared ops of a step: forward, loss, backward (the architecture's units) and update.
+/// The prepared ops of a step: forward, loss and, when training, backward (the architecture's
+/// units) and update.
 struct Plan {
     forward: Vec<Box<dyn Record>>,
     loss: CrossEntropy,
-    backward: Vec<Box<dyn Record>>,
-    update: Vec<Box<dyn Record>>,
-    adamw: AdamW,
+    train: Option<TrainPlan>,
     logits: GpuTensor,
     /// Each layer's q|k|v activation (the decoder's cache).
     qkv: Vec<GpuTensor>,
@@ -124,29 +143,42 @@ struct Plan {
     _scratch: Vec<GpuTensor>,
 }
 
+/// The training half of a plan.
+struct TrainPlan {
+    backward: Vec<Box<dyn Record>>,
+    update: Vec<Box<dyn Record>>,
+    adamw: AdamW,
+}
+
 impl Plan {
+    #[allow(clippy::too_many_arguments)]
     fn new(
         gpu: &Gpu,
         model: &ModelConfig,
         arch: &Arch,
         layout: &ParamLayout,
         s: &State,
+        quant: &BTreeMap<String, QuantWeight>,
         vocab: usize,
         batch: GptBatch,
     ) -> Result<Plan> {
         let views = |flat| Views { layout, flat };
+        // An inference plan records no backward, which alone reads the gradient views: they
+        // view the parameters, never read.
+        let grads = s.optim.as_ref().map_or(&s.params, |o| &o.grads);
         let mut ctx = GpuCtx::new(
             gpu,
             model,
             batch,
             views(&s.params),
-            views(&s.grads),
+            views(grads),
             &s.tokens,
             &s.order,
             &s.starts,
             &s.dropout_state,
             &s.ones,
         );
+        ctx.quant = quant;
         let mut forward: Vec<Box<dyn Record>> = Vec::new();
         let (states, logits) = arch.gpu_forward(&mut ctx, &mut forward)?;
         // The loss: per-row loss and dlogits in one kernel.
@@ -161,33 +193,41 @@ impl Plan {
             Some(&s.loss_scale),
             &CrossEntropySpec::new(bt, vocab),
         )?;
-        // The backward: the units in reverse.
-        let mut backward: Vec<Box<dyn Record>> = Vec::new();
-        Arch::gpu_backward(&states, &mut ctx, &mut backward, &dlogits)?;
+        let train = match &s.optim {
+            None => None,
+            Some(o) => {
+                // The backward: the units in reverse.
+                let mut backward: Vec<Box<dyn Record>> = Vec::new();
+                Arch::gpu_backward(&states, &mut ctx, &mut backward, &dlogits)?;
+                // The update: global norm, then AdamW over the whole buffer.
+                let grad_norm = GradNorm::new(gpu, &o.norm, &o.flag, &o.grads)?;
+                let adamw = AdamW::new(
+                    gpu,
+                    &o.master,
+                    &s.params,
+                    &o.exp_avg,
+                    &o.exp_avg_sq,
+                    &o.skipped,
+                    &o.grads,
+                    &o.norm,
+                    &o.flag,
+                    &s.loss_scale,
+                    &layout.adamw_segments(),
+                    &AdamWStep::new(1),
+                )?;
+                Some(TrainPlan {
+                    backward,
+                    update: vec![Box::new(grad_norm)],
+                    adamw,
+                })
+            }
+        };
         let (mut scratch, qkv) = ctx.into_shared();
         scratch.push(dlogits);
-        // The update: global norm, then AdamW over the whole buffer.
-        let grad_norm = GradNorm::new(gpu, &s.norm, &s.flag, &s.grads)?;
-        let adamw = AdamW::new(
-            gpu,
-            &s.master,
-            &s.params,
-            &s.exp_avg,
-            &s.exp_avg_sq,
-            &s.skipped,
-            &s.grads,
-            &s.norm,
-            &s.flag,
-            &s.loss_scale,
-            &layout.adamw_segments(),
-            &AdamWStep::new(1),
-        )?;
         Ok(Plan {
             forward,
             loss,
-            backward,
-            update: vec![Box::new(grad_norm)],
-            adamw,
+            train,
             logits,
             qkv,
             _states: states,
@@ -225,40 +265,117 @@ impl GptGpu {
                 "must be at least 1",
             ));
         }
-        if batch.seq == 0 || batch.batch == 0 || batch.seq > model.block_size {
-            return Err(Error::shape(
-                "gpt",
-                format!(
-                    "batch {batch:?} must be non-empty with T ≤ block_size = {}",
-                    model.block_size
-                ),
-            ));
-        }
+        check_batch(model, batch)?;
         let arch = Arch::new(model, vocab)?;
-        // Every tensor starts where any storage binding may (alignment counted in the smallest
-        // element, f16), and at a multiple of 4 elements for the vectorised matmul.
-        let align = (gpu
-            .capabilities()
-            .limits
-            .min_storage_buffer_offset_alignment as usize
-            / 2)
-        .max(4);
-        let layout = arch.layout(align);
+        let layout = arch.layout(param_alignment(gpu));
+        let quant = BTreeMap::new();
+        Self::build(
+            gpu,
+            model,
+            arch,
+            vocab,
+            batch,
+            layout,
+            quant,
+            Some(micro_batches),
+        )
+    }
+
+    /// The parameter layout a training model of `model` with `vocab` tokens has on `gpu`
+    /// (what [`GptGpu::read_master`] returns values for).
+    pub fn training_layout(gpu: &Gpu, model: &ModelConfig, vocab: usize) -> Result<ParamLayout> {
+        Ok(Arch::new(model, vocab)?.layout(param_alignment(gpu)))
+    }
+
+    /// A model for inference over `batch` with `weights` (a float or a quantised checkpoint's):
+    /// the forward and the loss only. The float tensors live in the flat parameter buffer in
+    /// the storage precision and the quantised matrices as packed integers beside it, which the
+    /// units' products and embedding lookups read directly; nothing for training is allocated
+    /// (no gradients, master weights or Adam moments: a fifth of a training model's weight
+    /// memory in f32), and the methods that train refuse with an error.
+    pub fn inference(gpu: &Gpu, weights: &ModelWeights, batch: GptBatch) -> Result<Self> {
+        let model = &weights.config.model;
+        let vocab = weights.vocab;
+        check_batch(model, batch)?;
+        let arch = Arch::new(model, vocab)?;
+        let align = param_alignment(gpu);
+        let full = arch.layout(align);
+        let quant = upload_quantized(gpu, model, &full, weights)?;
+        let layout = full.filtered(align, |t| !quant.contains_key(&t.name));
+        let values = float_values(&layout, weights)?;
+        let built = Self::build(gpu, model, arch, vocab, batch, layout, quant, None)?;
+        gpu.write(&built.s.params, &values)?;
+        Ok(built)
+    }
+
+    /// The model over `layout` (its float tensors) and `quant`, for training with
+    /// `micro_batches`, or for inference.
+    #[allow(clippy::too_many_arguments)]
+    fn build(
+        gpu: &Gpu,
+        model: &ModelConfig,
+        arch: Arch,
+        vocab: usize,
+        batch: GptBatch,
+        layout: ParamLayout,
+        quant: BTreeMap<String, QuantWeight>,
+        micro_batches: Option<usize>,
+    ) -> Result<Self> {
         let state = State::new(gpu, &layout, vocab, batch, micro_batches)?;
-        let plan = Plan::new(gpu, model, &arch, &layout, &state, vocab, batch)?;
+        // Nothing drops at inference: no dropout buffers or dispatches.
+        let plan_model = ModelConfig {
+            dropout: if micro_batches.is_some() {
+                model.dropout
+            } else {
+                0.0
+            },
+            ..model.clone()
+        };
+        let plan = Plan::new(
+            gpu,
+            &plan_model,
+            &arch,
+            &layout,
+            &state,
+            &quant,
+            vocab,
+            batch,
+        )?;
         Ok(GptGpu {
             model: model.clone(),
             arch,
             vocab,
             batch,
             precision: gpu.precision(),
-            micro_batches,
+            micro_batches: micro_batches.unwrap_or(0),
             dropout_seed: 0,
             scaler: None,
             layout,
+            quant,
             s: state,
             p: plan,
         })
+    }
+
+    /// Bytes of weights resident on the GPU: the flat parameter buffer (alignment padding
+    /// included) and the quantised matrices' integers and scales.
+    pub fn weight_bytes(&self) -> WeightBytes {
+        WeightBytes {
+            float: self.s.params.bytes(),
+            packed: self.quant.values().map(QuantWeight::packed_bytes).sum(),
+            scales: self.quant.values().map(QuantWeight::scale_bytes).sum(),
+        }
+    }
+
+    /// The quantised matrix called `name`, if the model has one (inference models of quantised
+    /// checkpoints).
+    pub(crate) fn quantized(&self, name: &str) -> Option<&QuantWeight> {
+        self.quant.get(name)
+    }
+
+    /// The training buffers, or the error for a model built for inference.
+    fn optim(&self) -> Result<&Optim> {
+        self.s.optim.as_ref().ok_or_else(inference_only)
     }
 
     /// The parameter layout (aligned for this adapter).
@@ -278,7 +395,12 @@ impl GptGpu {
 
     /// Number of dispatches of one optimizer step with `micro_batches` micro-batches.
     pub fn dispatches_per_step(&self, micro_batches: usize) -> usize {
-        micro_batches * (self.p.forward.len() + 1 + self.p.backward.len()) + self.p.update.len() + 1
+        let (backward, update) = self
+            .p
+            .train
+            .as_ref()
+            .map_or((0, 0), |t| (t.backward.len(), t.update.len() + 1));
+        micro_batches * (self.p.forward.len() + 1 + backward) + update
     }
 
     /// Sets the f32 master weights and the working copy from a flat buffer laid out by
@@ -294,17 +416,18 @@ impl GptGpu {
         master: &[f32],
         moments: Option<(&[f32], &[f32])>,
     ) -> Result<()> {
-        gpu.write(&self.s.master, master)?;
+        let o = self.optim()?;
+        gpu.write(&o.master, master)?;
         gpu.write(&self.s.params, master)?;
         match moments {
             Some((m, v)) => {
-                gpu.write(&self.s.exp_avg, m)?;
-                gpu.write(&self.s.exp_avg_sq, v)?;
+                gpu.write(&o.exp_avg, m)?;
+                gpu.write(&o.exp_avg_sq, v)?;
             }
             None => {
                 let zeros = vec![0.0; master.len()];
-                gpu.write(&self.s.exp_avg, &zeros)?;
-                gpu.write(&self.s.exp_avg_sq, &zeros)?;
+                gpu.write(&o.exp_avg, &zeros)?;
+                gpu.write(&o.exp_avg_sq, &zeros)?;
             }
         }
         Ok(())
@@ -349,11 +472,11 @@ impl GptGpu {
     }
 
     /// Records the copies that put staged micro-batch `i` in place for the next pass.
-    fn record_unstage(&self, encoder: &mut wgpu::CommandEncoder, i: usize) {
+    fn record_unstage(&self, staged: &GpuTensor, encoder: &mut wgpu::CommandEncoder, i: usize) {
         let n = (self.batch.batch * self.batch.seq) as u64;
         let words = 3 * n + self.vocab as u64 + 1 + DROPOUT_WORDS as u64;
-        let mut from = self.s.staged.offset_bytes() + 4 * words * i as u64;
-        let src = self.s.staged.buffer();
+        let mut from = staged.offset_bytes() + 4 * words * i as u64;
+        let src = staged.buffer();
         for (dst, len) in [
             (&self.s.tokens, n),
             (&self.s.targets, n),
@@ -390,10 +513,11 @@ impl GptGpu {
     }
 
     /// Records forward, loss and backward of the micro-batch last set; parameter gradients are
-    /// added to the gradient buffer (see [`GptGpu::record_zero_grads`]).
+    /// added to the gradient buffer (see [`GptGpu::record_zero_grads`]). A model built for
+    /// inference has no backward: this records its forward and loss.
     pub fn record_micro_batch(&self, pass: &mut wgpu::ComputePass<'_>) {
         self.record_eval(pass);
-        for op in &self.p.backward {
+        for op in self.p.train.iter().flat_map(|t| &t.backward) {
             op.record_into(pass);
         }
     }
@@ -411,18 +535,22 @@ impl GptGpu {
         }
     }
 
-    /// Clears the gradient buffer (before the first micro-batch of a step).
+    /// Clears the gradient buffer (before the first micro-batch of a step; nothing for a
+    /// model built for inference).
     pub fn record_zero_grads(&self, encoder: &mut wgpu::CommandEncoder) {
-        encoder.clear_buffer(self.s.grads.buffer(), 0, None);
+        if let Some(o) = &self.s.optim {
+            encoder.clear_buffer(o.grads.buffer(), 0, None);
+        }
     }
 
     /// Records gradient norm, AdamW (whose step values [`GptGpu::set_step`] wrote) and, when
-    /// enabled, the loss-scale update.
+    /// enabled, the loss-scale update (nothing for a model built for inference).
     pub fn record_update(&self, pass: &mut wgpu::ComputePass<'_>) {
-        for op in &self.p.update {
+        let Some(t) = &self.p.train else { return };
+        for op in &t.update {
             op.record_into(pass);
         }
-        self.p.adamw.record(pass);
+        t.adamw.record(pass);
         if let Some(scaler) = &self.scaler {
             scaler.record(pass);
         }
@@ -436,7 +564,8 @@ impl GptGpu {
     pub fn set_step(&self, gpu: &Gpu, step: &AdamWStep, micro_batches: usize) -> Result<()> {
         let mut step = *step;
         step.loss_scale *= micro_batches as f64;
-        self.p.adamw.set_step(gpu, &step)
+        let t = self.p.train.as_ref().ok_or_else(inference_only)?;
+        t.adamw.set_step(gpu, &step)
     }
 
     /// Seeds the dropout masks of the training steps: step `t`'s micro-batch `i` uses the stream
@@ -455,13 +584,9 @@ impl GptGpu {
     /// gradient is multiplied by a scale that backs off when gradients overflow and grows after
     /// a run of clean steps, all on the GPU. Sets the scale to `settings.init_scale`.
     pub fn enable_loss_scaling(&mut self, gpu: &Gpu, settings: &LossScaling) -> Result<()> {
-        self.scaler = Some(LossScaler::new(
-            gpu,
-            &self.s.loss_scale,
-            &self.s.scale_run,
-            &self.s.flag,
-            settings,
-        )?);
+        let o = self.optim()?;
+        let scaler = LossScaler::new(gpu, &self.s.loss_scale, &o.scale_run, &o.flag, settings)?;
+        self.scaler = Some(scaler);
         self.set_loss_scale_state(gpu, settings.init_scale, 0)
     }
 
@@ -469,7 +594,7 @@ impl GptGpu {
     pub fn loss_scale_state(&self, gpu: &Gpu) -> Result<(f32, u32)> {
         Ok((
             gpu.read(&self.s.loss_scale)?[0],
-            gpu.read_u32(&self.s.scale_run)?[0],
+            gpu.read_u32(&self.optim()?.scale_run)?[0],
         ))
     }
 
@@ -482,8 +607,9 @@ impl GptGpu {
                 "must be finite and > 0",
             ));
         }
+        let o = self.optim()?;
         gpu.write(&self.s.loss_scale, &[scale])?;
-        gpu.write_u32(&self.s.scale_run, &[run])
+        gpu.write_u32(&o.scale_run, &[run])
     }
 
     /// One optimizer step over `micro` (inputs, targets) pairs as ONE submission: the
@@ -498,6 +624,7 @@ impl GptGpu {
         step: &AdamWStep,
         after: impl FnOnce(&mut wgpu::CommandEncoder),
     ) -> Result<f64> {
+        let staged = &self.optim()?.staged;
         if micro.is_empty() || micro.len() > self.micro_batches {
             return Err(Error::shape(
                 "gpt",
@@ -517,8 +644,8 @@ impl GptGpu {
             words.extend(self.batch_words(inputs, targets, &dropout)?);
         }
         gpu.queue().write_buffer(
-            self.s.staged.buffer(),
-            self.s.staged.offset_bytes(),
+            staged.buffer(),
+            staged.offset_bytes(),
             bytemuck::cast_slice(&words),
         );
         let mut encoder = gpu
@@ -528,7 +655,7 @@ impl GptGpu {
             });
         self.record_zero_grads(&mut encoder);
         for i in 0..micro.len() {
-            self.record_unstage(&mut encoder, i);
+            self.record_unstage(staged, &mut encoder, i);
             let mut pass = encoder.begin_compute_pass(&wgpu::ComputePassDescriptor {
                 label: Some("micro-batch"),
                 timestamp_writes: None,
@@ -556,19 +683,17 @@ impl GptGpu {
     /// values written ([`GptGpu::set_step`]). Each time includes one submission's overhead,
     /// which a real step pays once for all ops.
     pub fn profile(&self, gpu: &Gpu, runs: usize) -> Result<Vec<OpTime>> {
+        let t = self.p.train.as_ref().ok_or_else(inference_only)?;
         let mut phases: Vec<(&'static str, Vec<&dyn Record>)> = vec![
             (
                 "forward",
                 self.p.forward.iter().map(|o| o.as_ref()).collect(),
             ),
             ("loss", vec![&self.p.loss as &dyn Record]),
-            (
-                "backward",
-                self.p.backward.iter().map(|o| o.as_ref()).collect(),
-            ),
+            ("backward", t.backward.iter().map(|o| o.as_ref()).collect()),
         ];
-        let mut update: Vec<&dyn Record> = self.p.update.iter().map(|o| o.as_ref()).collect();
-        update.push(&self.p.adamw);
+        let mut update: Vec<&dyn Record> = t.update.iter().map(|o| o.as_ref()).collect();
+        update.push(&t.adamw);
         if let Some(scaler) = &self.scaler {
             update.push(scaler);
         }
@@ -601,25 +726,27 @@ impl GptGpu {
 
     /// The whole gradient buffer as f32 (waits), laid out by [`GptGpu::layout`].
     pub fn read_grads(&self, gpu: &Gpu) -> Result<Vec<f32>> {
-        gpu.read(&self.s.grads)
+        gpu.read(&self.optim()?.grads)
     }
 
     /// The f32 master weights (waits).
     pub fn read_master(&self, gpu: &Gpu) -> Result<Vec<f32>> {
-        gpu.read(&self.s.master)
+        gpu.read(&self.optim()?.master)
     }
 
     /// The Adam moments (waits).
     pub fn read_moments(&self, gpu: &Gpu) -> Result<(Vec<f32>, Vec<f32>)> {
-        Ok((gpu.read(&self.s.exp_avg)?, gpu.read(&self.s.exp_avg_sq)?))
+        let o = self.optim()?;
+        Ok((gpu.read(&o.exp_avg)?, gpu.read(&o.exp_avg_sq)?))
     }
 
     /// Steps skipped for non-finite gradients so far, the last global norm and its flag (waits).
     pub fn read_update_stats(&self, gpu: &Gpu) -> Result<(u32, f32, u32)> {
+        let o = self.optim()?;
         Ok((
-            gpu.read_u32(&self.s.skipped)?[0],
-            gpu.read(&self.s.norm)?[0],
-            gpu.read_u32(&self.s.flag)?[0],
+            gpu.read_u32(&o.skipped)?[0],
+            gpu.read(&o.norm)?[0],
+            gpu.read_u32(&o.flag)?[0],
         ))
     }
 
@@ -640,6 +767,20 @@ impl GptGpu {
     /// The per-row loss tensor (f32, B·T), for asynchronous read-back by the training loop.
     pub fn losses(&self) -> &GpuTensor {
         &self.s.losses
+    }
+
+    /// The optimizer's one-element scalars after an update, in this order: global gradient norm
+    /// (f32, of the raw loss-scaled buffer), inf/NaN flag (u32), steps skipped since the model
+    /// was built (u32), dynamic loss scale (f32) and its run of clean steps (u32). The training
+    /// loop copies them into its read-back ring after every step.
+    pub fn update_scalars(&self) -> [&GpuTensor; 5] {
+        [
+            &self.s.norm,
+            &self.s.flag,
+            &self.s.skipped,
+            &self.s.loss_scale,
+            &self.s.scale_run,
+        ]
     }
 
     /// A view of one parameter tensor of the working (T) copy, by layout name.
@@ -680,8 +821,117 @@ impl GptGpu {
         &self.model
     }
 
-    /// The gradient buffer (for tests that inject values).
-    pub fn grads(&self) -> &GpuTensor {
-        &self.s.grads
+    /// The gradient buffer (for tests that inject values); an error for a model built for
+    /// inference.
+    pub fn grads(&self) -> Result<&GpuTensor> {
+        Ok(&self.optim()?.grads)
     }
+}
+
+/// Bytes of a model's weights on the GPU ([`GptGpu::weight_bytes`]).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize)]
+pub struct WeightBytes {
+    /// The flat buffer of float tensors, in the storage precision.
+    pub float: u64,
+    /// Quantised matrices' packed integers.
+    pub packed: u64,
+    /// Their f16 scales.
+    pub scales: u64,
+}
+
+impl WeightBytes {
+    /// All of them.
+    pub fn total(&self) -> u64 {
+        self.float + self.packed + self.scales
+    }
+}
+
+/// The error of a training method called on a model built with [`GptGpu::inference`].
+fn inference_only() -> Error {
+    Error::shape(
+        "gpt",
+        "this model was built for inference (GptGpu::inference): it has no gradients, \
+         optimizer state or backward pass; build it with GptGpu::new to train",
+    )
+}
+
+/// A batch must be non-empty and no longer than the context.
+fn check_batch(model: &ModelConfig, batch: GptBatch) -> Result<()> {
+    if batch.seq == 0 || batch.batch == 0 || batch.seq > model.block_size {
+        return Err(Error::shape(
+            "gpt",
+            format!(
+                "batch {batch:?} must be non-empty with T ≤ block_size = {}",
+                model.block_size
+            ),
+        ));
+    }
+    Ok(())
+}
+
+/// Every tensor starts where any storage binding may (alignment counted in the smallest
+/// element, f16), and at a multiple of 4 elements for the vectorised matmul.
+fn param_alignment(gpu: &Gpu) -> usize {
+    (gpu.capabilities()
+        .limits
+        .min_storage_buffer_offset_alignment as usize
+        / 2)
+    .max(4)
+}
+
+/// Uploads the quantised matrices of `weights`, each checked to be a matrix the units read
+/// quantised (a linear layer's weight, the token table or the head) with the layout's shape.
+fn upload_quantized(
+    gpu: &Gpu,
+    model: &ModelConfig,
+    full: &ParamLayout,
+    weights: &ModelWeights,
+) -> Result<BTreeMap<String, QuantWeight>> {
+    let readable = crate::quant::convert::quantized_tensors(model, weights.vocab, true)?;
+    let mut out = BTreeMap::new();
+    for (name, q) in &weights.quantized {
+        let shape = full.get(name).map(|t| t.shape.clone());
+        if !readable.contains(name) || shape != Some(vec![q.rows(), q.cols()]) {
+            return Err(Error::shape(
+                "gpt",
+                format!(
+                    "quantised tensor {name} ({}×{}) is not a linear layer, token table or head \
+                     of this model (its layout has {shape:?})",
+                    q.rows(),
+                    q.cols()
+                ),
+            ));
+        }
+        out.insert(name.clone(), QuantWeight::upload(gpu, name, q)?);
+    }
+    Ok(out)
+}
+
+/// The float tensors of `weights` moved into `layout` (the device layout of the tensors that
+/// are not quantised), which must hold the same tensors with the same shapes.
+fn float_values(layout: &ParamLayout, weights: &ModelWeights) -> Result<Vec<f32>> {
+    let names = |l: &ParamLayout| {
+        l.tensors()
+            .iter()
+            .map(|t| (t.name.clone(), t.shape.clone()))
+            .collect::<Vec<_>>()
+    };
+    if names(layout) != names(&weights.layout) {
+        return Err(Error::IncompatibleCheckpoint {
+            differences: format!(
+                "float tensors {:?} vs the model's {:?}",
+                names(&weights.layout),
+                names(layout)
+            ),
+            advice: "The weights do not fit the model of their own config (were the files \
+                     mixed or edited?); load another checkpoint"
+                .into(),
+        });
+    }
+    let mut flat = vec![0.0f32; layout.buffer_len()];
+    for (to, from) in layout.tensors().iter().zip(weights.layout.tensors()) {
+        flat[to.offset..to.offset + to.len()]
+            .copy_from_slice(&weights.values[from.offset..from.offset + from.len()]);
+    }
+    Ok(flat)
 }

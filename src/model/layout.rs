@@ -174,6 +174,22 @@ impl ParamLayout {
         out
     }
 
+    /// The tensors for which `keep` holds, in the same order, laid out again at multiples of
+    /// `align` (an inference model whose quantised matrices live outside the flat buffer).
+    pub fn filtered(&self, align: usize, keep: impl Fn(&TensorInfo) -> bool) -> ParamLayout {
+        let mut b = LayoutBuilder::new(align);
+        for t in self.tensors.iter().filter(|t| keep(t)) {
+            b.add(
+                t.name.clone(),
+                t.shape.clone(),
+                t.kind,
+                t.component,
+                t.decayed,
+            );
+        }
+        b.finish()
+    }
+
     /// Bytes of training state resident on the GPU per parameter buffer element: the working copy
     /// (`param_bytes` each: 2 for f16, 4 for f32), f32 master weights, f32 Adam m and v, and f32
     /// gradients.

@@ -72,6 +72,20 @@ pub struct TrialRecord {
 }
 
 impl TrialRecord {
+    /// A trial just created: running, nothing reported yet.
+    pub fn running(number: usize, params: serde_json::Map<String, serde_json::Value>) -> Self {
+        TrialRecord {
+            number,
+            params,
+            state: TrialState::Running,
+            value: None,
+            reports: Vec::new(),
+            steps: 0,
+            seconds: 0.0,
+            error: None,
+        }
+    }
+
     /// The lowest validation loss the trial reported.
     pub fn best_reported(&self) -> Option<f64> {
         self.reports.iter().map(|r| r.1).reduce(f64::min)
@@ -235,16 +249,7 @@ pub fn replay(
                         trials.len()
                     ));
                 }
-                let fresh = TrialRecord {
-                    number: i,
-                    params,
-                    state: TrialState::Running,
-                    value: None,
-                    reports: Vec::new(),
-                    steps: 0,
-                    seconds: 0.0,
-                    error: None,
-                };
+                let fresh = TrialRecord::running(i, params);
                 if i == trials.len() {
                     trials.push(fresh);
                 } else if trials[i].is_finished() {

@@ -1,7 +1,7 @@
 //! Hyperparameter search: `kiln sweep`.
 //!
 //! A sweep reads a spec ([`spec`]), proposes each trial's parameters ([`sampler`]), trains it
-//! in-process with [`crate::train::trainer::train`] into `trial-NNN/` (an ordinary run folder),
+//! in-process with [`crate::train::train`] (a [`crate::Trainer`] in a run folder) into `trial-NNN/` (an ordinary run folder),
 //! stops trials the median pruner ([`pruner`]) judges hopeless, and records every event in an
 //! append-only journal ([`journal`]) from which `--resume` rebuilds the sweep after a kill. At the
 //! end (and after each trial) it writes the results ([`report`]): a table, `best.toml`,
@@ -15,7 +15,7 @@ pub mod spec;
 pub mod tpe;
 
 use crate::model::Config;
-use crate::train::trainer::{EvalAction, EvalObserver, TrainOptions, train};
+use crate::train::{Control, EvalSet, EvalStats, Observer, TrainOptions, train};
 use crate::{Error, Result};
 use journal::{Journal, TrialRecord, TrialState};
 use spec::{Objective, SweepSpec};
@@ -195,16 +195,7 @@ pub fn run(opts: &SweepOptions, stop: &AtomicBool) -> Result<SweepSummary> {
                     .collect()
             }
         };
-        let record = TrialRecord {
-            number,
-            params,
-            state: TrialState::Running,
-            value: None,
-            reports: Vec::new(),
-            steps: 0,
-            seconds: 0.0,
-            error: None,
-        };
+        let record = TrialRecord::running(number, params);
         lock_journal(&journal).created(number, &record.params)?;
         if number < trials.len() {
             trials[number] = record;
@@ -270,36 +261,15 @@ fn run_trial(
         .filter(|t| t.state == TrialState::Complete)
         .map(|t| t.reports.clone())
         .collect();
-    let reports: Arc<Mutex<Vec<(u64, f64)>>> = Arc::default();
-    let pruned = Arc::new(AtomicBool::new(false));
-    // A journal write that fails inside the observer cannot be returned through the trainer; it
-    // is kept here and ends the sweep after the trial.
-    let write_error: Arc<Mutex<Option<Error>>> = Arc::default();
-    let observer = {
-        let (journal, reports, pruned, write_error) = (
-            journal.clone(),
-            reports.clone(),
-            pruned.clone(),
-            write_error.clone(),
-        );
-        let pruner = spec.pruner;
-        let max_steps = config.train.max_steps as u64;
-        EvalObserver::new(move |step, value| {
-            let mut r = reports.lock().unwrap_or_else(|e| e.into_inner());
-            r.push((step, value));
-            if let Err(e) = lock_journal(&journal).report(number, step, value) {
-                *write_error.lock().unwrap_or_else(|e| e.into_inner()) = Some(e);
-                return EvalAction::Stop;
-            }
-            let views: Vec<&[(u64, f64)]> = completed.iter().map(|c| c.as_slice()).collect();
-            // The last evaluation is the result: stopping there would save nothing.
-            let last = step >= max_steps;
-            if !last && pruner.is_some_and(|p| pruner::should_prune(&p, &r, &views)) {
-                pruned.store(true, Ordering::Relaxed);
-                return EvalAction::Stop;
-            }
-            EvalAction::Continue
-        })
+    let mut observer = TrialObserver {
+        journal: journal.clone(),
+        number,
+        pruner: spec.pruner,
+        max_steps: config.train.max_steps as u64,
+        completed,
+        reports: Vec::new(),
+        pruned: false,
+        write_error: None,
     };
     let train_opts = TrainOptions {
         config,
@@ -312,19 +282,18 @@ fn run_trial(
         progress: opts.progress,
         adapter: opts.adapter.clone(),
         stop_after: None,
-        on_eval: Some(observer),
     };
     let start = Instant::now();
-    let result = train(&train_opts, stop);
+    let result = train(&train_opts, stop, &mut [&mut observer]);
     t.seconds = start.elapsed().as_secs_f64();
-    if let Some(e) = write_error.lock().unwrap_or_else(|e| e.into_inner()).take() {
+    if let Some(e) = observer.write_error {
         return Err(e);
     }
-    t.reports = reports.lock().unwrap_or_else(|e| e.into_inner()).clone();
+    t.reports = observer.reports;
     match result {
         Ok(summary) => {
             t.steps = summary.steps;
-            if pruned.load(Ordering::Relaxed) {
+            if observer.pruned {
                 t.state = TrialState::Pruned;
                 t.value = t.best_reported();
             } else if stop.load(Ordering::Relaxed) {
@@ -345,6 +314,49 @@ fn run_trial(
         }
     }
     Ok(Some(t))
+}
+
+/// Records a trial's periodic validation losses in the journal and prunes the trial when the
+/// median rule says it is hopeless.
+struct TrialObserver {
+    journal: Arc<Mutex<Journal>>,
+    number: usize,
+    pruner: Option<spec::PrunerSpec>,
+    max_steps: u64,
+    /// The reports of the trials completed before this one.
+    completed: Vec<Vec<(u64, f64)>>,
+    reports: Vec<(u64, f64)>,
+    pruned: bool,
+    /// A journal write that failed: the trial stops (with its checkpoint) and the error ends
+    /// the sweep after it, whatever kind of error it is.
+    write_error: Option<Error>,
+}
+
+impl Observer for TrialObserver {
+    fn on_eval(&mut self, e: &EvalStats) -> Result<Control> {
+        // The objective is measured on the periodic batches; the final full-split score is
+        // the run's own record.
+        if e.set != EvalSet::Periodic {
+            return Ok(Control::Continue);
+        }
+        self.reports.push((e.step, e.loss));
+        if let Err(err) = lock_journal(&self.journal).report(self.number, e.step, e.loss) {
+            self.write_error = Some(err);
+            return Ok(Control::Stop);
+        }
+        let views: Vec<&[(u64, f64)]> = self.completed.iter().map(|c| c.as_slice()).collect();
+        // The last evaluation is the result: stopping there would save nothing.
+        let last = e.step >= self.max_steps;
+        if !last
+            && self
+                .pruner
+                .is_some_and(|p| pruner::should_prune(&p, &self.reports, &views))
+        {
+            self.pruned = true;
+            return Ok(Control::Stop);
+        }
+        Ok(Control::Continue)
+    }
 }
 
 /// The one line per finished trial on stderr.

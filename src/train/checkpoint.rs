@@ -42,6 +42,10 @@ pub const TOKENIZER_FILE: &str = "tokenizer.json";
 pub const STATE_FILE: &str = "state.json";
 /// Pointer file in the checkpoint root naming the newest complete checkpoint folder.
 pub const LATEST_FILE: &str = "latest";
+/// Pointer file in the checkpoint root naming the checkpoint with the lowest validation loss
+/// (written, with early stopping on, when the state's `best_step` is the saved step); never
+/// pruned.
+pub const BEST_FILE: &str = "best";
 
 const FILES: [&str; 5] = [
     MODEL_FILE,
@@ -71,6 +75,13 @@ pub struct TrainingState {
     pub skipped_steps: u64,
     /// Lowest validation loss seen, if any evaluation has run.
     pub best_val_loss: Option<f64>,
+    /// The step whose periodic evaluation gave `best_val_loss`.
+    #[serde(default)]
+    pub best_step: Option<u64>,
+    /// Periodic evaluations since the last one that improved on the best loss by more than
+    /// `train.early_stopping_min_delta`: early stopping's count, kept so a resume continues it.
+    #[serde(default)]
+    pub evals_without_improvement: u32,
     /// Seed from which the data order and dropout streams continue.
     pub rng_seed: u64,
     /// Recent measurements (losses, learning rates), oldest first.
@@ -87,6 +98,8 @@ impl Default for TrainingState {
             loss_scale_run: 0,
             skipped_steps: 0,
             best_val_loss: None,
+            best_step: None,
+            evals_without_improvement: 0,
             rng_seed: 0,
             metrics: Vec::new(),
         }
@@ -192,14 +205,14 @@ struct StateFileOut<'a> {
     state: &'a TrainingState,
 }
 
-fn ckpt_err(path: &Path, message: impl Into<String>) -> Error {
+pub(crate) fn ckpt_err(path: &Path, message: impl Into<String>) -> Error {
     Error::Checkpoint {
         path: path.display().to_string(),
         message: message.into(),
     }
 }
 
-fn io_err(path: &Path, source: std::io::Error) -> Error {
+pub(crate) fn io_err(path: &Path, source: std::io::Error) -> Error {
     Error::Io {
         path: path.display().to_string(),
         source,
@@ -263,15 +276,26 @@ pub fn save(root: &Path, ckpt: &Checkpoint, keep: usize) -> Result<PathBuf> {
     fs::rename(&tmp, &dir).map_err(|e| io_err(&tmp, e))?;
     sync_dir(root)?;
 
-    let pointer = root.join(format!("{LATEST_FILE}.tmp"));
-    write_synced(&pointer, format!("{name}\n").as_bytes())?;
-    let latest = root.join(LATEST_FILE);
-    fs::rename(&pointer, &latest).map_err(|e| io_err(&latest, e))?;
-    sync_dir(root)?;
+    write_pointer(root, LATEST_FILE, &name)?;
+    if ckpt.config.train.early_stopping_patience > 0 && ckpt.state.best_step == Some(step) {
+        // After `latest`: the best is never newer than the latest, and the checkpoint the
+        // pointer named before stays (unpruned) until this rename lands.
+        write_pointer(root, BEST_FILE, &name)?;
+    }
 
     // Everything below only removes data that the new, complete checkpoint supersedes.
     prune(root, step, keep.max(1))?;
     Ok(dir)
+}
+
+/// Points `root/file` at the folder `name` by one rename, so a reader sees the old name or the
+/// new one, never a torn write.
+fn write_pointer(root: &Path, file: &str, name: &str) -> Result<()> {
+    let pointer = root.join(format!("{file}.tmp"));
+    write_synced(&pointer, format!("{name}\n").as_bytes())?;
+    let target = root.join(file);
+    fs::rename(&pointer, &target).map_err(|e| io_err(&target, e))?;
+    sync_dir(root)
 }
 
 /// Refuses, before anything is written, a checkpoint that [`load`] would reject.
@@ -400,7 +424,7 @@ fn encode_tensors(
 /// safetensors takes the metadata as a `HashMap`, whose iteration order is random per process, so
 /// the same checkpoint written twice would differ in its header. The rewritten header has the
 /// same length (the same keys and values, reordered), so the data offsets stay valid.
-fn canonical_metadata(mut bytes: Vec<u8>) -> Result<Vec<u8>> {
+pub(crate) fn canonical_metadata(mut bytes: Vec<u8>) -> Result<Vec<u8>> {
     let broken = |m: &str| Error::Invalid {
         key: "checkpoint header".into(),
         value: m.to_string(),
@@ -431,7 +455,7 @@ fn canonical_metadata(mut bytes: Vec<u8>) -> Result<Vec<u8>> {
     Ok(bytes)
 }
 
-fn write_synced(path: &Path, bytes: &[u8]) -> Result<()> {
+pub(crate) fn write_synced(path: &Path, bytes: &[u8]) -> Result<()> {
     let mut f = fs::File::create(path).map_err(|e| io_err(path, e))?;
     f.write_all(bytes).map_err(|e| io_err(path, e))?;
     f.sync_all().map_err(|e| io_err(path, e))
@@ -439,7 +463,7 @@ fn write_synced(path: &Path, bytes: &[u8]) -> Result<()> {
 
 /// Makes renames and creations inside `dir` durable. Windows cannot open a directory as a file
 /// and orders metadata updates itself, so there this is a no-op.
-fn sync_dir(dir: &Path) -> Result<()> {
+pub(crate) fn sync_dir(dir: &Path) -> Result<()> {
     #[cfg(unix)]
     {
         fs::File::open(dir)
@@ -495,12 +519,20 @@ fn list_checkpoints(root: &Path) -> Result<Vec<(u64, bool, PathBuf)>> {
 /// Deletes leftovers of interrupted saves and all but the newest `keep` checkpoints up to
 /// `newest`. Folders of later steps (left by an earlier run that went further before this one
 /// resumed from an older checkpoint) are not this run's to delete and are kept.
+///
+/// The folder the `best` pointer names is never deleted and does not count towards `keep`.
 fn prune(root: &Path, newest: u64, keep: usize) -> Result<()> {
+    let best = fs::read_to_string(root.join(BEST_FILE))
+        .ok()
+        .map(|t| t.trim().to_string());
     let mut regular = Vec::new();
     for (step, old, path) in list_checkpoints(root)? {
+        let is_best = best
+            .as_deref()
+            .is_some_and(|b| path.file_name() == Some(b.as_ref()));
         if old {
             remove_dir(&path)?;
-        } else if step <= newest {
+        } else if step <= newest && !is_best {
             regular.push(path);
         }
     }
@@ -575,7 +607,9 @@ pub fn latest_dir(root: &Path) -> Result<PathBuf> {
         .map(|(_, _, path)| path)
         .find(|p| is_complete(p))
         .ok_or_else(|| {
-            if root.join(CONFIG_FILE).is_file() {
+            if let Some(h) = crate::quant::checkpoint::header(root) {
+                crate::quant::checkpoint::not_float(root, &h, "trained or resumed")
+            } else if root.join(CONFIG_FILE).is_file() {
                 ckpt_err(
                     root,
                     "no checkpoint yet: this run stopped before its first checkpoint (one is \
@@ -595,8 +629,18 @@ pub fn latest_dir(root: &Path) -> Result<PathBuf> {
 /// The checkpoint folder a user means by `path`: `path` itself when it is a checkpoint folder
 /// (named `step-N`, or holding any of a checkpoint's own files), else the latest checkpoint of
 /// the run folder `path` (see [`latest_dir`]). So a damaged step folder is reported as damaged
-/// rather than as a run folder without checkpoints.
+/// rather than as a run folder without checkpoints. The pointer files themselves are accepted
+/// too: `RUN/latest` means the run's latest checkpoint and `RUN/best` the one it names (see
+/// [`best_dir`]).
 pub fn resolve(path: &Path) -> Result<PathBuf> {
+    let pointer = path.file_name().and_then(|n| n.to_str());
+    let root = path.parent().unwrap_or(Path::new("."));
+    if path.is_file() && pointer == Some(LATEST_FILE) {
+        return latest_dir(root);
+    }
+    if pointer == Some(BEST_FILE) && !path.is_dir() {
+        return best_dir(root);
+    }
     if path.is_file() {
         return Err(ckpt_err(
             path,
@@ -613,6 +657,36 @@ pub fn resolve(path: &Path) -> Result<PathBuf> {
         return Ok(path.to_path_buf());
     }
     latest_dir(path)
+}
+
+/// The folder the `best` pointer of the run folder `root` names: the checkpoint with the lowest
+/// validation loss of a run with early stopping. Unlike `latest` there is no fallback: a missing
+/// pointer or one naming a folder that is not a complete checkpoint is an error.
+pub fn best_dir(root: &Path) -> Result<PathBuf> {
+    let pointer = root.join(BEST_FILE);
+    let text = match fs::read_to_string(&pointer) {
+        Ok(text) => text,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            return Err(ckpt_err(
+                &pointer,
+                "no such file: only runs with train.early_stopping_patience ≥ 1 keep a best \
+                 checkpoint; pass the run folder (its latest checkpoint) or RUN/step-N instead",
+            ));
+        }
+        Err(e) => return Err(io_err(&pointer, e)),
+    };
+    let name = text.trim();
+    let dir = root.join(name);
+    if parse_step_name(name).is_some() && is_complete(&dir) {
+        return Ok(dir);
+    }
+    Err(ckpt_err(
+        &pointer,
+        format!(
+            "names {name:?}, which is not a complete checkpoint folder; pass the run folder or \
+             RUN/step-N instead"
+        ),
+    ))
 }
 
 /// The folder of step `step` in the run folder `root`, checked to be a complete checkpoint;
@@ -699,7 +773,7 @@ pub fn read_state(dir: &Path) -> Result<TrainingState> {
     serde_json::from_value(serde_json::Value::Object(value)).map_err(corrupt)
 }
 
-fn read_text(path: &Path) -> Result<String> {
+pub(crate) fn read_text(path: &Path) -> Result<String> {
     let bytes = read_bytes(path)?;
     String::from_utf8(bytes).map_err(|e| {
         ckpt_err(
@@ -709,7 +783,7 @@ fn read_text(path: &Path) -> Result<String> {
     })
 }
 
-fn read_bytes(path: &Path) -> Result<Vec<u8>> {
+pub(crate) fn read_bytes(path: &Path) -> Result<Vec<u8>> {
     fs::read(path).map_err(|e| {
         if e.kind() == std::io::ErrorKind::NotFound {
             ckpt_err(
@@ -732,6 +806,13 @@ pub fn load(dir: &Path) -> Result<Checkpoint> {
         return Err(ckpt_err(
             dir,
             "not a directory; pass a checkpoint folder (step-N) or use the checkpoint root",
+        ));
+    }
+    if let Some(h) = crate::quant::checkpoint::header(dir) {
+        return Err(crate::quant::checkpoint::not_float(
+            dir,
+            &h,
+            "trained, resumed or quantised again",
         ));
     }
     let state = read_state(dir)?;

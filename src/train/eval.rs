@@ -1,11 +1,10 @@
 //! Loss and perplexity of a checkpoint on its validation split or on any text file.
 
-use super::checkpoint;
-use super::trainer::evaluate;
 use crate::cpu::gpt::GptBatch;
 use crate::data::{Batch, Dataset, Tokenizer};
 use crate::gpu::{Gpu, GpuOptions};
-use crate::model::gpu::GptGpu;
+use crate::model::gpu::{GptGpu, WeightBytes};
+use crate::quant::weights::ModelWeights;
 use crate::{Error, Result};
 use std::path::Path;
 
@@ -20,6 +19,27 @@ pub struct EvalReport {
     pub tokens: usize,
     /// The checkpoint folder evaluated.
     pub checkpoint: String,
+    /// What its weights are: `float`, or the quantisation settings.
+    pub weights: String,
+    /// Bytes of its weights on the GPU.
+    pub weight_bytes: WeightBytes,
+    /// Seconds of the forward passes (building the model and reading the corpus excluded).
+    pub seconds: f64,
+}
+
+/// Which tokens an evaluation scores.
+#[derive(Clone, Copy, Debug)]
+pub enum EvalText<'a> {
+    /// The fixed validation batches of the training corpus recorded in the checkpoint's config
+    /// (`train.eval_batches` of them, at most this many).
+    Validation {
+        /// Most batches to score.
+        max_batches: usize,
+    },
+    /// Every token of that corpus's validation split once, in consecutive windows.
+    FullValidation,
+    /// Every token of a text file once, in consecutive windows.
+    File(&'a Path),
 }
 
 /// Evaluates the latest checkpoint under `dir` (or the checkpoint folder `dir`). With `data`,
@@ -32,73 +52,142 @@ pub fn eval_checkpoint(
     max_batches: usize,
     options: &GpuOptions,
 ) -> Result<EvalReport> {
-    if max_batches == 0 {
-        return Err(Error::invalid("batches", 0, "must be at least 1"));
-    }
-    let folder = checkpoint::resolve(dir)?;
-    let ck = checkpoint::load(&folder)?;
-    let tokenizer = Tokenizer::from_json(&ck.tokenizer_json)?;
-    let (t, block) = (&ck.config.train, ck.config.model.block_size);
-    let batches: Vec<Batch> = match data {
-        Some(path) => windows(
-            &tokenizer.encode(&crate::data::read_corpus(path)?)?,
-            t.batch_size,
-            block,
-            &path.display().to_string(),
-        )?,
-        None => {
-            if ck.config.data.path.is_empty() {
-                return Err(Error::invalid(
-                    "--data",
-                    "(none)",
-                    "this checkpoint does not record its corpus; pass the text to score with --data FILE",
-                ));
-            }
-            let ds = Dataset::with_tokenizer(
-                Path::new(&ck.config.data.path),
-                tokenizer.clone(),
-                ck.config.data.val_fraction,
-                block,
-            )?;
-            ds.val_batches(t.eval_batches.min(max_batches), t.batch_size, block, t.seed)?
-        }
+    let text = match data {
+        Some(path) => EvalText::File(path),
+        None => EvalText::Validation { max_batches },
     };
-    let gpu = Gpu::with_options(options)?;
-    gpu.tuning().set_enabled(false);
-    let model = GptGpu::new(
-        &gpu,
-        &ck.config.model,
-        tokenizer.vocab_size(),
-        GptBatch {
-            batch: t.batch_size,
-            seq: block,
-        },
-        1,
-    )?;
-    let ck = ck.with_layout(model.layout())?;
-    model.set_weights(&gpu, &ck.master)?;
-    let loss = evaluate(&gpu, &model, &batches)?;
-    if !loss.is_finite() {
-        return Err(Error::NonFinite {
-            what: "loss".into(),
-            message: format!(
-                "the model in {} gives a loss of {loss} (its logits overflow): its weights are \
-                 damaged or the run had diverged when it was saved; evaluate an earlier \
-                 checkpoint with --checkpoint RUN/step-N",
-                folder.display()
-            ),
-        });
-    }
+    let mut reports = eval_checkpoints(&[dir], text, options)?;
+    Ok(reports.remove(0))
+}
+
+/// Evaluates several checkpoints (float or quantised) on the same tokens: those `text` picks
+/// by the first checkpoint's config and tokenizer, which every other must share (a quantised
+/// model and the checkpoint it was made from, say). Each model is built for inference in turn
+/// on one device.
+pub fn eval_checkpoints(
+    dirs: &[&Path],
+    text: EvalText<'_>,
+    options: &GpuOptions,
+) -> Result<Vec<EvalReport>> {
+    let Some(first) = dirs.first() else {
+        return Ok(Vec::new());
+    };
+    let weights = ModelWeights::load(first)?;
+    let batches = eval_batches(&weights, text)?;
     let tokens = batches
         .iter()
         .map(|b| b.targets.iter().filter(|&&x| x != u32::MAX).count())
         .sum();
-    Ok(EvalReport {
-        loss,
-        perplexity: loss.exp(),
-        tokens,
-        checkpoint: folder.display().to_string(),
-    })
+    let gpu = Gpu::with_options(options)?;
+    gpu.tuning().set_enabled(false);
+    let mut reports = Vec::new();
+    let tokenizer = weights.tokenizer_json.clone();
+    let mut next = Some(weights);
+    for (i, dir) in dirs.iter().enumerate() {
+        let w = match next.take() {
+            Some(w) => w,
+            None => ModelWeights::load(dir)?,
+        };
+        if i > 0 && w.tokenizer_json != tokenizer {
+            return Err(Error::invalid(
+                "--compare",
+                dir.display(),
+                format!(
+                    "has another tokenizer than {}: the two models do not score the same \
+                     tokens",
+                    first.display()
+                ),
+            ));
+        }
+        let batch = GptBatch {
+            batch: batches[0].batch_size,
+            seq: batches[0].block_size,
+        };
+        let model = GptGpu::inference(&gpu, &w, batch)?;
+        let t0 = std::time::Instant::now();
+        let (loss, _) = mean_loss(&gpu, &model, &batches)?;
+        let seconds = t0.elapsed().as_secs_f64();
+        if !loss.is_finite() {
+            return Err(Error::NonFinite {
+                what: "loss".into(),
+                message: format!(
+                    "the model in {} gives a loss of {loss} (its logits overflow): its weights \
+                     are damaged or the run had diverged when it was saved; evaluate an earlier \
+                     checkpoint with --checkpoint RUN/step-N",
+                    w.folder.display()
+                ),
+            });
+        }
+        reports.push(EvalReport {
+            loss,
+            perplexity: loss.exp(),
+            tokens,
+            checkpoint: w.folder.display().to_string(),
+            weights: w.describe(),
+            weight_bytes: model.weight_bytes(),
+            seconds,
+        });
+    }
+    Ok(reports)
+}
+
+/// The batches `text` describes for the model of `w`, `train.batch_size` windows of its
+/// context each.
+fn eval_batches(w: &ModelWeights, text: EvalText<'_>) -> Result<Vec<Batch>> {
+    let tokenizer = Tokenizer::from_json(&w.tokenizer_json)?;
+    let (t, block) = (&w.config.train, w.config.model.block_size);
+    let dataset = || {
+        if w.config.data.path.is_empty() {
+            return Err(Error::invalid(
+                "--data",
+                "(none)",
+                "this checkpoint does not record its corpus; pass the text to score with --data FILE",
+            ));
+        }
+        Dataset::with_tokenizer(
+            Path::new(&w.config.data.path),
+            tokenizer.clone(),
+            w.config.data.val_fraction,
+            block,
+        )
+    };
+    match text {
+        EvalText::File(path) => windows(
+            &tokenizer.encode(&crate::data::read_corpus(path)?)?,
+            t.batch_size,
+            block,
+            &path.display().to_string(),
+        ),
+        EvalText::Validation { max_batches } => {
+            if max_batches == 0 {
+                return Err(Error::invalid("batches", 0, "must be at least 1"));
+            }
+            dataset()?.val_batches(t.eval_batches.min(max_batches), t.batch_size, block, t.seed)
+        }
+        EvalText::FullValidation => windows(
+            dataset()?.val_tokens(),
+            t.batch_size,
+            block,
+            "the validation split",
+        ),
+    }
+}
+
+/// Mean loss per scored token over `batches` (waits for each), and the number of tokens scored;
+/// targets equal to `u32::MAX` are not scored.
+pub fn mean_loss(gpu: &Gpu, model: &GptGpu, batches: &[Batch]) -> Result<(f64, u64)> {
+    let (mut total, mut count) = (0.0f64, 0u64);
+    for b in batches {
+        model.set_batch(gpu, &b.inputs, &b.targets)?;
+        gpu.run_pass("eval", |pass| model.record_eval(pass))?;
+        total += gpu
+            .read(model.losses())?
+            .iter()
+            .map(|&l| f64::from(l))
+            .sum::<f64>();
+        count += u64::from(gpu.read_u32(model.target_count())?[0]);
+    }
+    Ok((total / count.max(1) as f64, count))
 }
 
 /// Consecutive windows of `block + 1` tokens covering `ids`, `batch` to a batch. The last

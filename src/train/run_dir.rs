@@ -8,7 +8,7 @@
 //! behind; the file itself stays and holds the PID of the last holder, for the message a second
 //! writer gets.
 
-use super::checkpoint::{self, CONFIG_FILE, LATEST_FILE};
+use super::checkpoint::{self, BEST_FILE, CONFIG_FILE, LATEST_FILE};
 use crate::data::write_atomic;
 use crate::model::Config;
 use crate::{Error, Result};
@@ -164,7 +164,8 @@ impl RunDir {
         })?;
         for entry in entries.flatten() {
             let name = entry.file_name().to_string_lossy().into_owned();
-            let ours = [CONFIG_FILE, LATEST_FILE, METRICS_FILE, PLOT_FILE].contains(&name.as_str())
+            let ours = [CONFIG_FILE, LATEST_FILE, BEST_FILE, METRICS_FILE, PLOT_FILE]
+                .contains(&name.as_str())
                 || is_step_name(&name);
             if ours {
                 found.push(name);
@@ -175,11 +176,11 @@ impl RunDir {
     }
 
     /// Deletes what [`RunDir::previous_run`] lists (and only that: other files a user keeps in
-    /// the folder stay). `latest` goes first, so an interruption leaves no pointer to a deleted
-    /// checkpoint.
+    /// the folder stay). The pointers `latest` and `best` go first, so an interruption leaves no
+    /// pointer to a deleted checkpoint.
     fn remove_previous_run(&self) -> Result<()> {
         let mut names = self.previous_run()?;
-        names.sort_by_key(|n| n != LATEST_FILE);
+        names.sort_by_key(|n| n != LATEST_FILE && n != BEST_FILE);
         for name in names {
             let p = self.path.join(&name);
             let r = if p.is_dir() {

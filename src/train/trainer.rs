@@ -1,558 +1,294 @@
-//! The training loop: batches, steps, asynchronous loss read-back, evaluation, metrics,
-//! checkpoints, resume and Ctrl-C.
+//! [`Trainer`]: a model, its optimizer state and its data on one device, stepped, evaluated and
+//! saved by the caller. The schedule loop is [`Trainer::fit`] (in `fit.rs`); run folders,
+//! metrics files and progress bars are built on top (in `run.rs` and `observers.rs`).
 
 use super::checkpoint::{self, Checkpoint, TrainingState};
-use super::run_dir::{RunDir, RunMode};
+use super::eval::{mean_loss, windows};
+use super::readback::{RawStep, StatsRing};
 use super::schedule::learning_rate;
+use super::stats::{EvalSet, EvalStats, SavedCheckpoint, StepStats};
 use crate::cpu::gpt::GptBatch;
-use crate::data::Dataset;
+use crate::data::{Batch, Dataset, Tokenizer};
+use crate::generate::Generator;
 use crate::gpu::{Gpu, GpuOptions};
 use crate::model::gpu::GptGpu;
 use crate::model::init::gpt2_init;
 use crate::model::{Config, ParamLayout};
 use crate::training::AdamWStep;
-use crate::{Error, Precision, Result};
-use std::io::Write;
-use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex};
+use crate::{Error, Precision, PrecisionChoice, Result};
+use std::collections::VecDeque;
+use std::path::Path;
 use std::time::Instant;
 
-/// What to train and where.
-#[derive(Clone, Debug)]
-pub struct TrainOptions {
-    /// The run's configuration (validated).
-    pub config: Config,
-    /// The corpus.
-    pub data: PathBuf,
-    /// Folder for checkpoints, metrics and the copy of the config.
-    pub out_dir: PathBuf,
-    /// Continue from the latest checkpoint in `out_dir`.
-    pub resume: bool,
-    /// With `resume`: continue from the checkpoint of this step instead of the latest.
-    pub resume_from: Option<u64>,
-    /// Without `resume`: replace a run already in `out_dir` (otherwise that is an error).
-    pub overwrite: bool,
-    /// Draw a progress bar on stderr.
-    pub progress: bool,
-    /// Adapter choice.
-    pub adapter: Option<String>,
-    /// Stop (with a checkpoint) after this many steps of this invocation, whatever max_steps says.
-    pub stop_after: Option<u64>,
-    /// Told the validation loss after each evaluation; it may end the run early (with a
-    /// checkpoint, as Ctrl-C does). `None` for a plain run.
-    pub on_eval: Option<EvalObserver>,
+/// Steps that may be in flight on the GPU before submitting another waits for the oldest.
+const STEPS_IN_FLIGHT: usize = 4;
+
+/// Trains a model on one device: the weights, the AdamW moments, the dynamic loss scale and the
+/// data live here between calls, and every call continues exactly where the last one stopped.
+///
+/// - [`Trainer::step`] runs one optimizer step and returns its [`StepStats`];
+///   [`Trainer::evaluate`] scores validation data; [`Trainer::save`] writes an ordinary kiln
+///   checkpoint (what `kiln sample`, `kiln eval` and `kiln train --resume` read), and
+///   [`Trainer::from_checkpoint`] / [`Trainer::resume`] continue from one, bit for bit as if
+///   the run had not stopped.
+/// - [`Trainer::fit`] loops over steps, evaluations and checkpoints on the config's schedule,
+///   reporting to [`super::Observer`]s, with a stop flag for Ctrl-C.
+/// - [`Trainer::into_generator`] turns the trained model into a
+///   [`Generator`] for sampling.
+///
+/// The batches of step k are a pure function of (data, `train.seed`, k), and dropout masks of
+/// (`train.seed`, k), so a trainer built from a checkpoint of step k draws exactly what the
+/// original run would have.
+///
+/// ```
+/// use kiln::{Config, Dataset, Trainer};
+///
+/// # fn main() -> kiln::Result<()> {
+/// // A tiny model on text held in memory (character tokenizer, 10% for validation).
+/// let config = Config::from_toml(
+///     "[model]\nn_layer = 1\nn_head = 2\nn_embd = 16\nblock_size = 8\n\
+///      [train]\nbatch_size = 2\nmax_steps = 3\neval_batches = 1\nprecision = \"f32\"",
+///     &[],
+/// )?;
+/// let text = "to be or not to be, that is the question. ".repeat(20);
+/// let data = Dataset::from_text(&text, &config.data, config.model.block_size)?;
+/// let mut trainer = Trainer::with_default_gpu(config, data)?;
+/// let first = trainer.step()?;
+/// assert_eq!(first.step, 0);
+/// assert!(first.loss.is_finite());
+/// let val = trainer.evaluate(kiln::EvalSet::Periodic)?;
+/// assert!(val.loss > 0.0);
+/// # Ok(())
+/// # }
+/// ```
+pub struct Trainer {
+    gpu: Gpu,
+    config: Config,
+    dataset: Dataset,
+    tokenizer_json: String,
+    model: GptGpu,
+    layout: ParamLayout,
+    state: TrainingState,
+    scaling: bool,
+    ring: StatsRing,
+    /// Statistics of finished steps not yet handed out.
+    ready: VecDeque<StepStats>,
+    /// The fixed periodic validation batches.
+    val: Vec<Batch>,
+    /// Skipped steps before this trainer's model existed (the GPU counts from 0).
+    skipped_before: u64,
+    /// The loss scale the next step to be read back ran with (the scale after the step before).
+    scale_in_effect: f32,
+    /// Set once a step's loss comes back non-finite: nothing is saved from that state.
+    diverged: Option<(u64, f32)>,
+    last_loss: f32,
+    keep: usize,
+    pub(crate) clock: Clock,
 }
 
-/// What an [`EvalObserver`] wants after an evaluation.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum EvalAction {
-    /// Keep training.
-    Continue,
-    /// Stop after this step, with a checkpoint (as Ctrl-C does).
-    Stop,
+/// Where the trainer's wall-clock time went.
+#[derive(Default)]
+pub(crate) struct Clock {
+    start: Option<Instant>,
+    /// Seconds of evaluation, saving and observers (not training).
+    pub excluded: f64,
+    pub encode: f64,
+    pub submit: f64,
+    /// Steps submitted through this trainer.
+    pub submitted: u64,
+    /// Steps read back through this trainer, and the training time when the last one was.
+    reported: u64,
+    last_reported_at: f64,
 }
 
-/// A callback the training loop calls after each evaluation with the number of steps done and
-/// the validation loss measured. A hyperparameter sweep uses it to record intermediate values and
-/// prune trials that are clearly worse than the others; it runs on the training thread, so it
-/// should be quick.
-#[derive(Clone)]
-pub struct EvalObserver(pub Arc<dyn Fn(u64, f64) -> EvalAction + Send + Sync>);
-
-impl EvalObserver {
-    /// Wraps a closure.
-    pub fn new(f: impl Fn(u64, f64) -> EvalAction + Send + Sync + 'static) -> Self {
-        EvalObserver(Arc::new(f))
+impl Clock {
+    /// Training seconds so far: wall time since the first step, less the excluded time.
+    pub fn training_seconds(&self) -> f64 {
+        self.start.map_or(0.0, |s| {
+            (s.elapsed().as_secs_f64() - self.excluded).max(1e-9)
+        })
     }
 }
 
-impl std::fmt::Debug for EvalObserver {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str("EvalObserver(..)")
+impl Trainer {
+    /// A fresh run: weights drawn from `train.seed` (GPT-2's initialisation), zero moments.
+    /// `gpu`'s precision must agree with `train.precision` where that is not `auto` (open it
+    /// with [`Trainer::with_default_gpu`], or with `GpuOptions { precision:
+    /// config.train.precision, .. }`).
+    pub fn new(gpu: Gpu, config: Config, dataset: Dataset) -> Result<Trainer> {
+        let mut trainer = Trainer::build(gpu, config, dataset)?;
+        let weights = gpt2_init(
+            &trainer.layout,
+            &trainer.config.model,
+            trainer.config.train.seed,
+        );
+        trainer.model.set_weights(&trainer.gpu, &weights)?;
+        if trainer.scaling {
+            trainer.state.loss_scale = trainer.config.loss_scaling().init_scale;
+            trainer.scale_in_effect = trainer.state.loss_scale;
+        }
+        Ok(trainer)
     }
-}
 
-/// What a run measured.
-#[derive(Clone, Debug, serde::Serialize)]
-pub struct TrainSummary {
-    /// Optimizer steps completed in total.
-    pub steps: u64,
-    /// Last validation loss measured.
-    pub val_loss: Option<f64>,
-    /// Validation loss over every token of the validation split, measured when the run reached
-    /// max_steps (with `train.final_eval_full_split`).
-    pub full_val_loss: Option<f64>,
-    /// Tokens that measurement scored.
-    pub full_val_tokens: u64,
-    /// Mean wall-clock milliseconds per step over this invocation (evaluation excluded).
-    pub ms_per_step: f64,
-    /// Training tokens per second over this invocation.
-    pub tokens_per_s: f64,
-    /// Model FLOP/s: 6·params·tokens plus attention, over the step time.
-    pub model_gflops: f64,
-    /// Dispatches recorded per optimizer step.
-    pub dispatches_per_step: usize,
-    /// Mean host microseconds to build one step's command buffer (upload included).
-    pub encode_us: f64,
-    /// Mean host microseconds from the start of encoding to the return of the submit. On an
-    /// adapter whose queue takes one submission at a time (lavapipe) the submit returns only when
-    /// the previous step has finished, so this includes waiting for the GPU.
-    pub submit_us: f64,
-    /// Steps skipped for non-finite gradients.
-    pub skipped_steps: u64,
-    /// The last checkpoint written.
-    pub checkpoint: Option<PathBuf>,
-    /// Storage precision used.
-    pub precision: Precision,
-}
-
-/// One metrics line (JSON) per logged step and per evaluation, appended to `metrics.jsonl`.
-fn log_metric(out: &Path, value: &serde_json::Value) -> Result<()> {
-    let path = out.join("metrics.jsonl");
-    let mut f = std::fs::OpenOptions::new()
-        .create(true)
-        .append(true)
-        .open(&path)
-        .map_err(|source| Error::Io {
-            path: path.display().to_string(),
-            source,
+    /// [`Trainer::new`] on the default adapter (or the one `KILN_ADAPTER` names), opened with
+    /// the config's `train.precision`.
+    pub fn with_default_gpu(config: Config, dataset: Dataset) -> Result<Trainer> {
+        let gpu = Gpu::with_options(&GpuOptions {
+            adapter: None,
+            precision: config.train.precision,
         })?;
-    writeln!(f, "{value}").map_err(|source| Error::Io {
-        path: path.display().to_string(),
-        source,
-    })
-}
-
-/// A ring of staging buffers the per-row losses of each step are copied into and mapped
-/// asynchronously, so the loop learns the loss of step k a few steps later without ever waiting
-/// for the step in flight.
-struct LossRing {
-    slots: Vec<Slot>,
-    rows: usize,
-}
-
-struct Slot {
-    buffer: wgpu::Buffer,
-    step: Option<u64>,
-    ready: Arc<Mutex<Option<std::result::Result<(), wgpu::BufferAsyncError>>>>,
-}
-
-impl LossRing {
-    fn new(gpu: &Gpu, rows: usize, n: usize) -> Self {
-        let slots = (0..n)
-            .map(|i| Slot {
-                buffer: gpu.device().create_buffer(&wgpu::BufferDescriptor {
-                    label: Some(&format!("loss ring {i}")),
-                    size: ((rows + 1) * 4) as u64,
-                    usage: wgpu::BufferUsages::MAP_READ | wgpu::BufferUsages::COPY_DST,
-                    mapped_at_creation: false,
-                }),
-                step: None,
-                ready: Arc::new(Mutex::new(None)),
-            })
-            .collect();
-        LossRing { slots, rows }
+        Trainer::new(gpu, config, dataset)
     }
 
-    fn slot_for(step: u64, n: usize) -> usize {
-        (step % n as u64) as usize
-    }
-
-    /// Records the copy of this step's losses (and target count) into its slot.
-    fn record_copy(&self, enc: &mut wgpu::CommandEncoder, model: &GptGpu, step: u64) {
-        let slot = &self.slots[Self::slot_for(step, self.slots.len())];
-        let losses = model.losses();
-        enc.copy_buffer_to_buffer(
-            losses.buffer(),
-            losses.offset_bytes(),
-            &slot.buffer,
-            0,
-            (self.rows * 4) as u64,
-        );
-        let count = model.target_count();
-        enc.copy_buffer_to_buffer(
-            count.buffer(),
-            count.offset_bytes(),
-            &slot.buffer,
-            (self.rows * 4) as u64,
-            4,
-        );
-    }
-
-    /// After the step's submission: asks for the slot to be mapped when the GPU is done.
-    fn request(&mut self, step: u64) {
-        let n = self.slots.len();
-        let slot = &mut self.slots[Self::slot_for(step, n)];
-        slot.step = Some(step);
-        let ready = slot.ready.clone();
-        *ready.lock().unwrap_or_else(|e| e.into_inner()) = None;
-        slot.buffer.map_async(wgpu::MapMode::Read, .., move |r| {
-            *ready.lock().unwrap_or_else(|e| e.into_inner()) = Some(r);
-        });
-    }
-
-    /// Before reusing the slot of `step`: waits for the step that used it last (the oldest in
-    /// flight) and returns its loss.
-    fn drain_slot(&mut self, gpu: &Gpu, step: u64) -> Result<Option<(u64, f32)>> {
-        let n = self.slots.len();
-        let i = Self::slot_for(step, n);
-        if self.slots[i].step.is_none() {
-            return Ok(None);
+    /// Continues from `checkpoint` with `config`, which may change training settings (steps,
+    /// learning rate, intervals) but not the model's shape (see [`checkpoint::check_compatible`]).
+    /// `dataset` must use the checkpoint's tokenizer. Restores weights, moments, step count,
+    /// loss scale and the rest of the training state, so the next step is the one the saved run
+    /// would have taken.
+    pub fn from_checkpoint(
+        gpu: Gpu,
+        config: Config,
+        dataset: Dataset,
+        checkpoint: Checkpoint,
+    ) -> Result<Trainer> {
+        let mut trainer = Trainer::build(gpu, config, dataset)?;
+        if checkpoint.tokenizer_json != trainer.tokenizer_json {
+            let theirs = Tokenizer::from_json(&checkpoint.tokenizer_json)?.vocab_size();
+            return Err(Error::invalid(
+                "dataset",
+                "(tokenizer)",
+                format!(
+                    "the checkpoint's tokenizer ({theirs} tokens) differs from the dataset's ({} \
+                     tokens); build the dataset with the checkpoint's tokenizer \
+                     (Dataset::with_tokenizer or Dataset::from_tokens)",
+                    trainer.dataset.tokenizer().vocab_size()
+                ),
+            ));
         }
-        // Poll rather than wait for the device: a full wait would also wait for the newer steps
-        // in flight, and the ring exists to keep those overlapping with the host.
-        while self.slots[i]
-            .ready
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .is_none()
-        {
-            let _ = gpu.device().poll(wgpu::PollType::Poll);
-            std::thread::sleep(std::time::Duration::from_micros(100));
+        checkpoint::check_compatible(&checkpoint, &trainer.config, &trainer.layout)?;
+        let ck = checkpoint.with_layout(&trainer.layout)?;
+        trainer
+            .model
+            .set_state(&trainer.gpu, &ck.master, Some((&ck.m, &ck.v)))?;
+        trainer.state = ck.state;
+        trainer.skipped_before = trainer.state.skipped_steps;
+        if trainer.scaling {
+            let (scale, run) = (trainer.state.loss_scale, trainer.state.loss_scale_run);
+            trainer
+                .model
+                .set_loss_scale_state(&trainer.gpu, scale, run)?;
+            trainer.scale_in_effect = scale;
         }
-        self.take(i)
+        log::info!("resumed from step {}", trainer.state.step);
+        Ok(trainer)
     }
 
-    /// Losses of finished steps, without waiting.
-    fn harvest(&mut self, gpu: &Gpu) -> Result<Vec<(u64, f32)>> {
-        let _ = gpu.device().poll(wgpu::PollType::Poll);
-        let mut out = Vec::new();
-        let mut order: Vec<usize> = (0..self.slots.len())
-            .filter(|&i| self.slots[i].step.is_some())
-            .collect();
-        order.sort_by_key(|&i| self.slots[i].step);
-        for i in order {
-            if self.slots[i]
-                .ready
-                .lock()
-                .unwrap_or_else(|e| e.into_inner())
-                .is_none()
-            {
-                break;
-            }
-            if let Some(x) = self.take(i)? {
-                out.push(x);
-            }
-        }
-        Ok(out)
+    /// [`Trainer::from_checkpoint`] with the checkpoint in `dir` (a checkpoint folder, or a run
+    /// folder's latest) and the config it was saved with.
+    pub fn resume(gpu: Gpu, dir: &Path, dataset: Dataset) -> Result<Trainer> {
+        let ck = checkpoint::load(&checkpoint::resolve(dir)?)?;
+        Trainer::from_checkpoint(gpu, ck.config.clone(), dataset, ck)
     }
 
-    /// Every loss still in flight (waits).
-    fn flush(&mut self, gpu: &Gpu) -> Result<Vec<(u64, f32)>> {
-        gpu.wait()?;
-        self.harvest(gpu)
-    }
-
-    fn take(&mut self, i: usize) -> Result<Option<(u64, f32)>> {
-        let slot = &mut self.slots[i];
-        let Some(step) = slot.step.take() else {
-            return Ok(None);
+    /// Everything but the weights: checks, model, ring, validation batches.
+    fn build(gpu: Gpu, config: Config, dataset: Dataset) -> Result<Trainer> {
+        config.validate()?;
+        let wanted = match config.train.precision {
+            PrecisionChoice::Auto => None,
+            PrecisionChoice::F32 => Some(Precision::F32),
+            PrecisionChoice::F16 => Some(Precision::F16),
         };
-        let result = slot.ready.lock().unwrap_or_else(|e| e.into_inner()).take();
-        if let Some(Err(e)) = result {
-            return Err(Error::Readback {
-                what: "loss ring".into(),
-                message: e.to_string(),
-            });
+        if let Some(wanted) = wanted.filter(|&p| p != gpu.precision()) {
+            return Err(Error::invalid(
+                "train.precision",
+                wanted,
+                format!(
+                    "the device was opened for {} storage; open it with GpuOptions {{ precision: \
+                     config.train.precision, .. }} or set train.precision = \"auto\"",
+                    gpu.precision()
+                ),
+            ));
         }
-        let loss = {
-            let view = slot
-                .buffer
-                .get_mapped_range(..)
-                .map_err(|e| Error::Readback {
-                    what: "loss ring".into(),
-                    message: e.to_string(),
-                })?;
-            let words: &[f32] = bytemuck::cast_slice(&view);
-            let count = bytemuck::cast::<f32, u32>(words[self.rows]).max(1);
-            (words[..self.rows]
-                .iter()
-                .map(|&l| f64::from(l))
-                .sum::<f64>()
-                / f64::from(count)) as f32
+        let t = &config.train;
+        let block = config.model.block_size;
+        // Both splits long enough for this context (the dataset may have been split for
+        // another), with the data layer's message.
+        dataset.train_batch(0, 0, 1, block, t.seed)?;
+        let val = dataset.val_batches(t.eval_batches, t.batch_size, block, t.seed)?;
+        let tokenizer_json = dataset.tokenizer().to_json()?;
+        let vocab = dataset.tokenizer().vocab_size();
+        let batch = GptBatch {
+            batch: t.batch_size,
+            seq: block,
         };
-        slot.buffer.unmap();
-        Ok(Some((step, loss)))
-    }
-}
-
-/// Mean loss per scored token over `batches` (waits for each); targets equal to `u32::MAX` are
-/// not scored.
-pub fn evaluate(gpu: &Gpu, model: &GptGpu, batches: &[crate::data::Batch]) -> Result<f64> {
-    let (mut total, mut count) = (0.0f64, 0u64);
-    for b in batches {
-        model.set_batch(gpu, &b.inputs, &b.targets)?;
-        gpu.run_pass("eval", |pass| model.record_eval(pass))?;
-        total += gpu
-            .read(model.losses())?
-            .iter()
-            .map(|&l| f64::from(l))
-            .sum::<f64>();
-        count += u64::from(gpu.read_u32(model.target_count())?[0]);
-    }
-    Ok(total / count.max(1) as f64)
-}
-
-/// The error for a run whose loss came out non-finite: it stops before any checkpoint is written
-/// from that state, so `latest` keeps naming the last good one.
-fn diverged(out: &Path, what: &str, detail: String) -> Error {
-    let last_good = checkpoint::latest_dir(out)
-        .ok()
-        .and_then(|d| d.file_name().map(|n| n.to_string_lossy().into_owned()));
-    let resume = match &last_good {
-        Some(name) => format!(
-            "`latest` still names {name}, the last good checkpoint: resume from it or an \
-             earlier one (kiln train --out {} --resume-from N) with a lower train.lr",
-            out.display()
-        ),
-        None => "there is no earlier checkpoint: start again with a lower train.lr".to_string(),
-    };
-    Error::NonFinite {
-        what: what.to_string(),
-        message: format!(
-            "{detail}: the run has diverged, or its weights were damaged. No checkpoint was \
-             written from this state; {resume}"
-        ),
-    }
-}
-
-/// Model FLOPs of one token's forward and backward: 6 per parameter (the matmuls) plus the
-/// attention products, 12·n_layer·C·T (the PaLM appendix count).
-fn flops_per_token(config: &Config, params: usize, seq: usize) -> f64 {
-    let m = &config.model;
-    6.0 * params as f64 + 12.0 * (m.n_layer * m.n_embd * seq) as f64
-}
-
-/// Trains as `opts` says; `stop` (set by Ctrl-C) ends the run after the step in flight, with a
-/// checkpoint.
-pub fn train(opts: &TrainOptions, stop: &AtomicBool) -> Result<TrainSummary> {
-    // The corpus is recorded in the saved config, so `kiln eval` can find the validation split.
-    let mut config = opts.config.clone();
-    if config.data.path.is_empty() {
-        config.data.path = std::fs::canonicalize(&opts.data)
-            .unwrap_or_else(|_| opts.data.clone())
-            .display()
-            .to_string();
-    }
-    let config = &config;
-    config.validate()?;
-    if opts.resume_from.is_some() && !opts.resume {
-        return Err(Error::invalid(
-            "--resume-from",
-            opts.resume_from.unwrap_or_default(),
-            "continues a run: give it with --resume (or use --resume-from alone on the command line)",
-        ));
-    }
-    if opts.resume && opts.overwrite {
-        return Err(Error::invalid(
-            "--overwrite",
-            "with --resume",
-            "--overwrite replaces a run and --resume continues it; choose one",
-        ));
-    }
-    // Everything that can be checked cheaply is checked before the corpus and the GPU.
-    let mode = if opts.resume {
-        RunMode::Resume {
-            from: opts.resume_from,
-        }
-    } else {
-        RunMode::Fresh {
-            overwrite: opts.overwrite,
-        }
-    };
-    let run = RunDir::open(&opts.out_dir, mode)?;
-    let resume = if opts.resume {
-        let dir = match opts.resume_from {
-            Some(step) => checkpoint::step_dir(&opts.out_dir, step)?,
-            None => checkpoint::latest_dir(&opts.out_dir)?,
-        };
-        Some(checkpoint::load(&dir)?)
-    } else {
-        run.write_config(config)?;
-        let _ = std::fs::remove_file(opts.out_dir.join(super::run_dir::METRICS_FILE));
-        None
-    };
-    let data_config = match &resume {
-        Some(ck) => ck.config.data.clone(),
-        None => config.data.clone(),
-    };
-    let dataset = Dataset::load(&opts.data, &data_config, config.model.block_size)?;
-    let tokenizer_json = dataset.tokenizer().to_json()?;
-    if let Some(ck) = &resume
-        && ck.tokenizer_json != tokenizer_json
-    {
-        let theirs = crate::data::Tokenizer::from_json(&ck.tokenizer_json)?.vocab_size();
-        return Err(Error::invalid(
-            "--resume",
-            opts.out_dir.display(),
-            format!(
-                "the checkpoint's tokenizer ({theirs} tokens) differs from the one built from {} \
-                 ({} tokens); resume with the corpus the run was trained on",
-                opts.data.display(),
-                dataset.tokenizer().vocab_size()
-            ),
-        ));
-    }
-    let vocab = dataset.tokenizer().vocab_size();
-    let precision = config.train.precision;
-    let gpu = Gpu::with_options(&GpuOptions {
-        adapter: opts.adapter.clone(),
-        precision,
-    })?;
-    let t = &config.train;
-    let batch = GptBatch {
-        batch: t.batch_size,
-        seq: config.model.block_size,
-    };
-    let mut model = GptGpu::new(&gpu, &config.model, vocab, batch, t.grad_accum_steps)?;
-    let layout: ParamLayout = model.layout().clone();
-    // f16 gradients need loss scaling; f32 ones neither need nor get it (the scale stays 1).
-    let scaling = model.precision() == Precision::F16;
-    if scaling {
-        model.enable_loss_scaling(&gpu, &config.loss_scaling())?;
-    }
-    model.set_dropout_seed(t.seed);
-
-    let mut state = TrainingState {
-        rng_seed: t.seed,
-        ..TrainingState::default()
-    };
-    match resume {
-        Some(ck) => {
-            checkpoint::check_compatible(&ck, config, &layout)?;
-            let ck = ck.with_layout(&layout)?;
-            model.set_state(&gpu, &ck.master, Some((&ck.m, &ck.v)))?;
-            state = ck.state;
-            if scaling {
-                model.set_loss_scale_state(&gpu, state.loss_scale, state.loss_scale_run)?;
-            }
-            run.truncate_metrics(state.step)?;
-            log::info!("resumed from step {}", state.step);
-        }
-        None => {
-            model.set_weights(&gpu, &gpt2_init(&layout, &config.model, t.seed))?;
-            if scaling {
-                state.loss_scale = config.loss_scaling().init_scale;
-            }
-        }
-    }
-    let val = dataset.val_batches(
-        t.eval_batches,
-        t.batch_size,
-        config.model.block_size,
-        t.seed,
-    )?;
-    let plot_title = format!(
-        "{} layers x {} wide, {} heads, context {} ({})",
-        config.model.n_layer,
-        config.model.n_embd,
-        config.model.n_head,
-        config.model.block_size,
-        model.precision()
-    );
-    let accum = t.grad_accum_steps;
-    let tokens_per_step = (t.batch_size * config.model.block_size * accum) as u64;
-    let mut last_step = t.max_steps as u64;
-    if let Some(n) = opts.stop_after {
-        last_step = last_step.min(state.step + n);
-    }
-    let bar = if opts.progress {
-        let bar = indicatif::ProgressBar::new(t.max_steps as u64);
-        bar.set_style(
-            indicatif::ProgressStyle::with_template(
-                "{bar:30} {pos}/{len} {msg} [{elapsed} < {eta}]",
-            )
-            .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
-        );
-        bar.set_position(state.step);
-        Some(bar)
-    } else {
-        None
-    };
-
-    let mut ring = LossRing::new(&gpu, t.batch_size * config.model.block_size, 4);
-    let mut val_loss = None;
-    let mut last_ckpt = None;
-    let start = Instant::now();
-    let mut eval_time = 0.0;
-    let mut encode_time = 0.0;
-    let mut submit_time = 0.0;
-    let first_step = state.step;
-    let mut last_loss = f32::NAN;
-    // Set when the evaluation observer ends the run: like a Ctrl-C stop, it skips the final
-    // full-split evaluation.
-    let mut stopped_early = false;
-    // Logs the losses that came back (steps in order) and shows the last on the bar.
-    let report = |losses: Vec<(u64, f32)>, eval_time: f64, last_loss: &mut f32| -> Result<()> {
-        let elapsed = (start.elapsed().as_secs_f64() - eval_time).max(1e-9);
-        for (step, loss) in losses {
-            *last_loss = loss;
-            if !loss.is_finite() {
-                return Err(diverged(
-                    &opts.out_dir,
-                    "training loss",
-                    format!("step {step} gave a training loss of {loss}"),
-                ));
-            }
-            let lr = learning_rate(t, step);
-            let tok_s = ((step + 1 - first_step) * tokens_per_step) as f64 / elapsed;
-            log_metric(
-                &opts.out_dir,
-                &serde_json::json!({"step": step, "train_loss": loss, "lr": lr, "tokens_per_s": tok_s}),
-            )?;
-            if let Some(bar) = &bar {
-                bar.set_message(format!("loss {loss:.4} lr {lr:.2e} {tok_s:.0} tok/s"));
-            }
-        }
-        Ok(())
-    };
-
-    // The GPU counts skipped steps from 0 in this process; the state holds the whole run's.
-    let skipped_before = state.skipped_steps;
-    let read_gpu_state = |state: &mut TrainingState| -> Result<()> {
-        let (skipped, _, _) = model.read_update_stats(&gpu)?;
-        state.skipped_steps = skipped_before + u64::from(skipped);
+        let mut model = GptGpu::new(&gpu, &config.model, vocab, batch, t.grad_accum_steps)?;
+        // f16 gradients need loss scaling; f32 ones neither need nor get it (the scale stays 1).
+        let scaling = model.precision() == Precision::F16;
         if scaling {
-            (state.loss_scale, state.loss_scale_run) = model.loss_scale_state(&gpu)?;
+            model.enable_loss_scaling(&gpu, &config.loss_scaling())?;
         }
-        Ok(())
-    };
-    let save = |state: &TrainingState| -> Result<PathBuf> {
-        let master = model.read_master(&gpu)?;
-        let (m, v) = model.read_moments(&gpu)?;
-        let ck = Checkpoint {
-            config: config.clone(),
-            tokenizer_json: tokenizer_json.clone(),
-            state: state.clone(),
-            layout: layout.clone(),
-            master,
-            m,
-            v,
-        };
-        checkpoint::save(&opts.out_dir, &ck, 3)
-    };
+        model.set_dropout_seed(t.seed);
+        let ring = StatsRing::new(&gpu, t.batch_size * block, STEPS_IN_FLIGHT);
+        Ok(Trainer {
+            layout: model.layout().clone(),
+            state: TrainingState {
+                rng_seed: t.seed,
+                ..TrainingState::default()
+            },
+            gpu,
+            config,
+            dataset,
+            tokenizer_json,
+            model,
+            scaling,
+            ring,
+            ready: VecDeque::new(),
+            val,
+            skipped_before: 0,
+            scale_in_effect: 1.0,
+            diverged: None,
+            last_loss: f32::NAN,
+            keep: checkpoint::DEFAULT_KEEP,
+            clock: Clock::default(),
+        })
+    }
 
-    while state.step < last_step {
-        let step = state.step;
-        let lr = learning_rate(t, step);
+    /// Runs the next optimizer step and waits for it. Errors with [`Error::NonFinite`] when its
+    /// loss is NaN or infinite (the run has diverged; [`Trainer::save`] then refuses). Statistics
+    /// of steps submitted earlier with [`Trainer::submit_step`] and not yet taken stay for
+    /// [`Trainer::finished_steps`].
+    pub fn step(&mut self) -> Result<StepStats> {
+        self.submit_step()?;
+        self.settle()?;
+        let stats = self.ready.pop_back().ok_or_else(|| Error::Readback {
+            what: "step statistics".into(),
+            message: "the step's numbers did not come back".into(),
+        })?;
+        check_loss(&stats)?;
+        Ok(stats)
+    }
+
+    /// Submits the next optimizer step without waiting for it: up to 4 steps run on the GPU
+    /// while the host prepares the next (submitting a fifth waits for the oldest). Their
+    /// statistics come from [`Trainer::finished_steps`], in step order.
+    pub fn submit_step(&mut self) -> Result<()> {
+        let t = &self.config.train;
+        let step = self.state.step;
+        let (bs, block, accum) = (
+            t.batch_size,
+            self.config.model.block_size,
+            t.grad_accum_steps,
+        );
         let micro: Vec<(Vec<u32>, Vec<u32>)> = (0..accum as u32)
             .map(|m| {
-                dataset
-                    .train_batch(step, m, t.batch_size, config.model.block_size, t.seed)
+                self.dataset
+                    .train_batch(step, m, bs, block, t.seed)
                     .map(|b| (b.inputs, b.targets))
             })
             .collect::<Result<_>>()?;
-        // Make room in the loss ring: this waits for the step `ring.len()` steps back, not this one.
-        report(
-            ring.drain_slot(&gpu, step)?.into_iter().collect(),
-            eval_time,
-            &mut last_loss,
-        )?;
-        let submit_start = Instant::now();
         let adam = AdamWStep {
-            t: (step + 1).min(u32::MAX as u64) as u32,
-            lr,
+            t: (step + 1).min(u64::from(u32::MAX)) as u32,
+            lr: learning_rate(t, step),
             beta1: t.beta1,
             beta2: t.beta2,
             eps: t.eps,
@@ -561,127 +297,277 @@ pub fn train(opts: &TrainOptions, stop: &AtomicBool) -> Result<TrainSummary> {
             // The dynamic scale lives on the GPU; there is no static one.
             loss_scale: 1.0,
         };
-        encode_time += model.step(&gpu, &micro, &adam, |enc| {
-            ring.record_copy(enc, &model, step)
+        self.clock.start.get_or_insert_with(Instant::now);
+        // Make room in the ring: this waits for the step STEPS_IN_FLIGHT back, not this one.
+        if let Some(raw) = self.ring.drain_slot(&self.gpu, step)? {
+            self.accept(raw);
+        }
+        let submit_start = Instant::now();
+        let (ring, model) = (&self.ring, &self.model);
+        self.clock.encode += model.step(&self.gpu, &micro, &adam, |enc| {
+            ring.record_copy(enc, model, step)
         })?;
-        submit_time += submit_start.elapsed().as_secs_f64();
-        ring.request(step);
-        state.step += 1;
-        state.tokens_seen += tokens_per_step;
-        report(ring.harvest(&gpu)?, eval_time, &mut last_loss)?;
-        if let Some(bar) = &bar {
-            bar.set_position(state.step);
+        self.clock.submit += submit_start.elapsed().as_secs_f64();
+        self.clock.submitted += 1;
+        self.ring.request(step);
+        self.state.step += 1;
+        self.state.tokens_seen += self.tokens_per_step();
+        for raw in self.ring.harvest(&self.gpu)? {
+            self.accept(raw);
         }
-        let mut stopping = stop.load(Ordering::Relaxed);
-        let eval_now = state.step.is_multiple_of(t.eval_interval as u64)
-            || state.step == last_step
-            || stopping;
-        if eval_now {
-            // Waiting for the steps in flight is training time, not evaluation time.
-            report(ring.flush(&gpu)?, eval_time, &mut last_loss)?;
-            let e0 = Instant::now();
-            let v = evaluate(&gpu, &model, &val)?;
-            if !v.is_finite() {
-                return Err(diverged(
-                    &opts.out_dir,
-                    "validation loss",
-                    format!("the evaluation after step {} gave {v}", state.step),
-                ));
-            }
-            val_loss = Some(v);
-            if state.best_val_loss.is_none_or(|b| v < b) {
-                state.best_val_loss = Some(v);
-            }
-            read_gpu_state(&mut state)?;
-            log_metric(
-                &opts.out_dir,
-                &serde_json::json!({"step": state.step, "val_loss": v, "val_ppl": v.exp(), "train_loss": last_loss, "skipped_steps": state.skipped_steps, "loss_scale": state.loss_scale}),
-            )?;
-            // A picture that cannot be drawn is not worth stopping a run for.
-            if let Err(e) = super::plot::plot_run(&opts.out_dir, &plot_title) {
-                log::warn!("could not draw the loss curve: {e}");
-            }
-            let line = format!(
-                "step {}: train loss {last_loss:.4}, val loss {v:.4}, val ppl {:.2}",
-                state.step,
-                v.exp()
-            );
-            match &bar {
-                Some(bar) => bar.println(line),
-                None => eprintln!("{line}"),
-            }
-            eval_time += e0.elapsed().as_secs_f64();
-            // Asked after the evaluation is logged, so the value that ended the run is on record.
-            if let Some(observer) = &opts.on_eval
-                && (observer.0)(state.step, v) == EvalAction::Stop
-            {
-                stopping = true;
-                stopped_early = true;
+        Ok(())
+    }
+
+    /// Statistics of the steps that have finished since the last call, in step order; with
+    /// `wait`, waits for every step in flight first. Losses here may be non-finite: check them
+    /// (or use [`Trainer::step`], which does).
+    pub fn finished_steps(&mut self, wait: bool) -> Result<Vec<StepStats>> {
+        if wait {
+            self.settle()?;
+        } else {
+            for raw in self.ring.harvest(&self.gpu)? {
+                self.accept(raw);
             }
         }
-        let ckpt_now = (t.checkpoint_interval > 0
-            && state.step.is_multiple_of(t.checkpoint_interval as u64))
-            || state.step == last_step
-            || stopping;
-        if ckpt_now {
-            report(ring.flush(&gpu)?, eval_time, &mut last_loss)?;
-            let e0 = Instant::now();
-            read_gpu_state(&mut state)?;
-            last_ckpt = Some(save(&state)?);
-            eval_time += e0.elapsed().as_secs_f64();
+        Ok(self.ready.drain(..).collect())
+    }
+
+    /// Waits for every step in flight and queues its statistics (training time, not evaluation
+    /// time: the clocks of evaluation and saving start after it).
+    fn settle(&mut self) -> Result<()> {
+        if !self.ring.is_empty() {
+            for raw in self.ring.flush(&self.gpu)? {
+                self.accept(raw);
+            }
         }
-        if stopping {
-            break;
+        Ok(())
+    }
+
+    /// Turns a step's raw numbers into [`StepStats`] and brings the training state up to it.
+    fn accept(&mut self, raw: RawStep) {
+        let micro = self.config.train.grad_accum_steps as f32;
+        let scale = self.scale_in_effect;
+        self.state.skipped_steps = self.skipped_before + u64::from(raw.skipped);
+        if self.scaling {
+            self.state.loss_scale = raw.loss_scale;
+            self.state.loss_scale_run = raw.scale_run;
+            self.scale_in_effect = raw.loss_scale;
+        }
+        if !raw.loss.is_finite() && self.diverged.is_none() {
+            self.diverged = Some((raw.step, raw.loss));
+        }
+        self.last_loss = raw.loss;
+        let now = self.clock.training_seconds();
+        self.clock.reported += 1;
+        let tokens = self.tokens_per_step();
+        self.ready.push_back(StepStats {
+            step: raw.step,
+            loss: raw.loss,
+            lr: learning_rate(&self.config.train, raw.step),
+            grad_norm: raw.raw_norm / (micro * scale),
+            loss_scale: scale,
+            skipped: raw.overflow,
+            tokens,
+            seconds: now - self.clock.last_reported_at,
+            tokens_per_s: (self.clock.reported * tokens) as f64 / now,
+        });
+        self.clock.last_reported_at = now;
+    }
+
+    /// Mean validation loss over `set` (after waiting for the steps in flight). A non-finite
+    /// loss is [`Error::NonFinite`]. [`EvalSet::Periodic`] also updates the best validation
+    /// loss of the training state.
+    pub fn evaluate(&mut self, set: EvalSet) -> Result<EvalStats> {
+        self.settle()?;
+        let start = Instant::now();
+        let (t, block) = (&self.config.train, self.config.model.block_size);
+        let owned;
+        let batches: &[Batch] = match set {
+            EvalSet::Periodic => &self.val,
+            EvalSet::Batches(0) => {
+                return Err(Error::invalid("EvalSet::Batches", 0, "must be at least 1"));
+            }
+            EvalSet::Batches(n) if n <= self.val.len() => &self.val[..n],
+            EvalSet::Batches(n) => {
+                owned = self.dataset.val_batches(n, t.batch_size, block, t.seed)?;
+                &owned
+            }
+            EvalSet::FullSplit => {
+                owned = windows(
+                    self.dataset.val_tokens(),
+                    t.batch_size,
+                    block,
+                    "the validation split",
+                )?;
+                &owned
+            }
+        };
+        let (loss, tokens) = mean_loss(&self.gpu, &self.model, batches)?;
+        if !loss.is_finite() {
+            return Err(diverged(
+                "validation loss",
+                format!("the evaluation after step {} gave {loss}", self.state.step),
+            ));
+        }
+        if set == EvalSet::Periodic {
+            self.record_periodic_loss(loss);
+        }
+        let seconds = start.elapsed().as_secs_f64();
+        self.clock.excluded += seconds;
+        Ok(EvalStats {
+            step: self.state.step,
+            set,
+            loss,
+            tokens,
+            train_loss: self.last_loss,
+            skipped_steps: self.state.skipped_steps,
+            loss_scale: self.state.loss_scale,
+            seconds,
+        })
+    }
+
+    /// Updates the best validation loss, the step that reached it and early stopping's count.
+    /// The best is the lowest loss, whatever `min_delta`, so `best` names the lowest loss seen;
+    /// the count restarts only when the loss beats the previous best by more than `min_delta`.
+    fn record_periodic_loss(&mut self, loss: f64) {
+        let delta = self.config.train.early_stopping_min_delta;
+        let state = &mut self.state;
+        match state.best_val_loss {
+            Some(best) if loss >= best - delta => {
+                state.evals_without_improvement = state.evals_without_improvement.saturating_add(1)
+            }
+            _ => state.evals_without_improvement = 0,
+        }
+        if state.best_val_loss.is_none_or(|b| loss < b) {
+            state.best_val_loss = Some(loss);
+            state.best_step = Some(state.step);
         }
     }
-    report(ring.flush(&gpu)?, eval_time, &mut last_loss)?;
-    if let Some(bar) = &bar {
-        bar.finish_and_clear();
+
+    /// The whole training state as a checkpoint in memory (waits for the steps in flight).
+    pub fn checkpoint(&mut self) -> Result<Checkpoint> {
+        self.settle()?;
+        if let Some((step, loss)) = self.diverged {
+            return Err(Error::NonFinite {
+                what: "training loss".into(),
+                message: format!(
+                    "step {step} gave a training loss of {loss}: the run has diverged, or its \
+                     weights were damaged, and nothing is saved from this state"
+                ),
+            });
+        }
+        let master = self.model.read_master(&self.gpu)?;
+        let (m, v) = self.model.read_moments(&self.gpu)?;
+        Ok(Checkpoint {
+            config: self.config.clone(),
+            tokenizer_json: self.tokenizer_json.clone(),
+            state: self.state.clone(),
+            layout: self.layout.clone(),
+            master,
+            m,
+            v,
+        })
     }
-    let (mut full_val_loss, mut full_val_tokens) = (None, 0);
-    if t.final_eval_full_split
-        && state.step == t.max_steps as u64
-        && !stop.load(Ordering::Relaxed)
-        && !stopped_early
-    {
-        // Not training time: kept out of ms/step and tokens/s like the periodic evaluations.
-        let e0 = Instant::now();
-        let batches = super::eval::windows(
-            dataset.val_tokens(),
-            t.batch_size,
-            config.model.block_size,
-            "the validation split",
-        )?;
-        full_val_tokens = batches
-            .iter()
-            .map(|b| b.targets.iter().filter(|&&x| x != u32::MAX).count() as u64)
-            .sum();
-        let v = evaluate(&gpu, &model, &batches)?;
-        full_val_loss = Some(v);
-        log_metric(
-            &opts.out_dir,
-            &serde_json::json!({"step": state.step, "full_val_loss": v, "full_val_ppl": v.exp(), "full_val_tokens": full_val_tokens}),
-        )?;
-        eval_time += e0.elapsed().as_secs_f64();
+
+    /// Saves a checkpoint `step-N` under `root` and points `root/latest` at it, atomically (a
+    /// crash leaves the previous checkpoint loadable), keeping the newest 3 (see
+    /// [`Trainer::set_keep_checkpoints`]). `kiln sample`, `kiln eval` and `kiln train --resume`
+    /// read it. Refused after a non-finite training loss.
+    pub fn save(&mut self, root: &Path) -> Result<SavedCheckpoint> {
+        self.settle()?;
+        let start = Instant::now();
+        let ck = self.checkpoint()?;
+        let path = checkpoint::save(root, &ck, self.keep)?;
+        self.clock.excluded += start.elapsed().as_secs_f64();
+        Ok(SavedCheckpoint {
+            step: self.state.step,
+            path,
+        })
     }
-    let done = state.step - first_step;
-    let train_s = (start.elapsed().as_secs_f64() - eval_time).max(1e-9);
-    let tokens_per_s = (done * tokens_per_step) as f64 / train_s;
-    Ok(TrainSummary {
-        steps: state.step,
-        val_loss,
-        full_val_loss,
-        full_val_tokens,
-        ms_per_step: 1e3 * train_s / done.max(1) as f64,
-        tokens_per_s,
-        model_gflops: flops_per_token(config, layout.num_params(), config.model.block_size)
-            * tokens_per_s
-            / 1e9,
-        dispatches_per_step: model.dispatches_per_step(accum),
-        encode_us: 1e6 * encode_time / done.max(1) as f64,
-        submit_us: 1e6 * submit_time / done.max(1) as f64,
-        skipped_steps: state.skipped_steps,
-        checkpoint: last_ckpt,
-        precision: model.precision(),
-    })
+
+    /// How many checkpoints [`Trainer::save`] keeps under its root (at least 1).
+    pub fn set_keep_checkpoints(&mut self, keep: usize) {
+        self.keep = keep.max(1);
+    }
+
+    /// Ends training and returns the model, on the same device, ready to generate (with the
+    /// config's `[sample]` defaults).
+    pub fn into_generator(mut self) -> Result<Generator> {
+        self.settle()?;
+        let master = self.model.read_master(&self.gpu)?;
+        let tokenizer = self.dataset.tokenizer().clone();
+        drop(self.model);
+        Generator::from_weights(self.gpu, &self.config, tokenizer, &master, "the trainer")
+    }
+
+    /// Optimizer steps completed (submitted, for steps still in flight).
+    pub fn steps_done(&self) -> u64 {
+        self.state.step
+    }
+
+    /// The training state a checkpoint would record (counters up to the last step read back).
+    pub fn state(&self) -> &TrainingState {
+        &self.state
+    }
+
+    /// The run's configuration.
+    pub fn config(&self) -> &Config {
+        &self.config
+    }
+
+    /// The data.
+    pub fn dataset(&self) -> &Dataset {
+        &self.dataset
+    }
+
+    /// The tokenizer of the data.
+    pub fn tokenizer(&self) -> &Tokenizer {
+        self.dataset.tokenizer()
+    }
+
+    /// The device.
+    pub fn gpu(&self) -> &Gpu {
+        &self.gpu
+    }
+
+    /// The model on the device: its buffers, layout and lower-level passes.
+    pub fn model(&self) -> &GptGpu {
+        &self.model
+    }
+
+    /// Storage precision of weights, gradients and activations.
+    pub fn precision(&self) -> Precision {
+        self.model.precision()
+    }
+
+    /// The f32 master weights, laid out by [`GptGpu::layout`] (waits for the device).
+    pub fn master_weights(&self) -> Result<Vec<f32>> {
+        self.model.read_master(&self.gpu)
+    }
+
+    /// Tokens one optimizer step consumes.
+    pub fn tokens_per_step(&self) -> u64 {
+        let t = &self.config.train;
+        (t.batch_size * self.config.model.block_size * t.grad_accum_steps) as u64
+    }
+}
+
+/// The error for a non-finite measurement: the trainer writes no checkpoint from that state.
+fn diverged(what: &str, detail: String) -> Error {
+    Error::NonFinite {
+        what: what.to_string(),
+        message: format!("{detail}: the run has diverged, or its weights were damaged"),
+    }
+}
+
+/// [`Error::NonFinite`] for a step whose loss is not finite.
+pub(crate) fn check_loss(stats: &StepStats) -> Result<()> {
+    if stats.loss.is_finite() {
+        Ok(())
+    } else {
+        Err(diverged(
+            "training loss",
+            format!("step {} gave a training loss of {}", stats.step, stats.loss),
+        ))
+    }
 }

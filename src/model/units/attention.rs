@@ -9,6 +9,7 @@
 //! `model.attention_kernel` and [`crate::kernels::flash_attention::prefer_fused`] decide.
 
 use super::{CpuCtx, DecodeCtx, GpuCtx, Linear, Ops, alias};
+use crate::Result;
 use crate::gpu::GpuTensor;
 use crate::kernels::RowKernel;
 use crate::kernels::attention::{AttentionBackward, AttentionDropout, AttentionForward};
@@ -19,8 +20,7 @@ use crate::kernels::flash_attention::{
 use crate::kernels::rope::Rope;
 use crate::model::AttentionKernel;
 use crate::model::layout::{Component, LayoutBuilder, ParamKind};
-use crate::ops::{AttentionShape, GroupedAttentionShape, RopeSpec};
-use crate::{Error, Result};
+use crate::ops::{AttendOneShape, AttentionShape, GroupedAttentionShape, RopeSpec};
 
 /// Layer `layer`'s attention.
 #[derive(Clone, Debug)]
@@ -184,31 +184,37 @@ impl Attention {
         Ok((s, y))
     }
 
-    /// The one-row forward of the decoder: attends over this layer's cache (the prefill model's
-    /// q|k|v activation) and appends the row's k and v to it.
+    /// The decode step's attention over the prefill model's cache of `positions` rows.
+    pub fn decode_shape(&self, positions: usize) -> AttendOneShape {
+        AttendOneShape {
+            positions,
+            heads: self.heads,
+            kv_heads: self.kv_heads,
+            head_dim: self.head_dim(),
+        }
+    }
+
+    /// The one-row forward of the decoder: the row's q|k|v, its q and k heads rotated at the
+    /// step's position (with RoPE, as the training forward rotates row pos), attention over this
+    /// layer's cache (the prefill model's q|k|v activation, whose q and k the training forward
+    /// left rotated) appending the row's k and v to it, and the output projection.
     pub fn decode(&self, d: &mut DecodeCtx<'_>, ops: &mut Ops, x: &GpuTensor) -> Result<GpuTensor> {
         let c = self.channels;
-        if self.rope_theta.is_some() || self.is_grouped() {
-            return Err(Error::invalid(
-                "model",
-                "rope or n_kv_head < n_head",
-                "the key/value cache decoder supports learned positions and multi-head attention \
-                 only (recompute the window instead)",
-            ));
-        }
-        let (qkv, att) = (d.act("decode qkv", 3 * c)?, d.act("decode att", c)?);
+        let (qkv, att) = (
+            d.act("decode qkv", self.qkv_width())?,
+            d.act("decode att", c)?,
+        );
         let y = d.act("decode proj", c)?;
         let (qp, pp) = (self.qkv_prefix(), self.proj_prefix());
         let (lq, lp) = self.linears(&qp, &pp);
         ops.push(lq.decode(d, &qkv, x)?);
+        if let Some(spec) = self.rope(1, 1) {
+            ops.push(Box::new(Rope::forward_at_step(d.gpu, &qkv, &spec, d.step)?));
+        }
+        let cache = d.model.layer_qkv(self.layer);
+        let shape = self.decode_shape(d.model.batch().seq);
         ops.push(Box::new(AttendOne::new(
-            d.gpu,
-            &att,
-            d.model.layer_qkv(self.layer),
-            &qkv,
-            d.step,
-            self.heads,
-            c,
+            d.gpu, &att, cache, &qkv, d.step, &shape,
         )?));
         ops.push(lp.decode(d, &y, &att)?);
         Ok(y)

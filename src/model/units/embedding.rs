@@ -8,6 +8,7 @@ use super::{CpuBackward, CpuCtx, DecodeCtx, GpuBackward, GpuCtx, Ops};
 use crate::gpu::GpuTensor;
 use crate::kernels::decode::EmbedOne;
 use crate::kernels::embedding::{EmbeddingBackward, EmbeddingForward};
+use crate::kernels::quant::QEmbedding;
 use crate::model::layout::{Component, LayoutBuilder, ParamKind};
 use crate::ops::EmbeddingShape;
 use crate::{Error, Result};
@@ -76,6 +77,11 @@ impl Embedding {
     ) -> Result<(Box<dyn GpuBackward>, GpuTensor)> {
         let out = ctx.act("embedded", ctx.rows() * self.channels)?;
         let wpe = self.wpe(ctx, false)?;
+        if let Some(table) = ctx.quant.get(&self.tokens) {
+            let q = QEmbedding::rows(ctx.gpu, &out, ctx.tokens, table, &wpe, ctx.batch.seq)?;
+            ops.push(Box::new(q));
+            return Ok((Box::new(self.clone()), out));
+        }
         ops.push(Box::new(EmbeddingForward::new(
             ctx.gpu,
             &out,
@@ -93,6 +99,10 @@ impl Embedding {
             Some(t) => d.param(t)?,
             None => d.act("decode zero positions", self.positions * self.channels)?,
         };
+        if let Some(table) = d.model.quantized(&self.tokens) {
+            ops.push(Box::new(QEmbedding::one(d.gpu, &x, d.step, table, &wpe)?));
+            return Ok(x);
+        }
         ops.push(Box::new(EmbedOne::new(
             d.gpu,
             &x,

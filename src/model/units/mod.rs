@@ -23,9 +23,10 @@ use crate::cpu::gpt::GptBatch;
 use crate::gpu::{DType, Gpu, GpuTensor};
 use crate::kernels::Record;
 use crate::kernels::matmul::Matmul;
+use crate::kernels::quant::{QMatmul, QuantWeight};
 use crate::ops::{Layout, MatmulSpec};
 use crate::{Error, Result};
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 
 /// Recorded ops of one phase.
 pub(crate) type Ops = Vec<Box<dyn Record>>;
@@ -76,8 +77,14 @@ pub(crate) struct GpuCtx<'a> {
     pub ones: &'a GpuTensor,
     /// Each attention layer's q|k|v activation, in layer order: the decoder's cache.
     pub qkv: Vec<GpuTensor>,
+    /// Quantised matrices by tensor name (an inference model's), read in place of the
+    /// parameter views of the same names.
+    pub quant: &'a BTreeMap<String, QuantWeight>,
     shared: HashMap<String, GpuTensor>,
 }
+
+/// The quantised matrices of a model that has none.
+static NO_QUANT: BTreeMap<String, QuantWeight> = BTreeMap::new();
 
 impl<'a> GpuCtx<'a> {
     #[allow(clippy::too_many_arguments)]
@@ -106,6 +113,7 @@ impl<'a> GpuCtx<'a> {
             dropping: model.dropout > 0.0,
             ones,
             qkv: Vec::new(),
+            quant: &NO_QUANT,
             shared: HashMap::new(),
         }
     }
@@ -206,6 +214,18 @@ impl Linear<'_> {
         y: &GpuTensor,
         x: &GpuTensor,
     ) -> Result<()> {
+        if let Some(w) = ctx.quant.get(&self.weight()) {
+            let bias = ctx.p.opt(&self.bias())?;
+            ops.push(Box::new(QMatmul::new(
+                ctx.gpu,
+                y,
+                x,
+                w,
+                bias.as_ref(),
+                ctx.rows(),
+            )?));
+            return Ok(());
+        }
         ops.push(linear(
             ctx.gpu,
             y,
@@ -230,6 +250,15 @@ impl Linear<'_> {
     ) -> Result<()> {
         let (gpu, rows) = (ctx.gpu, ctx.rows());
         let (fan_in, fan_out) = (self.fan_in, self.fan_out);
+        if ctx.quant.contains_key(&self.weight()) {
+            return Err(Error::shape(
+                "linear",
+                format!(
+                    "{} is quantised: inference only, no backward",
+                    self.weight()
+                ),
+            ));
+        }
         let w = ctx.p.get(&self.weight())?;
         ops.push(Box::new(Matmul::new(
             gpu,
@@ -268,6 +297,10 @@ impl Linear<'_> {
         y: &GpuTensor,
         x: &GpuTensor,
     ) -> Result<Box<dyn Record>> {
+        if let Some(w) = d.model.quantized(&self.weight()) {
+            let bias = d.param_opt(&self.bias())?;
+            return Ok(Box::new(QMatmul::new(d.gpu, y, x, w, bias.as_ref(), 1)?));
+        }
         linear(
             d.gpu,
             y,

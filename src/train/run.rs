@@ -1,0 +1,194 @@
+//! A training run into a run folder, as `kiln train` and each `kiln sweep` trial do it: the
+//! folder's lock and rules ([`RunDir`]), the corpus from a path, the resume checks, then a
+//! [`Trainer`] fitted with the metrics log, the loss plot and the progress display attached.
+
+use super::checkpoint;
+use super::fit::FitOptions;
+use super::observer::Observer;
+use super::observers::{LossPlot, MetricsLog, Progress};
+use super::run_dir::{METRICS_FILE, RunDir, RunMode};
+use super::stats::TrainSummary;
+use super::trainer::Trainer;
+use crate::data::Dataset;
+use crate::gpu::{Gpu, GpuOptions};
+use crate::model::Config;
+use crate::{Error, Result};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::AtomicBool;
+
+/// What to train and where.
+#[derive(Clone, Debug)]
+pub struct TrainOptions {
+    /// The run's configuration (validated).
+    pub config: Config,
+    /// The corpus.
+    pub data: PathBuf,
+    /// Folder for checkpoints, metrics and the copy of the config.
+    pub out_dir: PathBuf,
+    /// Continue from the latest checkpoint in `out_dir`.
+    pub resume: bool,
+    /// With `resume`: continue from the checkpoint of this step instead of the latest.
+    pub resume_from: Option<u64>,
+    /// Without `resume`: replace a run already in `out_dir` (otherwise that is an error).
+    pub overwrite: bool,
+    /// Draw a progress bar on stderr.
+    pub progress: bool,
+    /// Adapter choice.
+    pub adapter: Option<String>,
+    /// Stop (with a checkpoint) after this many steps of this invocation, whatever max_steps says.
+    pub stop_after: Option<u64>,
+}
+
+/// Trains as `opts` say into the run folder `opts.out_dir`, reporting to the folder's
+/// `metrics.jsonl` and `loss.png`, the progress display, then `observers` (a sweep's pruner).
+/// `stop` (set by Ctrl-C) ends the run after the step in flight, with a checkpoint.
+///
+/// Everything that can be checked cheaply is checked before the corpus is read and the GPU
+/// opened: the options, the folder (see [`RunDir::open`]), the checkpoint to resume and its
+/// tokenizer against the corpus.
+pub fn train(
+    opts: &TrainOptions,
+    stop: &AtomicBool,
+    observers: &mut [&mut dyn Observer],
+) -> Result<TrainSummary> {
+    // The corpus is recorded in the saved config, so `kiln eval` can find the validation split.
+    let mut config = opts.config.clone();
+    if config.data.path.is_empty() {
+        config.data.path = std::fs::canonicalize(&opts.data)
+            .unwrap_or_else(|_| opts.data.clone())
+            .display()
+            .to_string();
+    }
+    config.validate()?;
+    let run = open_run_dir(opts)?;
+    let checkpoint = if opts.resume {
+        let dir = match opts.resume_from {
+            Some(step) => checkpoint::step_dir(&opts.out_dir, step)?,
+            None => checkpoint::latest_dir(&opts.out_dir)?,
+        };
+        Some(checkpoint::load(&dir)?)
+    } else {
+        run.write_config(&config)?;
+        let _ = std::fs::remove_file(opts.out_dir.join(METRICS_FILE));
+        None
+    };
+    // A resumed run tokenises with the checkpoint's data settings.
+    let data_config = match &checkpoint {
+        Some(ck) => &ck.config.data,
+        None => &config.data,
+    };
+    let dataset = Dataset::load(&opts.data, data_config, config.model.block_size)?;
+    if let Some(ck) = &checkpoint {
+        check_tokenizer(ck, &dataset, opts)?;
+    }
+    let gpu = Gpu::with_options(&GpuOptions {
+        adapter: opts.adapter.clone(),
+        precision: config.train.precision,
+    })?;
+    let mut trainer = match checkpoint {
+        Some(ck) => {
+            let trainer = Trainer::from_checkpoint(gpu, config, dataset, ck)?;
+            run.truncate_metrics(trainer.steps_done())?;
+            trainer
+        }
+        None => Trainer::new(gpu, config, dataset)?,
+    };
+    let c = &trainer.config().model;
+    let title = format!(
+        "{} layers x {} wide, {} heads, context {} ({})",
+        c.n_layer,
+        c.n_embd,
+        c.n_head,
+        c.block_size,
+        trainer.precision()
+    );
+    let max_steps = trainer.config().train.max_steps as u64;
+    let mut metrics = MetricsLog::new(&opts.out_dir);
+    let mut plot = LossPlot::new(&opts.out_dir, title);
+    let mut progress = Progress::new(opts.progress, max_steps, trainer.steps_done());
+    let mut all: Vec<&mut dyn Observer> = vec![&mut metrics, &mut plot, &mut progress];
+    for o in observers.iter_mut() {
+        all.push(&mut **o);
+    }
+    let options = FitOptions {
+        checkpoint_dir: Some(&opts.out_dir),
+        stop_after: opts.stop_after,
+        stop: Some(stop),
+    };
+    trainer
+        .fit(&options, &mut all)
+        .map_err(|e| with_resume_advice(e, &opts.out_dir))
+}
+
+/// The option checks, then the folder's lock and rules.
+fn open_run_dir(opts: &TrainOptions) -> Result<RunDir> {
+    if opts.resume_from.is_some() && !opts.resume {
+        return Err(Error::invalid(
+            "--resume-from",
+            opts.resume_from.unwrap_or_default(),
+            "continues a run: give it with --resume (or use --resume-from alone on the command line)",
+        ));
+    }
+    if opts.resume && opts.overwrite {
+        return Err(Error::invalid(
+            "--overwrite",
+            "with --resume",
+            "--overwrite replaces a run and --resume continues it; choose one",
+        ));
+    }
+    let mode = if opts.resume {
+        RunMode::Resume {
+            from: opts.resume_from,
+        }
+    } else {
+        RunMode::Fresh {
+            overwrite: opts.overwrite,
+        }
+    };
+    RunDir::open(&opts.out_dir, mode)
+}
+
+/// A resume must see the ids the model was trained on: checked before the GPU is opened.
+fn check_tokenizer(
+    ck: &checkpoint::Checkpoint,
+    dataset: &Dataset,
+    opts: &TrainOptions,
+) -> Result<()> {
+    if ck.tokenizer_json == dataset.tokenizer().to_json()? {
+        return Ok(());
+    }
+    let theirs = crate::data::Tokenizer::from_json(&ck.tokenizer_json)?.vocab_size();
+    Err(Error::invalid(
+        "--resume",
+        opts.out_dir.display(),
+        format!(
+            "the checkpoint's tokenizer ({theirs} tokens) differs from the one built from {} \
+             ({} tokens); resume with the corpus the run was trained on",
+            opts.data.display(),
+            dataset.tokenizer().vocab_size()
+        ),
+    ))
+}
+
+/// A diverged run's error, completed with what to do in terms of this run folder: the trainer
+/// never checkpoints a non-finite state, so `latest` still names the last good checkpoint.
+fn with_resume_advice(e: Error, out: &Path) -> Error {
+    let Error::NonFinite { what, message } = e else {
+        return e;
+    };
+    let last_good = checkpoint::latest_dir(out)
+        .ok()
+        .and_then(|d| d.file_name().map(|n| n.to_string_lossy().into_owned()));
+    let resume = match &last_good {
+        Some(name) => format!(
+            "`latest` still names {name}, the last good checkpoint: resume from it or an \
+             earlier one (kiln train --out {} --resume-from N) with a lower train.lr",
+            out.display()
+        ),
+        None => "there is no earlier checkpoint: start again with a lower train.lr".to_string(),
+    };
+    Error::NonFinite {
+        what,
+        message: format!("{message}. No checkpoint was written from this state; {resume}"),
+    }
+}
