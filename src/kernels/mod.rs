@@ -10,6 +10,8 @@ pub mod crossentropy;
 pub mod decode;
 pub mod dropout;
 pub mod embedding;
+pub mod flash_attention;
+mod flash_tiling;
 pub mod gradnorm;
 pub mod layernorm;
 pub mod lossscale;
@@ -154,6 +156,8 @@ impl_record!(
     decode::AttendOne,
     attention::AttentionForward,
     attention::AttentionBackward,
+    flash_attention::FlashAttentionForward,
+    flash_attention::FlashAttentionBackward,
     crossentropy::CrossEntropy,
     embedding::EmbeddingForward,
     embedding::EmbeddingBackward,
