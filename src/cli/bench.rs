@@ -31,6 +31,10 @@ pub struct StepArgs {
     /// Timed runs of the step and of each op (after one warm-up run).
     #[arg(long, default_value_t = 5)]
     runs: usize,
+    /// Print one JSON line (ms/step, tokens/s, model GFLOP/s, the matmul rate at the step's
+    /// shapes, step efficiency, dispatches) instead of the table.
+    #[arg(long)]
+    json: bool,
 }
 
 #[derive(clap::Args, Debug)]
@@ -69,100 +73,55 @@ pub fn run(args: &Args, cmd: &BenchCommand) -> Result<()> {
 }
 
 fn step(args: &Args, a: &StepArgs) -> Result<()> {
-    use kiln::cpu::gpt::GptBatch;
-    use kiln::model::Config;
-    use kiln::model::gpu::GptGpu;
-    if a.runs == 0 {
-        return Err(Error::invalid(
-            "--runs",
-            0,
-            "at least one timed run is needed",
-        ));
-    }
-    if a.vocab < 2 {
-        return Err(Error::invalid("--vocab", a.vocab, "at least 2 tokens"));
-    }
-    let config = match &a.config {
-        Some(path) => Config::load(path, &a.overrides)?,
-        None => Config::from_toml("", &a.overrides)?,
-    };
+    use kiln::model::profile::{OpTiming, profile_step};
+    let config = super::profile::load_config(a.config.as_deref(), &a.overrides)?;
     let gpu = args.open_gpu()?;
-    let (m, t) = (&config.model, &config.train);
-    let batch = GptBatch {
-        batch: t.batch_size,
-        seq: m.block_size,
-    };
-    let model = GptGpu::new(&gpu, m, a.vocab, batch, 1)?;
-    model.set_weights(
-        &gpu,
-        &kiln::model::init::gpt2_init(model.layout(), m, t.seed),
-    )?;
-    let mut rng = rand::rngs::StdRng::seed_from_u64(t.seed);
-    let tokens = batch.batch * batch.seq;
-    let mut ids = || -> Vec<u32> {
-        (0..tokens)
-            .map(|_| rng.random_range(0..a.vocab as u32))
-            .collect()
-    };
-    let micro = vec![(ids(), ids())];
-    let adam = kiln::training::AdamWStep::new(1);
-    // The whole step as training submits it.
-    let mut whole = Vec::new();
-    for i in 0..=a.runs {
-        let start = Instant::now();
-        model.step(&gpu, &micro, &adam, |_| {})?;
-        gpu.wait()?;
-        if i > 0 {
-            whole.push(start.elapsed().as_secs_f64());
-        }
+    let p = profile_step(&gpu, &config, a.vocab, a.runs, OpTiming::Submissions)?;
+    let ops_s = p.ops_s();
+    let matmul = p.matmul_gflops();
+    if a.json {
+        let line = serde_json::json!({
+            "model": p.model,
+            "adapter": p.adapter,
+            "precision": p.precision,
+            "ms_per_step": p.step_s * 1e3,
+            "tokens_per_s": p.tokens as f64 / p.step_s,
+            "model_gflops": p.model_gflops(),
+            "matmul_gflops_at_step_shapes": matmul,
+            "step_efficiency": matmul.map(|m| p.model_gflops() / m),
+            "dispatches_per_step": p.dispatches,
+            "encode_ms": p.encode_s * 1e3,
+            "ops_alone_ms": ops_s * 1e3,
+        });
+        println!("{line}");
+        return Ok(());
     }
-    let whole = median(&whole);
-    model.set_batch(&gpu, &micro[0].0, &micro[0].1)?;
-    model.set_step(&gpu, &adam, 1)?;
-    let ops = model.profile(&gpu, a.runs)?;
-    let sum: f64 = ops.iter().map(|o| o.seconds).sum();
-
-    // Grouped by kernel type, largest first.
-    let mut groups: Vec<(&str, usize, f64)> = Vec::new();
-    for op in &ops {
-        match groups.iter_mut().find(|g| g.0 == op.name) {
-            Some(g) => {
-                g.1 += 1;
-                g.2 += op.seconds;
-            }
-            None => groups.push((op.name, 1, op.seconds)),
-        }
+    println!("step of a {}, {} on {}", p.model, p.precision, p.adapter);
+    println!(
+        "whole step: {:.2} ms ({:.0} tokens/s, {:.2} model GFLOP/s, {} dispatches, {:.2} ms to \
+         encode); the {} ops timed alone add up to {:.2} ms",
+        p.step_s * 1e3,
+        p.tokens as f64 / p.step_s,
+        p.model_gflops(),
+        p.dispatches,
+        p.encode_s * 1e3,
+        p.ops.len(),
+        ops_s * 1e3
+    );
+    if let Some(m) = matmul {
+        println!(
+            "the step's matmuls alone run at {m:.2} GFLOP/s: step efficiency (model GFLOP/s \
+             over that) {:.2}",
+            p.model_gflops() / m
+        );
     }
-    groups.sort_by(|x, y| y.2.total_cmp(&x.2));
     let mut phases: Vec<(&str, f64)> = Vec::new();
-    for op in &ops {
-        match phases.iter_mut().find(|p| p.0 == op.phase) {
-            Some(p) => p.1 += op.seconds,
+    for op in &p.ops {
+        match phases.iter_mut().find(|x| x.0 == op.phase) {
+            Some(x) => x.1 += op.seconds,
             None => phases.push((op.phase, op.seconds)),
         }
     }
-    println!(
-        "step of a {}-layer, {}-wide, {}-head {}, batch {} x {} tokens, vocab {}, {} on {}",
-        m.n_layer,
-        m.n_embd,
-        m.n_head,
-        match m.arch {
-            kiln::ArchKind::Gpt2 => "GPT-2",
-            kiln::ArchKind::Llama => "Llama",
-        },
-        batch.batch,
-        batch.seq,
-        a.vocab,
-        gpu.precision(),
-        gpu.capabilities().adapter.name
-    );
-    println!(
-        "whole step: {:.2} ms ({:.0} tokens/s); the {} ops timed alone add up to {:.2} ms",
-        whole * 1e3,
-        tokens as f64 / whole,
-        ops.len(),
-        sum * 1e3
-    );
     println!(
         "by phase: {}",
         phases
@@ -171,17 +130,7 @@ fn step(args: &Args, a: &StepArgs) -> Result<()> {
             .collect::<Vec<_>>()
             .join(", ")
     );
-    println!(
-        "{:<32} {:>5} {:>10} {:>7}",
-        "op", "count", "total ms", "share"
-    );
-    for (name, count, s) in groups {
-        println!(
-            "{name:<32} {count:>5} {:>10.2} {:>6.1}%",
-            s * 1e3,
-            100.0 * s / sum
-        );
-    }
+    super::profile::print_kinds(&p);
     Ok(())
 }
 

@@ -4,6 +4,7 @@ mod bench;
 mod eval;
 mod info;
 mod params;
+mod profile;
 mod quantize;
 mod sample;
 mod sweep;
@@ -44,6 +45,8 @@ enum Command {
     Params(params::ParamsArgs),
     /// Quantise a checkpoint's weights to 8 or 4 bits for sample and eval.
     Quantize(quantize::QuantizeArgs),
+    /// Where one training step's time goes: every op timed, by kind, with dispatches and rates.
+    Profile(profile::ProfileArgs),
     /// Time kernels on the GPU against the CPU reference.
     #[command(subcommand)]
     Bench(bench::BenchCommand),
@@ -63,6 +66,7 @@ pub fn run(args: Args) -> Result<()> {
     match &args.command {
         Command::Info(a) => info::run(&args, a),
         Command::Bench(b) => bench::run(&args, b),
+        Command::Profile(p) => profile::run(&args, p),
         Command::Params(p) => params::run(p),
         Command::Quantize(q) => quantize::run(q),
         Command::Train(t) => train::run(args.adapter.clone(), args.precision, t),

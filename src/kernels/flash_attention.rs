@@ -233,6 +233,8 @@ impl<'a> Common<'a> {
 /// probabilities when given) and `lse`, each row's natural log of its sum of exponentials.
 pub struct FlashAttentionForward {
     dispatch: Dispatch,
+    /// For the census: two causal products (S = QKᵀ, O = PV).
+    flops: f64,
 }
 
 impl FlashAttentionForward {
@@ -289,12 +291,16 @@ impl FlashAttentionForward {
                 (5, lse.bind()),
             ],
         )?;
-        Ok(FlashAttentionForward { dispatch })
+        Ok(FlashAttentionForward {
+            dispatch,
+            flops: 2.0 * causal_product_flops(shape),
+        })
     }
 
     /// Adds the dispatch to `pass`.
     pub fn record(&self, pass: &mut wgpu::ComputePass<'_>) {
         self.dispatch.record(pass);
+        super::census::flops(self.flops);
     }
 
     /// Records and submits on its own (does not wait).
@@ -311,6 +317,9 @@ pub struct FlashAttentionBackward {
     dkdv: Dispatch,
     /// rowsum(dout∘out), (B, n_head, T) f32.
     delta: GpuTensor,
+    /// For the census: seven causal products (the dq pass recomputes S and forms dP and dQ;
+    /// the dk/dv pass recomputes S and dP and forms dK and dV).
+    flops: f64,
 }
 
 impl FlashAttentionBackward {
@@ -389,6 +398,7 @@ impl FlashAttentionBackward {
             dq,
             dkdv,
             delta,
+            flops: 7.0 * causal_product_flops(shape),
         })
     }
 
@@ -402,6 +412,7 @@ impl FlashAttentionBackward {
         self.delta_pass.record(pass);
         self.dq.record(pass);
         self.dkdv.record(pass);
+        super::census::flops(self.flops);
     }
 
     /// Records and submits on its own (does not wait).
@@ -444,4 +455,11 @@ fn delta_dispatch(
         ],
         workgroups,
     )
+}
+
+/// FLOPs of one (T × head_dim)·(head_dim × T) product per head restricted to the causal
+/// triangle (T(T+1)/2 scores), over the batch and the query heads.
+fn causal_product_flops(s: &GroupedAttentionShape) -> f64 {
+    let t = s.seq as f64;
+    2.0 * (s.batch * s.heads) as f64 * t * (t + 1.0) / 2.0 * s.head_dim as f64
 }

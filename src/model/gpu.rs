@@ -17,6 +17,7 @@ use crate::cpu::gpt::GptBatch;
 use crate::gpu::{DType, Gpu, GpuTensor};
 use crate::kernels::Record;
 use crate::kernels::adamw::AdamW;
+use crate::kernels::census::{self, Census};
 use crate::kernels::crossentropy::CrossEntropy;
 use crate::kernels::dropout::DropoutState;
 use crate::kernels::gradnorm::GradNorm;
@@ -236,15 +237,19 @@ impl Plan {
     }
 }
 
-/// One op of a training step timed on its own ([`GptGpu::profile`]).
-#[derive(Clone, Debug)]
+/// One op of a training step, timed ([`GptGpu::profile`], [`GptGpu::profile_in_step`]).
+#[derive(Clone, Debug, serde::Serialize)]
 pub struct OpTime {
     /// `forward`, `loss`, `backward` or `update`.
     pub phase: &'static str,
     /// The op's type, e.g. `matmul::Matmul`.
     pub name: &'static str,
-    /// Median seconds of the op alone, submit to completion.
+    /// Median seconds: of the op submitted alone, submit to completion
+    /// ([`GptGpu::profile`]), or on the GPU between the timestamps around its pass inside one
+    /// submission of the whole step ([`GptGpu::profile_in_step`]).
     pub seconds: f64,
+    /// What recording the op issues: dispatches, bytes bound, FLOPs.
+    pub census: Census,
 }
 
 impl GptGpu {
@@ -393,14 +398,25 @@ impl GptGpu {
         self.batch
     }
 
-    /// Number of dispatches of one optimizer step with `micro_batches` micro-batches.
-    pub fn dispatches_per_step(&self, micro_batches: usize) -> usize {
-        let (backward, update) = self
-            .p
-            .train
-            .as_ref()
-            .map_or((0, 0), |t| (t.backward.len(), t.update.len() + 1));
-        micro_batches * (self.p.forward.len() + 1 + backward) + update
+    /// Number of compute dispatches one optimizer step with `micro_batches` micro-batches
+    /// records, counted by recording them (the census) into an encoder that is never
+    /// submitted; 0 for a model built for inference.
+    pub fn dispatches_per_step(&self, gpu: &Gpu, micro_batches: usize) -> u64 {
+        if self.p.train.is_none() {
+            return 0;
+        }
+        let mut encoder = gpu
+            .device()
+            .create_command_encoder(&wgpu::CommandEncoderDescriptor {
+                label: Some("dispatch count"),
+            });
+        let mut pass = encoder.begin_compute_pass(&wgpu::ComputePassDescriptor {
+            label: Some("dispatch count"),
+            timestamp_writes: None,
+        });
+        let micro = census::count(|| self.record_micro_batch(&mut pass));
+        let update = census::count(|| self.record_update(&mut pass));
+        micro_batches as u64 * micro.dispatches + update.dispatches
     }
 
     /// Sets the f32 master weights and the working copy from a flat buffer laid out by
@@ -683,33 +699,62 @@ impl GptGpu {
     /// values written ([`GptGpu::set_step`]). Each time includes one submission's overhead,
     /// which a real step pays once for all ops.
     pub fn profile(&self, gpu: &Gpu, runs: usize) -> Result<Vec<OpTime>> {
-        let t = self.p.train.as_ref().ok_or_else(inference_only)?;
-        let mut phases: Vec<(&'static str, Vec<&dyn Record>)> = vec![
-            (
-                "forward",
-                self.p.forward.iter().map(|o| o.as_ref()).collect(),
-            ),
-            ("loss", vec![&self.p.loss as &dyn Record]),
-            ("backward", t.backward.iter().map(|o| o.as_ref()).collect()),
-        ];
-        let mut update: Vec<&dyn Record> = t.update.iter().map(|o| o.as_ref()).collect();
-        update.push(&t.adamw);
-        if let Some(scaler) = &self.scaler {
-            update.push(scaler);
-        }
-        phases.push(("update", update));
         let mut times = Vec::new();
-        for (phase, ops) in phases {
-            for op in ops {
-                let t = gpu.time_runs(op.op_name(), 1, runs, |p| op.record_into(p))?;
-                times.push(OpTime {
+        for (phase, op) in self.step_ops()? {
+            let t = gpu.time_runs(op.op_name(), 1, runs, |p| op.record_into(p))?;
+            times.push(OpTime {
+                phase,
+                name: op.op_name(),
+                seconds: crate::gpu::median(&t),
+                census: op_census(gpu, op),
+            });
+        }
+        Ok(times)
+    }
+
+    /// Times every op of a step inside one submission of the whole step (one micro-batch, as
+    /// [`GptGpu::step`] records it less the batch upload and the read-back copies), each op in
+    /// its own compute pass between GPU timestamps; the median of `runs` submissions after
+    /// one warm-up. `None` when the adapter has no timestamp queries (then
+    /// [`GptGpu::profile`] is the fallback). Set the batch and the step's values first
+    /// ([`GptGpu::set_batch`], [`GptGpu::set_step`]). Like [`GptGpu::profile`], this changes
+    /// the weights (the update runs `runs + 1` times, on gradients that accumulate): profile a
+    /// model built for the purpose, not one being trained.
+    pub fn profile_in_step(&self, gpu: &Gpu, runs: usize) -> Result<Option<Vec<OpTime>>> {
+        let ops = self.step_ops()?;
+        let Some(times) = gpu.time_passes("step profile", ops.len(), 1, runs, |i, pass| {
+            ops[i].1.record_into(pass)
+        })?
+        else {
+            return Ok(None);
+        };
+        Ok(Some(
+            ops.iter()
+                .zip(times)
+                .map(|(&(phase, op), t)| OpTime {
                     phase,
                     name: op.op_name(),
                     seconds: crate::gpu::median(&t),
-                });
-            }
+                    census: op_census(gpu, op),
+                })
+                .collect(),
+        ))
+    }
+
+    /// The ops of a one-micro-batch step in recording order, with their phase: what
+    /// [`GptGpu::record_micro_batch`] and [`GptGpu::record_update`] record.
+    fn step_ops(&self) -> Result<Vec<(&'static str, &dyn Record)>> {
+        let t = self.p.train.as_ref().ok_or_else(inference_only)?;
+        let mut ops: Vec<(&'static str, &dyn Record)> = Vec::new();
+        ops.extend(self.p.forward.iter().map(|o| ("forward", o.as_ref())));
+        ops.push(("loss", &self.p.loss as &dyn Record));
+        ops.extend(t.backward.iter().map(|o| ("backward", o.as_ref())));
+        ops.extend(t.update.iter().map(|o| ("update", o.as_ref())));
+        ops.push(("update", &t.adamw as &dyn Record));
+        if let Some(scaler) = &self.scaler {
+            ops.push(("update", scaler as &dyn Record));
         }
-        Ok(times)
+        Ok(ops)
     }
 
     /// Mean loss over the non-ignored targets of the micro-batch last run (waits for the device).
@@ -936,4 +981,18 @@ fn float_values(layout: &ParamLayout, weights: &ModelWeights) -> Result<Vec<f32>
             .copy_from_slice(&weights.values[from.offset..from.offset + from.len()]);
     }
     Ok(flat)
+}
+
+/// The census of one op, from recording it into an encoder that is never submitted.
+fn op_census(gpu: &Gpu, op: &dyn Record) -> Census {
+    let mut encoder = gpu
+        .device()
+        .create_command_encoder(&wgpu::CommandEncoderDescriptor {
+            label: Some("census"),
+        });
+    let mut pass = encoder.begin_compute_pass(&wgpu::ComputePassDescriptor {
+        label: Some("census"),
+        timestamp_writes: None,
+    });
+    census::count(|| op.record_into(&mut pass))
 }

@@ -6,6 +6,7 @@ pub mod decode;
 pub mod gpu;
 pub mod init;
 pub mod layout;
+pub mod profile;
 pub(crate) mod units;
 
 pub use config::{

@@ -215,7 +215,7 @@ impl Trainer {
                 / 1e9,
             dispatches_per_step: self
                 .model()
-                .dispatches_per_step(config.train.grad_accum_steps),
+                .dispatches_per_step(self.gpu(), config.train.grad_accum_steps),
             encode_us: 1e6 * (self.clock.encode - start.encode) / per_step,
             submit_us: 1e6 * (self.clock.submit - start.submit) / per_step,
             skipped_steps: self.state().skipped_steps,

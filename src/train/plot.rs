@@ -164,3 +164,82 @@ pub fn plot_run(out_dir: &Path, title: &str) -> Result<()> {
         title,
     )
 }
+
+/// Draws the ops of `profile` by kind as horizontal bars of milliseconds into a PNG at `path`
+/// (840 × 60 + 28 per kind), each bar labelled with its op count, dispatches and rate.
+pub fn plot_profile(path: &Path, profile: &crate::model::profile::StepProfile) -> Result<()> {
+    register_font();
+    let rows = profile.by_kind();
+    let tmp = path.with_extension("tmp.png");
+    let err = |e: &dyn std::fmt::Display| Error::Io {
+        path: path.display().to_string(),
+        source: std::io::Error::other(e.to_string()),
+    };
+    {
+        let height = 90 + 28 * rows.len() as u32;
+        let root = BitMapBackend::new(&tmp, (840, height)).into_drawing_area();
+        root.fill(&WHITE).map_err(|e| err(&e))?;
+        let max_ms = rows.iter().map(|r| r.seconds * 1e3).fold(0.0, f64::max);
+        let title = format!(
+            "{}: {:.1} ms/step, {} dispatches",
+            profile.model,
+            profile.step_s * 1e3,
+            profile.dispatches
+        );
+        let mut chart = ChartBuilder::on(&root)
+            .caption(title, (FONT_NAME, 15))
+            .margin(12)
+            .x_label_area_size(32)
+            .y_label_area_size(10)
+            .build_cartesian_2d(0.0..(max_ms * 1.9).max(1e-3), 0.0..rows.len() as f64)
+            .map_err(|e| err(&e))?;
+        chart
+            .configure_mesh()
+            .disable_y_mesh()
+            .y_labels(0)
+            .x_desc(match profile.timing {
+                crate::model::profile::OpTiming::Timestamps => "ms (GPU timestamps, in the step)",
+                crate::model::profile::OpTiming::Submissions => "ms (each op submitted alone)",
+            })
+            .label_style((FONT_NAME, 12))
+            .draw()
+            .map_err(|e| err(&e))?;
+        let n = rows.len() as f64;
+        let colour = RGBColor(70, 110, 190);
+        chart
+            .draw_series(rows.iter().enumerate().map(|(i, r)| {
+                let y = n - 1.0 - i as f64;
+                Rectangle::new(
+                    [(0.0, y + 0.15), (r.seconds * 1e3, y + 0.85)],
+                    colour.filled(),
+                )
+            }))
+            .map_err(|e| err(&e))?;
+        chart
+            .draw_series(rows.iter().enumerate().map(|(i, r)| {
+                let y = n - 1.0 - i as f64;
+                let rate = match r.gflops {
+                    Some(g) => format!("{g:.1} GFLOP/s"),
+                    None => format!("{:.1} GB/s", r.gbps),
+                };
+                Text::new(
+                    format!(
+                        "{} ×{} ({} disp.) {:.2} ms, {:.0}%, {rate}",
+                        r.name.rsplit("::").next().unwrap_or(r.name),
+                        r.ops,
+                        r.census.dispatches,
+                        r.seconds * 1e3,
+                        100.0 * r.share
+                    ),
+                    (r.seconds * 1e3 + max_ms * 0.02, y + 0.75),
+                    (FONT_NAME, 12),
+                )
+            }))
+            .map_err(|e| err(&e))?;
+        root.present().map_err(|e| err(&e))?;
+    }
+    std::fs::rename(&tmp, path).map_err(|source| Error::Io {
+        path: path.display().to_string(),
+        source,
+    })
+}

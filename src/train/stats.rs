@@ -121,8 +121,8 @@ pub struct TrainSummary {
     pub tokens_per_s: f64,
     /// Model FLOP/s: 6·params·tokens plus attention, over the step time.
     pub model_gflops: f64,
-    /// Dispatches recorded per optimizer step.
-    pub dispatches_per_step: usize,
+    /// Compute dispatches recorded per optimizer step (counted by the census).
+    pub dispatches_per_step: u64,
     /// Mean host microseconds to build one step's command buffer (upload included).
     pub encode_us: f64,
     /// Mean host microseconds from the start of encoding to the return of the submit. On an

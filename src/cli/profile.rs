@@ -1,0 +1,110 @@
+//! `kiln profile`: where one training step's time goes.
+
+use super::Args;
+use kiln::model::Config;
+use kiln::model::profile::{OpTiming, StepProfile, profile_step};
+use kiln::{Error, Result};
+use std::path::{Path, PathBuf};
+
+#[derive(clap::Args, Debug)]
+pub struct ProfileArgs {
+    /// TOML config file (see configs/); without it, the built-in defaults.
+    #[arg(long)]
+    config: Option<PathBuf>,
+    /// Override a config value, e.g. --set model.n_layer=6 (repeatable).
+    #[arg(long = "set", value_name = "KEY=VALUE")]
+    overrides: Vec<String>,
+    /// Vocabulary size of the model (65 is character-level Shakespeare).
+    #[arg(long, default_value_t = 65)]
+    vocab: usize,
+    /// Profiled steps (after one warm-up); each op's time is the median over them.
+    #[arg(long, default_value_t = 5)]
+    steps: usize,
+    /// Time each op submitted alone instead of with timestamps inside the step.
+    #[arg(long)]
+    alone: bool,
+    /// Print the whole profile as JSON (every op, in order) instead of the table.
+    #[arg(long)]
+    json: bool,
+    /// Also draw the table as a bar chart into this PNG.
+    #[arg(long)]
+    chart: Option<PathBuf>,
+}
+
+/// The config at `path` (or the defaults) with `overrides` applied.
+pub(super) fn load_config(path: Option<&Path>, overrides: &[String]) -> Result<Config> {
+    match path {
+        Some(path) => Config::load(path, overrides),
+        None => Config::from_toml("", overrides),
+    }
+}
+
+pub fn run(args: &Args, a: &ProfileArgs) -> Result<()> {
+    let config = load_config(a.config.as_deref(), &a.overrides)?;
+    let gpu = args.open_gpu()?;
+    let timing = if a.alone {
+        OpTiming::Submissions
+    } else {
+        OpTiming::Timestamps
+    };
+    let p = profile_step(&gpu, &config, a.vocab, a.steps, timing)?;
+    if let Some(chart) = &a.chart {
+        kiln::train::plot::plot_profile(chart, &p)?;
+    }
+    if a.json {
+        let text = serde_json::to_string_pretty(&serde_json::json!({
+            "profile": p,
+            "by_kind": p.by_kind(),
+            "model_gflops": p.model_gflops(),
+        }))
+        .map_err(|e| Error::invalid("--json", "", e.to_string()))?;
+        println!("{text}");
+        return Ok(());
+    }
+    println!("step of a {}, {} on {}", p.model, p.precision, p.adapter);
+    println!(
+        "whole step: {:.2} ms ({:.0} tokens/s, {:.2} model GFLOP/s); {} dispatches; host \
+         encode {:.2} ms",
+        p.step_s * 1e3,
+        p.tokens as f64 / p.step_s,
+        p.model_gflops(),
+        p.dispatches,
+        p.encode_s * 1e3
+    );
+    println!(
+        "ops timed {}: {:.2} ms in all",
+        match p.timing {
+            OpTiming::Timestamps => "by GPU timestamps inside one submission of the step",
+            OpTiming::Submissions => "each submitted alone (wall clock, submit to completion)",
+        },
+        p.ops_s() * 1e3
+    );
+    print_kinds(&p);
+    if let Some(chart) = &a.chart {
+        println!("chart: {}", chart.display());
+    }
+    Ok(())
+}
+
+/// The table by op kind: count, dispatches, ms, share, and GFLOP/s or GB/s.
+pub(super) fn print_kinds(p: &StepProfile) {
+    println!(
+        "{:<32} {:>5} {:>6} {:>10} {:>7} {:>14}",
+        "op", "count", "disp.", "total ms", "share", "rate"
+    );
+    for r in p.by_kind() {
+        let rate = match r.gflops {
+            Some(g) => format!("{g:.2} GFLOP/s"),
+            None => format!("{:.2} GB/s", r.gbps),
+        };
+        println!(
+            "{:<32} {:>5} {:>6} {:>10.2} {:>6.1}% {:>14}",
+            r.name,
+            r.ops,
+            r.census.dispatches,
+            r.seconds * 1e3,
+            100.0 * r.share,
+            rate
+        );
+    }
+}
