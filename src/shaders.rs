@@ -24,6 +24,7 @@ const RMSNORM: &str = include_str!("../shaders/rmsnorm.wgsl");
 const ROPE: &str = include_str!("../shaders/rope.wgsl");
 const SWIGLU: &str = include_str!("../shaders/swiglu.wgsl");
 const QUANT: &str = include_str!("../shaders/quant.wgsl");
+const MOE: &str = include_str!("../shaders/moe.wgsl");
 
 /// Every shader module: (name, the files it is made of, in order). A module made of several
 /// files is an extension compiled after its base (used for kernels that need an optional feature
@@ -47,6 +48,7 @@ pub const MODULES: &[(&str, &[&str])] = &[
     ("rope", &[ROPE]),
     ("swiglu", &[SWIGLU]),
     ("quant", &[QUANT]),
+    ("moe", &[MOE]),
 ];
 
 /// The concatenated source of a module, without the precision prelude.

@@ -4,6 +4,7 @@
 //! `--set section.key=value` overrides apply before validation, so a bad value is reported the
 //! same way whether it came from the file or the command line.
 
+use super::moe::MoeConfig;
 use crate::generate::SamplingParams;
 use crate::precision::PrecisionChoice;
 use crate::training::LossScaling;
@@ -74,6 +75,9 @@ pub struct ModelConfig {
     /// Tie the output head to the token embedding (default: GPT-2 ties, Llama doesn't).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub tie_embeddings: Option<bool>,
+    /// A routed mixture-of-experts MLP (`[model.moe]`; none: every MLP is dense).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub moe: Option<MoeConfig>,
 }
 
 /// Which architecture a model's parts default to.
@@ -211,6 +215,9 @@ impl ModelConfig {
                 format!("must divide model.n_head = {}", self.n_head),
             ));
         }
+        if let Some(moe) = &self.moe {
+            moe.validate(self.n_layer)?;
+        }
         match p.positions {
             PositionKind::Rope => {
                 let hd = self.n_embd / self.n_head.max(1);
@@ -270,6 +277,7 @@ impl Default for ModelConfig {
             mlp_hidden: None,
             n_kv_head: None,
             tie_embeddings: None,
+            moe: None,
         }
     }
 }

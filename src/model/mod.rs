@@ -6,6 +6,7 @@ pub mod decode;
 pub mod gpu;
 pub mod init;
 pub mod layout;
+pub mod moe;
 pub(crate) mod units;
 
 pub use config::{
@@ -13,3 +14,4 @@ pub use config::{
     TokenizerKind, TrainConfig,
 };
 pub use layout::{Component, ParamKind, ParamLayout, TensorInfo};
+pub use moe::MoeConfig;
