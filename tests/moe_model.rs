@@ -278,3 +278,184 @@ fn two_identical_runs_are_bit_identical() {
         assert!(a.3 == b.3, "{precision:?}: statistics differ");
     }
 }
+
+mod decode_and_checkpoints {
+    use super::{gpt, init, llama, moe};
+    use crate::common::{Tolerance, assert_close, gpu};
+    use kiln::Precision;
+    use kiln::cpu::gpt::GptBatch;
+    use kiln::generate::processors::SamplingParams;
+    use kiln::generate::sampler::{ContextWindow, Generator};
+    use kiln::model::decode::KvDecoder;
+    use kiln::model::gpu::GptGpu;
+    use kiln::model::{Config, ModelConfig, ParamLayout};
+    use kiln::train::checkpoint::{self, Checkpoint, TrainingState};
+    use kiln::{GpuOptions, PrecisionChoice};
+
+    const VOCAB: &str = "abcdefghijklmnopqrstuvwxyz .,\n";
+
+    fn with_context(mut m: ModelConfig, block: usize) -> ModelConfig {
+        m.block_size = block;
+        m
+    }
+
+    /// The decoder's logits after each token equal those of a full forward pass over the
+    /// sequence so far (dropless models, where the two compute the same function), GPT-2 and
+    /// Llama: 1e-4 absolute + 1e-4 relative, as for dense models in tests/decode.rs (the same
+    /// products summed in other orders; routing decisions are equal, the probabilities being
+    /// far apart with `init`'s routers).
+    #[test]
+    fn moe_decoder_logits_match_the_full_forward() {
+        let Some(gpu) = gpu(Precision::F32) else {
+            return;
+        };
+        let tol = Tolerance {
+            abs: 1e-4,
+            rel: 1e-4,
+        };
+        for m in [
+            with_context(gpt(moe(None, 1)), 32),
+            with_context(llama(moe(None, 2)), 32),
+        ] {
+            let vocab = VOCAB.chars().count();
+            let batch = GptBatch {
+                batch: 1,
+                seq: m.block_size,
+            };
+            let g = GptGpu::new(gpu, &m, vocab, batch, 1).unwrap();
+            g.set_weights(gpu, &init(g.layout(), 3)).unwrap();
+            let dec = KvDecoder::new(gpu, &g).unwrap();
+            let seq: Vec<u32> = (0..20).map(|i| ((i * 7 + 3) % vocab) as u32).collect();
+            let full = |len: usize| {
+                let mut inputs = vec![0u32; m.block_size];
+                inputs[..len].copy_from_slice(&seq[..len]);
+                g.set_batch(gpu, &inputs, &inputs).unwrap();
+                gpu.run_pass("forward", |pass| g.record_logits(pass))
+                    .unwrap();
+                g.read_logits_row(gpu, len - 1).unwrap()
+            };
+            let _ = full(4);
+            let decoded: Vec<Vec<f32>> = (4..seq.len())
+                .map(|pos| dec.decode(gpu, seq[pos], pos).unwrap())
+                .collect();
+            for (i, logits) in decoded.iter().enumerate() {
+                let what = format!("{:?}: logits after {} tokens", m.arch, 5 + i);
+                assert_close(&what, &full(5 + i), logits, tol);
+            }
+        }
+    }
+
+    fn checkpoint_of(m: &ModelConfig) -> Checkpoint {
+        let vocab = VOCAB.chars().count();
+        let layout = ParamLayout::gpt(m, vocab, 1).unwrap();
+        let n = layout.buffer_len();
+        Checkpoint {
+            config: Config {
+                model: m.clone(),
+                ..Config::default()
+            },
+            tokenizer_json: serde_json::json!({"type": "char", "chars": VOCAB}).to_string(),
+            state: TrainingState::default(),
+            master: init(&layout, 4),
+            m: vec![0.0; n],
+            v: vec![0.0; n],
+            layout,
+        }
+    }
+
+    /// A routed model's checkpoint saves and loads bit for bit (the (E, out, in) expert tensors
+    /// and the routers under their names), a run with other MoE settings is refused by name,
+    /// and generation from it with the KV cache gives the tokens recomputing the context gives
+    /// (greedy and sampled, 100 tokens past the 32-token context). The Llama model has a
+    /// capacity: an inference model routes dropless, so prefill and decode agree.
+    #[test]
+    fn moe_checkpoints_load_and_generate_with_the_cache() {
+        for (name, m) in [
+            ("moe-ckpt-gpt", with_context(gpt(moe(None, 1)), 32)),
+            ("moe-ckpt-llama", with_context(llama(moe(Some(1.0), 1)), 32)),
+        ] {
+            let ck = checkpoint_of(&m);
+            let dir = std::path::Path::new(env!("CARGO_TARGET_TMPDIR")).join(name);
+            let _ = std::fs::remove_dir_all(&dir);
+            let saved = checkpoint::save(&dir, &ck, 1).unwrap();
+            let back = checkpoint::load(&saved).unwrap();
+            assert_eq!(back.master, ck.master, "{name}: weights");
+            assert!(
+                back.layout.tensors().iter().any(|t| t.name.contains("experts")
+                    && t.shape.len() == 3
+                    && t.shape[0] == 4),
+                "{name}: expert tensors are (E, out, in)"
+            );
+            let mut other = back.config.clone();
+            other.model.moe.as_mut().unwrap().top_k = 1;
+            let err = checkpoint::check_compatible(&back, &other, &back.layout)
+                .unwrap_err()
+                .to_string();
+            assert!(err.contains("model.moe"), "{name}: {err}");
+
+            let options = GpuOptions {
+                adapter: None,
+                precision: PrecisionChoice::F32,
+            };
+            let mut g = Generator::load(&dir, &options).unwrap();
+            g.set_window(ContextWindow::Restart);
+            for temperature in [0.0, 1.0] {
+                let params = SamplingParams {
+                    temperature,
+                    seed: 11,
+                    max_tokens: 100,
+                    ..SamplingParams::default()
+                };
+                let mut runs = Vec::new();
+                for kv in [true, false] {
+                    g.set_kv_cache(kv);
+                    assert_eq!(g.uses_kv_cache(), kv, "{name}: the decoder serves MoE");
+                    runs.push(g.generate("the king", &params, |_| {}).unwrap().ids);
+                }
+                assert_eq!(runs[0], runs[1], "{name} temperature {temperature}");
+            }
+            std::fs::remove_dir_all(&dir).unwrap();
+        }
+    }
+}
+
+/// Inconsistent `[model.moe]` settings are refused with the key, the value and the rule.
+#[test]
+fn inconsistent_moe_settings_are_refused() {
+    let base = "[model]\nn_layer = 2\n[model.moe]\nn_experts = 4\ntop_k = 2\ndropless = true\n";
+    let cases = [
+        ("n_experts = 1", "model.moe.n_experts"),
+        ("top_k = 5", "model.moe.top_k"),
+        ("top_k = 0", "model.moe.top_k"),
+        ("capacity_factor = 1.25", "model.moe.capacity_factor"),
+        ("aux_loss_coef = -1", "model.moe.aux_loss_coef"),
+        ("router_z_loss_coef = nan", "model.moe.router_z_loss_coef"),
+        ("every = 3", "model.moe.every"),
+        ("every = 0", "model.moe.every"),
+    ];
+    for (line, key) in cases {
+        let text = base
+            .replace("n_experts = 4\n", "")
+            .replace("top_k = 2\n", "")
+            + line
+            + "\n";
+        let text = if line.starts_with("n_experts") {
+            text + "top_k = 1\n"
+        } else if line.starts_with("top_k") {
+            text + "n_experts = 4\n"
+        } else {
+            text + "n_experts = 4\ntop_k = 2\n"
+        };
+        let err = kiln::model::Config::from_toml(&text, &[]).unwrap_err().to_string();
+        assert!(err.contains(key), "{line}: {err}");
+    }
+    let no_capacity = "[model]\nn_layer = 2\n[model.moe]\nn_experts = 4\ntop_k = 2\n";
+    let err = kiln::model::Config::from_toml(no_capacity, &[]).unwrap_err().to_string();
+    assert!(err.contains("model.moe.dropless") && err.contains("capacity_factor"), "{err}");
+    let bad_factor = "[model]\nn_layer = 2\n[model.moe]\ncapacity_factor = 0\n";
+    let err = kiln::model::Config::from_toml(bad_factor, &[]).unwrap_err().to_string();
+    assert!(err.contains("model.moe.capacity_factor"), "{err}");
+    // --set reaches the table.
+    let c = kiln::model::Config::from_toml(base, &["model.moe.top_k=1".into()]).unwrap();
+    assert_eq!(c.model.moe.unwrap().top_k, 1);
+}

@@ -601,11 +601,12 @@ fn apply_override(table: &mut toml::Table, text: &str) -> Result<()> {
         .split_once('=')
         .ok_or_else(|| Error::invalid("--set", text, "expected section.key=value"))?;
     let keys: Vec<&str> = path.trim().split('.').collect();
-    if keys.len() != 2 || keys.iter().any(|k| k.is_empty()) {
+    if !(2..=3).contains(&keys.len()) || keys.iter().any(|k| k.is_empty()) {
         return Err(Error::invalid(
             "--set",
             text,
-            "expected section.key=value, e.g. train.lr=3e-4",
+            "expected section.key=value (or section.table.key=value, e.g. model.moe.top_k=1), \
+             e.g. train.lr=3e-4",
         ));
     }
     let raw = raw.trim();
@@ -613,13 +614,18 @@ fn apply_override(table: &mut toml::Table, text: &str) -> Result<()> {
         .ok()
         .and_then(|mut t| t.remove("v"))
         .unwrap_or_else(|| toml::Value::String(raw.to_string()));
-    let section = table
-        .entry(keys[0])
-        .or_insert_with(|| toml::Value::Table(toml::Table::new()));
-    let section = section
-        .as_table_mut()
-        .ok_or_else(|| Error::invalid("--set", text, format!("{} is not a table", keys[0])))?;
-    section.insert(keys[1].to_string(), value);
+    let (last, tables) = keys.split_last().expect("two or three keys");
+    let mut section = table;
+    for (i, key) in tables.iter().enumerate() {
+        section = section
+            .entry(*key)
+            .or_insert_with(|| toml::Value::Table(toml::Table::new()))
+            .as_table_mut()
+            .ok_or_else(|| {
+                Error::invalid("--set", text, format!("{} is not a table", keys[..=i].join(".")))
+            })?;
+    }
+    section.insert(last.to_string(), value);
     Ok(())
 }
 
