@@ -1136,11 +1136,7 @@ impl MoeLossCoefs {
     /// E·f_e/N with f_e = count_e/(N·K)) and `z · 2 / N` per unit of lse (d mean(lse²)/d lse_n).
     /// Computed in f64 and rounded once, so the GPU and the CPU reference use the same f32s.
     pub fn gradient_factors(&self, spec: &MoeSpec) -> (f32, f32) {
-        let (n, e, k) = (
-            spec.tokens as f64,
-            spec.experts as f64,
-            spec.top_k as f64,
-        );
+        let (n, e, k) = (spec.tokens as f64, spec.experts as f64, spec.top_k as f64);
         (
             (f64::from(self.aux) * e / (n * n * k)) as f32,
             (f64::from(self.z) * 2.0 / n) as f32,

@@ -55,7 +55,15 @@ fn cpu_route(logits: &[f32], spec: &MoeSpec) -> Routed {
         dest: vec![0; a],
         src: vec![0; spec.grouped_rows()],
     };
-    cpu::moe_route(&mut r.probs, &mut r.sel, &mut r.gate, &mut r.lse, logits, spec).unwrap();
+    cpu::moe_route(
+        &mut r.probs,
+        &mut r.sel,
+        &mut r.gate,
+        &mut r.lse,
+        logits,
+        spec,
+    )
+    .unwrap();
     cpu::moe_dispatch(&mut r.dest, &mut r.src, &mut r.counts, &r.sel, spec).unwrap();
     r
 }
@@ -141,7 +149,13 @@ fn gpu_routing_and_every_kernel_match_the_cpu_reference() {
             };
             let what = format!("{precision:?} {spec:?}");
             let seed = 10 * i as u64;
-            let logits = round_to(precision, &random(n * e, seed).iter().map(|x| 3.0 * x).collect::<Vec<_>>());
+            let logits = round_to(
+                precision,
+                &random(n * e, seed)
+                    .iter()
+                    .map(|x| 3.0 * x)
+                    .collect::<Vec<_>>(),
+            );
             let x = round_to(precision, &random(n * c, seed + 1));
             let yg = round_to(precision, &random(spec.grouped_rows() * c, seed + 2));
             let dy = round_to(precision, &random(n * c, seed + 3));
@@ -160,9 +174,24 @@ fn gpu_routing_and_every_kernel_match_the_cpu_reference() {
                 kept_src(&read_u(&got.src), &want.counts, &spec),
                 "{what}: src"
             );
-            assert_close(&format!("{what} probs"), &want.probs, &read(&got.probs), ROUTE_TOL);
-            assert_close(&format!("{what} lse"), &want.lse, &read(&got.lse), ROUTE_TOL);
-            assert_close(&format!("{what} gate"), &want.gate, &read(&got.gate), ROUTE_TOL);
+            assert_close(
+                &format!("{what} probs"),
+                &want.probs,
+                &read(&got.probs),
+                ROUTE_TOL,
+            );
+            assert_close(
+                &format!("{what} lse"),
+                &want.lse,
+                &read(&got.lse),
+                ROUTE_TOL,
+            );
+            assert_close(
+                &format!("{what} gate"),
+                &want.gate,
+                &read(&got.gate),
+                ROUTE_TOL,
+            );
 
             // The later kernels on the GPU's own routing, against the CPU's on the GPU's
             // probabilities and gates (the discrete parts are equal, checked above).
@@ -187,29 +216,62 @@ fn gpu_routing_and_every_kernel_match_the_cpu_reference() {
                 .unwrap()
                 .run(gpu)
                 .unwrap();
-            assert_close(&format!("{what} combine"), &y, &read(&y_gpu), tol(precision, ROUTE_TOL));
+            assert_close(
+                &format!("{what} combine"),
+                &y,
+                &read(&y_gpu),
+                tol(precision, ROUTE_TOL),
+            );
 
             let (mut dyg, mut dgate) = (vec![0.0; g * c], vec![0.0; spec.assignments()]);
             cpu::moe_combine_backward(
-                &mut dyg, &mut dgate, &dy, &yg, &ggate, &want.dest, &want.src, &want.counts, &spec,
+                &mut dyg,
+                &mut dgate,
+                &dy,
+                &yg,
+                &ggate,
+                &want.dest,
+                &want.src,
+                &want.counts,
+                &spec,
             )
             .unwrap();
             let dyg_gpu = gpu.zeros("dyg", &[g * c], dt).unwrap();
-            let dgate_gpu = gpu.zeros("dgate", &[spec.assignments()], DType::F32).unwrap();
+            let dgate_gpu = gpu
+                .zeros("dgate", &[spec.assignments()], DType::F32)
+                .unwrap();
             let dyt = up("dy", &dy);
             MoeCombineBackward::new(
-                gpu, &dyg_gpu, &dgate_gpu, &dyt, &ygt, &got.gate, &got.dest, &got.src, &got.counts,
+                gpu,
+                &dyg_gpu,
+                &dgate_gpu,
+                &dyt,
+                &ygt,
+                &got.gate,
+                &got.dest,
+                &got.src,
+                &got.counts,
                 &spec,
             )
             .unwrap()
             .run(gpu)
             .unwrap();
-            assert_close(&format!("{what} dyg"), &dyg, &read(&dyg_gpu), tol(precision, ROUTE_TOL));
+            assert_close(
+                &format!("{what} dyg"),
+                &dyg,
+                &read(&dyg_gpu),
+                tol(precision, ROUTE_TOL),
+            );
             let gate_tol = Tolerance {
                 abs: 1e-5,
                 rel: 1e-5,
             };
-            assert_close(&format!("{what} dgate"), &dgate, &read(&dgate_gpu), gate_tol);
+            assert_close(
+                &format!("{what} dgate"),
+                &dgate,
+                &read(&dgate_gpu),
+                gate_tol,
+            );
 
             let mut dx = vec![0.0; n * c];
             cpu::moe_gather_backward(&mut dx, &dxg, &want.dest, &spec).unwrap();
@@ -218,22 +280,44 @@ fn gpu_routing_and_every_kernel_match_the_cpu_reference() {
                 .unwrap()
                 .run(gpu)
                 .unwrap();
-            assert_close(&format!("{what} dx"), &dx, &read(&dx_gpu), tol(precision, ROUTE_TOL));
+            assert_close(
+                &format!("{what} dx"),
+                &dx,
+                &read(&dx_gpu),
+                tol(precision, ROUTE_TOL),
+            );
 
             let coefs = MoeLossCoefs { aux: 0.3, z: 0.2 };
             let scale = 4.0;
             let gdgate = read(&dgate_gpu);
             let mut dlogits = vec![0.0; n * e];
             cpu::moe_route_backward(
-                &mut dlogits, &gdgate, &gprobs, &want.sel, &ggate, &glse, &want.counts, &spec,
-                coefs, scale,
+                &mut dlogits,
+                &gdgate,
+                &gprobs,
+                &want.sel,
+                &ggate,
+                &glse,
+                &want.counts,
+                &spec,
+                coefs,
+                scale,
             )
             .unwrap();
             let dl_gpu = gpu.zeros("dlogits", &[n * e], dt).unwrap();
             let scale_t = gpu.upload("scale", &[1], DType::F32, &[scale]).unwrap();
             MoeRouteBackward::new(
-                gpu, &dl_gpu, &dgate_gpu, &got.probs, &got.sel, &got.gate, &got.lse, &got.counts,
-                &scale_t, &spec, coefs,
+                gpu,
+                &dl_gpu,
+                &dgate_gpu,
+                &got.probs,
+                &got.sel,
+                &got.gate,
+                &got.lse,
+                &got.counts,
+                &scale_t,
+                &spec,
+                coefs,
             )
             .unwrap()
             .run(gpu)
@@ -242,7 +326,12 @@ fn gpu_routing_and_every_kernel_match_the_cpu_reference() {
                 abs: 1e-6,
                 rel: 1e-4,
             };
-            assert_close(&format!("{what} dlogits"), &dlogits, &read(&dl_gpu), tol(precision, rb_tol));
+            assert_close(
+                &format!("{what} dlogits"),
+                &dlogits,
+                &read(&dl_gpu),
+                tol(precision, rb_tol),
+            );
 
             let want_stats = cpu::moe_losses(&gprobs, &glse, &want.counts, &spec).unwrap();
             let stats = gpu.zeros("stats", &[stats_len(e)], DType::F32).unwrap();
@@ -251,12 +340,23 @@ fn gpu_routing_and_every_kernel_match_the_cpu_reference() {
                 .run(gpu)
                 .unwrap();
             let got_stats = parse_stats(&read(&stats), e).unwrap();
-            assert_eq!(want_stats.fractions, got_stats.fractions, "{what}: fractions");
+            assert_eq!(
+                want_stats.fractions, got_stats.fractions,
+                "{what}: fractions"
+            );
             assert_eq!(want_stats.dropped, got_stats.dropped, "{what}: dropped");
             assert_close(
                 &format!("{what} aux, z, P"),
-                &[&[want_stats.aux_loss, want_stats.z_loss][..], &want_stats.mean_probs].concat(),
-                &[&[got_stats.aux_loss, got_stats.z_loss][..], &got_stats.mean_probs].concat(),
+                &[
+                    &[want_stats.aux_loss, want_stats.z_loss][..],
+                    &want_stats.mean_probs,
+                ]
+                .concat(),
+                &[
+                    &[got_stats.aux_loss, got_stats.z_loss][..],
+                    &got_stats.mean_probs,
+                ]
+                .concat(),
                 ROUTE_TOL,
             );
         }
@@ -330,7 +430,11 @@ fn capacity_overflow_drops_later_tokens_in_position_order() {
     }
     // Second slots: expert 1 gets tokens 0, 3, 6, 9 (4 > 3: token 9 dropped), expert 2 gets
     // 1, 4, 7 (kept), expert 3 gets 2, 5, 8 (kept).
-    assert_eq!(r.dest[9 * 2 + 1], MOE_NONE, "token 9 is the 4th for expert 1");
+    assert_eq!(
+        r.dest[9 * 2 + 1],
+        MOE_NONE,
+        "token 9 is the 4th for expert 1"
+    );
     assert_eq!(r.counts, vec![10, 4, 3, 3]);
     let stats = cpu::moe_losses(&r.probs, &r.lse, &r.counts, &spec).unwrap();
     assert_eq!(stats.dropped, 7 + 1);
@@ -340,7 +444,10 @@ fn capacity_overflow_drops_later_tokens_in_position_order() {
     cpu::moe_combine(&mut y, &yg, &r.dest, &r.gate, &spec).unwrap();
     let row = r.dest[5 * 2 + 1] as usize;
     assert_eq!(y[5 * c], r.gate[5 * 2 + 1] * yg[row * c]);
-    assert!(y[9 * c..10 * c].iter().all(|&v| v == 0.0), "token 9 lost both slots");
+    assert!(
+        y[9 * c..10 * c].iter().all(|&v| v == 0.0),
+        "token 9 lost both slots"
+    );
 
     for precision in [Precision::F32, Precision::F16] {
         let Some(gpu) = gpu(precision) else {
@@ -350,15 +457,26 @@ fn capacity_overflow_drops_later_tokens_in_position_order() {
             .upload("logits", &[n * e], DType::from(precision), &logits)
             .unwrap();
         let got = gpu_route(gpu, &t, &spec);
-        assert_eq!(gpu.read_u32(&got.dest).unwrap(), r.dest, "{precision:?} dest");
-        assert_eq!(gpu.read_u32(&got.counts).unwrap(), r.counts, "{precision:?}");
+        assert_eq!(
+            gpu.read_u32(&got.dest).unwrap(),
+            r.dest,
+            "{precision:?} dest"
+        );
+        assert_eq!(
+            gpu.read_u32(&got.counts).unwrap(),
+            r.counts,
+            "{precision:?}"
+        );
         let s = gpu.zeros("stats", &[stats_len(e)], DType::F32).unwrap();
         MoeLosses::new(gpu, &s, &got.probs, &got.lse, &got.counts, &spec)
             .unwrap()
             .run(gpu)
             .unwrap();
         let got_stats = parse_stats(&gpu.read(&s).unwrap(), e).unwrap();
-        assert_eq!(got_stats.dropped, 8, "{precision:?} dropped in the statistics");
+        assert_eq!(
+            got_stats.dropped, 8,
+            "{precision:?} dropped in the statistics"
+        );
     }
 }
 
@@ -569,16 +687,26 @@ fn bad_shapes_are_refused() {
     let mut r = cpu_route(&[0.0; 12], &spec);
     for bad in [
         MoeSpec { top_k: 4, ..spec },
-        MoeSpec { capacity: 5, ..spec },
+        MoeSpec {
+            capacity: 5,
+            ..spec
+        },
         MoeSpec { experts: 0, ..spec },
     ] {
         let err = cpu::moe_dispatch(&mut r.dest, &mut r.src, &mut r.counts, &r.sel, &bad);
         assert!(err.is_err(), "{bad:?} must be refused");
     }
     let mut short = vec![0.0; 11];
-    let e = cpu::moe_route(&mut short, &mut r.sel, &mut r.gate, &mut r.lse, &[0.0; 12], &spec)
-        .unwrap_err()
-        .to_string();
+    let e = cpu::moe_route(
+        &mut short,
+        &mut r.sel,
+        &mut r.gate,
+        &mut r.lse,
+        &[0.0; 12],
+        &spec,
+    )
+    .unwrap_err()
+    .to_string();
     assert!(e.contains("probs has 11 elements, expected 12"), "{e}");
     let Some(gpu) = gpu(Precision::F32) else {
         return;

@@ -105,7 +105,11 @@ fn moe_gpu_step_matches_cpu_step() {
         ("gpt2 capacity 1.0", gpt(moe(Some(1.0), 1)), 1),
         ("gpt2 every 2, two micro-batches", gpt(moe(None, 2)), 2),
         ("llama dropless", llama(moe(None, 1)), 1),
-        ("llama capacity 0.75, two micro-batches", llama(moe(Some(0.75), 1)), 2),
+        (
+            "llama capacity 0.75, two micro-batches",
+            llama(moe(Some(0.75), 1)),
+            2,
+        ),
     ];
     for (what, model, micro) in cases {
         let vocab = 11;
@@ -147,7 +151,11 @@ fn moe_gpu_step_matches_cpu_step() {
             "{what}: loss GPU {gpu_loss} CPU {cpu_loss}"
         );
         let gpu_stats = g.read_moe_stats(gpu).unwrap();
-        let routed = if model.moe.as_ref().unwrap().every == 2 { 1 } else { 2 };
+        let routed = if model.moe.as_ref().unwrap().every == 2 {
+            1
+        } else {
+            2
+        };
         assert_eq!(gpu_stats.len(), routed, "{what}: routed layers");
         assert_eq!(cpu_stats.len(), routed, "{what}: routed layers (CPU)");
         for (c, gs) in cpu_stats.iter().zip(&gpu_stats) {
@@ -272,7 +280,12 @@ fn two_identical_runs_are_bit_identical() {
             )
         };
         let (a, b) = (run(), run());
-        assert!(a.0 == b.0, "{precision:?}: losses differ: {:?} vs {:?}", a.0, b.0);
+        assert!(
+            a.0 == b.0,
+            "{precision:?}: losses differ: {:?} vs {:?}",
+            a.0,
+            b.0
+        );
         assert!(a.1 == b.1, "{precision:?}: gradients differ");
         assert!(a.2 == b.2, "{precision:?}: weights differ");
         assert!(a.3 == b.3, "{precision:?}: statistics differ");
@@ -381,9 +394,10 @@ mod decode_and_checkpoints {
             let back = checkpoint::load(&saved).unwrap();
             assert_eq!(back.master, ck.master, "{name}: weights");
             assert!(
-                back.layout.tensors().iter().any(|t| t.name.contains("experts")
-                    && t.shape.len() == 3
-                    && t.shape[0] == 4),
+                back.layout
+                    .tensors()
+                    .iter()
+                    .any(|t| t.name.contains("experts") && t.shape.len() == 3 && t.shape[0] == 4),
                 "{name}: expert tensors are (E, out, in)"
             );
             let mut other = back.config.clone();
@@ -446,14 +460,23 @@ fn inconsistent_moe_settings_are_refused() {
         } else {
             text + "n_experts = 4\ntop_k = 2\n"
         };
-        let err = kiln::model::Config::from_toml(&text, &[]).unwrap_err().to_string();
+        let err = kiln::model::Config::from_toml(&text, &[])
+            .unwrap_err()
+            .to_string();
         assert!(err.contains(key), "{line}: {err}");
     }
     let no_capacity = "[model]\nn_layer = 2\n[model.moe]\nn_experts = 4\ntop_k = 2\n";
-    let err = kiln::model::Config::from_toml(no_capacity, &[]).unwrap_err().to_string();
-    assert!(err.contains("model.moe.dropless") && err.contains("capacity_factor"), "{err}");
+    let err = kiln::model::Config::from_toml(no_capacity, &[])
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains("model.moe.dropless") && err.contains("capacity_factor"),
+        "{err}"
+    );
     let bad_factor = "[model]\nn_layer = 2\n[model.moe]\ncapacity_factor = 0\n";
-    let err = kiln::model::Config::from_toml(bad_factor, &[]).unwrap_err().to_string();
+    let err = kiln::model::Config::from_toml(bad_factor, &[])
+        .unwrap_err()
+        .to_string();
     assert!(err.contains("model.moe.capacity_factor"), "{err}");
     // --set reaches the table.
     let c = kiln::model::Config::from_toml(base, &["model.moe.top_k=1".into()]).unwrap();

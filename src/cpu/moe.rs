@@ -235,7 +235,12 @@ pub fn moe_combine_backward(
 }
 
 /// The gather's backward: `dx[t] = Σ_j dxg[dest[t, j]]` over the kept slots (overwrites dx).
-pub fn moe_gather_backward(dx: &mut [f32], dxg: &[f32], dest: &[u32], spec: &MoeSpec) -> Result<()> {
+pub fn moe_gather_backward(
+    dx: &mut [f32],
+    dxg: &[f32],
+    dest: &[u32],
+    spec: &MoeSpec,
+) -> Result<()> {
     let (c, k) = (spec.channels, spec.top_k);
     spec.check(
         "moe_gather_backward",
@@ -356,7 +361,12 @@ pub fn moe_losses(probs: &[f32], lse: &[f32], counts: &[u32], spec: &MoeSpec) ->
     let mean_probs: Vec<f32> = (0..e)
         .map(|i| (0..n).map(|t| probs[t * e + i]).sum::<f32>() / n as f32)
         .collect();
-    let aux = e as f32 * fractions.iter().zip(&mean_probs).map(|(f, p)| f * p).sum::<f32>();
+    let aux = e as f32
+        * fractions
+            .iter()
+            .zip(&mean_probs)
+            .map(|(f, p)| f * p)
+            .sum::<f32>();
     let z = lse.iter().map(|l| l * l).sum::<f32>() / n as f32;
     let dropped = counts
         .iter()

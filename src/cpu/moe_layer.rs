@@ -150,7 +150,14 @@ pub fn moe_layer_forward(
         yg: vec![0.0; g * r.channels],
         stats: MoeStats::default(),
     };
-    moe_route(&mut c.probs, &mut c.sel, &mut c.gate, &mut c.lse, &logits, &r)?;
+    moe_route(
+        &mut c.probs,
+        &mut c.sel,
+        &mut c.gate,
+        &mut c.lse,
+        &logits,
+        &r,
+    )?;
     moe_dispatch(&mut c.dest, &mut c.src, &mut c.counts, &c.sel, &r)?;
     moe_gather(&mut c.xg, x, &c.src, &c.counts, &r)?;
     super::matmul::matmul(&mut c.hg, &c.xg, w.fc, None, &spec.fc_product())?;
@@ -219,13 +226,9 @@ pub fn moe_layer_backward(
     let mut dhg = vec![0.0; g * fcw];
     match spec.kind {
         MlpKind::Gelu => super::activation::gelu_backward(&mut dhg, &dag, &c.hg, false)?,
-        MlpKind::SwiGlu => super::swiglu::swiglu_backward(
-            &mut dhg,
-            &dag,
-            &c.hg,
-            &SwiGluSpec::new(g, h),
-            false,
-        )?,
+        MlpKind::SwiGlu => {
+            super::swiglu::swiglu_backward(&mut dhg, &dag, &c.hg, &SwiGluSpec::new(g, h), false)?
+        }
     }
     let mut dxg = vec![0.0; g * ch];
     mm(

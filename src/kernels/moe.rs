@@ -37,6 +37,7 @@ fn blocks(spec: &MoeSpec) -> usize {
 }
 
 /// One dispatch of `entry` over `items` invocations.
+#[allow(clippy::too_many_arguments)]
 fn dispatch(
     gpu: &Gpu,
     op: &'static str,
@@ -104,7 +105,11 @@ fn check(
                 if precision.is_some_and(|q| q != p) {
                     return Err(Error::shape(
                         op,
-                        format!("tensor {} is {:?}; the others are {precision:?}", t.label(), p),
+                        format!(
+                            "tensor {} is {:?}; the others are {precision:?}",
+                            t.label(),
+                            p
+                        ),
                     ));
                 }
                 precision = Some(p);

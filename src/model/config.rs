@@ -622,7 +622,11 @@ fn apply_override(table: &mut toml::Table, text: &str) -> Result<()> {
             .or_insert_with(|| toml::Value::Table(toml::Table::new()))
             .as_table_mut()
             .ok_or_else(|| {
-                Error::invalid("--set", text, format!("{} is not a table", keys[..=i].join(".")))
+                Error::invalid(
+                    "--set",
+                    text,
+                    format!("{} is not a table", keys[..=i].join(".")),
+                )
             })?;
     }
     section.insert(last.to_string(), value);

@@ -66,10 +66,7 @@ impl MoeConfig {
             return Err(Error::invalid(
                 "model.moe.top_k",
                 self.top_k,
-                format!(
-                    "must be in 1..=model.moe.n_experts = {}",
-                    self.n_experts
-                ),
+                format!("must be in 1..=model.moe.n_experts = {}", self.n_experts),
             ));
         }
         match (self.capacity_factor, self.dropless) {

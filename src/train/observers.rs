@@ -58,7 +58,10 @@ impl Observer for MetricsLog {
             line["moe_z_loss"] = m.z_loss.into();
             line["moe_dropped"] = m.dropped.into();
             line["expert_fractions"] = serde_json::json!(
-                s.moe.iter().map(|l| l.fractions.clone()).collect::<Vec<_>>()
+                s.moe
+                    .iter()
+                    .map(|l| l.fractions.clone())
+                    .collect::<Vec<_>>()
             );
         }
         self.append(&line)

@@ -27,6 +27,9 @@ use crate::model::layout::{Component, LayoutBuilder, ParamKind};
 use crate::model::moe::MoeConfig;
 use crate::ops::{Layout, MatmulSpec, MoeLossCoefs, MoeSpec, SwiGluSpec};
 
+/// Makes a named buffer of a length, in the storage precision (`None`) or the given type.
+type Alloc<'a> = dyn FnMut(&str, usize, Option<DType>) -> Result<GpuTensor> + 'a;
+
 /// Layer `layer`'s routed MLP.
 #[derive(Clone, Debug)]
 pub(crate) struct Moe {
@@ -99,7 +102,7 @@ impl Moe {
         spec: &MoeLayerSpec,
         ops: &mut Ops,
         x: &GpuTensor,
-        alloc: &mut dyn FnMut(&str, usize, Option<DType>) -> Result<GpuTensor>,
+        alloc: &mut Alloc<'_>,
     ) -> Result<MoeGpu> {
         let r = spec.routing;
         let (n, e, a, g) = (r.tokens, r.experts, r.assignments(), r.grouped_rows());
@@ -303,7 +306,16 @@ impl MoeGpu {
             Matmul::new(gpu, c, a, b, None, &s).map(|m| Box::new(m) as Box<dyn Record>)
         };
         ops.push(Box::new(MoeCombineBackward::new(
-            gpu, &dyg, dgate, dy, &self.yg, &self.gate, &self.dest, &self.src, &self.counts, &r,
+            gpu,
+            &dyg,
+            dgate,
+            dy,
+            &self.yg,
+            &self.gate,
+            &self.dest,
+            &self.src,
+            &self.counts,
+            &r,
         )?));
         ops.push(mm(
             &dag,
@@ -320,8 +332,9 @@ impl MoeGpu {
                 .accumulate(true),
         )?);
         ops.push(match spec.kind {
-            MlpKind::Gelu => Box::new(GeluBackward::new(gpu, &dhg, &dag, &self.hg, false)?)
-                as Box<dyn Record>,
+            MlpKind::Gelu => {
+                Box::new(GeluBackward::new(gpu, &dhg, &dag, &self.hg, false)?) as Box<dyn Record>
+            }
             MlpKind::SwiGlu => Box::new(SwiGluBackward::new(
                 gpu,
                 &dhg,
@@ -402,4 +415,3 @@ impl MoeCpu {
         Ok(dx)
     }
 }
-
