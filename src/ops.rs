@@ -1059,3 +1059,105 @@ fn kv_groups(op: &'static str, heads: usize, kv_heads: usize) -> Result<()> {
         ))
     }
 }
+
+/// The routing of a mixture-of-experts layer over one micro-batch (see [`crate::cpu::moe`] for
+/// the buffers and their layout).
+///
+/// `tokens` rows of `channels` each choose `top_k` of `experts` experts; each expert has
+/// `capacity` rows in the grouped buffers, which are (experts, capacity, width): expert e's
+/// tokens at rows e·capacity + 0, 1, ... in the order of their assignments (token, then slot).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct MoeSpec {
+    /// N, the tokens (rows) of the micro-batch.
+    pub tokens: usize,
+    /// E.
+    pub experts: usize,
+    /// K, experts per token.
+    pub top_k: usize,
+    /// Rows per expert in the grouped buffers (1..=tokens).
+    pub capacity: usize,
+    /// C, the width of the rows gathered and combined.
+    pub channels: usize,
+}
+
+/// The u32 that marks a dropped assignment in `dest` (and an empty grouped row in `src`).
+pub const MOE_NONE: u32 = u32::MAX;
+
+impl MoeSpec {
+    /// N·K assignments (token, slot).
+    pub fn assignments(&self) -> usize {
+        self.tokens * self.top_k
+    }
+
+    /// E·capacity rows of the grouped buffers.
+    pub fn grouped_rows(&self) -> usize {
+        self.experts * self.capacity
+    }
+
+    /// Checks the sizes (positive, top_k ≤ experts, capacity ≤ tokens, indexable in u32).
+    pub fn validate(&self, op: &'static str) -> Result<()> {
+        let MoeSpec {
+            tokens,
+            experts,
+            top_k,
+            capacity,
+            channels,
+        } = *self;
+        if tokens == 0 || experts == 0 || top_k == 0 || capacity == 0 || channels == 0 {
+            return Err(Error::shape(
+                op,
+                format!("every size must be positive; got {self:?}"),
+            ));
+        }
+        if top_k > experts || capacity > tokens {
+            return Err(Error::shape(
+                op,
+                format!("top_k must not exceed experts nor capacity tokens; got {self:?}"),
+            ));
+        }
+        let big = [
+            tokens.checked_mul(experts.max(top_k)),
+            experts.checked_mul(capacity),
+            experts
+                .checked_mul(capacity)
+                .and_then(|r| r.checked_mul(channels)),
+            tokens.checked_mul(channels),
+        ];
+        if big.iter().any(|n| n.is_none_or(|n| n >= u32::MAX as usize)) {
+            return Err(Error::shape(
+                op,
+                format!("{self:?} needs buffers past the 2^32 elements that kernels index"),
+            ));
+        }
+        Ok(())
+    }
+
+    /// [`MoeSpec::validate`] and each named buffer's exact length.
+    pub fn check(&self, op: &'static str, want: &[(&str, usize, usize)]) -> Result<()> {
+        self.validate(op)?;
+        buffer_lengths(op, self, want)
+    }
+}
+
+/// Weights of the two auxiliary losses of a mixture-of-experts layer in the training loss.
+#[derive(Clone, Copy, Debug, Default, PartialEq)]
+pub struct MoeLossCoefs {
+    /// Switch Transformer load balancing, `E · Σ_e f_e · P_e`.
+    pub aux: f32,
+    /// Router z-loss, `mean_n logsumexp(logits_n)²`.
+    pub z: f32,
+}
+
+impl MoeLossCoefs {
+    /// The per-element gradient factors of the two losses before the loss scale:
+    /// `aux · E / (N²·K)` per assignment counted for an expert (d(E·Σ f_e·P_e)/dp[n, e] =
+    /// E·f_e/N with f_e = count_e/(N·K)) and `z · 2 / N` per unit of lse (d mean(lse²)/d lse_n).
+    /// Computed in f64 and rounded once, so the GPU and the CPU reference use the same f32s.
+    pub fn gradient_factors(&self, spec: &MoeSpec) -> (f32, f32) {
+        let (n, e, k) = (spec.tokens as f64, spec.experts as f64, spec.top_k as f64);
+        (
+            (f64::from(self.aux) * e / (n * n * k)) as f32,
+            (f64::from(self.z) * 2.0 / n) as f32,
+        )
+    }
+}

@@ -33,6 +33,7 @@ const FLASH_HEAD_32: &str = "const HV: u32 = 8u;\n";
 const FLASH_HEAD_64: &str = "const HV: u32 = 16u;\n";
 const FLASH_HEAD_128: &str = "const HV: u32 = 32u;\n";
 const QUANT: &str = include_str!("../shaders/quant.wgsl");
+const MOE: &str = include_str!("../shaders/moe.wgsl");
 
 /// Every shader module: (name, the files it is made of, in order). A module made of several
 /// files is an extension compiled after its base (used for kernels that need an optional feature
@@ -60,6 +61,7 @@ pub const MODULES: &[(&str, &[&str])] = &[
     ("flash_attention_64", &[FLASH_HEAD_64, FLASH_ATTENTION]),
     ("flash_attention_128", &[FLASH_HEAD_128, FLASH_ATTENTION]),
     ("quant", &[QUANT]),
+    ("moe", &[MOE]),
 ];
 
 /// The concatenated source of a module, without the precision prelude.

@@ -67,6 +67,18 @@ pub fn run(a: &ParamsArgs) -> Result<()> {
         fmt(b),
         fmt(w + b)
     );
+    if let Some(moe) = &config.model.moe {
+        let experts = layout.count(Component::Experts, ParamKind::Weight)
+            + layout.count(Component::Experts, ParamKind::Bias);
+        let active = kiln::model::moe::active_parameters(w + b, experts, moe);
+        println!(
+            "{:<12} {:>44}  ({} of {} experts per token in each routed layer)",
+            "active/token",
+            fmt(active),
+            moe.top_k,
+            moe.n_experts
+        );
+    }
     for (name, bytes) in [("f16", 2), ("f32", 4)] {
         let state = layout.training_state_bytes(bytes);
         println!(

@@ -3,6 +3,7 @@
 //! ([`crate::model::arch`]) as the GPU step, each calling the reference ops of this module's
 //! siblings with the same argument conventions (llm.c style); the backward is the exact reverse.
 
+use super::moe::MoeStats;
 use crate::model::arch::Arch;
 use crate::model::units::CpuCtx;
 use crate::model::{ModelConfig, ParamLayout};
@@ -79,6 +80,8 @@ pub fn gpt_logits(
         params,
         batch: *batch,
         inputs,
+        dloss_scale: 1.0,
+        moe_stats: Default::default(),
     };
     let (_, out) = Arch::new(model, vocab)?.cpu_forward(&ctx)?;
     if logits.len() != out.len() {
@@ -96,7 +99,8 @@ pub fn gpt_logits(
 }
 
 /// One micro-batch: returns the mean cross-entropy over non-ignored targets and writes
-/// `dloss_scale ×` its gradient with respect to every parameter into `grads` (laid out like
+/// `dloss_scale ×` the gradient of the training loss (the cross-entropy, plus the weighted
+/// auxiliary losses of routed MLPs) with respect to every parameter into `grads` (laid out like
 /// `params`), adding to what is there when `accumulate`.
 #[allow(clippy::too_many_arguments)]
 pub fn gpt_loss_and_grads(
@@ -111,6 +115,36 @@ pub fn gpt_loss_and_grads(
     dloss_scale: f32,
     accumulate: bool,
 ) -> Result<f32> {
+    gpt_loss_grads_and_moe(
+        grads,
+        params,
+        layout,
+        model,
+        vocab,
+        inputs,
+        targets,
+        batch,
+        dloss_scale,
+        accumulate,
+    )
+    .map(|(loss, _)| loss)
+}
+
+/// [`gpt_loss_and_grads`], also returning each routed MLP's statistics (load and unweighted
+/// auxiliary losses), in layer order.
+#[allow(clippy::too_many_arguments)]
+pub fn gpt_loss_grads_and_moe(
+    grads: &mut [f32],
+    params: &[f32],
+    layout: &ParamLayout,
+    model: &ModelConfig,
+    vocab: usize,
+    inputs: &[u32],
+    targets: &[u32],
+    batch: &GptBatch,
+    dloss_scale: f32,
+    accumulate: bool,
+) -> Result<(f32, Vec<MoeStats>)> {
     check(model, layout, params.len(), vocab, inputs, batch)?;
     if grads.len() != params.len() || targets.len() != inputs.len() {
         return Err(Error::shape(
@@ -123,6 +157,8 @@ pub fn gpt_loss_and_grads(
         params,
         batch: *batch,
         inputs,
+        dloss_scale,
+        moe_stats: Default::default(),
     };
     let (states, logits) = Arch::new(model, vocab)?.cpu_forward(&ctx)?;
     let bt = batch.batch * batch.seq;
@@ -151,5 +187,5 @@ pub fn gpt_loss_and_grads(
     } else {
         grads.copy_from_slice(&g);
     }
-    Ok(loss)
+    Ok((loss, ctx.moe_stats.into_inner()))
 }

@@ -17,6 +17,8 @@ pub mod gradnorm;
 pub mod layernorm;
 pub mod lossscale;
 pub mod matmul;
+pub mod moe;
+pub mod moe_layer;
 pub mod quant;
 pub mod residual;
 pub mod rmsnorm;

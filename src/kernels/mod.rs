@@ -16,6 +16,7 @@ pub mod gradnorm;
 pub mod layernorm;
 pub mod lossscale;
 pub mod matmul;
+pub mod moe;
 pub mod quant;
 pub mod residual;
 pub mod rmsnorm;
@@ -165,6 +166,13 @@ impl_record!(
     layernorm::LayerNormForward,
     layernorm::LayerNormBackward,
     matmul::Matmul,
+    moe::MoeRouting,
+    moe::MoeGather,
+    moe::MoeCombine,
+    moe::MoeCombineBackward,
+    moe::MoeGatherBackward,
+    moe::MoeRouteBackward,
+    moe::MoeLosses,
     quant::QMatmul,
     quant::QEmbedding,
     residual::ResidualForward,

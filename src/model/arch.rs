@@ -7,6 +7,7 @@ use super::units::attention::Attention;
 use super::units::embedding::Embedding;
 use super::units::head::Head;
 use super::units::mlp::Mlp;
+use super::units::moe::Moe;
 use super::units::norm::{FinalNormCpu, FinalNormGpu, Norm};
 use super::units::residual::{Body, Residual};
 use super::units::{CpuBackward, CpuCtx, DecodeCtx, GpuBackward, GpuCtx, Ops};
@@ -93,9 +94,18 @@ impl Arch {
                 dropout_site: site + 1,
                 out_name: p("resid"),
             }));
-            units.push(Unit::Residual(Residual {
-                norm: norm(p(n.norm_2)),
-                body: Body::Mlp(Mlp {
+            let body = match &model.moe {
+                Some(moe) if moe.routes_layer(l) => Body::Moe(Moe {
+                    layer: l,
+                    kind: parts.mlp,
+                    router_prefix: p(n.router),
+                    fc_prefix: p(n.expert_fc),
+                    proj_prefix: p(n.expert_proj),
+                    channels: c,
+                    hidden: parts.mlp_hidden,
+                    config: moe.clone(),
+                }),
+                _ => Body::Mlp(Mlp {
                     layer: l,
                     kind: parts.mlp,
                     fc_prefix: p(n.fc),
@@ -104,6 +114,10 @@ impl Arch {
                     hidden: parts.mlp_hidden,
                     bias: model.bias,
                 }),
+            };
+            units.push(Unit::Residual(Residual {
+                norm: norm(p(n.norm_2)),
+                body,
                 dropout_site: site + 2,
                 out_name: p("out"),
             }));
@@ -263,6 +277,9 @@ struct Names {
     norm_2: &'static str,
     fc: &'static str,
     mlp_proj: &'static str,
+    router: &'static str,
+    expert_fc: &'static str,
+    expert_proj: &'static str,
     final_norm: &'static str,
     head: &'static str,
 }
@@ -279,6 +296,9 @@ fn names(arch: ArchKind) -> Names {
             norm_2: "ln_2",
             fc: "mlp.c_fc",
             mlp_proj: "mlp.c_proj",
+            router: "mlp.router",
+            expert_fc: "mlp.experts.c_fc",
+            expert_proj: "mlp.experts.c_proj",
             final_norm: "ln_f",
             head: "lm_head",
         },
@@ -292,6 +312,11 @@ fn names(arch: ArchKind) -> Names {
             norm_2: "post_attention_layernorm",
             fc: "mlp.gate_up_proj",
             mlp_proj: "mlp.down_proj",
+            // Mixtral's names (`block_sparse_moe.gate`, `experts.N.w1/w3/w2`), with every
+            // expert's matrix stacked in one tensor and gate|up fused as elsewhere.
+            router: "block_sparse_moe.gate",
+            expert_fc: "block_sparse_moe.experts.gate_up_proj",
+            expert_proj: "block_sparse_moe.experts.down_proj",
             final_norm: "model.norm",
             head: "lm_head",
         },

@@ -4,6 +4,7 @@
 //! `--set section.key=value` overrides apply before validation, so a bad value is reported the
 //! same way whether it came from the file or the command line.
 
+use super::moe::MoeConfig;
 use crate::generate::SamplingParams;
 use crate::precision::PrecisionChoice;
 use crate::training::LossScaling;
@@ -78,6 +79,9 @@ pub struct ModelConfig {
     /// of the model's function: both kernels compute the same attention, to rounding.
     #[serde(skip_serializing_if = "AttentionKernel::is_auto")]
     pub attention_kernel: AttentionKernel,
+    /// A routed mixture-of-experts MLP (`[model.moe]`; none: every MLP is dense).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub moe: Option<MoeConfig>,
 }
 
 /// Which kernels compute causal attention in the GPU step.
@@ -251,6 +255,9 @@ impl ModelConfig {
                 ),
             ));
         }
+        if let Some(moe) = &self.moe {
+            moe.validate(self.n_layer)?;
+        }
         match p.positions {
             PositionKind::Rope => {
                 let hd = self.n_embd / self.n_head.max(1);
@@ -311,6 +318,7 @@ impl Default for ModelConfig {
             n_kv_head: None,
             tie_embeddings: None,
             attention_kernel: AttentionKernel::Auto,
+            moe: None,
         }
     }
 }
@@ -634,11 +642,12 @@ fn apply_override(table: &mut toml::Table, text: &str) -> Result<()> {
         .split_once('=')
         .ok_or_else(|| Error::invalid("--set", text, "expected section.key=value"))?;
     let keys: Vec<&str> = path.trim().split('.').collect();
-    if keys.len() != 2 || keys.iter().any(|k| k.is_empty()) {
+    if !(2..=3).contains(&keys.len()) || keys.iter().any(|k| k.is_empty()) {
         return Err(Error::invalid(
             "--set",
             text,
-            "expected section.key=value, e.g. train.lr=3e-4",
+            "expected section.key=value (or section.table.key=value, e.g. model.moe.top_k=1), \
+             e.g. train.lr=3e-4",
         ));
     }
     let raw = raw.trim();
@@ -646,13 +655,22 @@ fn apply_override(table: &mut toml::Table, text: &str) -> Result<()> {
         .ok()
         .and_then(|mut t| t.remove("v"))
         .unwrap_or_else(|| toml::Value::String(raw.to_string()));
-    let section = table
-        .entry(keys[0])
-        .or_insert_with(|| toml::Value::Table(toml::Table::new()));
-    let section = section
-        .as_table_mut()
-        .ok_or_else(|| Error::invalid("--set", text, format!("{} is not a table", keys[0])))?;
-    section.insert(keys[1].to_string(), value);
+    let (last, tables) = keys.split_last().expect("two or three keys");
+    let mut section = table;
+    for (i, key) in tables.iter().enumerate() {
+        section = section
+            .entry(*key)
+            .or_insert_with(|| toml::Value::Table(toml::Table::new()))
+            .as_table_mut()
+            .ok_or_else(|| {
+                Error::invalid(
+                    "--set",
+                    text,
+                    format!("{} is not a table", keys[..=i].join(".")),
+                )
+            })?;
+    }
+    section.insert(last.to_string(), value);
     Ok(())
 }
 

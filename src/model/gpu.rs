@@ -138,6 +138,8 @@ struct Plan {
     logits: GpuTensor,
     /// Each layer's q|k|v activation (the decoder's cache).
     qkv: Vec<GpuTensor>,
+    /// Each routed MLP's statistics of the micro-batch last run forward.
+    moe_stats: Vec<GpuTensor>,
     // Kept alive for the bind groups above (wgpu keeps buffers alive through bind groups too;
     // holding them also lets tests read intermediate values).
     _states: Vec<Box<dyn GpuBackward>>,
@@ -180,6 +182,8 @@ impl Plan {
             &s.ones,
         );
         ctx.quant = quant;
+        ctx.inference = s.optim.is_none();
+        ctx.loss_scale = Some(&s.loss_scale);
         let mut forward: Vec<Box<dyn Record>> = Vec::new();
         let (states, logits) = arch.gpu_forward(&mut ctx, &mut forward)?;
         // The loss: per-row loss and dlogits in one kernel.
@@ -223,6 +227,7 @@ impl Plan {
                 })
             }
         };
+        let moe_stats = std::mem::take(&mut ctx.moe_stats);
         let (mut scratch, qkv) = ctx.into_shared();
         scratch.push(dlogits);
         Ok(Plan {
@@ -231,6 +236,7 @@ impl Plan {
             train,
             logits,
             qkv,
+            moe_stats,
             _states: states,
             _scratch: scratch,
         })
@@ -807,6 +813,23 @@ impl GptGpu {
             .logits
             .view("logits row", row * self.vocab, &[self.vocab])?;
         gpu.read(&view)
+    }
+
+    /// Each routed MLP's statistics buffer (f32, [`crate::kernels::moe::stats_len`] of its
+    /// experts), in layer order, written by every forward: the training loop copies them into
+    /// its read-back ring. Empty for a model without routed MLPs.
+    pub fn moe_stats_buffers(&self) -> &[GpuTensor] {
+        &self.p.moe_stats
+    }
+
+    /// Each routed MLP's statistics of the micro-batch last run forward (waits).
+    pub fn read_moe_stats(&self, gpu: &Gpu) -> Result<Vec<crate::cpu::moe::MoeStats>> {
+        let experts = self.model.moe.as_ref().map_or(0, |m| m.n_experts);
+        self.p
+            .moe_stats
+            .iter()
+            .map(|t| crate::kernels::moe::parse_stats(&gpu.read(t)?, experts))
+            .collect()
     }
 
     /// The per-row loss tensor (f32, B·T), for asynchronous read-back by the training loop.

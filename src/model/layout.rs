@@ -14,8 +14,10 @@ pub enum Component {
     Embedding,
     /// Attention projections.
     Attention,
-    /// The MLP.
+    /// The MLP (dense MLPs, and the routers of routed ones).
     Mlp,
+    /// The experts of routed MLPs (of which a token runs top_k of n_experts).
+    Experts,
     /// Layer norms.
     Norm,
     /// The output head (zero extra parameters when tied to the token embedding).
@@ -24,10 +26,11 @@ pub enum Component {
 
 impl Component {
     /// Every component, in report order.
-    pub const ALL: [Component; 5] = [
+    pub const ALL: [Component; 6] = [
         Component::Embedding,
         Component::Attention,
         Component::Mlp,
+        Component::Experts,
         Component::Norm,
         Component::Head,
     ];
@@ -38,6 +41,7 @@ impl Component {
             Component::Embedding => "embeddings",
             Component::Attention => "attention",
             Component::Mlp => "mlp",
+            Component::Experts => "experts",
             Component::Norm => "norms",
             Component::Head => "head",
         }

@@ -6,6 +6,7 @@ pub mod decode;
 pub mod gpu;
 pub mod init;
 pub mod layout;
+pub mod moe;
 pub mod profile;
 pub(crate) mod units;
 
@@ -14,3 +15,4 @@ pub use config::{
     NormKind, PositionKind, TokenizerKind, TrainConfig,
 };
 pub use layout::{Component, ParamKind, ParamLayout, TensorInfo};
+pub use moe::MoeConfig;

@@ -30,6 +30,9 @@ pub(crate) fn quantized_tensors(
                     out.extend([weight(&a.qkv_prefix), weight(&a.proj_prefix)]);
                 }
                 Body::Mlp(m) => out.extend([weight(&m.fc_prefix), weight(&m.proj_prefix)]),
+                // Routed MLPs stay in float: their (E, out, in) tensors have no quantised
+                // product yet.
+                Body::Moe(_) => {}
             },
             Unit::Head(h) if embeddings && !h.tied => out.push(weight(&h.prefix)),
             _ => {}

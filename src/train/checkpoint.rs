@@ -1124,6 +1124,7 @@ pub fn check_compatible(ckpt: &Checkpoint, config: &Config, layout: &ParamLayout
     );
     field("bias", a.bias.to_string(), b.bias.to_string());
     field("arch", format!("{:?}", a.arch), format!("{:?}", b.arch));
+    field("moe", format!("{:?}", a.moe), format!("{:?}", b.moe));
     field(
         "(parts)",
         format!("{:?}", a.parts()),

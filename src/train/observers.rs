@@ -47,12 +47,24 @@ impl MetricsLog {
 
 impl Observer for MetricsLog {
     fn on_step(&mut self, s: &StepStats) -> Result<Control> {
-        self.append(&serde_json::json!({
+        let mut line = serde_json::json!({
             "step": s.step,
             "train_loss": s.loss,
             "lr": s.lr,
             "tokens_per_s": s.tokens_per_s,
-        }))
+        });
+        if let Some(m) = s.moe_summary() {
+            line["moe_aux_loss"] = m.aux_loss.into();
+            line["moe_z_loss"] = m.z_loss.into();
+            line["moe_dropped"] = m.dropped.into();
+            line["expert_fractions"] = serde_json::json!(
+                s.moe
+                    .iter()
+                    .map(|l| l.fractions.clone())
+                    .collect::<Vec<_>>()
+            );
+        }
+        self.append(&line)
     }
 
     fn on_eval(&mut self, e: &EvalStats) -> Result<Control> {
@@ -109,6 +121,8 @@ impl Observer for LossPlot {
 /// periodic evaluation (printed above the bar, or alone on stderr without one).
 pub struct Progress {
     bar: Option<indicatif::ProgressBar>,
+    /// The routed MLPs' summary of the last step, for the evaluation lines.
+    last_moe: String,
 }
 
 impl Progress {
@@ -126,7 +140,10 @@ impl Progress {
             bar.set_position(start_step);
             bar
         });
-        Progress { bar }
+        Progress {
+            bar,
+            last_moe: String::new(),
+        }
     }
 }
 
@@ -135,10 +152,14 @@ impl Observer for Progress {
         if let Some(bar) = &self.bar {
             bar.set_position(s.step + 1);
             bar.set_message(format!(
-                "loss {:.4} lr {:.2e} {:.0} tok/s",
-                s.loss, s.lr, s.tokens_per_s
+                "loss {:.4} lr {:.2e} {:.0} tok/s{}",
+                s.loss,
+                s.lr,
+                s.tokens_per_s,
+                moe_text(s)
             ));
         }
+        self.last_moe = moe_text(s);
         Ok(Control::Continue)
     }
 
@@ -147,11 +168,12 @@ impl Observer for Progress {
             return Ok(Control::Continue);
         }
         let line = format!(
-            "step {}: train loss {:.4}, val loss {:.4}, val ppl {:.2}",
+            "step {}: train loss {:.4}, val loss {:.4}, val ppl {:.2}{}",
             e.step,
             e.train_loss,
             e.loss,
-            e.loss.exp()
+            e.loss.exp(),
+            self.last_moe
         );
         match &self.bar {
             Some(bar) => bar.println(line),
@@ -165,6 +187,26 @@ impl Observer for Progress {
             bar.finish_and_clear();
         }
         Ok(())
+    }
+}
+
+/// The routed MLPs' part of a progress line: expert load range and the unweighted auxiliary
+/// losses summed over layers (empty for a dense model).
+fn moe_text(s: &StepStats) -> String {
+    match s.moe_summary() {
+        None => String::new(),
+        Some(m) => format!(
+            ", experts {:.0}–{:.0}% aux {:.3} z {:.3}{}",
+            100.0 * m.min_fraction,
+            100.0 * m.max_fraction,
+            m.aux_loss,
+            m.z_loss,
+            if m.dropped > 0 {
+                format!(" dropped {}", m.dropped)
+            } else {
+                String::new()
+            }
+        ),
     }
 }
 

@@ -16,7 +16,7 @@ const SCALARS: usize = 5;
 
 /// What the GPU reported for one finished step (raw: the trainer turns it into
 /// [`super::StepStats`]).
-#[derive(Clone, Copy, Debug)]
+#[derive(Clone, Debug)]
 pub(crate) struct RawStep {
     /// The step's index (0-based).
     pub step: u64,
@@ -32,12 +32,16 @@ pub(crate) struct RawStep {
     pub loss_scale: f32,
     /// Clean steps in a row after the step.
     pub scale_run: u32,
+    /// The routed MLPs' statistics buffers of the step's last micro-batch, concatenated in
+    /// layer order (empty without routed MLPs).
+    pub moe: Vec<f32>,
 }
 
 /// A fixed number of slots; step k uses slot k mod n.
 pub(crate) struct StatsRing {
     slots: Vec<Slot>,
     rows: usize,
+    moe_words: usize,
 }
 
 type MapResult = Arc<Mutex<Option<std::result::Result<(), wgpu::BufferAsyncError>>>>;
@@ -53,13 +57,14 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 }
 
 impl StatsRing {
-    /// `rows` per-row losses per step, `n` slots (steps in flight at most).
-    pub fn new(gpu: &Gpu, rows: usize, n: usize) -> Self {
+    /// `rows` per-row losses and `moe_words` routed-MLP statistics per step, `n` slots (steps
+    /// in flight at most).
+    pub fn new(gpu: &Gpu, rows: usize, moe_words: usize, n: usize) -> Self {
         let slots = (0..n.max(1))
             .map(|i| Slot {
                 buffer: gpu.device().create_buffer(&wgpu::BufferDescriptor {
                     label: Some(&format!("step stats ring {i}")),
-                    size: ((rows + 1 + SCALARS) * 4) as u64,
+                    size: ((rows + 1 + SCALARS + moe_words) * 4) as u64,
                     usage: wgpu::BufferUsages::MAP_READ | wgpu::BufferUsages::COPY_DST,
                     mapped_at_creation: false,
                 }),
@@ -67,7 +72,11 @@ impl StatsRing {
                 ready: Arc::new(Mutex::new(None)),
             })
             .collect();
-        StatsRing { slots, rows }
+        StatsRing {
+            slots,
+            rows,
+            moe_words,
+        }
     }
 
     fn slot_for(&self, step: u64) -> usize {
@@ -102,6 +111,11 @@ impl StatsRing {
         copy(model.target_count(), self.rows, 1);
         for (i, t) in scalars.iter().enumerate() {
             copy(t, self.rows + 1 + i, 1);
+        }
+        let mut at = self.rows + 1 + SCALARS;
+        for t in model.moe_stats_buffers() {
+            copy(t, at, t.len());
+            at += t.len();
         }
     }
 
@@ -158,7 +172,7 @@ impl StatsRing {
     }
 
     fn take(&mut self, i: usize) -> Result<Option<RawStep>> {
-        let rows = self.rows;
+        let (rows, moe_words) = (self.rows, self.moe_words);
         let slot = &mut self.slots[i];
         let Some(step) = slot.step.take() else {
             return Ok(None);
@@ -189,6 +203,7 @@ impl StatsRing {
                 skipped: word(s + 2),
                 loss_scale: words[s + 3],
                 scale_run: word(s + 4),
+                moe: words[s + SCALARS..s + SCALARS + moe_words].to_vec(),
             }
         };
         slot.buffer.unmap();

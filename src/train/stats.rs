@@ -31,6 +31,43 @@ pub struct StepStats {
     pub seconds: f64,
     /// Training tokens per second of this trainer so far (evaluation and saving excluded).
     pub tokens_per_s: f64,
+    /// Each routed MLP's load and auxiliary losses over the step's last micro-batch, in layer
+    /// order (empty for a model without routed MLPs).
+    pub moe: Vec<crate::cpu::moe::MoeStats>,
+}
+
+impl StepStats {
+    /// The routed MLPs' summary: the unweighted load-balancing and z-losses summed over layers,
+    /// the assignments dropped, and the lowest and highest expert fraction of any layer. `None`
+    /// without routed MLPs.
+    pub fn moe_summary(&self) -> Option<MoeSummary> {
+        if self.moe.is_empty() {
+            return None;
+        }
+        let fractions = self.moe.iter().flat_map(|m| m.fractions.iter().copied());
+        Some(MoeSummary {
+            aux_loss: self.moe.iter().map(|m| m.aux_loss).sum(),
+            z_loss: self.moe.iter().map(|m| m.z_loss).sum(),
+            dropped: self.moe.iter().map(|m| m.dropped).sum(),
+            min_fraction: fractions.clone().fold(f32::INFINITY, f32::min),
+            max_fraction: fractions.fold(f32::NEG_INFINITY, f32::max),
+        })
+    }
+}
+
+/// See [`StepStats::moe_summary`].
+#[derive(Clone, Copy, Debug, PartialEq, serde::Serialize)]
+pub struct MoeSummary {
+    /// Σ over routed layers of `E · Σ_e f_e · P_e` (1 per layer when balanced).
+    pub aux_loss: f32,
+    /// Σ over routed layers of the router z-loss.
+    pub z_loss: f32,
+    /// Assignments dropped for capacity, all layers.
+    pub dropped: u32,
+    /// The lowest fraction of assignments any expert of any layer received.
+    pub min_fraction: f32,
+    /// The highest.
+    pub max_fraction: f32,
 }
 
 /// Which validation tokens an evaluation scores.

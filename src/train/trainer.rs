@@ -228,7 +228,8 @@ impl Trainer {
             model.enable_loss_scaling(&gpu, &config.loss_scaling())?;
         }
         model.set_dropout_seed(t.seed);
-        let ring = StatsRing::new(&gpu, t.batch_size * block, STEPS_IN_FLIGHT);
+        let moe_words = model.moe_stats_buffers().iter().map(|t| t.len()).sum();
+        let ring = StatsRing::new(&gpu, t.batch_size * block, moe_words, STEPS_IN_FLIGHT);
         Ok(Trainer {
             layout: model.layout().clone(),
             state: TrainingState {
@@ -371,8 +372,21 @@ impl Trainer {
             tokens,
             seconds: now - self.clock.last_reported_at,
             tokens_per_s: (self.clock.reported * tokens) as f64 / now,
+            moe: self.moe_stats(&raw.moe),
         });
         self.clock.last_reported_at = now;
+    }
+
+    /// The routed MLPs' statistics from their concatenated read-back words.
+    fn moe_stats(&self, words: &[f32]) -> Vec<crate::cpu::moe::MoeStats> {
+        let Some(moe) = &self.config.model.moe else {
+            return Vec::new();
+        };
+        let len = crate::kernels::moe::stats_len(moe.n_experts);
+        words
+            .chunks_exact(len)
+            .filter_map(|w| crate::kernels::moe::parse_stats(w, moe.n_experts).ok())
+            .collect()
     }
 
     /// Mean validation loss over `set` (after waiting for the steps in flight). A non-finite

@@ -15,6 +15,7 @@ pub(crate) mod attention;
 pub(crate) mod embedding;
 pub(crate) mod head;
 pub(crate) mod mlp;
+pub(crate) mod moe;
 pub(crate) mod norm;
 pub(crate) mod residual;
 
@@ -80,6 +81,13 @@ pub(crate) struct GpuCtx<'a> {
     /// Quantised matrices by tensor name (an inference model's), read in place of the
     /// parameter views of the same names.
     pub quant: &'a BTreeMap<String, QuantWeight>,
+    /// A model built for inference (no backward; routed MLPs run dropless).
+    pub inference: bool,
+    /// The dynamic loss scale the loss gradient is multiplied by (what the routers' auxiliary
+    /// gradients must be multiplied by too).
+    pub loss_scale: Option<&'a GpuTensor>,
+    /// Each routed MLP's statistics buffer, in layer order ([`crate::kernels::moe::stats_len`]).
+    pub moe_stats: Vec<GpuTensor>,
     shared: HashMap<String, GpuTensor>,
 }
 
@@ -114,6 +122,9 @@ impl<'a> GpuCtx<'a> {
             ones,
             qkv: Vec::new(),
             quant: &NO_QUANT,
+            inference: false,
+            loss_scale: None,
+            moe_stats: Vec::new(),
             shared: HashMap::new(),
         }
     }
@@ -149,6 +160,14 @@ impl<'a> GpuCtx<'a> {
         let out = alias(&t)?;
         self.shared.insert(name.to_string(), t);
         Ok(out)
+    }
+
+    /// The loss-scale buffer (a model's plan always sets one).
+    pub fn loss_scale(&self) -> Result<GpuTensor> {
+        alias(
+            self.loss_scale
+                .ok_or_else(|| Error::shape("gpt", "the plan set no loss-scale buffer"))?,
+        )
     }
 
     /// The shared buffers, to keep with the plan.
@@ -366,6 +385,10 @@ pub(crate) struct CpuCtx<'a> {
     pub params: &'a [f32],
     pub batch: GptBatch,
     pub inputs: &'a [u32],
+    /// The factor the loss gradient carries (routers multiply their auxiliary gradients by it).
+    pub dloss_scale: f32,
+    /// Each routed MLP's statistics, in layer order, as the forward computes them.
+    pub moe_stats: std::cell::RefCell<Vec<crate::cpu::moe::MoeStats>>,
 }
 
 impl<'a> CpuCtx<'a> {

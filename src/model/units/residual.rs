@@ -3,6 +3,7 @@
 
 use super::attention::{Attention, AttentionCpu, AttentionGpu};
 use super::mlp::{Mlp, MlpCpu, MlpGpu};
+use super::moe::{Moe, MoeCpu, MoeGpu};
 use super::norm::{Norm, NormCpu, NormGpu};
 use super::{CpuBackward, CpuCtx, DecodeCtx, GpuBackward, GpuCtx, Ops};
 use crate::Result;
@@ -16,6 +17,8 @@ use crate::model::layout::LayoutBuilder;
 pub(crate) enum Body {
     Attention(Attention),
     Mlp(Mlp),
+    /// A routed MLP (mixture of experts).
+    Moe(Moe),
 }
 
 /// `x + dropout(body(norm(x)))`.
@@ -33,11 +36,13 @@ enum BodyGpu {
     // Built once per layer: the size difference between the variants does not matter.
     Attention(Box<AttentionGpu>),
     Mlp(Box<MlpGpu>),
+    Moe(Box<MoeGpu>),
 }
 
 enum BodyCpu {
     Attention(AttentionCpu),
     Mlp(MlpCpu),
+    Moe(Box<MoeCpu>),
 }
 
 impl Residual {
@@ -46,6 +51,7 @@ impl Residual {
         match &self.body {
             Body::Attention(a) => a.declare(l),
             Body::Mlp(m) => m.declare(l),
+            Body::Moe(m) => m.declare(l),
         }
     }
 
@@ -64,6 +70,10 @@ impl Residual {
             Body::Mlp(m) => {
                 let (s, y) = m.forward(ctx, ops, &norm.out)?;
                 (BodyGpu::Mlp(Box::new(s)), y)
+            }
+            Body::Moe(m) => {
+                let (s, y) = m.forward(ctx, ops, &norm.out)?;
+                (BodyGpu::Moe(Box::new(s)), y)
             }
         };
         if ctx.dropping {
@@ -91,6 +101,7 @@ impl Residual {
         let y = match &self.body {
             Body::Attention(a) => a.decode(d, ops, &n)?,
             Body::Mlp(m) => m.decode(d, ops, &n)?,
+            Body::Moe(m) => m.decode(d, ops, &n)?,
         };
         let out = d.act(&format!("decode {}", self.out_name), x.len())?;
         ops.push(Box::new(ResidualForward::new(d.gpu, &out, x, &y)?));
@@ -111,6 +122,10 @@ impl Residual {
             Body::Mlp(m) => {
                 let (s, y) = m.cpu_forward(c, n)?;
                 (BodyCpu::Mlp(s), y)
+            }
+            Body::Moe(m) => {
+                let (s, y) = m.cpu_forward(c, n)?;
+                (BodyCpu::Moe(Box::new(s)), y)
             }
         };
         let mut out = vec![0.0; y.len()];
@@ -153,6 +168,7 @@ impl GpuBackward for ResidualGpu {
         let dn = match &self.body {
             BodyGpu::Attention(s) => s.backward(ctx, ops, &dbranch)?,
             BodyGpu::Mlp(s) => s.backward(ctx, ops, &dbranch)?,
+            BodyGpu::Moe(s) => s.backward(ctx, ops, &dbranch)?,
         };
         self.norm.backward(ctx, ops, dy, &dn, true)?;
         Ok(Some(super::alias(dy)?))
@@ -174,6 +190,7 @@ impl CpuBackward for ResidualCpu {
         let dn = match &self.body {
             BodyCpu::Attention(s) => s.backward(c, g, &dy)?,
             BodyCpu::Mlp(s) => s.backward(c, g, &dy)?,
+            BodyCpu::Moe(s) => s.backward(c, g, &dy)?,
         };
         self.norm.backward(c, g, &mut dy, &dn, true)?;
         Ok(Some(dy))
