@@ -35,6 +35,11 @@ pub struct TrainArgs {
     /// Stop after this many steps of this invocation (with a checkpoint).
     #[arg(long)]
     steps: Option<u64>,
+    /// Fine-tune: start a new run in --out from this checkpoint's weights (a run folder,
+    /// RUN/latest, RUN/best or RUN/step-N) with fresh optimizer state, the checkpoint's
+    /// tokenizer and the schedule of --config (default: the checkpoint's own config).
+    #[arg(long, value_name = "CKPT", conflicts_with_all = ["resume", "resume_from"])]
+    init_from: Option<PathBuf>,
     /// No progress bar (log lines only).
     #[arg(long)]
     quiet: bool,
@@ -68,7 +73,18 @@ pub fn run(
             }
             Config::load(&path, &a.overrides)?
         }
-        (None, false) => Config::from_toml("", &a.overrides)?,
+        (None, false) => match &a.init_from {
+            // A fine-tuning run without a config continues with the checkpoint's settings (its
+            // model, and its schedule unless overridden), on the new corpus.
+            Some(ck) => {
+                let dir = kiln::train::checkpoint::resolve(ck)?;
+                let mut c = Config::load(&dir.join("config.toml"), &a.overrides)?;
+                c.data.path.clear();
+                c.finetune.init_from = None;
+                c
+            }
+            None => Config::from_toml("", &a.overrides)?,
+        },
     };
     config.train.precision = kiln::PrecisionChoice::resolve(precision, config.train.precision);
     let data = a
@@ -101,6 +117,7 @@ pub fn run(
         progress: !a.quiet && std::io::IsTerminal::is_terminal(&std::io::stderr()),
         adapter,
         stop_after: a.steps,
+        init_from: a.init_from.clone(),
     };
     let s = train(&opts, &stop, &mut [])?;
     eprintln!(

@@ -115,7 +115,7 @@ impl Generator {
         source: &str,
     ) -> Result<Generator> {
         let vocab = tokenizer.vocab_size();
-        let layout = GptGpu::training_layout(&gpu, &config.model, vocab)?;
+        let layout = GptGpu::config_layout(&gpu, config, vocab)?;
         let expected = layout.buffer_len();
         if master.len() != expected {
             return Err(Error::shape(
