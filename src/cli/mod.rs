@@ -3,6 +3,7 @@
 mod bench;
 mod eval;
 mod info;
+mod lora;
 mod params;
 mod quantize;
 mod sample;
@@ -42,6 +43,9 @@ enum Command {
     Sample(sample::SampleArgs),
     /// Parameter counts of a config: per component, weights vs biases, and training-state bytes.
     Params(params::ParamsArgs),
+    /// LoRA adapters: merge one into its base checkpoint.
+    #[command(subcommand)]
+    Lora(lora::LoraCommand),
     /// Quantise a checkpoint's weights to 8 or 4 bits for sample and eval.
     Quantize(quantize::QuantizeArgs),
     /// Time kernels on the GPU against the CPU reference.
@@ -65,6 +69,7 @@ pub fn run(args: Args) -> Result<()> {
         Command::Bench(b) => bench::run(&args, b),
         Command::Params(p) => params::run(p),
         Command::Quantize(q) => quantize::run(q),
+        Command::Lora(l) => lora::run(l),
         Command::Train(t) => train::run(args.adapter.clone(), args.precision, t),
         Command::Eval(e) => train::eval(args.adapter.clone(), args.precision, e),
         Command::Sweep(s) => sweep::run(args.adapter.clone(), args.precision, s),

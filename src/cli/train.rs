@@ -173,6 +173,10 @@ pub struct EvalArgs {
     /// fixed validation batches.
     #[arg(long, conflicts_with_all = ["data", "batches"])]
     full_split: bool,
+    /// Apply this LoRA adapter (a PEFT folder, e.g. a kiln LoRA run or its RUN/latest) to the
+    /// checkpoint's weights.
+    #[arg(long)]
+    lora: Option<PathBuf>,
     /// Also evaluate this checkpoint (e.g. the float one a quantised model was made from) on
     /// the same tokens, and print the two perplexities side by side.
     #[arg(long)]
@@ -187,12 +191,22 @@ pub fn eval(
     let precision = checkpoint_precision(&a.checkpoint, precision);
     super::eval::run(
         &a.checkpoint,
+        a.lora.as_deref().map(adapter_dir).as_deref(),
         a.compare.as_deref(),
         a.data.as_deref(),
         a.batches,
         a.full_split,
         &kiln::GpuOptions { adapter, precision },
     )
+}
+
+/// The adapter folder `--lora` means: a run folder or a pointer resolves to its checkpoint
+/// (which a LoRA run writes as a PEFT folder too); any other folder is taken as it is.
+pub fn adapter_dir(path: &std::path::Path) -> PathBuf {
+    if path.join(kiln::finetune::peft::ADAPTER_CONFIG_FILE).is_file() {
+        return path.to_path_buf();
+    }
+    kiln::train::checkpoint::resolve(path).unwrap_or_else(|_| path.to_path_buf())
 }
 
 /// The storage precision for a command that loads a checkpoint: the flag, else the checkpoint

@@ -14,6 +14,7 @@ pub mod corpus;
 pub mod freeze;
 pub mod layout;
 pub mod lora;
+pub mod merge;
 pub mod peft;
 
 use crate::model::{ModelConfig, MlpKind};
