@@ -359,3 +359,119 @@ fn bad_adaptations_are_refused() {
         assert!(e.contains(key) && e.contains(words), "{e}");
     }
 }
+
+/// A Llama adapter in PEFT's layout: one PEFT adapter per HF projection of kiln's fused q|k|v
+/// and gate|up (the same lora_A, each its rows of lora_B), read back bit for bit; an adapter
+/// whose fused projections disagree on lora_A is refused; and the merged weights give the
+/// logits of base + adapter to 1e-5 (f32; see tests/finetune.rs for the GPT-2 case through
+/// the command line).
+#[test]
+fn llama_adapter_round_trips_through_peft_names_and_merges() {
+    use kiln::finetune::peft::{ADAPTER_MODEL_FILE, attach, load_adapter, write_adapter};
+    use kiln::quant::weights::ModelWeights;
+    let Some(gpu) = gpu(Precision::F32) else {
+        return;
+    };
+    let model = llama();
+    let vocab = 13;
+    let mut config = kiln::Config {
+        model: model.clone(),
+        ..Default::default()
+    };
+    config.lora = lora(3).lora;
+    let layout = kiln::model::ParamLayout::for_config(&config, vocab, 1).unwrap();
+    let values = init(&layout, 9);
+    let dir = std::env::temp_dir().join(format!("kiln-lora-llama-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    write_adapter(&dir, &config, &layout, &values).unwrap();
+    let bytes = std::fs::read(dir.join(ADAPTER_MODEL_FILE)).unwrap();
+    let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
+    let p = "base_model.model.model.layers.1";
+    for (name, shape) in [
+        ("self_attn.q_proj.lora_A", [3, 16]),
+        ("self_attn.q_proj.lora_B", [16, 3]),
+        ("self_attn.k_proj.lora_B", [8, 3]),
+        ("self_attn.v_proj.lora_B", [8, 3]),
+        ("self_attn.o_proj.lora_B", [16, 3]),
+        ("mlp.gate_proj.lora_B", [24, 3]),
+        ("mlp.up_proj.lora_A", [3, 16]),
+        ("mlp.down_proj.lora_A", [3, 24]),
+    ] {
+        let t = st.tensor(&format!("{p}.{name}.weight")).unwrap();
+        assert_eq!(t.shape(), shape, "{name}");
+    }
+    let adapter = load_adapter(&dir, &model, vocab).unwrap();
+    assert_eq!(adapter.tensors.len(), layout.trainable_count());
+    for (name, _, v) in &adapter.tensors {
+        let t = layout.get(name).unwrap();
+        assert_eq!(
+            v.iter().map(|x| x.to_bits()).collect::<Vec<_>>(),
+            values[t.offset..t.offset + t.len()]
+                .iter()
+                .map(|x| x.to_bits())
+                .collect::<Vec<_>>(),
+            "{name}"
+        );
+    }
+
+    // Base + adapter against the merged weights, on the same tokens.
+    let plain = kiln::model::ParamLayout::gpt(&model, vocab, 1).unwrap();
+    let base_values = kiln::finetune::layout::move_by_name(&values, &layout, &plain).unwrap();
+    let base = ModelWeights {
+        folder: dir.clone(),
+        config: kiln::Config {
+            model: model.clone(),
+            ..Default::default()
+        },
+        tokenizer_json: String::new(),
+        vocab,
+        layout: plain.clone(),
+        values: base_values,
+        quantized: Default::default(),
+        settings: None,
+    };
+    let with = attach(&base, &adapter).unwrap();
+    let merged = ModelWeights {
+        values: kiln::finetune::lora::merge(&with.layout, &with.values, &plain).unwrap(),
+        ..base.clone()
+    };
+    let batch = GptBatch { batch: 2, seq: 6 };
+    let tokens: Vec<u32> = (0..12).map(|i| (i * 5 % vocab) as u32).collect();
+    let logits = |w: &ModelWeights| {
+        let m = GptGpu::inference(gpu, w, batch).unwrap();
+        m.set_batch(gpu, &tokens, &tokens).unwrap();
+        gpu.run_pass("forward", |pass| m.record_logits(pass)).unwrap();
+        m.read_logits(gpu).unwrap()
+    };
+    let (x, y, z) = (logits(&with), logits(&merged), logits(&base));
+    let diff = |a: &[f32], b: &[f32]| a.iter().zip(b).map(|(p, q)| (p - q).abs()).fold(0.0, f32::max);
+    assert!(diff(&x, &y) <= 1e-5, "merged vs base + adapter: {:e}", diff(&x, &y));
+    assert!(diff(&x, &z) > 1e-3, "the adapter must change the logits");
+
+    // k_proj's lora_A no longer equals q_proj's: not one rank-r update of the fused layer.
+    let mut tensors: Vec<(String, Vec<usize>, Vec<f32>)> = st
+        .tensors()
+        .into_iter()
+        .map(|(n, t)| {
+            let v = t
+                .data()
+                .chunks_exact(4)
+                .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
+                .collect();
+            (n, t.shape().to_vec(), v)
+        })
+        .collect();
+    let k = format!("{p}.self_attn.k_proj.lora_A.weight");
+    tensors.iter_mut().find(|t| t.0 == k).unwrap().2[0] += 0.5;
+    let views: Vec<(String, safetensors::tensor::TensorView<'_>)> = tensors
+        .iter()
+        .map(|(n, s, v)| {
+            let b: &[u8] = bytemuck::cast_slice(v);
+            (n.clone(), safetensors::tensor::TensorView::new(safetensors::Dtype::F32, s.clone(), b).unwrap())
+        })
+        .collect();
+    std::fs::write(dir.join(ADAPTER_MODEL_FILE), safetensors::serialize(views, None).unwrap()).unwrap();
+    let e = load_adapter(&dir, &model, vocab).unwrap_err().to_string();
+    assert!(e.contains("k_proj.lora_A") && e.contains("differs"), "{e}");
+}
