@@ -126,8 +126,17 @@ fn init_from_fine_tunes_freezes_and_resumes() {
         checkpoint::load_latest(&base).unwrap(),
         checkpoint::load_latest(&straight).unwrap(),
     );
-    for name in ["wte.weight", "wpe.weight", "h.0.attn.c_attn.weight", "h.0.ln_2.weight"] {
-        assert_eq!(bits(tensor(&f, name)), bits(tensor(&b, name)), "{name} moved");
+    for name in [
+        "wte.weight",
+        "wpe.weight",
+        "h.0.attn.c_attn.weight",
+        "h.0.ln_2.weight",
+    ] {
+        assert_eq!(
+            bits(tensor(&f, name)),
+            bits(tensor(&b, name)),
+            "{name} moved"
+        );
     }
     assert_ne!(
         bits(tensor(&f, "h.1.mlp.c_fc.weight")),
@@ -160,7 +169,12 @@ fn lora_fine_tune_adapter_sample_eval_and_merge() {
         checkpoint::load_latest(&out).unwrap(),
     );
     for t in b.layout.tensors() {
-        assert_eq!(bits(tensor(&l, &t.name)), bits(tensor(&b, &t.name)), "{} moved", t.name);
+        assert_eq!(
+            bits(tensor(&l, &t.name)),
+            bits(tensor(&b, &t.name)),
+            "{} moved",
+            t.name
+        );
     }
     let a = tensor(&l, "h.0.attn.c_attn.lora_B.weight");
     assert!(a.iter().any(|x| *x != 0.0), "B never trained");
@@ -173,14 +187,21 @@ fn lora_fine_tune_adapter_sample_eval_and_merge() {
     assert_eq!(cfg["r"], 4);
     assert_eq!(cfg["lora_alpha"], 8.0);
     assert_eq!(cfg["fan_in_fan_out"], true);
-    assert!(cfg["base_model_name_or_path"].as_str().unwrap().contains("lora-base"));
+    assert!(
+        cfg["base_model_name_or_path"]
+            .as_str()
+            .unwrap()
+            .contains("lora-base")
+    );
     let bytes = std::fs::read(adapter.join(ADAPTER_MODEL_FILE)).unwrap();
     let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
     let a = st
         .tensor("base_model.model.transformer.h.1.attn.c_attn.lora_A.weight")
         .unwrap();
     assert_eq!(a.shape(), [4, 32]);
-    let b_t = st.tensor("base_model.model.transformer.h.1.mlp.c_proj.lora_B.weight").unwrap();
+    let b_t = st
+        .tensor("base_model.model.transformer.h.1.mlp.c_proj.lora_B.weight")
+        .unwrap();
     assert_eq!(b_t.shape(), [32, 4]);
     assert_eq!(st.names().len(), 2 * 4 * 2);
 
@@ -222,7 +243,10 @@ fn lora_fine_tune_adapter_sample_eval_and_merge() {
     };
     let ((plain, _), (adapted, text)) = (eval(false), eval(true));
     assert!(text.contains("LoRA adapter"), "{text}");
-    assert!(adapted < plain, "the adapter lowers the new corpus's loss: {adapted} vs {plain}");
+    assert!(
+        adapted < plain,
+        "the adapter lowers the new corpus's loss: {adapted} vs {plain}"
+    );
 
     let merged = dir.join("merged");
     run_ok(&[
@@ -243,11 +267,25 @@ fn lora_fine_tune_adapter_sample_eval_and_merge() {
     let g1 = Generator::from_model_weights(&with, &opts).unwrap();
     let g2 = Generator::load(&merged, &opts).unwrap();
     let context: Vec<u32> = (0..16).map(|i| (i * 5 % 20) as u32).collect();
-    let (x, y) = (g1.logits_after(&context).unwrap(), g2.logits_after(&context).unwrap());
-    let worst = x.iter().zip(&y).map(|(a, b)| (a - b).abs()).fold(0.0f32, f32::max);
+    let (x, y) = (
+        g1.logits_after(&context).unwrap(),
+        g2.logits_after(&context).unwrap(),
+    );
+    let worst = x
+        .iter()
+        .zip(&y)
+        .map(|(a, b)| (a - b).abs())
+        .fold(0.0f32, f32::max);
     assert!(worst <= 1e-5, "merged vs base + adapter: {worst:e}");
-    let base_only = Generator::load(&base, &opts).unwrap().logits_after(&context).unwrap();
-    let moved = x.iter().zip(&base_only).map(|(a, b)| (a - b).abs()).fold(0.0f32, f32::max);
+    let base_only = Generator::load(&base, &opts)
+        .unwrap()
+        .logits_after(&context)
+        .unwrap();
+    let moved = x
+        .iter()
+        .zip(&base_only)
+        .map(|(a, b)| (a - b).abs())
+        .fold(0.0f32, f32::max);
     assert!(moved > 1e-3, "the adapter changes the logits ({moved:e})");
 }
 
@@ -282,7 +320,11 @@ fn bad_input_is_refused_and_nothing_is_written() {
     let model = broken.join("model.safetensors");
     let bytes = std::fs::read(&model).unwrap();
     std::fs::write(&model, &bytes[..bytes.len() / 2]).unwrap();
-    refused(finetune_args(&broken, &data, &out, 5, &[]), &out, &["model.safetensors"]);
+    refused(
+        finetune_args(&broken, &data, &out, 5, &[]),
+        &out,
+        &["model.safetensors"],
+    );
     // Another model shape: the key is named.
     refused(
         finetune_args(&base, &data, &out, 5, &["model.n_embd=48"]),
@@ -290,7 +332,11 @@ fn bad_input_is_refused_and_nothing_is_written() {
         &["model.n_embd"],
     );
     // Ranks of 0 and beyond the layer.
-    refused(finetune_args(&base, &data, &out, 5, &["lora.rank=0"]), &out, &["lora.rank"]);
+    refused(
+        finetune_args(&base, &data, &out, 5, &["lora.rank=0"]),
+        &out,
+        &["lora.rank"],
+    );
     refused(
         finetune_args(&base, &data, &out, 5, &["lora.rank=33"]),
         &out,
@@ -334,9 +380,17 @@ fn bad_input_is_refused_and_nothing_is_written() {
     };
     let liar = dir.join("liar");
     std::fs::create_dir_all(&liar).unwrap();
-    std::fs::copy(adapter.join(ADAPTER_MODEL_FILE), liar.join(ADAPTER_MODEL_FILE)).unwrap();
+    std::fs::copy(
+        adapter.join(ADAPTER_MODEL_FILE),
+        liar.join(ADAPTER_MODEL_FILE),
+    )
+    .unwrap();
     let cfg = std::fs::read_to_string(adapter.join(ADAPTER_CONFIG_FILE)).unwrap();
-    std::fs::write(liar.join(ADAPTER_CONFIG_FILE), cfg.replace("\"r\": 2", "\"r\": 3")).unwrap();
+    std::fs::write(
+        liar.join(ADAPTER_CONFIG_FILE),
+        cfg.replace("\"r\": 2", "\"r\": 3"),
+    )
+    .unwrap();
     refused(eval(&base, &liar), &merge_out, &["has shape", "r = 3"]);
     refused(merge(&base, &liar), &merge_out, &["has shape", "r = 3"]);
     // Another base: wider (shapes differ), and a Llama (names differ).

@@ -203,7 +203,16 @@ fn gpu_step_with_adapters_matches_cpu_step() {
         let mut cpu_grads = vec![0.0; master.len()];
         let (inp, tgt) = &micro[0];
         let cpu_loss = gpt_loss_and_grads(
-            &mut cpu_grads, &master, &layout, &model, vocab, inp, tgt, &batch, 1.0, false,
+            &mut cpu_grads,
+            &master,
+            &layout,
+            &model,
+            vocab,
+            inp,
+            tgt,
+            &batch,
+            1.0,
+            false,
         )
         .unwrap();
         let gpu_loss = g.read_loss(gpu).unwrap();
@@ -212,7 +221,11 @@ fn gpu_step_with_adapters_matches_cpu_step() {
             "{what}: loss GPU {gpu_loss} CPU {cpu_loss}"
         );
         let gpu_grads = g.read_grads(gpu).unwrap();
-        assert_eq!(gpu_grads.len(), tn, "{what}: gradients for the adapters only");
+        assert_eq!(
+            gpu_grads.len(),
+            tn,
+            "{what}: gradients for the adapters only"
+        );
         let tol = Tolerance {
             abs: 2e-5,
             rel: 1e-3,
@@ -255,12 +268,28 @@ fn gpu_step_with_adapters_matches_cpu_step() {
             abs: 1e-6,
             rel: 1e-6,
         };
-        assert_close(&format!("{what} adapters after AdamW"), &w, &after[..tn], exact);
-        assert!(w.iter().zip(&master).any(|(a, b)| a != b), "{what}: no update");
+        assert_close(
+            &format!("{what} adapters after AdamW"),
+            &w,
+            &after[..tn],
+            exact,
+        );
+        assert!(
+            w.iter().zip(&master).any(|(a, b)| a != b),
+            "{what}: no update"
+        );
         let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
         let working = g.read_params(gpu).unwrap();
-        assert_eq!(bits(&working[tn..]), bits(&master[tn..]), "{what}: base moved");
-        assert_eq!(bits(&after[tn..]), bits(&master[tn..]), "{what}: base moved");
+        assert_eq!(
+            bits(&working[tn..]),
+            bits(&master[tn..]),
+            "{what}: base moved"
+        );
+        assert_eq!(
+            bits(&after[tn..]),
+            bits(&master[tn..]),
+            "{what}: base moved"
+        );
     }
 }
 
@@ -313,7 +342,12 @@ fn frozen_tensors_get_no_gradient_and_stay_bit_identical() {
                 abs: 2e-5,
                 rel: 1e-3,
             };
-            assert_close(&format!("{what} {}", t.name), &cpu[r.clone()], &gpu_grads[r], tol);
+            assert_close(
+                &format!("{what} {}", t.name),
+                &cpu[r.clone()],
+                &gpu_grads[r],
+                tol,
+            );
         }
         for t in 2..=5 {
             g.step(gpu, &micro, &step(t), |_| {}).unwrap();
@@ -321,11 +355,24 @@ fn frozen_tensors_get_no_gradient_and_stay_bit_identical() {
         let after = g.read_master(gpu).unwrap();
         let working = g.read_params(gpu).unwrap();
         let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
-        assert_eq!(bits(&after[tn..]), bits(&master[tn..]), "{what}: {frozen:?} moved");
-        assert_eq!(bits(&working[tn..]), bits(&master[tn..]), "{what}: {frozen:?} moved");
+        assert_eq!(
+            bits(&after[tn..]),
+            bits(&master[tn..]),
+            "{what}: {frozen:?} moved"
+        );
+        assert_eq!(
+            bits(&working[tn..]),
+            bits(&master[tn..]),
+            "{what}: {frozen:?} moved"
+        );
         for t in &layout.tensors()[..count] {
             let r = t.offset..t.offset + t.len();
-            assert_ne!(bits(&after[r.clone()]), bits(&master[r]), "{what}: {} stuck", t.name);
+            assert_ne!(
+                bits(&after[r.clone()]),
+                bits(&master[r]),
+                "{what}: {} stuck",
+                t.name
+            );
         }
     }
 }
@@ -441,12 +488,22 @@ fn llama_adapter_round_trips_through_peft_names_and_merges() {
     let logits = |w: &ModelWeights| {
         let m = GptGpu::inference(gpu, w, batch).unwrap();
         m.set_batch(gpu, &tokens, &tokens).unwrap();
-        gpu.run_pass("forward", |pass| m.record_logits(pass)).unwrap();
+        gpu.run_pass("forward", |pass| m.record_logits(pass))
+            .unwrap();
         m.read_logits(gpu).unwrap()
     };
     let (x, y, z) = (logits(&with), logits(&merged), logits(&base));
-    let diff = |a: &[f32], b: &[f32]| a.iter().zip(b).map(|(p, q)| (p - q).abs()).fold(0.0, f32::max);
-    assert!(diff(&x, &y) <= 1e-5, "merged vs base + adapter: {:e}", diff(&x, &y));
+    let diff = |a: &[f32], b: &[f32]| {
+        a.iter()
+            .zip(b)
+            .map(|(p, q)| (p - q).abs())
+            .fold(0.0, f32::max)
+    };
+    assert!(
+        diff(&x, &y) <= 1e-5,
+        "merged vs base + adapter: {:e}",
+        diff(&x, &y)
+    );
     assert!(diff(&x, &z) > 1e-3, "the adapter must change the logits");
 
     // k_proj's lora_A no longer equals q_proj's: not one rank-r update of the fused layer.
@@ -468,10 +525,18 @@ fn llama_adapter_round_trips_through_peft_names_and_merges() {
         .iter()
         .map(|(n, s, v)| {
             let b: &[u8] = bytemuck::cast_slice(v);
-            (n.clone(), safetensors::tensor::TensorView::new(safetensors::Dtype::F32, s.clone(), b).unwrap())
+            (
+                n.clone(),
+                safetensors::tensor::TensorView::new(safetensors::Dtype::F32, s.clone(), b)
+                    .unwrap(),
+            )
         })
         .collect();
-    std::fs::write(dir.join(ADAPTER_MODEL_FILE), safetensors::serialize(views, None).unwrap()).unwrap();
+    std::fs::write(
+        dir.join(ADAPTER_MODEL_FILE),
+        safetensors::serialize(views, None).unwrap(),
+    )
+    .unwrap();
     let e = load_adapter(&dir, &model, vocab).unwrap_err().to_string();
     assert!(e.contains("k_proj.lora_A") && e.contains("differs"), "{e}");
 }

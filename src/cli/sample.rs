@@ -116,8 +116,10 @@ pub fn run(
     }
     base.validate()?;
     let lora = a.lora.as_deref().map(super::train::adapter_dir);
-    let weights = kiln::quant::weights::ModelWeights::load_with_adapter(&a.checkpoint, lora.as_deref())?;
-    let mut generator = Generator::from_model_weights(&weights, &GpuOptions { adapter, precision })?;
+    let weights =
+        kiln::quant::weights::ModelWeights::load_with_adapter(&a.checkpoint, lora.as_deref())?;
+    let mut generator =
+        Generator::from_model_weights(&weights, &GpuOptions { adapter, precision })?;
     generator.set_window(a.window.parse()?);
     generator.set_kv_cache(!a.no_kv_cache);
     let how = if generator.uses_kv_cache() {

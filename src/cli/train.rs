@@ -203,7 +203,10 @@ pub fn eval(
 /// The adapter folder `--lora` means: a run folder or a pointer resolves to its checkpoint
 /// (which a LoRA run writes as a PEFT folder too); any other folder is taken as it is.
 pub fn adapter_dir(path: &std::path::Path) -> PathBuf {
-    if path.join(kiln::finetune::peft::ADAPTER_CONFIG_FILE).is_file() {
+    if path
+        .join(kiln::finetune::peft::ADAPTER_CONFIG_FILE)
+        .is_file()
+    {
         return path.to_path_buf();
     }
     kiln::train::checkpoint::resolve(path).unwrap_or_else(|_| path.to_path_buf())

@@ -134,7 +134,8 @@ impl Pattern {
             Pattern::Embedding => t.component == Component::Embedding,
             Pattern::Head => {
                 t.component == Component::Head
-                    || (tied_head && (t.name == "wte.weight" || t.name == "model.embed_tokens.weight"))
+                    || (tied_head
+                        && (t.name == "wte.weight" || t.name == "model.embed_tokens.weight"))
             }
             Pattern::FinalNorm => t.component == Component::Norm && layer.is_none(),
             Pattern::Blocks { first, last, part } => {
@@ -215,10 +216,16 @@ mod tests {
             ["model.embed_tokens.weight"]
         );
         assert_eq!(names(ArchKind::Gpt2, &["head"]).unwrap(), ["wte.weight"]);
-        assert_eq!(names(ArchKind::Llama, &["head"]).unwrap(), ["lm_head.weight"]);
+        assert_eq!(
+            names(ArchKind::Llama, &["head"]).unwrap(),
+            ["lm_head.weight"]
+        );
         let gpt = names(ArchKind::Gpt2, &["layers.1-2.attn"]).unwrap();
         assert_eq!(gpt.len(), 8, "{gpt:?}");
-        assert!(gpt.iter().all(|n| n.contains(".attn.") && !n.starts_with("h.0.")));
+        assert!(
+            gpt.iter()
+                .all(|n| n.contains(".attn.") && !n.starts_with("h.0."))
+        );
         let llama = names(ArchKind::Llama, &["layers.0"]).unwrap();
         assert!(llama.iter().all(|n| n.starts_with("model.layers.0.")));
         assert_eq!(llama.len(), 6, "{llama:?}");
@@ -235,7 +242,13 @@ mod tests {
 
     #[test]
     fn bad_patterns_are_refused_by_name() {
-        for p in ["layers.3", "layers.2-1", "layers.x", "layers.0.ffn", "h.9.attn"] {
+        for p in [
+            "layers.3",
+            "layers.2-1",
+            "layers.x",
+            "layers.0.ffn",
+            "h.9.attn",
+        ] {
             let e = names(ArchKind::Gpt2, &[p]).unwrap_err().to_string();
             assert!(e.contains("finetune.freeze") && e.contains(p), "{p}: {e}");
         }

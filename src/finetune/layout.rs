@@ -68,7 +68,13 @@ pub fn adapted(
     for want_frozen in [false, true] {
         for (t, &f) in base.tensors().iter().zip(&frozen) {
             if f == want_frozen {
-                b.add(t.name.clone(), t.shape.clone(), t.kind, t.component, t.decayed);
+                b.add(
+                    t.name.clone(),
+                    t.shape.clone(),
+                    t.kind,
+                    t.component,
+                    t.decayed,
+                );
                 trainable += usize::from(!f);
             }
         }
@@ -93,7 +99,10 @@ pub fn move_by_name(values: &[f32], from: &ParamLayout, to: &ParamLayout) -> Res
         if f.shape != t.shape {
             return Err(Error::shape(
                 "layout",
-                format!("tensor {} is {:?} in one layout and {:?} in the other", t.name, f.shape, t.shape),
+                format!(
+                    "tensor {} is {:?} in one layout and {:?} in the other",
+                    t.name, f.shape, t.shape
+                ),
             ));
         }
         out[t.offset..t.offset + t.len()].copy_from_slice(&values[f.offset..f.offset + f.len()]);

@@ -17,7 +17,7 @@ pub mod lora;
 pub mod merge;
 pub mod peft;
 
-use crate::model::{ModelConfig, MlpKind};
+use crate::model::{MlpKind, ModelConfig};
 use crate::{Error, Result};
 use serde::{Deserialize, Serialize};
 
@@ -165,7 +165,10 @@ impl LoraConfig {
         if seen.len() != self.targets.len() {
             return Err(Error::invalid(
                 "lora.targets",
-                format!("{:?}", self.targets.iter().map(|t| t.name()).collect::<Vec<_>>()),
+                format!(
+                    "{:?}",
+                    self.targets.iter().map(|t| t.name()).collect::<Vec<_>>()
+                ),
                 "names a layer twice",
             ));
         }

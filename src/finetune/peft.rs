@@ -157,7 +157,11 @@ fn peft_name(path: &str, which: char) -> String {
 }
 
 /// The kiln adapted layers of `layout`: (prefix, target).
-fn adapted_layers(model: &ModelConfig, vocab: usize, lora: &LoraConfig) -> Result<Vec<(String, LoraTarget)>> {
+fn adapted_layers(
+    model: &ModelConfig,
+    vocab: usize,
+    lora: &LoraConfig,
+) -> Result<Vec<(String, LoraTarget)>> {
     let arch = crate::model::arch::Arch::new(model, vocab)?;
     Ok(arch
         .adaptable_linears()
@@ -169,7 +173,12 @@ fn adapted_layers(model: &ModelConfig, vocab: usize, lora: &LoraConfig) -> Resul
 
 /// Writes `adapter_model.safetensors` and `adapter_config.json` into `dir` from the adapters
 /// in `values` (laid out by `layout`, a model of `config`).
-pub fn write_adapter(dir: &Path, config: &Config, layout: &ParamLayout, values: &[f32]) -> Result<()> {
+pub fn write_adapter(
+    dir: &Path,
+    config: &Config,
+    layout: &ParamLayout,
+    values: &[f32],
+) -> Result<()> {
     let lora = config
         .lora
         .as_ref()
@@ -189,7 +198,10 @@ pub fn write_adapter(dir: &Path, config: &Config, layout: &ParamLayout, values: 
     let mut tensors: Vec<(String, Vec<usize>, &[f32])> = Vec::new();
     for (prefix, t) in adapted_layers(model, vocab, lora)? {
         let (fan_in, _) = t.dims(model);
-        let (a, b) = (get(&lora_name(&prefix, 'A'))?, get(&lora_name(&prefix, 'B'))?);
+        let (a, b) = (
+            get(&lora_name(&prefix, 'A'))?,
+            get(&lora_name(&prefix, 'B'))?,
+        );
         for m in modules(model, &prefix, t) {
             tensors.push((peft_name(&m.path, 'A'), vec![r, fan_in], a));
             let rows = &b[m.rows.start * r..m.rows.end * r];
@@ -203,7 +215,11 @@ pub fn write_adapter(dir: &Path, config: &Config, layout: &ParamLayout, values: 
     let mut meta = HashMap::new();
     meta.insert("format".to_string(), "pt".to_string());
     let bytes = safetensors::serialize(views, Some(meta)).map_err(|e| {
-        Error::invalid("adapter tensors", tensors.len(), format!("safetensors refused them: {e}"))
+        Error::invalid(
+            "adapter tensors",
+            tensors.len(),
+            format!("safetensors refused them: {e}"),
+        )
     })?;
     write_synced(&dir.join(ADAPTER_MODEL_FILE), &canonical_metadata(bytes)?)?;
     let mut modules: Vec<String> = Vec::new();
@@ -258,20 +274,33 @@ fn adapter_err(dir: &Path, message: impl Into<String>) -> Error {
 pub fn load_adapter(dir: &Path, model: &ModelConfig, vocab: usize) -> Result<Adapter> {
     let cfg_path = dir.join(ADAPTER_CONFIG_FILE);
     let text = std::fs::read_to_string(&cfg_path).map_err(|e| {
-        adapter_err(dir, format!("no readable {ADAPTER_CONFIG_FILE} ({e}); --lora takes a folder \
-            written by kiln train with [lora] (RUN/latest) or a PEFT adapter folder"))
+        adapter_err(
+            dir,
+            format!(
+                "no readable {ADAPTER_CONFIG_FILE} ({e}); --lora takes a folder \
+            written by kiln train with [lora] (RUN/latest) or a PEFT adapter folder"
+            ),
+        )
     })?;
     let cfg: AdapterConfig = serde_json::from_str(&text)
         .map_err(|e| adapter_err(&cfg_path, format!("is not a PEFT adapter config: {e}")))?;
     let lora = kiln_settings(&cfg, model).map_err(|m| adapter_err(&cfg_path, m))?;
     let bytes = read_bytes(&dir.join(ADAPTER_MODEL_FILE))?;
     let st = safetensors::SafeTensors::deserialize(&bytes).map_err(|e| {
-        adapter_err(dir, format!("{ADAPTER_MODEL_FILE} is not a valid safetensors file: {e}"))
+        adapter_err(
+            dir,
+            format!("{ADAPTER_MODEL_FILE} is not a valid safetensors file: {e}"),
+        )
     })?;
     let read = |name: &str, shape: &[usize]| -> std::result::Result<Option<Vec<f32>>, String> {
-        let Ok(t) = st.tensor(name) else { return Ok(None) };
+        let Ok(t) = st.tensor(name) else {
+            return Ok(None);
+        };
         if t.dtype() != safetensors::Dtype::F32 {
-            return Err(format!("{name} is {:?}; kiln reads F32 adapters", t.dtype()));
+            return Err(format!(
+                "{name} is {:?}; kiln reads F32 adapters",
+                t.dtype()
+            ));
         }
         if t.shape() != shape {
             return Err(format!(
@@ -354,7 +383,11 @@ pub fn load_adapter(dir: &Path, model: &ModelConfig, vocab: usize) -> Result<Ada
                  selected layers ({} of them, e.g. {shown:?}){}: the adapter was made for \
                  another base (architecture {:?}, {} blocks)",
                 extra.len(),
-                if tensors.is_empty() { " and none that are" } else { "" },
+                if tensors.is_empty() {
+                    " and none that are"
+                } else {
+                    ""
+                },
                 model.arch,
                 model.n_layer
             ),
@@ -369,24 +402,37 @@ pub fn load_adapter(dir: &Path, model: &ModelConfig, vocab: usize) -> Result<Ada
 }
 
 /// The config's settings in kiln's terms, or why they cannot be.
-fn kiln_settings(cfg: &AdapterConfig, model: &ModelConfig) -> std::result::Result<LoraConfig, String> {
+fn kiln_settings(
+    cfg: &AdapterConfig,
+    model: &ModelConfig,
+) -> std::result::Result<LoraConfig, String> {
     if cfg.peft_type != "LORA" {
-        return Err(format!("peft_type is {:?}; kiln reads LORA adapters", cfg.peft_type));
+        return Err(format!(
+            "peft_type is {:?}; kiln reads LORA adapters",
+            cfg.peft_type
+        ));
     }
     if cfg.use_rslora || cfg.use_dora {
         return Err("uses rsLoRA or DoRA, which kiln does not implement".into());
     }
     if !cfg.rank_pattern.is_empty() || !cfg.alpha_pattern.is_empty() {
-        return Err("has per-layer rank_pattern or alpha_pattern, which kiln does not implement".into());
+        return Err(
+            "has per-layer rank_pattern or alpha_pattern, which kiln does not implement".into(),
+        );
     }
     if cfg.bias != "none" {
-        return Err(format!("trains biases (bias = {:?}); kiln's adapters have none", cfg.bias));
+        return Err(format!(
+            "trains biases (bias = {:?}); kiln's adapters have none",
+            cfg.bias
+        ));
     }
     let mut targets = Vec::new();
     for t in LoraTarget::ALL {
-        let selected = target_modules(model.arch, t)
-            .iter()
-            .any(|m| cfg.target_modules.iter().any(|e| selects(e, m) || selects(e, &format!("x.{m}"))));
+        let selected = target_modules(model.arch, t).iter().any(|m| {
+            cfg.target_modules
+                .iter()
+                .any(|e| selects(e, m) || selects(e, &format!("x.{m}")))
+        });
         if selected {
             targets.push(t);
         }
@@ -415,7 +461,8 @@ fn kiln_settings(cfg: &AdapterConfig, model: &ModelConfig) -> std::result::Resul
         dropout: 0.0,
         targets,
     };
-    lora.validate(model).map_err(|e| format!("its settings do not fit the base model: {e}"))?;
+    lora.validate(model)
+        .map_err(|e| format!("its settings do not fit the base model: {e}"))?;
     Ok(lora)
 }
 
@@ -441,10 +488,22 @@ pub fn attach(weights: &ModelWeights, adapter: &Adapter) -> Result<ModelWeights>
         } else {
             crate::model::Component::Attention
         };
-        b.add(name.clone(), shape.clone(), crate::model::ParamKind::Weight, component, true);
+        b.add(
+            name.clone(),
+            shape.clone(),
+            crate::model::ParamKind::Weight,
+            component,
+            true,
+        );
     }
     for t in weights.layout.tensors() {
-        b.add(t.name.clone(), t.shape.clone(), t.kind, t.component, t.decayed);
+        b.add(
+            t.name.clone(),
+            t.shape.clone(),
+            t.kind,
+            t.component,
+            t.decayed,
+        );
     }
     let layout = b
         .finish()

@@ -127,16 +127,28 @@ impl Arch {
     /// fan_out, component).
     pub fn adaptable_linears(
         &self,
-    ) -> Vec<(crate::finetune::LoraTarget, String, usize, usize, super::Component)> {
-        use crate::finetune::LoraTarget as T;
+    ) -> Vec<(
+        crate::finetune::LoraTarget,
+        String,
+        usize,
+        usize,
+        super::Component,
+    )> {
         use super::Component as C;
+        use crate::finetune::LoraTarget as T;
         let mut out = Vec::new();
         for u in &self.units {
             let Unit::Residual(r) = u else { continue };
             match &r.body {
                 Body::Attention(a) => {
                     let c = a.channels;
-                    out.push((T::AttnQkv, a.qkv_prefix.clone(), c, a.qkv_width(), C::Attention));
+                    out.push((
+                        T::AttnQkv,
+                        a.qkv_prefix.clone(),
+                        c,
+                        a.qkv_width(),
+                        C::Attention,
+                    ));
                     out.push((T::AttnProj, a.proj_prefix.clone(), c, c, C::Attention));
                 }
                 Body::Mlp(m) => {

@@ -278,7 +278,14 @@ impl GptGpu {
         batch: GptBatch,
         micro_batches: usize,
     ) -> Result<Self> {
-        Self::adapted(gpu, model, &Adaptation::default(), vocab, batch, micro_batches)
+        Self::adapted(
+            gpu,
+            model,
+            &Adaptation::default(),
+            vocab,
+            batch,
+            micro_batches,
+        )
     }
 
     /// [`GptGpu::new`] for a model adapted by `adapt` (`[finetune]` freezing, `[lora]`
@@ -924,7 +931,10 @@ impl WeightBytes {
 
 /// A panic elsewhere while the frozen values were being replaced.
 fn poisoned() -> Error {
-    Error::shape("gpt", "the frozen weights' lock was poisoned by an earlier panic")
+    Error::shape(
+        "gpt",
+        "the frozen weights' lock was poisoned by an earlier panic",
+    )
 }
 
 /// The error of a training method called on a model built with [`GptGpu::inference`].

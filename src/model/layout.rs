@@ -108,11 +108,7 @@ impl ParamLayout {
     /// The layout of a run of `config` with `vocab` tokens: the architecture's tensors, ordered
     /// and extended for `[finetune]` freezing and `[lora]` adapters
     /// ([`crate::finetune::layout::adapted`]).
-    pub fn for_config(
-        config: &super::Config,
-        vocab: usize,
-        align: usize,
-    ) -> Result<ParamLayout> {
+    pub fn for_config(config: &super::Config, vocab: usize, align: usize) -> Result<ParamLayout> {
         crate::finetune::layout::adapted(&config.model, vocab, align, &config.adaptation())
     }
 
@@ -140,7 +136,9 @@ impl ParamLayout {
 
     /// Whether tensor `name` trains.
     pub fn is_trainable(&self, name: &str) -> bool {
-        self.tensors[..self.trainable].iter().any(|t| t.name == name)
+        self.tensors[..self.trainable]
+            .iter()
+            .any(|t| t.name == name)
     }
 
     /// The trainable tensors alone, at their offsets (the gradient buffer's table).

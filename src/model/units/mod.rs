@@ -480,9 +480,21 @@ impl Linear<'_> {
             let s = lora_scale(c.layout);
             let mm = crate::cpu::matmul::matmul;
             let mut u = vec![0.0f32; rows * r];
-            mm(&mut u, x, a, None, &MatmulSpec::new(Layout::NT, rows, r, fan_in))?;
+            mm(
+                &mut u,
+                x,
+                a,
+                None,
+                &MatmulSpec::new(Layout::NT, rows, r, fan_in),
+            )?;
             let spec = MatmulSpec::new(Layout::TN, fan_out, r, rows);
-            mm(grad_mut(c.layout, g, &bn)?, dy, &u, None, &spec.alpha(s).accumulate(true))?;
+            mm(
+                grad_mut(c.layout, g, &bn)?,
+                dy,
+                &u,
+                None,
+                &spec.alpha(s).accumulate(true),
+            )?;
             let mut du = vec![0.0f32; rows * r];
             let spec = MatmulSpec::new(Layout::NN, rows, r, fan_out).alpha(s);
             mm(&mut du, dy, b, None, &spec)?;
