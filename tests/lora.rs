@@ -540,3 +540,55 @@ fn llama_adapter_round_trips_through_peft_names_and_merges() {
     let e = load_adapter(&dir, &model, vocab).unwrap_err().to_string();
     assert!(e.contains("k_proj.lora_A") && e.contains("differs"), "{e}");
 }
+
+/// The one-token decoder adds the adapters too: generating from a GPT-2 with adapters through
+/// the key/value cache gives the tokens of recomputing the whole context for every token,
+/// greedy and sampled (a sample flips only if the two paths' probabilities straddle the draw).
+#[test]
+fn decoder_with_adapters_equals_recomputing() {
+    use kiln::generate::Generator;
+    use kiln::quant::weights::ModelWeights;
+    use kiln::{GpuOptions, PrecisionChoice, SamplingParams};
+    let chars = "abcdefghijk ";
+    let vocab = chars.len();
+    let model = ModelConfig {
+        block_size: 16,
+        ..gpt2()
+    };
+    let mut config = kiln::Config {
+        model,
+        ..Default::default()
+    };
+    config.lora = lora(2).lora;
+    let layout = kiln::model::ParamLayout::for_config(&config, vocab, 1).unwrap();
+    let weights = ModelWeights {
+        folder: "test".into(),
+        config,
+        tokenizer_json: serde_json::json!({"type": "char", "chars": chars}).to_string(),
+        vocab,
+        values: init(&layout, 12),
+        layout,
+        quantized: Default::default(),
+        settings: None,
+    };
+    let options = GpuOptions {
+        adapter: None,
+        precision: PrecisionChoice::F32,
+    };
+    let mut g = Generator::from_model_weights(&weights, &options).unwrap();
+    for temperature in [0.0, 1.0] {
+        let params = SamplingParams {
+            temperature,
+            max_tokens: 24,
+            seed: 5,
+            ..SamplingParams::default()
+        };
+        let mut ids = Vec::new();
+        for kv in [true, false] {
+            g.set_kv_cache(kv);
+            assert_eq!(g.uses_kv_cache(), kv);
+            ids.push(g.generate("abc", &params, |_| {}).unwrap().ids);
+        }
+        assert_eq!(ids[0], ids[1], "temperature {temperature}");
+    }
+}
