@@ -12,6 +12,7 @@ use kiln::kernels::activation::{GeluBackward, GeluForward};
 use kiln::kernels::attention::{AttentionBackward, AttentionForward};
 use kiln::kernels::dropout::{Dropout, DropoutState};
 use kiln::kernels::embedding::{EmbeddingBackward, EmbeddingForward};
+use kiln::kernels::flash_attention::{FlashAttentionBackward, FlashAttentionForward};
 use kiln::kernels::layernorm::{LayerNormBackward, LayerNormForward};
 use kiln::kernels::residual::ResidualForward;
 use kiln::kernels::rmsnorm::{RmsNormBackward, RmsNormForward};
@@ -512,6 +513,103 @@ fn grouped_attention(c: &mut Criterion) {
     group.finish();
 }
 
+/// The fused attention against the matmul-based path, forward and backward, at the baby GPT's
+/// shape and at the long sequences of issue 11 (batch 1, 6 heads of 64 = 384 wide, T = 1024 and
+/// 2048). Both paths are charged the same useful FLOPs, the causal half of the products
+/// (forward: q·kᵀ and P·v, 2·B·H·d·T(T+1)/2 multiply-adds each; backward: the four products of
+/// the gradient, twice the forward; the fused backward's recomputation of the scores is not
+/// counted), so criterion's elem/s column is GFLOP/s and the two paths' rates compare directly.
+/// Filter with e.g. `cargo bench --bench kernels -- flash_attention/.*/baby`: the long cases take
+/// minutes on lavapipe.
+fn flash_attention(c: &mut Criterion) {
+    let gpus = devices();
+    let mut group = c.benchmark_group("flash_attention");
+    configure(&mut group);
+    let shapes = [
+        (
+            "baby",
+            GroupedAttentionShape {
+                batch: 12,
+                seq: 64,
+                heads: 4,
+                kv_heads: 4,
+                head_dim: 32,
+            },
+        ),
+        (
+            "t1024",
+            GroupedAttentionShape {
+                batch: 1,
+                seq: 1024,
+                heads: 6,
+                kv_heads: 6,
+                head_dim: 64,
+            },
+        ),
+        (
+            "t2048",
+            GroupedAttentionShape {
+                batch: 1,
+                seq: 2048,
+                heads: 6,
+                kv_heads: 6,
+                head_dim: 64,
+            },
+        ),
+    ];
+    for (name, s) in shapes {
+        let t = s.seq;
+        let fwd_flops = (2 * s.batch * s.heads * s.head_dim * t * (t + 1)) as u64;
+        for gpu in &gpus {
+            let p = gpu.precision();
+            let (qkv, out, dout) = (
+                tensor(gpu, s.qkv_len(), 1),
+                tensor(gpu, s.out_len(), 2),
+                tensor(gpu, s.out_len(), 3),
+            );
+            let (lse, dqkv) = (f32_tensor(gpu, s.lse_len()), tensor(gpu, s.qkv_len(), 4));
+            let fwd = FlashAttentionForward::new(gpu, &out, &lse, &qkv, &s, None).unwrap();
+            fwd.run(gpu).unwrap();
+            let bwd =
+                FlashAttentionBackward::new(gpu, &dqkv, &dout, &qkv, &out, &lse, &s, None).unwrap();
+            group.throughput(Throughput::Elements(fwd_flops));
+            gpu_case(
+                &mut group,
+                format!("fused_forward/gpu_{p}/{name}"),
+                gpu,
+                |pass| fwd.record(pass),
+            );
+            group.throughput(Throughput::Elements(2 * fwd_flops));
+            gpu_case(
+                &mut group,
+                format!("fused_backward/gpu_{p}/{name}"),
+                gpu,
+                |pass| bwd.record(pass),
+            );
+            let (probs, dprobs) = (tensor(gpu, s.probs_len(), 5), tensor(gpu, s.probs_len(), 6));
+            let fwd = AttentionForward::grouped(gpu, &out, &probs, &qkv, &s).unwrap();
+            fwd.run(gpu).unwrap();
+            let bwd =
+                AttentionBackward::grouped(gpu, &dqkv, &dprobs, &dout, &qkv, &probs, &s).unwrap();
+            group.throughput(Throughput::Elements(fwd_flops));
+            gpu_case(
+                &mut group,
+                format!("reference_forward/gpu_{p}/{name}"),
+                gpu,
+                |pass| fwd.record(pass),
+            );
+            group.throughput(Throughput::Elements(2 * fwd_flops));
+            gpu_case(
+                &mut group,
+                format!("reference_backward/gpu_{p}/{name}"),
+                gpu,
+                |pass| bwd.record(pass),
+            );
+        }
+    }
+    group.finish();
+}
+
 fn elementwise(c: &mut Criterion) {
     let gpus = devices();
     let mut group = c.benchmark_group("elementwise");
@@ -742,6 +840,7 @@ criterion_group!(
     swiglu,
     attention,
     grouped_attention,
+    flash_attention,
     elementwise,
     loss_and_optimizer
 );

@@ -380,9 +380,33 @@ impl GroupedAttentionShape {
         self.batch * self.heads * self.seq * self.seq
     }
 
+    /// Elements of a per-row statistic over (B, heads, T): the fused attention's log-sum-exp.
+    pub fn lse_len(&self) -> usize {
+        self.batch * self.heads * self.seq
+    }
+
     /// Checks sizes: positive, kv_heads dividing heads, buffers of the right length, indexable in
     /// u32.
     pub fn validate(&self, qkv_len: usize, out_len: usize, probs_len: usize) -> Result<()> {
+        self.validate_parts(&[
+            ("qkv", self.qkv_len(), qkv_len),
+            ("out", self.out_len(), out_len),
+            ("probs", self.probs_len(), probs_len),
+        ])
+    }
+
+    /// [`GroupedAttentionShape::validate`] for the fused attention, which keeps no probabilities
+    /// but a (B, heads, T) f32 log-sum-exp of `lse_len` elements.
+    pub fn validate_fused(&self, qkv_len: usize, out_len: usize, lse_len: usize) -> Result<()> {
+        self.validate_parts(&[
+            ("qkv", self.qkv_len(), qkv_len),
+            ("out", self.out_len(), out_len),
+            ("lse", self.lse_len(), lse_len),
+        ])
+    }
+
+    /// The checks of both validations; `want` is (name, elements needed, elements given).
+    fn validate_parts(&self, want: &[(&str, usize, usize)]) -> Result<()> {
         let op = "attention";
         let GroupedAttentionShape {
             batch,
@@ -398,19 +422,13 @@ impl GroupedAttentionShape {
             ));
         }
         kv_groups(op, heads, kv_heads)?;
-        let big = [self.qkv_len(), self.probs_len()];
-        if big.iter().any(|&n| n > u32::MAX as usize) {
+        if want.iter().any(|&(_, n, _)| n > u32::MAX as usize) {
             return Err(Error::shape(
                 op,
                 format!("{self:?} needs buffers past the 2^32 elements that kernels index"),
             ));
         }
-        let want = [
-            ("qkv", self.qkv_len(), qkv_len),
-            ("out", self.out_len(), out_len),
-            ("probs", self.probs_len(), probs_len),
-        ];
-        buffer_lengths(op, self, &want)?;
+        buffer_lengths(op, self, want)?;
         Ok(())
     }
 }

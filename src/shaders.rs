@@ -23,6 +23,15 @@ const LOSSSCALE: &str = include_str!("../shaders/lossscale.wgsl");
 const RMSNORM: &str = include_str!("../shaders/rmsnorm.wgsl");
 const ROPE: &str = include_str!("../shaders/rope.wgsl");
 const SWIGLU: &str = include_str!("../shaders/swiglu.wgsl");
+const FLASH_ATTENTION: &str = include_str!("../shaders/flash_attention.wgsl");
+
+// The fused attention's head-size classes: HV, the vec4s of a head row, as a constant so that
+// loops over a row have a fixed trip count (see flash_attention.wgsl). One line each, kept here
+// rather than as four one-line files.
+const FLASH_HEAD_16: &str = "const HV: u32 = 4u;\n";
+const FLASH_HEAD_32: &str = "const HV: u32 = 8u;\n";
+const FLASH_HEAD_64: &str = "const HV: u32 = 16u;\n";
+const FLASH_HEAD_128: &str = "const HV: u32 = 32u;\n";
 const QUANT: &str = include_str!("../shaders/quant.wgsl");
 
 /// Every shader module: (name, the files it is made of, in order). A module made of several
@@ -46,6 +55,10 @@ pub const MODULES: &[(&str, &[&str])] = &[
     ("rmsnorm", &[RMSNORM]),
     ("rope", &[ROPE]),
     ("swiglu", &[SWIGLU]),
+    ("flash_attention_16", &[FLASH_HEAD_16, FLASH_ATTENTION]),
+    ("flash_attention_32", &[FLASH_HEAD_32, FLASH_ATTENTION]),
+    ("flash_attention_64", &[FLASH_HEAD_64, FLASH_ATTENTION]),
+    ("flash_attention_128", &[FLASH_HEAD_128, FLASH_ATTENTION]),
     ("quant", &[QUANT]),
 ];
 

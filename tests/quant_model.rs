@@ -20,7 +20,7 @@ use kiln::quant::weights::ModelWeights;
 use kiln::quant::{QuantKind, QuantSettings};
 use kiln::train::checkpoint::{self, Checkpoint, TrainingState};
 use kiln::train::eval::{EvalText, eval_checkpoints};
-use kiln::{GpuOptions, Precision, PrecisionChoice};
+use kiln::{Gpu, GpuOptions, Precision, PrecisionChoice};
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 
@@ -204,24 +204,32 @@ fn embedding_tensors(m: &ModelConfig, s: QuantSettings) -> usize {
     }
 }
 
-/// The key/value-cache decoder over a quantised GPT (its one-row quantised products and
-/// embedding lookup) gives the logits of fresh full forward passes at every length, within the
-/// tolerance of tests/decode.rs (f32 sums in other orders through two layers).
+/// The key/value-cache decoder over a quantised GPT and Llama (its one-row quantised products,
+/// embedding lookup and, for Llama, a quantised separate head) gives the logits of fresh full
+/// forward passes at every length, within the tolerance of tests/decode.rs (f32 sums in other
+/// orders through two layers).
 #[test]
 fn quantised_decoder_matches_the_full_forward() {
     let gpu = gpu(Precision::F32).unwrap();
-    let m = gpt();
-    let dir = fresh("decoder");
-    let float = float_checkpoint(&dir, &m);
+    for (arch, m) in [("gpt", gpt()), ("llama", llama())] {
+        let dir = fresh(&format!("decoder-{arch}"));
+        let float = float_checkpoint(&dir, &m);
+        decoder_matches_full_forward(gpu, arch, &m, &dir, &float);
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+}
+
+fn decoder_matches_full_forward(gpu: &Gpu, arch: &str, m: &ModelConfig, dir: &Path, float: &Path) {
     for s in settings() {
         let out = dir.join(format!("{}-{}-{}", s.kind, s.group_size, s.embeddings));
-        quantize_checkpoint(&float, s, &out).unwrap();
+        quantize_checkpoint(float, s, &out).unwrap();
         let w = ModelWeights::load(&out).unwrap();
         let batch = GptBatch {
             batch: 1,
             seq: m.block_size,
         };
         let g = GptGpu::inference(gpu, &w, batch).unwrap();
+        assert!(KvDecoder::supports(gpu, &g), "{arch}");
         let dec = KvDecoder::new(gpu, &g).unwrap();
         let seq: Vec<u32> = (0..20).map(|i| ((i * 11 + 5) % vocab()) as u32).collect();
         let full = |len: usize| {
@@ -239,7 +247,7 @@ fn quantised_decoder_matches_the_full_forward() {
         for (i, logits) in decoded.iter().enumerate() {
             assert_close(
                 &format!(
-                    "{} group {}: logits after {} tokens",
+                    "{arch} {} group {}: logits after {} tokens",
                     s.kind,
                     s.group_size,
                     5 + i
@@ -253,11 +261,10 @@ fn quantised_decoder_matches_the_full_forward() {
             );
         }
     }
-    std::fs::remove_dir_all(&dir).unwrap();
 }
 
-/// Generation from a quantised checkpoint: with the cache it equals recomputing every window
-/// (GPT); Llama, which this decoder does not serve yet, recomputes and repeats itself exactly.
+/// Generation from a quantised checkpoint: with the cache it equals recomputing every window,
+/// GPT and Llama.
 /// Both report the weight bytes they hold, fewer than the float model's.
 #[test]
 fn quantised_generation_is_consistent_and_smaller() {

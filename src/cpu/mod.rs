@@ -11,6 +11,7 @@ pub mod crossentropy;
 pub mod decode;
 pub mod dropout;
 pub mod embedding;
+pub mod flash_attention;
 pub mod gpt;
 pub mod gradnorm;
 pub mod layernorm;

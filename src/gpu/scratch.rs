@@ -26,6 +26,16 @@ impl ScratchTexture {
         &self.view
     }
 
+    /// The view as a binding, with its bytes for the dispatch census.
+    pub fn bind(&self) -> super::Bind<'_> {
+        super::Bind::texture(&self.view, self.bytes())
+    }
+
+    /// Bytes of the texture (16 per texel: [`SCRATCH_FORMAT`]).
+    pub fn bytes(&self) -> u64 {
+        self.size().iter().map(|&d| u64::from(d)).product::<u64>() * 16
+    }
+
     /// Width, height and layers in texels.
     pub fn size(&self) -> [u32; 3] {
         let s = self.texture.size();
@@ -52,9 +62,7 @@ impl Gpu {
     /// Bytes of every scratch texture created so far (16 per texel).
     pub fn scratch_texture_bytes(&self) -> u64 {
         let map = self.scratch.0.lock().unwrap_or_else(|e| e.into_inner());
-        map.values()
-            .map(|t| t.size().iter().map(|&d| u64::from(d)).product::<u64>() * 16)
-            .sum()
+        map.values().map(|t| t.bytes()).sum()
     }
 
     /// The shared scratch texture for `role` (a name that keeps operands of one op apart) and

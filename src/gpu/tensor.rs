@@ -58,7 +58,10 @@ enum BindResource<'a> {
         offset: u64,
         size: Option<std::num::NonZeroU64>,
     },
-    Texture(&'a wgpu::TextureView),
+    Texture {
+        view: &'a wgpu::TextureView,
+        bytes: u64,
+    },
 }
 
 impl<'a> Bind<'a> {
@@ -71,9 +74,21 @@ impl<'a> Bind<'a> {
         })
     }
 
-    /// A texture view (sampled or storage, as the shader declares it).
-    pub fn texture(view: &'a wgpu::TextureView) -> Self {
-        Bind(BindResource::Texture(view))
+    /// A texture view (sampled or storage, as the shader declares it) of `bytes` bytes.
+    pub fn texture(view: &'a wgpu::TextureView, bytes: u64) -> Self {
+        Bind(BindResource::Texture { view, bytes })
+    }
+
+    /// Bytes of the bound range (of the texture), for the dispatch census.
+    pub fn bytes(&self) -> u64 {
+        match self.0 {
+            BindResource::Buffer {
+                buffer,
+                offset,
+                size,
+            } => size.map_or(buffer.size() - offset, |s| s.get()),
+            BindResource::Texture { bytes, .. } => bytes,
+        }
     }
 
     pub(crate) fn resource(&self) -> wgpu::BindingResource<'a> {
@@ -87,7 +102,7 @@ impl<'a> Bind<'a> {
                 offset,
                 size,
             }),
-            BindResource::Texture(view) => wgpu::BindingResource::TextureView(view),
+            BindResource::Texture { view, .. } => wgpu::BindingResource::TextureView(view),
         }
     }
 }

@@ -34,6 +34,8 @@ pub struct AdamW {
     bind_group: wgpu::BindGroup,
     step: wgpu::Buffer,
     groups: u32,
+    /// Bytes bound, for the census.
+    bytes: u64,
 }
 
 impl AdamW {
@@ -156,10 +158,7 @@ impl AdamW {
             usage: wgpu::BufferUsages::STORAGE | wgpu::BufferUsages::COPY_DST,
         });
         let grads_binding = if entry == "adamw" { 6 } else { 7 };
-        let bind_group = gpu.bind_group(
-            "adamw",
-            &pipeline,
-            &[
+        let entries = [
                 (0, Bind::whole(&uniform)),
                 (1, Bind::whole(&step_buf)),
                 (2, params.bind()),
@@ -172,14 +171,16 @@ impl AdamW {
                 (10, skipped.bind()),
                 (11, Bind::whole(&ranges_buf)),
                 (12, scale.bind()),
-            ],
-        );
+            ];
+        let bind_group = gpu.bind_group("adamw", &pipeline, &entries);
+        let bytes = super::census::bound_bytes(&entries);
         gpu.check("preparing adamw")?;
         Ok(AdamW {
             pipeline,
             bind_group,
             step: step_buf,
             groups: groups as u32,
+            bytes,
         })
     }
 
@@ -197,6 +198,7 @@ impl AdamW {
         pass.set_pipeline(&self.pipeline);
         pass.set_bind_group(0, &self.bind_group, &[]);
         pass.dispatch_workgroups(self.groups, 1, 1);
+        super::census::dispatch(self.bytes);
     }
 
     /// Records and submits on its own (does not wait).

@@ -3,9 +3,10 @@
 //!
 //! Memory: the probabilities (B, n_head, T, T) are kept for the backward pass, and the backward
 //! needs one more buffer of that size for dP/dS. That is 2·B·n_head·T² elements of the storage
-//! precision (100 MB in f32 for B = 64, 6 heads, T = 256); a fused flash-style kernel that keeps
-//! only per-row statistics is the planned replacement. The matmuls also compute the masked upper
-//! triangle of the scores (wasted, half of those products) for the same reason.
+//! precision (100 MB in f32 for B = 64, 6 heads, T = 256). The matmuls also compute the masked
+//! upper triangle of the scores (wasted, half of those products). The fused kernels of
+//! [`super::flash_attention`] keep a (B, n_head, T) statistic instead; this path stays as their
+//! reference and as the faster one on CPU-backed adapters.
 //!
 //! Grouped-query attention ([`GroupedAttentionShape`], [`AttentionForward::grouped`],
 //! [`AttentionBackward::grouped`]): n_head query heads share n_kv_head key/value heads. The

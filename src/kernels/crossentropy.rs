@@ -36,6 +36,8 @@ pub struct CrossEntropy {
     workgroups: [u32; 3],
     count: GpuTensor,
     spec: CrossEntropySpec,
+    /// Bytes bound by the count and the main dispatch, for the census.
+    bytes: [u64; 2],
 }
 
 impl CrossEntropy {
@@ -144,28 +146,27 @@ impl CrossEntropy {
                 &one
             }
         };
-        let count_bind_group = gpu.bind_group(
-            "crossentropy count",
-            &count_pipeline,
-            &[
-                (0, Bind::whole(&params)),
-                (2, targets.bind()),
-                (6, count.bind()),
-            ],
-        );
-        let bind_group = gpu.bind_group(
-            "crossentropy",
-            &pipeline,
-            &[
-                (0, Bind::whole(&params)),
-                (1, logits.bind()),
-                (2, targets.bind()),
-                (3, loss.bind()),
-                (4, dlogits.bind()),
-                (5, scale.bind()),
-                (6, count.bind()),
-            ],
-        );
+        let count_entries = [
+            (0, Bind::whole(&params)),
+            (2, targets.bind()),
+            (6, count.bind()),
+        ];
+        let count_bind_group =
+            gpu.bind_group("crossentropy count", &count_pipeline, &count_entries);
+        let entries = [
+            (0, Bind::whole(&params)),
+            (1, logits.bind()),
+            (2, targets.bind()),
+            (3, loss.bind()),
+            (4, dlogits.bind()),
+            (5, scale.bind()),
+            (6, count.bind()),
+        ];
+        let bind_group = gpu.bind_group("crossentropy", &pipeline, &entries);
+        let bytes = [
+            super::census::bound_bytes(&count_entries),
+            super::census::bound_bytes(&entries),
+        ];
         gpu.check("preparing crossentropy")?;
         Ok(CrossEntropy {
             count_pipeline,
@@ -175,6 +176,7 @@ impl CrossEntropy {
             workgroups,
             count,
             spec: *spec,
+            bytes,
         })
     }
 
@@ -187,6 +189,8 @@ impl CrossEntropy {
         pass.set_bind_group(0, &self.bind_group, &[]);
         let [x, y, z] = self.workgroups;
         pass.dispatch_workgroups(x, y, z);
+        super::census::dispatch(self.bytes[0]);
+        super::census::dispatch(self.bytes[1]);
     }
 
     /// Records and submits on its own (does not wait).

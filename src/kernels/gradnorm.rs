@@ -2,11 +2,10 @@
 //! inf/NaN flag, both left on the GPU for the optimizer.
 
 use super::checks::{expect_distinct, expect_tensor};
-use super::float_precision;
+use super::{Dispatch, float_precision};
 use crate::Result;
 use crate::gpu::Bind;
-use crate::gpu::{DType, Gpu, GpuTensor, PipelineKey, Specialisation};
-use std::sync::Arc;
+use crate::gpu::{DType, Gpu, GpuTensor, Specialisation};
 
 /// Elements per invocation aimed for in the first stage before more workgroups are added.
 const PER_INVOCATION: usize = 4;
@@ -31,11 +30,8 @@ struct Params {
 /// The split of the buffer into chunks depends only on its length, and every sum runs in a fixed
 /// order, so the norm is bit-identical from run to run on one device.
 pub struct GradNorm {
-    partial_pipeline: Arc<wgpu::ComputePipeline>,
-    partial_bind_group: wgpu::BindGroup,
-    final_pipeline: Arc<wgpu::ComputePipeline>,
-    final_bind_group: wgpu::BindGroup,
-    groups: u32,
+    partial: Dispatch,
+    last: Dispatch,
 }
 
 impl GradNorm {
@@ -62,27 +58,29 @@ impl GradNorm {
         );
         let partials = gpu.zeros("gradnorm partials", &[groups], DType::F32)?;
         let partial_flags = gpu.zeros("gradnorm partial flags", &[groups], DType::U32)?;
-        let key = |entry| PipelineKey {
-            family: "gradnorm",
-            entry,
-            precision,
-            constants: Specialisation::default(),
+        let dispatch = |entry, buffers: &[(u32, Bind<'_>)], groups: usize| {
+            Dispatch::new(
+                gpu,
+                "gradnorm",
+                entry,
+                precision,
+                Specialisation::default(),
+                buffers,
+                [groups as u32, 1, 1],
+            )
         };
-        let partial_pipeline = gpu.pipeline(&key("gradnorm_partial"))?;
-        let final_pipeline = gpu.pipeline(&key("gradnorm_final"))?;
-        let partial_bind_group = gpu.bind_group(
-            "gradnorm partial",
-            &partial_pipeline,
+        let partial = dispatch(
+            "gradnorm_partial",
             &[
                 (0, Bind::whole(&params)),
                 (1, grads.bind()),
                 (2, partials.bind()),
                 (3, partial_flags.bind()),
             ],
-        );
-        let final_bind_group = gpu.bind_group(
-            "gradnorm final",
-            &final_pipeline,
+            groups,
+        )?;
+        let last = dispatch(
+            "gradnorm_final",
             &[
                 (0, Bind::whole(&params)),
                 (2, partials.bind()),
@@ -90,25 +88,16 @@ impl GradNorm {
                 (4, norm.bind()),
                 (5, flag.bind()),
             ],
-        );
+            1,
+        )?;
         gpu.check("preparing gradnorm")?;
-        Ok(GradNorm {
-            partial_pipeline,
-            partial_bind_group,
-            final_pipeline,
-            final_bind_group,
-            groups: groups as u32,
-        })
+        Ok(GradNorm { partial, last })
     }
 
     /// Adds both stages to `pass` (wgpu orders them).
     pub fn record(&self, pass: &mut wgpu::ComputePass<'_>) {
-        pass.set_pipeline(&self.partial_pipeline);
-        pass.set_bind_group(0, &self.partial_bind_group, &[]);
-        pass.dispatch_workgroups(self.groups, 1, 1);
-        pass.set_pipeline(&self.final_pipeline);
-        pass.set_bind_group(0, &self.final_bind_group, &[]);
-        pass.dispatch_workgroups(1, 1, 1);
+        self.partial.record(pass);
+        self.last.record(pass);
     }
 
     /// Records and submits on its own (does not wait).

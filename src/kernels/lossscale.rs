@@ -23,6 +23,8 @@ struct Params {
 pub struct LossScaler {
     pipeline: Arc<wgpu::ComputePipeline>,
     bind_group: wgpu::BindGroup,
+    /// Bytes bound, for the census.
+    bytes: u64,
 }
 
 impl LossScaler {
@@ -60,20 +62,18 @@ impl LossScaler {
                 _pad: [0; 3],
             },
         );
-        let bind_group = gpu.bind_group(
-            "lossscale",
-            &pipeline,
-            &[
-                (0, Bind::whole(&params)),
-                (1, flag.bind()),
-                (2, scale.bind()),
-                (3, run.bind()),
-            ],
-        );
+        let entries = [
+            (0, Bind::whole(&params)),
+            (1, flag.bind()),
+            (2, scale.bind()),
+            (3, run.bind()),
+        ];
+        let bind_group = gpu.bind_group("lossscale", &pipeline, &entries);
         gpu.check("preparing lossscale")?;
         Ok(LossScaler {
             pipeline,
             bind_group,
+            bytes: super::census::bound_bytes(&entries),
         })
     }
 
@@ -82,6 +82,7 @@ impl LossScaler {
         pass.set_pipeline(&self.pipeline);
         pass.set_bind_group(0, &self.bind_group, &[]);
         pass.dispatch_workgroups(1, 1, 1);
+        super::census::dispatch(self.bytes);
     }
 
     /// Records and submits on its own (does not wait).

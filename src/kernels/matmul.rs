@@ -233,6 +233,8 @@ struct Dispatch {
     pipeline: Arc<wgpu::ComputePipeline>,
     bind_group: wgpu::BindGroup,
     workgroups: [u32; 3],
+    /// Bytes bound, for the census.
+    bytes: u64,
 }
 
 /// One product, ready to record: pipelines, bound buffers and workgroup counts, built once.
@@ -362,6 +364,7 @@ impl Matmul {
                 pipeline,
                 bind_group,
                 workgroups,
+                bytes: super::census::bound_bytes(entries),
             });
             Ok(())
         };
@@ -394,7 +397,7 @@ impl Matmul {
                 &[
                     (0, Bind::whole(&dims)),
                     (a_slot, a.bind()),
-                    (7, Bind::texture(a_packed.view())),
+                    (7, a_packed.bind()),
                 ],
                 pack_groups(a_size, a_rows),
             )?;
@@ -406,7 +409,7 @@ impl Matmul {
                     &[
                         (0, Bind::whole(&dims)),
                         (b_slot, b.bind()),
-                        (7, Bind::texture(b_packed.view())),
+                        (7, b_packed.bind()),
                     ],
                     pack_groups(b_size, b_rows),
                 )?;
@@ -425,8 +428,8 @@ impl Matmul {
                     (0, Bind::whole(&dims)),
                     (3, bias_buf),
                     (4, c.bind()),
-                    (8, Bind::texture(a_packed.view())),
-                    (9, Bind::texture(b_packed.view())),
+                    (8, a_packed.bind()),
+                    (9, b_packed.bind()),
                 ],
                 [
                     groups(spec.n.div_ceil(4), wg_x),
@@ -489,7 +492,9 @@ impl Matmul {
             pass.set_bind_group(0, &d.bind_group, &[]);
             let [x, y, z] = d.workgroups;
             pass.dispatch_workgroups(x, y, z);
+            super::census::dispatch(d.bytes);
         }
+        super::census::flops(self.spec.flops());
     }
 
     /// Records and submits the product on its own (does not wait).

@@ -4,11 +4,14 @@
 pub mod activation;
 pub mod adamw;
 pub mod attention;
+pub mod census;
 mod checks;
 pub mod crossentropy;
 pub mod decode;
 pub mod dropout;
 pub mod embedding;
+pub mod flash_attention;
+mod flash_tiling;
 pub mod gradnorm;
 pub mod layernorm;
 pub mod lossscale;
@@ -153,6 +156,8 @@ impl_record!(
     decode::AttendOne,
     attention::AttentionForward,
     attention::AttentionBackward,
+    flash_attention::FlashAttentionForward,
+    flash_attention::FlashAttentionBackward,
     crossentropy::CrossEntropy,
     embedding::EmbeddingForward,
     embedding::EmbeddingBackward,
@@ -267,6 +272,8 @@ pub(crate) struct Dispatch {
     pipeline: Arc<wgpu::ComputePipeline>,
     bind_group: wgpu::BindGroup,
     workgroups: [u32; 3],
+    /// Bytes bound, for the census.
+    bytes: u64,
 }
 
 impl Dispatch {
@@ -290,6 +297,7 @@ impl Dispatch {
             pipeline,
             bind_group,
             workgroups,
+            bytes: census::bound_bytes(buffers),
         })
     }
 
@@ -298,6 +306,7 @@ impl Dispatch {
         pass.set_bind_group(0, &self.bind_group, &[]);
         let [x, y, z] = self.workgroups;
         pass.dispatch_workgroups(x, y, z);
+        census::dispatch(self.bytes);
     }
 }
 

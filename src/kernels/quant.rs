@@ -206,6 +206,8 @@ pub struct QMatmul {
     /// The texture layout's multiply, after `dispatch` packed its B operand.
     product: Option<Matmul>,
     kernel: QMatmulKernel,
+    /// 2·M·N·K, for the census.
+    flops: f64,
 }
 
 impl QMatmul {
@@ -294,7 +296,7 @@ impl QMatmul {
             (None, None, [gx as u32, gy as u32, gz as u32])
         };
         if let Some(p) = &packed {
-            buffers.push((8, Bind::texture(p.view())));
+            buffers.push((8, p.bind()));
         }
         let dispatch = Dispatch::new(
             gpu,
@@ -309,6 +311,7 @@ impl QMatmul {
             dispatch,
             product,
             kernel,
+            flops: 2.0 * m as f64 * n as f64 * k as f64,
         })
     }
 
@@ -320,8 +323,9 @@ impl QMatmul {
     /// Adds the dispatches to `pass`.
     pub fn record(&self, pass: &mut wgpu::ComputePass<'_>) {
         self.dispatch.record(pass);
-        if let Some(p) = &self.product {
-            p.record(pass);
+        match &self.product {
+            Some(p) => p.record(pass),
+            None => super::census::flops(self.flops),
         }
     }
 

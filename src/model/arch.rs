@@ -88,6 +88,7 @@ impl Arch {
                     bias: model.bias,
                     rope_theta: (!learned).then_some(parts.rope_theta),
                     dropout_site: site,
+                    kernel: model.attention_kernel,
                 }),
                 dropout_site: site + 1,
                 out_name: p("resid"),

@@ -81,6 +81,34 @@ pub struct ModelConfig {
     /// Tie the output head to the token embedding (default: GPT-2 ties, Llama doesn't).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub tie_embeddings: Option<bool>,
+    /// The attention kernels of the GPU step (default auto; see [`AttentionKernel`]). Not a part
+    /// of the model's function: both kernels compute the same attention, to rounding.
+    #[serde(skip_serializing_if = "AttentionKernel::is_auto")]
+    pub attention_kernel: AttentionKernel,
+}
+
+/// Which kernels compute causal attention in the GPU step.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum AttentionKernel {
+    /// The fused kernels where they can run, except on CPU-backed adapters where the reference
+    /// is faster and its T×T buffers fit (the rule of
+    /// [`crate::kernels::flash_attention::prefer_fused`]).
+    #[default]
+    Auto,
+    /// FlashAttention-style fused kernels: memory linear in T, no T×T matrix; an error where
+    /// they cannot run (head size above 128).
+    Fused,
+    /// Matmuls around a causal softmax kernel, with the (B, n_head, T, T) probabilities in
+    /// memory.
+    Reference,
+}
+
+impl AttentionKernel {
+    /// The default, left out of written configs.
+    pub fn is_auto(&self) -> bool {
+        *self == AttentionKernel::Auto
+    }
 }
 
 /// Which architecture a model's parts default to.
@@ -218,6 +246,18 @@ impl ModelConfig {
                 format!("must divide model.n_head = {}", self.n_head),
             ));
         }
+        let head_dim = self.n_embd / self.n_head;
+        let max_head = crate::kernels::flash_attention::MAX_HEAD_DIM;
+        if self.attention_kernel == AttentionKernel::Fused && head_dim > max_head {
+            return Err(Error::invalid(
+                "model.attention_kernel",
+                "fused",
+                format!(
+                    "the fused kernels take heads of at most {max_head}; n_embd / n_head = \
+                     {head_dim} (use \"reference\" or \"auto\")"
+                ),
+            ));
+        }
         match p.positions {
             PositionKind::Rope => {
                 let hd = self.n_embd / self.n_head.max(1);
@@ -277,6 +317,7 @@ impl Default for ModelConfig {
             mlp_hidden: None,
             n_kv_head: None,
             tie_embeddings: None,
+            attention_kernel: AttentionKernel::Auto,
         }
     }
 }

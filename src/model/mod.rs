@@ -9,7 +9,7 @@ pub mod layout;
 pub(crate) mod units;
 
 pub use config::{
-    ArchKind, Config, DataConfig, Decay, MlpKind, ModelConfig, ModelParts, NormKind, PositionKind,
-    TokenizerKind, TrainConfig,
+    ArchKind, AttentionKernel, Config, DataConfig, Decay, MlpKind, ModelConfig, ModelParts,
+    NormKind, PositionKind, TokenizerKind, TrainConfig,
 };
 pub use layout::{Component, ParamKind, ParamLayout, TensorInfo};

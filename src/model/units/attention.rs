@@ -2,6 +2,11 @@
 //! multi-head or grouped-query attention (with dropout on the probabilities), output projection.
 //! GPT-2's `attn.c_attn` / `attn.c_proj`; Llama's `self_attn.qkv_proj` (q_proj, k_proj and
 //! v_proj stacked by rows) / `self_attn.o_proj`.
+//!
+//! The GPU step computes the attention itself either with the reference kernels (matmuls around
+//! a causal softmax, keeping the (B, n_head, T, T) probabilities) or with the fused
+//! FlashAttention-style kernels (keeping a (B, n_head, T) log-sum-exp), as
+//! `model.attention_kernel` and [`crate::kernels::flash_attention::prefer_fused`] decide.
 
 use super::{CpuCtx, DecodeCtx, GpuCtx, Linear, Ops, alias};
 use crate::Result;
@@ -9,7 +14,11 @@ use crate::gpu::GpuTensor;
 use crate::kernels::RowKernel;
 use crate::kernels::attention::{AttentionBackward, AttentionDropout, AttentionForward};
 use crate::kernels::decode::AttendOne;
+use crate::kernels::flash_attention::{
+    self, FlashAttentionBackward, FlashAttentionForward, FlashDropout,
+};
 use crate::kernels::rope::Rope;
+use crate::model::AttentionKernel;
 use crate::model::layout::{Component, LayoutBuilder, ParamKind};
 use crate::ops::{AttendOneShape, AttentionShape, GroupedAttentionShape, RopeSpec};
 
@@ -29,6 +38,8 @@ pub(crate) struct Attention {
     pub rope_theta: Option<f32>,
     /// Dropout site of the probabilities (distinct across the network).
     pub dropout_site: u32,
+    /// Which kernels the GPU step uses for the attention itself.
+    pub kernel: AttentionKernel,
 }
 
 impl Attention {
@@ -117,6 +128,16 @@ impl Attention {
         })
     }
 
+    /// Whether the GPU step uses the fused kernels for `shape`: as configured, or by the auto
+    /// rule; a forced `fused` that cannot run is an error naming why.
+    fn use_fused(&self, gpu: &crate::Gpu, shape: &GroupedAttentionShape) -> Result<bool> {
+        match self.kernel {
+            AttentionKernel::Reference => Ok(false),
+            AttentionKernel::Fused => flash_attention::supports(gpu, shape).map(|()| true),
+            AttentionKernel::Auto => Ok(flash_attention::prefer_fused(gpu, shape)),
+        }
+    }
+
     /// Records `y = proj(attention(qkv(x)))`.
     pub fn forward(
         &self,
@@ -125,19 +146,30 @@ impl Attention {
         x: &GpuTensor,
     ) -> Result<(AttentionGpu, GpuTensor)> {
         let (bt, c) = (ctx.rows(), self.channels);
-        let shape = self.shape(ctx.batch.batch, ctx.batch.seq);
+        let g = self.grouped(ctx.batch.batch, ctx.batch.seq);
         let name = |s: &str| format!("h.{}.{s}", self.layer);
+        let saved = if self.use_fused(ctx.gpu, &g)? {
+            Saved::Fused {
+                lse: ctx
+                    .gpu
+                    .zeros(&name("lse"), &[g.lse_len()], crate::gpu::DType::F32)?,
+            }
+        } else {
+            Saved::Reference {
+                probs: ctx.act(&name("probs"), g.probs_len())?,
+                dropped: if ctx.dropping {
+                    Some(ctx.act(&name("probs dropped"), g.probs_len())?)
+                } else {
+                    None
+                },
+            }
+        };
         let s = AttentionGpu {
             unit: self.clone(),
             input: alias(x)?,
             qkv: ctx.act(&name("qkv"), bt * self.qkv_width())?,
-            probs: ctx.act(&name("probs"), shape.probs_len())?,
             att: ctx.act(&name("att"), bt * c)?,
-            dropped: if ctx.dropping {
-                Some(ctx.act(&name("probs dropped"), shape.probs_len())?)
-            } else {
-                None
-            },
+            saved,
         };
         let y = ctx.act(&name("attn proj"), bt * c)?;
         let (qp, pp) = (self.qkv_prefix(), self.proj_prefix());
@@ -146,18 +178,7 @@ impl Attention {
         if let Some(spec) = self.rope(ctx.batch.batch, ctx.batch.seq) {
             ops.push(Box::new(Rope::forward(ctx.gpu, &s.qkv, &spec)?));
         }
-        let dropout = s.dropout(ctx.dropout_state);
-        ops.push(Box::new(if self.is_grouped() {
-            let g = self.grouped(ctx.batch.batch, ctx.batch.seq);
-            // Three passes over a row in the forward softmax, two in the backward (as
-            // AttentionForward::grouped and AttentionBackward::grouped choose).
-            let kernel = RowKernel::for_rows(ctx.gpu, g.seq, 3);
-            AttentionForward::grouped_with_row_kernel(
-                ctx.gpu, &s.att, &s.probs, &s.qkv, &g, dropout, kernel,
-            )?
-        } else {
-            AttentionForward::with_dropout(ctx.gpu, &s.att, &s.probs, &s.qkv, &shape, dropout)?
-        }));
+        ops.push(s.attention_forward(ctx)?);
         lp.forward(ctx, ops, &y, &s.att)?;
         ctx.qkv.push(alias(&s.qkv)?);
         Ok((s, y))
@@ -227,23 +248,115 @@ impl Attention {
     }
 }
 
+/// What an attention's forward keeps for its backward besides q|k|v and the output.
+enum Saved {
+    /// The reference kernels: the softmax probabilities and, with dropout, their dropped copy.
+    Reference {
+        probs: GpuTensor,
+        dropped: Option<GpuTensor>,
+    },
+    /// The fused kernels: each row's log-sum-exp, (B, n_head, T) f32.
+    Fused { lse: GpuTensor },
+}
+
 /// The GPU state of an attention's backward.
 pub(crate) struct AttentionGpu {
     unit: Attention,
     input: GpuTensor,
     qkv: GpuTensor,
-    probs: GpuTensor,
     att: GpuTensor,
-    /// The probabilities after dropout (only with dropout).
-    dropped: Option<GpuTensor>,
+    saved: Saved,
 }
 
 impl AttentionGpu {
-    fn dropout<'a>(&'a self, state: &'a GpuTensor) -> Option<AttentionDropout<'a>> {
-        self.dropped.as_ref().map(|dropped| AttentionDropout {
+    /// The reference path's dropout: its dropped copy of the probabilities, when there is one.
+    fn dropout<'a>(
+        &'a self,
+        dropped: &'a Option<GpuTensor>,
+        state: &'a GpuTensor,
+    ) -> Option<AttentionDropout<'a>> {
+        dropped.as_ref().map(|dropped| AttentionDropout {
             dropped,
             state,
             site: self.unit.dropout_site,
+        })
+    }
+
+    /// The fused path's dropout (the same mask, drawn inside the kernels).
+    fn flash_dropout<'a>(&self, ctx: &GpuCtx<'a>) -> Option<FlashDropout<'a>> {
+        ctx.dropping.then_some(FlashDropout {
+            state: ctx.dropout_state,
+            site: self.unit.dropout_site,
+        })
+    }
+
+    /// The attention itself, att from qkv, with the kernels `saved` was made for.
+    fn attention_forward(&self, ctx: &GpuCtx<'_>) -> Result<Box<dyn crate::kernels::Record>> {
+        let u = &self.unit;
+        let g = u.grouped(ctx.batch.batch, ctx.batch.seq);
+        Ok(match &self.saved {
+            Saved::Fused { lse } => Box::new(FlashAttentionForward::new(
+                ctx.gpu,
+                &self.att,
+                lse,
+                &self.qkv,
+                &g,
+                self.flash_dropout(ctx),
+            )?),
+            Saved::Reference { probs, dropped } => {
+                let dropout = self.dropout(dropped, ctx.dropout_state);
+                Box::new(if u.is_grouped() {
+                    // Three passes over a row in the forward softmax, two in the backward (as
+                    // AttentionForward::grouped and AttentionBackward::grouped choose).
+                    let kernel = RowKernel::for_rows(ctx.gpu, g.seq, 3);
+                    AttentionForward::grouped_with_row_kernel(
+                        ctx.gpu, &self.att, probs, &self.qkv, &g, dropout, kernel,
+                    )?
+                } else {
+                    let shape = u.shape(ctx.batch.batch, ctx.batch.seq);
+                    AttentionForward::with_dropout(
+                        ctx.gpu, &self.att, probs, &self.qkv, &shape, dropout,
+                    )?
+                })
+            }
+        })
+    }
+
+    /// The attention's backward, dqkv from datt.
+    fn attention_backward(
+        &self,
+        ctx: &mut GpuCtx<'_>,
+        dqkv: &GpuTensor,
+        datt: &GpuTensor,
+    ) -> Result<Box<dyn crate::kernels::Record>> {
+        let u = &self.unit;
+        let g = u.grouped(ctx.batch.batch, ctx.batch.seq);
+        Ok(match &self.saved {
+            Saved::Fused { lse } => Box::new(FlashAttentionBackward::new(
+                ctx.gpu,
+                dqkv,
+                datt,
+                &self.qkv,
+                &self.att,
+                lse,
+                &g,
+                self.flash_dropout(ctx),
+            )?),
+            Saved::Reference { probs, dropped } => {
+                let dprobs = ctx.shared("dprobs", g.probs_len())?;
+                let dropout = self.dropout(dropped, ctx.dropout_state);
+                Box::new(if u.is_grouped() {
+                    let kernel = RowKernel::for_rows(ctx.gpu, g.seq, 2);
+                    AttentionBackward::grouped_with_row_kernel(
+                        ctx.gpu, dqkv, &dprobs, datt, &self.qkv, probs, &g, dropout, kernel,
+                    )?
+                } else {
+                    let shape = u.shape(ctx.batch.batch, ctx.batch.seq);
+                    AttentionBackward::with_dropout(
+                        ctx.gpu, dqkv, &dprobs, datt, &self.qkv, probs, &shape, dropout,
+                    )?
+                })
+            }
         })
     }
 
@@ -256,41 +369,13 @@ impl AttentionGpu {
     ) -> Result<GpuTensor> {
         let u = &self.unit;
         let (bt, c) = (ctx.rows(), u.channels);
-        let shape = u.shape(ctx.batch.batch, ctx.batch.seq);
         let datt = ctx.shared("datt", bt * c)?;
         let dqkv = ctx.shared(&format!("dqkv {}", u.qkv_width()), bt * u.qkv_width())?;
-        let dprobs = ctx.shared("dprobs", shape.probs_len())?;
         let dx = ctx.shared("dln", bt * c)?;
         let (qp, pp) = (u.qkv_prefix(), u.proj_prefix());
         let (lq, lp) = u.linears(&qp, &pp);
         lp.backward(ctx, ops, &datt, dy, &self.att)?;
-        let dropout = self.dropout(ctx.dropout_state);
-        ops.push(Box::new(if u.is_grouped() {
-            let g = u.grouped(ctx.batch.batch, ctx.batch.seq);
-            let kernel = RowKernel::for_rows(ctx.gpu, g.seq, 2);
-            AttentionBackward::grouped_with_row_kernel(
-                ctx.gpu,
-                &dqkv,
-                &dprobs,
-                &datt,
-                &self.qkv,
-                &self.probs,
-                &g,
-                dropout,
-                kernel,
-            )?
-        } else {
-            AttentionBackward::with_dropout(
-                ctx.gpu,
-                &dqkv,
-                &dprobs,
-                &datt,
-                &self.qkv,
-                &self.probs,
-                &shape,
-                dropout,
-            )?
-        }));
+        ops.push(self.attention_backward(ctx, &dqkv, &datt)?);
         if let Some(spec) = u.rope(ctx.batch.batch, ctx.batch.seq) {
             ops.push(Box::new(Rope::backward(ctx.gpu, &dqkv, &spec)?));
         }
