@@ -159,19 +159,19 @@ impl AdamW {
         });
         let grads_binding = if entry == "adamw" { 6 } else { 7 };
         let entries = [
-                (0, Bind::whole(&uniform)),
-                (1, Bind::whole(&step_buf)),
-                (2, params.bind()),
-                (3, exp_avg.bind()),
-                (4, exp_avg_sq.bind()),
-                (5, working.bind()),
-                (grads_binding, grads.bind()),
-                (8, norm.bind()),
-                (9, flag.bind()),
-                (10, skipped.bind()),
-                (11, Bind::whole(&ranges_buf)),
-                (12, scale.bind()),
-            ];
+            (0, Bind::whole(&uniform)),
+            (1, Bind::whole(&step_buf)),
+            (2, params.bind()),
+            (3, exp_avg.bind()),
+            (4, exp_avg_sq.bind()),
+            (5, working.bind()),
+            (grads_binding, grads.bind()),
+            (8, norm.bind()),
+            (9, flag.bind()),
+            (10, skipped.bind()),
+            (11, Bind::whole(&ranges_buf)),
+            (12, scale.bind()),
+        ];
         let bind_group = gpu.bind_group("adamw", &pipeline, &entries);
         let bytes = super::census::bound_bytes(&entries);
         gpu.check("preparing adamw")?;
