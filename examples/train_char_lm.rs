@@ -56,6 +56,7 @@ fn main() -> kiln::Result<()> {
             progress: true,
             adapter: None,
             stop_after: None,
+            init_from: None,
             resume_from: None,
             overwrite: !resume,
         },

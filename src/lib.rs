@@ -18,6 +18,7 @@
 pub mod cpu;
 pub mod data;
 mod error;
+pub mod finetune;
 pub mod generate;
 pub mod gpu;
 pub mod kernels;

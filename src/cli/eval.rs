@@ -1,12 +1,14 @@
 //! The reporting half of `kiln eval`: one checkpoint, or a checkpoint beside another
 //! (`--compare`, e.g. a quantised model beside the float one it was made from).
 
-use kiln::train::eval::{EvalReport, EvalText, eval_checkpoints};
+use kiln::quant::weights::ModelWeights;
+use kiln::train::eval::{EvalReport, EvalText, eval_weights};
 use kiln::{Error, GpuOptions, Result};
 use std::path::Path;
 
 pub fn run(
     checkpoint: &Path,
+    lora: Option<&Path>,
     compare: Option<&Path>,
     data: Option<&Path>,
     batches: usize,
@@ -27,9 +29,9 @@ pub fn run(
             max_batches: batches,
         },
     };
-    let mut dirs = vec![checkpoint];
-    dirs.extend(compare);
-    let reports = eval_checkpoints(&dirs, text, options)?;
+    let first = ModelWeights::load_with_adapter(checkpoint, lora)?;
+    let others: Vec<&Path> = compare.into_iter().collect();
+    let reports = eval_weights(first, &others, text, options)?;
     for r in &reports {
         eprintln!(
             "{}: loss {:.4}, perplexity {:.4} over {} tokens in {:.1} s; weights {}, {} bytes \

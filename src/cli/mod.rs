@@ -3,6 +3,7 @@
 mod bench;
 mod eval;
 mod info;
+mod lora;
 mod params;
 mod profile;
 mod quantize;
@@ -43,6 +44,9 @@ enum Command {
     Sample(sample::SampleArgs),
     /// Parameter counts of a config: per component, weights vs biases, and training-state bytes.
     Params(params::ParamsArgs),
+    /// LoRA adapters: merge one into its base checkpoint.
+    #[command(subcommand)]
+    Lora(lora::LoraCommand),
     /// Quantise a checkpoint's weights to 8 or 4 bits for sample and eval.
     Quantize(quantize::QuantizeArgs),
     /// Where one training step's time goes: every op timed, by kind, with dispatches and rates.
@@ -69,6 +73,7 @@ pub fn run(args: Args) -> Result<()> {
         Command::Profile(p) => profile::run(&args, p),
         Command::Params(p) => params::run(p),
         Command::Quantize(q) => quantize::run(q),
+        Command::Lora(l) => lora::run(l),
         Command::Train(t) => train::run(args.adapter.clone(), args.precision, t),
         Command::Eval(e) => train::eval(args.adapter.clone(), args.precision, e),
         Command::Sweep(s) => sweep::run(args.adapter.clone(), args.precision, s),

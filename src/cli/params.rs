@@ -15,12 +15,16 @@ pub struct ParamsArgs {
     /// Override a config value, e.g. --set model.n_layer=6 (repeatable).
     #[arg(long = "set", value_name = "KEY=VALUE")]
     overrides: Vec<String>,
+    /// Also build the training model on the GPU (the config's precision and batch) and print
+    /// the bytes its buffers took, as kiln's buffer accounting counts them.
+    #[arg(long)]
+    memory: bool,
 }
 
 pub fn run(a: &ParamsArgs) -> Result<()> {
     let config = Config::load(&a.config, &a.overrides)?;
     let vocab = vocab(&config, a.vocab)?;
-    let layout = ParamLayout::gpt(&config.model, vocab, 1)?;
+    let layout = ParamLayout::for_config(&config, vocab, 1)?;
     let fmt = |n: usize| group_digits(n);
     let parts = config.model.parts();
     println!(
@@ -79,14 +83,78 @@ pub fn run(a: &ParamsArgs) -> Result<()> {
             moe.n_experts
         );
     }
+    let (trainable, frozen) = layout.trainable_and_frozen();
+    println!(
+        "trainable {} ({:.2}%), frozen {}{}",
+        fmt(trainable),
+        100.0 * trainable as f64 / layout.num_params().max(1) as f64,
+        fmt(frozen),
+        adaptation_note(&config)
+    );
     for (name, bytes) in [("f16", 2), ("f32", 4)] {
         let state = layout.training_state_bytes(bytes);
         println!(
-            "training state with {name} parameters: {} bytes ({:.1} MiB: working copy, f32 master, Adam m and v, f32 gradients)",
+            "training state with {name} parameters: {} bytes ({:.1} MiB: working copy of every tensor; gradients, f32 master, Adam m and v of the trainable ones)",
             fmt(state),
             state as f64 / (1 << 20) as f64
         );
     }
+    if a.memory {
+        memory(&config, vocab)?;
+    }
+    Ok(())
+}
+
+/// What the config freezes or adds.
+fn adaptation_note(config: &Config) -> String {
+    match (&config.lora, config.finetune.freeze.is_empty()) {
+        (Some(l), _) => format!(
+            " (LoRA rank {} alpha {} on {:?}: the adapters train, the base is frozen)",
+            l.rank,
+            l.alpha,
+            l.targets.iter().map(|t| t.name()).collect::<Vec<_>>()
+        ),
+        (None, false) => format!(" (finetune.freeze = {:?})", config.finetune.freeze),
+        (None, true) => String::new(),
+    }
+}
+
+/// Builds the training model on the GPU and prints what it allocated.
+fn memory(config: &Config, vocab: usize) -> Result<()> {
+    let gpu = kiln::Gpu::with_options(&kiln::GpuOptions {
+        adapter: None,
+        precision: config.train.precision,
+    })?;
+    let batch = kiln::cpu::gpt::GptBatch {
+        batch: config.train.batch_size,
+        seq: config.model.block_size,
+    };
+    // The tuner would time candidates on scratch buffers of each shape (slow here, and counted
+    // by the accounting); the fixed rule allocates nothing.
+    gpu.tuning().set_enabled(false);
+    let before = gpu.allocated_bytes();
+    let model = kiln::model::gpu::GptGpu::adapted(
+        &gpu,
+        &config.model,
+        &config.adaptation(),
+        vocab,
+        batch,
+        config.train.grad_accum_steps,
+    )?;
+    let total = gpu.allocated_bytes() - before;
+    let bytes = model.precision().size();
+    let state = model.layout().training_state_bytes(bytes);
+    println!(
+        "GPU bytes allocated for training ({}, batch {}×{}): {} ({:.1} MiB); of which parameters, gradients and optimizer state {} ({:.1} MiB), activations and the rest {}",
+        model.precision(),
+        batch.batch,
+        batch.seq,
+        group_digits(total as usize),
+        total as f64 / (1 << 20) as f64,
+        group_digits(state),
+        state as f64 / (1 << 20) as f64,
+        group_digits((total as usize).saturating_sub(state))
+    );
     Ok(())
 }
 

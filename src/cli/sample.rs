@@ -44,6 +44,10 @@ pub struct SampleArgs {
     /// Seed of the draw. [default: [sample], else 1337]
     #[arg(long)]
     seed: Option<u64>,
+    /// Apply this LoRA adapter (a PEFT folder, e.g. a kiln LoRA run or its RUN/latest) to the
+    /// checkpoint's weights.
+    #[arg(long)]
+    lora: Option<PathBuf>,
     /// Settings from this TOML file's [sample] table instead of the checkpoint's.
     #[arg(long)]
     config: Option<PathBuf>,
@@ -111,7 +115,11 @@ pub fn run(
         base.stop = a.stop.clone();
     }
     base.validate()?;
-    let mut generator = Generator::load(&a.checkpoint, &GpuOptions { adapter, precision })?;
+    let lora = a.lora.as_deref().map(super::train::adapter_dir);
+    let weights =
+        kiln::quant::weights::ModelWeights::load_with_adapter(&a.checkpoint, lora.as_deref())?;
+    let mut generator =
+        Generator::from_model_weights(&weights, &GpuOptions { adapter, precision })?;
     generator.set_window(a.window.parse()?);
     generator.set_kv_cache(!a.no_kv_cache);
     let how = if generator.uses_kv_cache() {

@@ -35,6 +35,11 @@ pub struct TrainArgs {
     /// Stop after this many steps of this invocation (with a checkpoint).
     #[arg(long)]
     steps: Option<u64>,
+    /// Fine-tune: start a new run in --out from this checkpoint's weights (a run folder,
+    /// RUN/latest, RUN/best or RUN/step-N) with fresh optimizer state, the checkpoint's
+    /// tokenizer and the schedule of --config (default: the checkpoint's own config).
+    #[arg(long, value_name = "CKPT", conflicts_with_all = ["resume", "resume_from"])]
+    init_from: Option<PathBuf>,
     /// No progress bar (log lines only).
     #[arg(long)]
     quiet: bool,
@@ -68,7 +73,18 @@ pub fn run(
             }
             Config::load(&path, &a.overrides)?
         }
-        (None, false) => Config::from_toml("", &a.overrides)?,
+        (None, false) => match &a.init_from {
+            // A fine-tuning run without a config continues with the checkpoint's settings (its
+            // model, and its schedule unless overridden), on the new corpus.
+            Some(ck) => {
+                let dir = kiln::train::checkpoint::resolve(ck)?;
+                let mut c = Config::load(&dir.join("config.toml"), &a.overrides)?;
+                c.data.path.clear();
+                c.finetune.init_from = None;
+                c
+            }
+            None => Config::from_toml("", &a.overrides)?,
+        },
     };
     config.train.precision = kiln::PrecisionChoice::resolve(precision, config.train.precision);
     let data = a
@@ -101,6 +117,7 @@ pub fn run(
         progress: !a.quiet && std::io::IsTerminal::is_terminal(&std::io::stderr()),
         adapter,
         stop_after: a.steps,
+        init_from: a.init_from.clone(),
     };
     let s = train(&opts, &stop, &mut [])?;
     eprintln!(
@@ -156,6 +173,10 @@ pub struct EvalArgs {
     /// fixed validation batches.
     #[arg(long, conflicts_with_all = ["data", "batches"])]
     full_split: bool,
+    /// Apply this LoRA adapter (a PEFT folder, e.g. a kiln LoRA run or its RUN/latest) to the
+    /// checkpoint's weights.
+    #[arg(long)]
+    lora: Option<PathBuf>,
     /// Also evaluate this checkpoint (e.g. the float one a quantised model was made from) on
     /// the same tokens, and print the two perplexities side by side.
     #[arg(long)]
@@ -170,12 +191,25 @@ pub fn eval(
     let precision = checkpoint_precision(&a.checkpoint, precision);
     super::eval::run(
         &a.checkpoint,
+        a.lora.as_deref().map(adapter_dir).as_deref(),
         a.compare.as_deref(),
         a.data.as_deref(),
         a.batches,
         a.full_split,
         &kiln::GpuOptions { adapter, precision },
     )
+}
+
+/// The adapter folder `--lora` means: a run folder or a pointer resolves to its checkpoint
+/// (which a LoRA run writes as a PEFT folder too); any other folder is taken as it is.
+pub fn adapter_dir(path: &std::path::Path) -> PathBuf {
+    if path
+        .join(kiln::finetune::peft::ADAPTER_CONFIG_FILE)
+        .is_file()
+    {
+        return path.to_path_buf();
+    }
+    kiln::train::checkpoint::resolve(path).unwrap_or_else(|_| path.to_path_buf())
 }
 
 /// The storage precision for a command that loads a checkpoint: the flag, else the checkpoint

@@ -97,10 +97,15 @@ impl Generator {
     /// Loads the latest checkpoint under `dir` (or `dir` itself if it is a checkpoint folder,
     /// float or quantised by `kiln quantize`) into a model built for inference.
     pub fn load(dir: &Path, options: &GpuOptions) -> Result<Generator> {
-        let weights = ModelWeights::load(dir)?;
+        Generator::from_model_weights(&ModelWeights::load(dir)?, options)
+    }
+
+    /// A generator over weights already loaded (e.g. a base with a LoRA adapter attached:
+    /// [`ModelWeights::load_with_adapter`]).
+    pub fn from_model_weights(weights: &ModelWeights, options: &GpuOptions) -> Result<Generator> {
         let tokenizer = Tokenizer::from_json(&weights.tokenizer_json)?;
         let gpu = Gpu::with_options(options)?;
-        Generator::build(gpu, &weights, tokenizer)
+        Generator::build(gpu, weights, tokenizer)
     }
 
     /// A generator on `gpu` for a model of `config` with the f32 master weights `master`, laid
@@ -115,7 +120,7 @@ impl Generator {
         source: &str,
     ) -> Result<Generator> {
         let vocab = tokenizer.vocab_size();
-        let layout = GptGpu::training_layout(&gpu, &config.model, vocab)?;
+        let layout = GptGpu::config_layout(&gpu, config, vocab)?;
         let expected = layout.buffer_len();
         if master.len() != expected {
             return Err(Error::shape(

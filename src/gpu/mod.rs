@@ -36,6 +36,8 @@ pub struct Gpu {
     errors: Arc<Mutex<Vec<String>>>,
     pub(crate) tuning: crate::kernels::tune::TuneCache,
     scratch: scratch::ScratchTextures,
+    /// Bytes of every storage tensor created so far ([`Gpu::allocated_bytes`]).
+    allocated: std::sync::atomic::AtomicU64,
 }
 
 /// Every adapter wgpu can see on this machine, in the order `--adapter INDEX` uses.
@@ -159,7 +161,16 @@ impl Gpu {
             errors,
             tuning: Default::default(),
             scratch: Default::default(),
+            allocated: Default::default(),
         })
+    }
+
+    /// Bytes of every storage tensor created on this device so far through [`Gpu::zeros`] and
+    /// the uploads built on it (buffer sizes, padding included), whether or not it has been
+    /// dropped since: the difference across a model's construction is what that model
+    /// allocated. Uniform blocks and the matmul's scratch textures are not counted.
+    pub fn allocated_bytes(&self) -> u64 {
+        self.allocated.load(std::sync::atomic::Ordering::Relaxed)
     }
 
     /// What was granted.

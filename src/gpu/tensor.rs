@@ -209,6 +209,8 @@ impl Gpu {
                 | wgpu::BufferUsages::COPY_DST,
             mapped_at_creation: false,
         });
+        self.allocated
+            .fetch_add(size, std::sync::atomic::Ordering::Relaxed);
         Ok(GpuTensor {
             buffer,
             offset: 0,

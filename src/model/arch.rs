@@ -138,6 +138,47 @@ impl Arch {
         Ok(Arch { units })
     }
 
+    /// The linear layers LoRA can adapt, in unit order: (target, weight prefix, fan_in,
+    /// fan_out, component).
+    pub fn adaptable_linears(
+        &self,
+    ) -> Vec<(
+        crate::finetune::LoraTarget,
+        String,
+        usize,
+        usize,
+        super::Component,
+    )> {
+        use super::Component as C;
+        use crate::finetune::LoraTarget as T;
+        let mut out = Vec::new();
+        for u in &self.units {
+            let Unit::Residual(r) = u else { continue };
+            match &r.body {
+                Body::Attention(a) => {
+                    let c = a.channels;
+                    out.push((
+                        T::AttnQkv,
+                        a.qkv_prefix.clone(),
+                        c,
+                        a.qkv_width(),
+                        C::Attention,
+                    ));
+                    out.push((T::AttnProj, a.proj_prefix.clone(), c, c, C::Attention));
+                }
+                Body::Mlp(m) => {
+                    let (c, h) = (m.channels, m.hidden);
+                    out.push((T::MlpFc, m.fc_prefix.clone(), c, m.fc_width(), C::Mlp));
+                    out.push((T::MlpProj, m.proj_prefix.clone(), h, c, C::Mlp));
+                }
+                // A routed layer's experts are one batched tensor per projection, which the
+                // LoRA hook (one adapter per linear layer) does not cover: not adaptable.
+                Body::Moe(_) => {}
+            }
+        }
+        out
+    }
+
     /// The parameter table: every unit's tensors in unit order.
     pub fn layout(&self, align: usize) -> ParamLayout {
         let mut l = LayoutBuilder::new(align);

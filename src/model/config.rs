@@ -5,6 +5,7 @@
 //! same way whether it came from the file or the command line.
 
 use super::moe::MoeConfig;
+use crate::finetune::{Adaptation, FinetuneConfig, LoraConfig};
 use crate::generate::SamplingParams;
 use crate::precision::PrecisionChoice;
 use crate::training::LossScaling;
@@ -24,6 +25,12 @@ pub struct Config {
     pub data: DataConfig,
     /// Default sampling settings of `kiln sample` for this model (its flags override them).
     pub sample: SamplingParams,
+    /// Fine-tuning: frozen tensors and the checkpoint the run started from.
+    #[serde(skip_serializing_if = "FinetuneConfig::is_empty")]
+    pub finetune: FinetuneConfig,
+    /// LoRA adapters (none unless the table is present).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub lora: Option<LoraConfig>,
 }
 
 /// A decoder-only transformer. `arch` picks the defaults of every part (GPT-2: learned
@@ -486,6 +493,14 @@ impl Config {
         })
     }
 
+    /// The freeze list and LoRA settings, as the layout builder takes them.
+    pub fn adaptation(&self) -> Adaptation {
+        Adaptation {
+            freeze: self.finetune.freeze.clone(),
+            lora: self.lora.clone(),
+        }
+    }
+
     /// The dynamic loss scaling an f16 run uses.
     pub fn loss_scaling(&self) -> LossScaling {
         LossScaling {
@@ -585,6 +600,9 @@ impl Config {
             ));
         }
         validate_early_stopping(t)?;
+        if let Some(lora) = &self.lora {
+            lora.validate(m)?;
+        }
         self.sample.validate().map_err(|e| match e {
             Error::Invalid { key, value, rule } => Error::Invalid {
                 key: format!("sample.{}", key.trim_start_matches("sample.")),

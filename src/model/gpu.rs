@@ -14,6 +14,7 @@ use super::arch::Arch;
 use super::units::{GpuBackward, GpuCtx, Views};
 use super::{ModelConfig, ParamLayout};
 use crate::cpu::gpt::GptBatch;
+use crate::finetune::Adaptation;
 use crate::gpu::{DType, Gpu, GpuTensor};
 use crate::kernels::Record;
 use crate::kernels::adamw::AdamW;
@@ -44,6 +45,9 @@ pub struct GptGpu {
     layout: ParamLayout,
     /// Quantised matrices by tensor name, outside the flat parameter buffer (inference only).
     quant: BTreeMap<String, QuantWeight>,
+    /// The f32 values of the frozen tensors (the layout's tail past the trainable part), as
+    /// last set: they have no master copy on the GPU, and a checkpoint saves them unrounded.
+    frozen: std::sync::Mutex<Vec<f32>>,
     s: State,
     p: Plan,
 }
@@ -89,14 +93,17 @@ impl State {
     ) -> Result<State> {
         let dt = DType::from(gpu.precision());
         let n = layout.buffer_len();
+        // Gradients, master weights and moments cover the trainable tensors, which the layout
+        // puts first (all of them unless some are frozen).
+        let tn = layout.trainable_len();
         let bt = batch.batch * batch.seq;
         let optim = match micro_batches {
             None => None,
             Some(micro_batches) => Some(Optim {
-                grads: gpu.zeros("grads", &[n], dt)?,
-                master: gpu.zeros("master", &[n], DType::F32)?,
-                exp_avg: gpu.zeros("adam m", &[n], DType::F32)?,
-                exp_avg_sq: gpu.zeros("adam v", &[n], DType::F32)?,
+                grads: gpu.zeros("grads", &[tn], dt)?,
+                master: gpu.zeros("master", &[tn], DType::F32)?,
+                exp_avg: gpu.zeros("adam m", &[tn], DType::F32)?,
+                exp_avg_sq: gpu.zeros("adam v", &[tn], DType::F32)?,
                 skipped: gpu.zeros("skipped steps", &[1], DType::U32)?,
                 norm: gpu.zeros("grad norm", &[1], DType::F32)?,
                 flag: gpu.zeros("nonfinite flag", &[1], DType::U32)?,
@@ -165,16 +172,22 @@ impl Plan {
         vocab: usize,
         batch: GptBatch,
     ) -> Result<Plan> {
-        let views = |flat| Views { layout, flat };
         // An inference plan records no backward, which alone reads the gradient views: they
-        // view the parameters, never read.
+        // view the parameters, never read. Frozen tensors have no gradient view.
         let grads = s.optim.as_ref().map_or(&s.params, |o| &o.grads);
+        let grad_layout = layout.trainable_layout();
         let mut ctx = GpuCtx::new(
             gpu,
             model,
             batch,
-            views(&s.params),
-            views(grads),
+            Views {
+                layout,
+                flat: &s.params,
+            },
+            Views {
+                layout: &grad_layout,
+                flat: grads,
+            },
             &s.tokens,
             &s.order,
             &s.starts,
@@ -206,10 +219,17 @@ impl Plan {
                 Arch::gpu_backward(&states, &mut ctx, &mut backward, &dlogits)?;
                 // The update: global norm, then AdamW over the whole buffer.
                 let grad_norm = GradNorm::new(gpu, &o.norm, &o.flag, &o.grads)?;
+                // AdamW writes the working copy at the master's offsets: the trainable prefix.
+                let working = if grad_layout.buffer_len() == layout.buffer_len() {
+                    super::units::alias(&s.params)?
+                } else {
+                    s.params
+                        .view("trainable params", 0, &[grad_layout.buffer_len()])?
+                };
                 let adamw = AdamW::new(
                     gpu,
                     &o.master,
-                    &s.params,
+                    &working,
                     &o.exp_avg,
                     &o.exp_avg_sq,
                     &o.skipped,
@@ -217,7 +237,7 @@ impl Plan {
                     &o.norm,
                     &o.flag,
                     &s.loss_scale,
-                    &layout.adamw_segments(),
+                    &grad_layout.adamw_segments(),
                     &AdamWStep::new(1),
                 )?;
                 Some(TrainPlan {
@@ -269,6 +289,27 @@ impl GptGpu {
         batch: GptBatch,
         micro_batches: usize,
     ) -> Result<Self> {
+        Self::adapted(
+            gpu,
+            model,
+            &Adaptation::default(),
+            vocab,
+            batch,
+            micro_batches,
+        )
+    }
+
+    /// [`GptGpu::new`] for a model adapted by `adapt` (`[finetune]` freezing, `[lora]`
+    /// adapters): its layout puts the trainable tensors first, and gradients, master weights
+    /// and moments exist for those only ([`crate::finetune::layout`]).
+    pub fn adapted(
+        gpu: &Gpu,
+        model: &ModelConfig,
+        adapt: &Adaptation,
+        vocab: usize,
+        batch: GptBatch,
+        micro_batches: usize,
+    ) -> Result<Self> {
         if micro_batches == 0 {
             return Err(Error::invalid(
                 "train.grad_accum_steps",
@@ -278,7 +319,7 @@ impl GptGpu {
         }
         check_batch(model, batch)?;
         let arch = Arch::new(model, vocab)?;
-        let layout = arch.layout(param_alignment(gpu));
+        let layout = crate::finetune::layout::adapted(model, vocab, param_alignment(gpu), adapt)?;
         let quant = BTreeMap::new();
         Self::build(
             gpu,
@@ -290,6 +331,12 @@ impl GptGpu {
             quant,
             Some(micro_batches),
         )
+    }
+
+    /// The parameter layout a training model of a run of `config` (its `[finetune]` and
+    /// `[lora]` tables included) with `vocab` tokens has on `gpu`.
+    pub fn config_layout(gpu: &Gpu, config: &crate::Config, vocab: usize) -> Result<ParamLayout> {
+        ParamLayout::for_config(config, vocab, param_alignment(gpu))
     }
 
     /// The parameter layout a training model of `model` with `vocab` tokens has on `gpu`
@@ -310,7 +357,12 @@ impl GptGpu {
         check_batch(model, batch)?;
         let arch = Arch::new(model, vocab)?;
         let align = param_alignment(gpu);
-        let full = arch.layout(align);
+        // Inference trains nothing: only the adapters change the layout.
+        let adapt = Adaptation {
+            freeze: Vec::new(),
+            lora: weights.config.lora.clone(),
+        };
+        let full = crate::finetune::layout::adapted(model, vocab, align, &adapt)?;
         let quant = upload_quantized(gpu, model, &full, weights)?;
         let layout = full.filtered(align, |t| !quant.contains_key(&t.name));
         let values = float_values(&layout, weights)?;
@@ -361,6 +413,7 @@ impl GptGpu {
             micro_batches: micro_batches.unwrap_or(0),
             dropout_seed: 0,
             scaler: None,
+            frozen: std::sync::Mutex::new(vec![0.0; layout.buffer_len() - layout.trainable_len()]),
             layout,
             quant,
             s: state,
@@ -439,15 +492,29 @@ impl GptGpu {
         moments: Option<(&[f32], &[f32])>,
     ) -> Result<()> {
         let o = self.optim()?;
-        gpu.write(&o.master, master)?;
+        // The trainable prefix has master weights and moments; the frozen tail lives in the
+        // working copy (and, unrounded, on the host).
+        let tn = self.layout.trainable_len();
+        if master.len() != self.layout.buffer_len() {
+            return Err(Error::shape(
+                "gpt",
+                format!(
+                    "weights of {} elements for a layout of {}",
+                    master.len(),
+                    self.layout.buffer_len()
+                ),
+            ));
+        }
+        gpu.write(&o.master, &master[..tn])?;
         gpu.write(&self.s.params, master)?;
+        *self.frozen.lock().map_err(|_| poisoned())? = master[tn..].to_vec();
         match moments {
             Some((m, v)) => {
-                gpu.write(&o.exp_avg, m)?;
-                gpu.write(&o.exp_avg_sq, v)?;
+                gpu.write(&o.exp_avg, &m[..tn.min(m.len())])?;
+                gpu.write(&o.exp_avg_sq, &v[..tn.min(v.len())])?;
             }
             None => {
-                let zeros = vec![0.0; master.len()];
+                let zeros = vec![0.0; tn];
                 gpu.write(&o.exp_avg, &zeros)?;
                 gpu.write(&o.exp_avg_sq, &zeros)?;
             }
@@ -775,20 +842,34 @@ impl GptGpu {
         self.p.loss.count()
     }
 
-    /// The whole gradient buffer as f32 (waits), laid out by [`GptGpu::layout`].
+    /// The whole gradient buffer as f32 (waits), laid out by [`GptGpu::layout`]: the
+    /// trainable tensors' part of it (`layout().trainable_len()` elements; all of it unless
+    /// some tensors are frozen).
     pub fn read_grads(&self, gpu: &Gpu) -> Result<Vec<f32>> {
         gpu.read(&self.optim()?.grads)
     }
 
-    /// The f32 master weights (waits).
+    /// The f32 master weights of every tensor, laid out by [`GptGpu::layout`] (waits): the
+    /// trainable ones from the GPU, the frozen ones as they were set.
     pub fn read_master(&self, gpu: &Gpu) -> Result<Vec<f32>> {
-        gpu.read(&self.optim()?.master)
+        let mut out = gpu.read(&self.optim()?.master)?;
+        out.extend_from_slice(&self.frozen.lock().map_err(|_| poisoned())?);
+        Ok(out)
     }
 
-    /// The Adam moments (waits).
+    /// The Adam moments, laid out by [`GptGpu::layout`] (waits); zero for frozen tensors.
     pub fn read_moments(&self, gpu: &Gpu) -> Result<(Vec<f32>, Vec<f32>)> {
         let o = self.optim()?;
-        Ok((gpu.read(&o.exp_avg)?, gpu.read(&o.exp_avg_sq)?))
+        let n = self.layout.buffer_len();
+        let (mut m, mut v) = (gpu.read(&o.exp_avg)?, gpu.read(&o.exp_avg_sq)?);
+        m.resize(n, 0.0);
+        v.resize(n, 0.0);
+        Ok((m, v))
+    }
+
+    /// The working copy of every parameter, in the storage precision read back as f32 (waits).
+    pub fn read_params(&self, gpu: &Gpu) -> Result<Vec<f32>> {
+        gpu.read(&self.s.params)
     }
 
     /// Steps skipped for non-finite gradients so far, the last global norm and its flag (waits).
@@ -916,6 +997,14 @@ impl WeightBytes {
     }
 }
 
+/// A panic elsewhere while the frozen values were being replaced.
+fn poisoned() -> Error {
+    Error::shape(
+        "gpt",
+        "the frozen weights' lock was poisoned by an earlier panic",
+    )
+}
+
 /// The error of a training method called on a model built with [`GptGpu::inference`].
 fn inference_only() -> Error {
     Error::shape(
@@ -978,13 +1067,17 @@ fn upload_quantized(
 }
 
 /// The float tensors of `weights` moved into `layout` (the device layout of the tensors that
-/// are not quantised), which must hold the same tensors with the same shapes.
+/// are not quantised), which must hold the same tensors with the same shapes (in any order:
+/// a checkpoint of a run with frozen tensors orders them for training).
 fn float_values(layout: &ParamLayout, weights: &ModelWeights) -> Result<Vec<f32>> {
     let names = |l: &ParamLayout| {
-        l.tensors()
+        let mut v = l
+            .tensors()
             .iter()
             .map(|t| (t.name.clone(), t.shape.clone()))
-            .collect::<Vec<_>>()
+            .collect::<Vec<_>>();
+        v.sort();
+        v
     };
     if names(layout) != names(&weights.layout) {
         return Err(Error::IncompatibleCheckpoint {
@@ -999,7 +1092,10 @@ fn float_values(layout: &ParamLayout, weights: &ModelWeights) -> Result<Vec<f32>
         });
     }
     let mut flat = vec![0.0f32; layout.buffer_len()];
-    for (to, from) in layout.tensors().iter().zip(weights.layout.tensors()) {
+    for to in layout.tensors() {
+        let from = weights.layout.get(&to.name).ok_or_else(|| {
+            Error::shape("gpt", format!("the weights have no tensor {}", to.name))
+        })?;
         flat[to.offset..to.offset + to.len()]
             .copy_from_slice(&weights.values[from.offset..from.offset + from.len()]);
     }

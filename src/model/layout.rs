@@ -87,10 +87,18 @@ impl TensorInfo {
 }
 
 /// The ordered table of every parameter tensor.
+///
+/// The first [`ParamLayout::trainable_count`] tensors are the trainable ones; the rest are
+/// frozen (`finetune.freeze`, or every base weight under LoRA) and get no gradient, master copy
+/// or moments (see [`crate::finetune::layout`]). A layout with LoRA adapters also carries their
+/// scale alpha/rank, which the units read beside the `PREFIX.lora_A.weight` and
+/// `PREFIX.lora_B.weight` tensors.
 #[derive(Clone, Debug, PartialEq, serde::Serialize)]
 pub struct ParamLayout {
     tensors: Vec<TensorInfo>,
     total: usize,
+    trainable: usize,
+    lora_scale: Option<f32>,
 }
 
 impl ParamLayout {
@@ -101,12 +109,72 @@ impl ParamLayout {
         Ok(super::arch::Arch::new(model, vocab)?.layout(align))
     }
 
-    /// The token embedding: the first tensor of every architecture (`wte.weight`,
-    /// `model.embed_tokens.weight`), whose rows are the vocabulary.
+    /// The layout of a run of `config` with `vocab` tokens: the architecture's tensors, ordered
+    /// and extended for `[finetune]` freezing and `[lora]` adapters
+    /// ([`crate::finetune::layout::adapted`]).
+    pub fn for_config(config: &super::Config, vocab: usize, align: usize) -> Result<ParamLayout> {
+        crate::finetune::layout::adapted(&config.model, vocab, align, &config.adaptation())
+    }
+
+    /// The token embedding (`wte.weight`, `model.embed_tokens.weight`), whose rows are the
+    /// vocabulary.
     pub fn token_table(&self) -> Option<&TensorInfo> {
-        self.tensors
-            .first()
-            .filter(|t| t.component == Component::Embedding)
+        self.tensors.iter().find(|t| {
+            t.component == Component::Embedding
+                && (t.name == "wte.weight" || t.name == "model.embed_tokens.weight")
+        })
+    }
+
+    /// How many leading tensors train (all of them unless some are frozen).
+    pub fn trainable_count(&self) -> usize {
+        self.trainable
+    }
+
+    /// Elements of the flat buffer up to the end of the last trainable tensor: the length of
+    /// the gradient, master and moment buffers.
+    pub fn trainable_len(&self) -> usize {
+        self.tensors[..self.trainable]
+            .last()
+            .map_or(0, |t| t.offset + t.len())
+    }
+
+    /// Whether tensor `name` trains.
+    pub fn is_trainable(&self, name: &str) -> bool {
+        self.tensors[..self.trainable]
+            .iter()
+            .any(|t| t.name == name)
+    }
+
+    /// The trainable tensors alone, at their offsets (the gradient buffer's table).
+    pub fn trainable_layout(&self) -> ParamLayout {
+        ParamLayout {
+            tensors: self.tensors[..self.trainable].to_vec(),
+            total: self.trainable_len(),
+            trainable: self.trainable,
+            lora_scale: self.lora_scale,
+        }
+    }
+
+    /// Parameters that train and parameters that stay fixed.
+    pub fn trainable_and_frozen(&self) -> (usize, usize) {
+        let trainable = self.tensors[..self.trainable]
+            .iter()
+            .map(TensorInfo::len)
+            .sum();
+        (trainable, self.num_params() - trainable)
+    }
+
+    /// alpha/rank of the LoRA adapters, when the layout has them.
+    pub fn lora_scale(&self) -> Option<f32> {
+        self.lora_scale
+    }
+
+    /// The same tensors with only the first `trainable` training and LoRA's scale (the
+    /// fine-tuning layout builder's last step).
+    pub(crate) fn with_training(mut self, trainable: usize, lora_scale: Option<f32>) -> Self {
+        self.trainable = trainable.min(self.tensors.len());
+        self.lora_scale = lora_scale;
+        self
     }
 
     /// Every tensor, in buffer order.
@@ -180,8 +248,10 @@ impl ParamLayout {
 
     /// The tensors for which `keep` holds, in the same order, laid out again at multiples of
     /// `align` (an inference model whose quantised matrices live outside the flat buffer).
+    /// The result keeps LoRA's scale and has every tensor trainable (inference has no training).
     pub fn filtered(&self, align: usize, keep: impl Fn(&TensorInfo) -> bool) -> ParamLayout {
         let mut b = LayoutBuilder::new(align);
+        b.layout.lora_scale = self.lora_scale;
         for t in self.tensors.iter().filter(|t| keep(t)) {
             b.add(
                 t.name.clone(),
@@ -194,11 +264,11 @@ impl ParamLayout {
         b.finish()
     }
 
-    /// Bytes of training state resident on the GPU per parameter buffer element: the working copy
-    /// (`param_bytes` each: 2 for f16, 4 for f32), f32 master weights, f32 Adam m and v, and f32
-    /// gradients.
+    /// Bytes of training state resident on the GPU: the working copy of every tensor
+    /// (`param_bytes` each: 2 for f16, 4 for f32) and, for the trainable part only, gradients
+    /// in the storage precision and f32 master weights, Adam m and Adam v.
     pub fn training_state_bytes(&self, param_bytes: usize) -> usize {
-        self.total * (param_bytes + 4 + 4 + 4 + 4)
+        self.total * param_bytes + self.trainable_len() * (param_bytes + 4 + 4 + 4)
     }
 }
 
@@ -217,6 +287,8 @@ impl LayoutBuilder {
             layout: ParamLayout {
                 tensors: Vec::new(),
                 total: 0,
+                trainable: 0,
+                lora_scale: None,
             },
             align: align.max(1),
         }
@@ -243,6 +315,7 @@ impl LayoutBuilder {
             component,
         });
         l.total = offset + len;
+        l.trainable = l.tensors.len();
     }
 
     /// The finished table.

@@ -88,6 +88,14 @@ pub fn quantize_checkpoint(
         return Err(qck::not_float(&folder, &h, "quantised again"));
     }
     let ck = checkpoint::load(&folder)?;
+    if ck.config.lora.is_some() {
+        return Err(Error::invalid(
+            "checkpoint",
+            folder.display(),
+            "holds LoRA adapters over a frozen base; merge them first (kiln lora merge \
+             --checkpoint BASE --lora RUN --out MERGED) and quantise the merged checkpoint",
+        ));
+    }
     let vocab = ck
         .layout
         .token_table()

@@ -50,6 +50,19 @@ impl ModelWeights {
         Ok(w)
     }
 
+    /// [`ModelWeights::load`] with the PEFT LoRA adapter in `adapter` attached (see
+    /// [`crate::finetune::peft`]): base + adapter, checked against each other.
+    pub fn load_with_adapter(path: &Path, adapter: Option<&Path>) -> Result<ModelWeights> {
+        let w = Self::load(path)?;
+        match adapter {
+            None => Ok(w),
+            Some(dir) => {
+                let a = crate::finetune::peft::load_adapter(dir, &w.config.model, w.vocab)?;
+                crate::finetune::peft::attach(&w, &a)
+            }
+        }
+    }
+
     fn load_unchecked(path: &Path) -> Result<ModelWeights> {
         let folder = checkpoint::resolve(path)?;
         if qck::header(&folder).is_some() {
@@ -85,6 +98,14 @@ impl ModelWeights {
 
     /// A short description: `f32` or `q8 (groups of 32, embeddings quantised)`.
     pub fn describe(&self) -> String {
+        let base = self.describe_base();
+        match &self.config.lora {
+            Some(l) => format!("{base} + LoRA adapter (rank {}, alpha {})", l.rank, l.alpha),
+            None => base,
+        }
+    }
+
+    fn describe_base(&self) -> String {
         match self.settings {
             None => "float".to_string(),
             Some(s) => format!(

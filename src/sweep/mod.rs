@@ -282,6 +282,7 @@ fn run_trial(
         progress: opts.progress,
         adapter: opts.adapter.clone(),
         stop_after: None,
+        init_from: None,
     };
     let start = Instant::now();
     let result = train(&train_opts, stop, &mut [&mut observer]);

@@ -259,6 +259,10 @@ pub fn save(root: &Path, ckpt: &Checkpoint, keep: usize) -> Result<PathBuf> {
     })
     .map_err(|e| ckpt_err(&tmp.join(STATE_FILE), format!("cannot encode: {e}")))?;
     write_synced(&tmp.join(STATE_FILE), state.as_bytes())?;
+    if ckpt.config.lora.is_some() {
+        // A LoRA run's checkpoint is also a PEFT adapter folder (kiln sample --lora RUN/latest).
+        crate::finetune::peft::write_adapter(&tmp, &ckpt.config, &ckpt.layout, &ckpt.master)?;
+    }
     sync_dir(&tmp)?;
 
     let dir = root.join(&name);
@@ -333,7 +337,7 @@ fn check_savable(ckpt: &Checkpoint) -> Result<()> {
             "checkpoint layout",
             differences.join(", "),
             "the layout must be the one the checkpoint's config describes \
-             (ParamLayout::gpt of config.model)",
+             (ParamLayout::for_config of the config)",
         ));
     }
     let s = &ckpt.state;
@@ -371,13 +375,13 @@ fn dense_layout(config: &Config, like: &ParamLayout) -> Result<ParamLayout> {
             .unwrap_or(0),
         v => v,
     };
-    ParamLayout::gpt(&config.model, vocab, 1)
+    ParamLayout::for_config(config, vocab, 1)
 }
 
 /// A `safetensors` view over one layout tensor, converted to little-endian bytes on demand.
-struct F32View<'a> {
-    shape: &'a [usize],
-    data: &'a [f32],
+pub(crate) struct F32View<'a> {
+    pub shape: &'a [usize],
+    pub data: &'a [f32],
 }
 
 impl safetensors::View for F32View<'_> {
@@ -853,7 +857,7 @@ pub fn load(dir: &Path) -> Result<Checkpoint> {
             })?,
         v => v,
     };
-    let layout = ParamLayout::gpt(&config.model, vocab, 1)
+    let layout = ParamLayout::for_config(&config, vocab, 1)
         .map_err(|e| ckpt_err(&model_path, format!("no parameter layout fits it: {e}")))?;
     let mut master = model.to_flat(&layout, &[""])?;
     drop(model_bytes);

@@ -72,7 +72,21 @@ pub fn eval_checkpoints(
     let Some(first) = dirs.first() else {
         return Ok(Vec::new());
     };
-    let weights = ModelWeights::load(first)?;
+    eval_weights(ModelWeights::load(first)?, &dirs[1..], text, options)
+}
+
+/// [`eval_checkpoints`] with the first model's weights already loaded (a base with a LoRA
+/// adapter attached, say), then the checkpoints `others`.
+pub fn eval_weights(
+    weights: ModelWeights,
+    others: &[&Path],
+    text: EvalText<'_>,
+    options: &GpuOptions,
+) -> Result<Vec<EvalReport>> {
+    let first_folder = weights.folder.clone();
+    let first = first_folder.as_path();
+    let mut dirs = vec![first];
+    dirs.extend_from_slice(others);
     let batches = eval_batches(&weights, text)?;
     let tokens = batches
         .iter()

@@ -37,6 +37,9 @@ pub struct TrainOptions {
     pub adapter: Option<String>,
     /// Stop (with a checkpoint) after this many steps of this invocation, whatever max_steps says.
     pub stop_after: Option<u64>,
+    /// Start a new run from this checkpoint's weights (a run folder, `RUN/latest`, `RUN/best`
+    /// or a step folder): fine-tuning. Not with `resume`.
+    pub init_from: Option<PathBuf>,
 }
 
 /// Trains as `opts` say into the run folder `opts.out_dir`, reporting to the folder's
@@ -59,6 +62,26 @@ pub fn train(
             .display()
             .to_string();
     }
+    // The checkpoint to start from is read (and refused) before anything is written.
+    let base = match &opts.init_from {
+        Some(_) if opts.resume => {
+            return Err(Error::invalid(
+                "--init-from",
+                "with --resume",
+                "--init-from starts a new run; --resume continues one (a fine-tuning run \
+                 resumes like any other, without --init-from)",
+            ));
+        }
+        Some(path) => {
+            let dir = checkpoint::resolve(path)?;
+            let ck = checkpoint::load(&dir)?;
+            super::trainer::check_base(&ck, &config)?;
+            let shown = std::fs::canonicalize(&dir).unwrap_or(dir);
+            config.finetune.init_from = Some(shown.display().to_string());
+            Some(ck)
+        }
+        None => None,
+    };
     config.validate()?;
     let run = open_run_dir(opts)?;
     let checkpoint = if opts.resume {
@@ -77,7 +100,23 @@ pub fn train(
         Some(ck) => &ck.config.data,
         None => &config.data,
     };
-    let dataset = Dataset::load(&opts.data, data_config, config.model.block_size)?;
+    // A fine-tuning run reads its corpus with the tokenizer of the checkpoint it started
+    // from (and, resumed, of its own checkpoint, which is the same).
+    let tokenizer_json = match (&base, &checkpoint) {
+        (Some(b), _) => Some(&b.tokenizer_json),
+        (None, Some(ck)) if ck.config.finetune.init_from.is_some() => Some(&ck.tokenizer_json),
+        _ => None,
+    };
+    let block = config.model.block_size;
+    let dataset = match tokenizer_json {
+        Some(json) => crate::finetune::corpus::dataset(
+            &opts.data,
+            crate::data::Tokenizer::from_json(json)?,
+            data_config.val_fraction,
+            block,
+        )?,
+        None => Dataset::load(&opts.data, data_config, block)?,
+    };
     if let Some(ck) = &checkpoint {
         check_tokenizer(ck, &dataset, opts)?;
     }
@@ -91,7 +130,10 @@ pub fn train(
             run.truncate_metrics(trainer.steps_done())?;
             trainer
         }
-        None => Trainer::new(gpu, config, dataset)?,
+        None => match &base {
+            Some(b) => Trainer::from_pretrained(gpu, config, dataset, b)?,
+            None => Trainer::new(gpu, config, dataset)?,
+        },
     };
     let c = &trainer.config().model;
     let title = format!(

@@ -9,6 +9,8 @@ use super::schedule::learning_rate;
 use super::stats::{EvalSet, EvalStats, SavedCheckpoint, StepStats};
 use crate::cpu::gpt::GptBatch;
 use crate::data::{Batch, Dataset, Tokenizer};
+use crate::finetune::layout::move_by_name;
+use crate::finetune::lora::init_adapters;
 use crate::generate::Generator;
 use crate::gpu::{Gpu, GpuOptions};
 use crate::model::gpu::GptGpu;
@@ -117,17 +119,68 @@ impl Trainer {
     /// config.train.precision, .. }`).
     pub fn new(gpu: Gpu, config: Config, dataset: Dataset) -> Result<Trainer> {
         let mut trainer = Trainer::build(gpu, config, dataset)?;
-        let weights = gpt2_init(
-            &trainer.layout,
-            &trainer.config.model,
-            trainer.config.train.seed,
-        );
+        let (model, seed) = (&trainer.config.model, trainer.config.train.seed);
+        let weights = if trainer.config.adaptation().is_none() {
+            gpt2_init(&trainer.layout, model, seed)
+        } else {
+            // The base tensors draw what a plain run of the same seed draws.
+            let plain = ParamLayout::gpt(model, trainer.dataset.tokenizer().vocab_size(), 1)?;
+            let base = gpt2_init(&plain, model, seed);
+            let mut w = move_by_name(&base, &plain, &trainer.layout)?;
+            init_adapters(&trainer.layout, &mut w, seed);
+            w
+        };
         trainer.model.set_weights(&trainer.gpu, &weights)?;
-        if trainer.scaling {
-            trainer.state.loss_scale = trainer.config.loss_scaling().init_scale;
-            trainer.scale_in_effect = trainer.state.loss_scale;
-        }
+        trainer.start_loss_scale();
         Ok(trainer)
+    }
+
+    /// A new run that starts from the weights of `base` (fine-tuning): fresh moments, step 0,
+    /// `config`'s own schedule. `config`'s model must be `base`'s (the error names the keys that
+    /// differ); its `[finetune]` freeze list and `[lora]` adapters apply (fresh adapters: A
+    /// drawn from `train.seed`, B zero). `dataset` must use `base`'s tokenizer. `base` itself
+    /// is not changed; a checkpoint with adapters of its own is refused (merge it first).
+    pub fn from_pretrained(
+        gpu: Gpu,
+        config: Config,
+        dataset: Dataset,
+        base: &Checkpoint,
+    ) -> Result<Trainer> {
+        check_base(base, &config)?;
+        let mut trainer = Trainer::build(gpu, config, dataset)?;
+        trainer.check_tokenizer(&base.tokenizer_json)?;
+        let mut w = move_by_name(&base.master, &base.layout, &trainer.layout)?;
+        init_adapters(&trainer.layout, &mut w, trainer.config.train.seed);
+        trainer.model.set_weights(&trainer.gpu, &w)?;
+        trainer.start_loss_scale();
+        log::info!("fine-tuning from a checkpoint of step {}", base.state.step);
+        Ok(trainer)
+    }
+
+    /// A fresh run's loss scale.
+    fn start_loss_scale(&mut self) {
+        if self.scaling {
+            self.state.loss_scale = self.config.loss_scaling().init_scale;
+            self.scale_in_effect = self.state.loss_scale;
+        }
+    }
+
+    /// The error for a checkpoint whose tokenizer is not the dataset's.
+    fn check_tokenizer(&self, theirs_json: &str) -> Result<()> {
+        if theirs_json == self.tokenizer_json {
+            return Ok(());
+        }
+        let theirs = Tokenizer::from_json(theirs_json)?.vocab_size();
+        Err(Error::invalid(
+            "dataset",
+            "(tokenizer)",
+            format!(
+                "the checkpoint's tokenizer ({theirs} tokens) differs from the dataset's ({} \
+                 tokens); build the dataset with the checkpoint's tokenizer \
+                 (Dataset::with_tokenizer or Dataset::from_tokens)",
+                self.dataset.tokenizer().vocab_size()
+            ),
+        ))
     }
 
     /// [`Trainer::new`] on the default adapter (or the one `KILN_ADAPTER` names), opened with
@@ -152,19 +205,7 @@ impl Trainer {
         checkpoint: Checkpoint,
     ) -> Result<Trainer> {
         let mut trainer = Trainer::build(gpu, config, dataset)?;
-        if checkpoint.tokenizer_json != trainer.tokenizer_json {
-            let theirs = Tokenizer::from_json(&checkpoint.tokenizer_json)?.vocab_size();
-            return Err(Error::invalid(
-                "dataset",
-                "(tokenizer)",
-                format!(
-                    "the checkpoint's tokenizer ({theirs} tokens) differs from the dataset's ({} \
-                     tokens); build the dataset with the checkpoint's tokenizer \
-                     (Dataset::with_tokenizer or Dataset::from_tokens)",
-                    trainer.dataset.tokenizer().vocab_size()
-                ),
-            ));
-        }
+        trainer.check_tokenizer(&checkpoint.tokenizer_json)?;
         checkpoint::check_compatible(&checkpoint, &trainer.config, &trainer.layout)?;
         let ck = checkpoint.with_layout(&trainer.layout)?;
         trainer
@@ -221,7 +262,14 @@ impl Trainer {
             batch: t.batch_size,
             seq: block,
         };
-        let mut model = GptGpu::new(&gpu, &config.model, vocab, batch, t.grad_accum_steps)?;
+        let mut model = GptGpu::adapted(
+            &gpu,
+            &config.model,
+            &config.adaptation(),
+            vocab,
+            batch,
+            t.grad_accum_steps,
+        )?;
         // f16 gradients need loss scaling; f32 ones neither need nor get it (the scale stays 1).
         let scaling = model.precision() == Precision::F16;
         if scaling {
@@ -565,6 +613,43 @@ impl Trainer {
         let t = &self.config.train;
         (t.batch_size * self.config.model.block_size * t.grad_accum_steps) as u64
     }
+}
+
+/// Checks that a run of `config` can start from the weights of `base`: no adapters of its own,
+/// and the same model (the error names the keys that differ). Training settings may differ.
+pub fn check_base(base: &Checkpoint, config: &Config) -> Result<()> {
+    if base.config.lora.is_some() {
+        return Err(Error::invalid(
+            "--init-from",
+            "(a LoRA run)",
+            "the checkpoint holds LoRA adapters over a frozen base; merge them into an \
+             ordinary checkpoint first (kiln lora merge --checkpoint BASE --lora RUN --out \
+             MERGED) and start from that",
+        ));
+    }
+    let vocab = match config.model.vocab_size {
+        0 => base.layout.token_table().map_or(0, |t| t.shape[0]),
+        v => v,
+    };
+    // The comparison layout orders the tensors as the checkpoint does (its own freeze list),
+    // so that only names and shapes are compared.
+    let like_base = Config {
+        finetune: base.config.finetune.clone(),
+        lora: None,
+        ..config.clone()
+    };
+    let layout = ParamLayout::for_config(&like_base, vocab, 1)
+        .or_else(|_| ParamLayout::gpt(&config.model, vocab, 1))?;
+    checkpoint::check_compatible(base, config, &layout).map_err(|e| match e {
+        Error::IncompatibleCheckpoint { differences, .. } => Error::IncompatibleCheckpoint {
+            differences,
+            advice: "A fine-tuning run keeps the checkpoint's model: give [model] the \
+                     checkpoint's settings (see config.toml in its folder) or leave --config \
+                     out to start from the checkpoint's own config"
+                .into(),
+        },
+        other => other,
+    })
 }
 
 /// The error for a non-finite measurement: the trainer writes no checkpoint from that state.

@@ -53,7 +53,7 @@ impl Attention {
         self.channels / self.heads
     }
     /// Width of a q|k|v row.
-    fn qkv_width(&self) -> usize {
+    pub(crate) fn qkv_width(&self) -> usize {
         (self.heads + 2 * self.kv_heads) * self.head_dim()
     }
     fn linears<'n>(&self, qkv: &'n str, proj: &'n str) -> (Linear<'n>, Linear<'n>) {
@@ -207,7 +207,7 @@ impl Attention {
         let y = d.act("decode proj", c)?;
         let (qp, pp) = (self.qkv_prefix(), self.proj_prefix());
         let (lq, lp) = self.linears(&qp, &pp);
-        ops.push(lq.decode(d, &qkv, x)?);
+        lq.decode(d, ops, &qkv, x)?;
         if let Some(spec) = self.rope(1, 1) {
             ops.push(Box::new(Rope::forward_at_step(d.gpu, &qkv, &spec, d.step)?));
         }
@@ -216,7 +216,7 @@ impl Attention {
         ops.push(Box::new(AttendOne::new(
             d.gpu, &att, cache, &qkv, d.step, &shape,
         )?));
-        ops.push(lp.decode(d, &y, &att)?);
+        lp.decode(d, ops, &y, &att)?;
         Ok(y)
     }
 

@@ -59,15 +59,17 @@ impl Embedding {
         }
     }
 
-    /// The position table of the GPU step (or its gradient), or the shared zero table.
-    fn wpe(&self, ctx: &mut GpuCtx<'_>, grad: bool) -> Result<GpuTensor> {
-        let len = self.positions * self.channels;
+    /// The position table of the GPU step, or the shared zero table.
+    fn wpe(&self, ctx: &mut GpuCtx<'_>) -> Result<GpuTensor> {
         match &self.table {
-            Some(t) if grad => ctx.g.get(t),
             Some(t) => ctx.p.get(t),
-            None if grad => ctx.shared("unused position grad", len),
-            None => ctx.shared("zero positions", len),
+            None => ctx.shared("zero positions", self.positions * self.channels),
         }
+    }
+
+    /// Where the position gradient goes when there is no table to train (none, or frozen).
+    fn wpe_scratch(&self, ctx: &mut GpuCtx<'_>) -> Result<GpuTensor> {
+        ctx.shared("unused position grad", self.positions * self.channels)
     }
 
     pub fn forward(
@@ -76,7 +78,7 @@ impl Embedding {
         ops: &mut Ops,
     ) -> Result<(Box<dyn GpuBackward>, GpuTensor)> {
         let out = ctx.act("embedded", ctx.rows() * self.channels)?;
-        let wpe = self.wpe(ctx, false)?;
+        let wpe = self.wpe(ctx)?;
         if let Some(table) = ctx.quant.get(&self.tokens) {
             let q = QEmbedding::rows(ctx.gpu, &out, ctx.tokens, table, &wpe, ctx.batch.seq)?;
             ops.push(Box::new(q));
@@ -139,10 +141,27 @@ impl GpuBackward for Embedding {
         ops: &mut Ops,
         dy: &GpuTensor,
     ) -> Result<Option<GpuTensor>> {
-        let dwpe = self.wpe(ctx, true)?;
+        // A frozen table has no gradient view: its gradient goes to scratch when the other
+        // table trains, and the whole backward is skipped when neither does.
+        let dwte = ctx.g.opt(&self.tokens)?;
+        let dwpe = match &self.table {
+            Some(t) => ctx.g.opt(t)?,
+            None => None,
+        };
+        if dwte.is_none() && dwpe.is_none() {
+            return Ok(None);
+        }
+        let dwte = match dwte {
+            Some(t) => t,
+            None => ctx.shared("frozen token table grad", self.vocab * self.channels)?,
+        };
+        let dwpe = match dwpe {
+            Some(t) => t,
+            None => self.wpe_scratch(ctx)?,
+        };
         ops.push(Box::new(EmbeddingBackward::new(
             ctx.gpu,
-            &ctx.g.get(&self.tokens)?,
+            &dwte,
             &dwpe,
             dy,
             ctx.order,

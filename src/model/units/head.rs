@@ -58,7 +58,7 @@ impl Head {
 
     pub fn decode(&self, d: &mut DecodeCtx<'_>, ops: &mut Ops, x: &GpuTensor) -> Result<GpuTensor> {
         let logits = d.act("decode logits", self.vocab)?;
-        ops.push(self.linear().decode(d, &logits, x)?);
+        self.linear().decode(d, ops, &logits, x)?;
         Ok(logits)
     }
 

@@ -32,7 +32,7 @@ impl Mlp {
         self.proj_prefix.clone()
     }
     /// Width of the input projection's output: SwiGLU's gate|up is twice the hidden width.
-    fn fc_width(&self) -> usize {
+    pub(crate) fn fc_width(&self) -> usize {
         match self.kind {
             MlpKind::Gelu => self.hidden,
             MlpKind::SwiGlu => 2 * self.hidden,
@@ -131,9 +131,9 @@ impl Mlp {
         let y = d.act("decode mlp", c)?;
         let (fp, pp) = (self.fc_prefix(), self.proj_prefix());
         let (lf, lp) = self.linears(&fp, &pp);
-        ops.push(lf.decode(d, &fc, x)?);
+        lf.decode(d, ops, &fc, x)?;
         ops.push(self.activation(d.gpu, &gelu, &fc, 1)?);
-        ops.push(lp.decode(d, &y, &gelu)?);
+        lp.decode(d, ops, &y, &gelu)?;
         Ok(y)
     }
 

@@ -225,10 +225,19 @@ impl Linear<'_> {
         format!("{}.bias", self.prefix)
     }
 
-    /// Forward over the ctx's B·T rows.
+    /// The layer's LoRA adapters, when the layout has them.
+    fn lora_names(&self) -> (String, String) {
+        (
+            crate::finetune::layout::lora_name(self.prefix, 'A'),
+            crate::finetune::layout::lora_name(self.prefix, 'B'),
+        )
+    }
+
+    /// Forward over the ctx's B·T rows: `Y = X·Wᵀ (+ b)`, plus `(alpha/rank)·(X·Aᵀ)·Bᵀ` when
+    /// the layer has LoRA adapters (two thin products; B·A is never formed).
     pub fn forward(
         &self,
-        ctx: &GpuCtx<'_>,
+        ctx: &mut GpuCtx<'_>,
         ops: &mut Ops,
         y: &GpuTensor,
         x: &GpuTensor,
@@ -243,25 +252,35 @@ impl Linear<'_> {
                 bias.as_ref(),
                 ctx.rows(),
             )?));
-            return Ok(());
+        } else {
+            ops.push(linear(
+                ctx.gpu,
+                y,
+                x,
+                &ctx.p.get(&self.weight())?,
+                ctx.p.opt(&self.bias())?.as_ref(),
+                ctx.rows(),
+                self.fan_in,
+                self.fan_out,
+            )?);
         }
-        ops.push(linear(
-            ctx.gpu,
-            y,
-            x,
-            &ctx.p.get(&self.weight())?,
-            ctx.p.opt(&self.bias())?.as_ref(),
-            ctx.rows(),
-            self.fan_in,
-            self.fan_out,
-        )?);
+        let (an, bn) = self.lora_names();
+        let Some(a) = ctx.p.opt(&an)? else {
+            return Ok(());
+        };
+        let (b, rows) = (ctx.p.get(&bn)?, ctx.rows());
+        let (r, scale) = (a.shape()[0], lora_scale(ctx.p.layout));
+        let u = ctx.shared(&format!("lora u {r}"), rows * r)?;
+        ops.extend(lora_up(ctx.gpu, y, &u, x, &a, &b, scale, rows, self)?);
         Ok(())
     }
 
-    /// dX = dY·W (overwritten), dW += dYᵀ·X, db += 1ᵀ·dY.
+    /// dX = dY·W (overwritten); dW += dYᵀ·X and db += 1ᵀ·dY unless frozen (the gradient
+    /// layout lacks them); with LoRA, dB += s·dYᵀ·U and dA += dUᵀ·X with U = X·Aᵀ (recomputed:
+    /// rows × rank) and dU = s·dY·B, and dX += dU·A.
     pub fn backward(
         &self,
-        ctx: &GpuCtx<'_>,
+        ctx: &mut GpuCtx<'_>,
         ops: &mut Ops,
         dx: &GpuTensor,
         dy: &GpuTensor,
@@ -287,14 +306,16 @@ impl Linear<'_> {
             None,
             &MatmulSpec::new(Layout::NN, rows, fan_in, fan_out),
         )?));
-        ops.push(Box::new(Matmul::new(
-            gpu,
-            &ctx.g.get(&self.weight())?,
-            dy,
-            x,
-            None,
-            &MatmulSpec::new(Layout::TN, fan_out, fan_in, rows).accumulate(true),
-        )?));
+        if let Some(dw) = ctx.g.opt(&self.weight())? {
+            ops.push(Box::new(Matmul::new(
+                gpu,
+                &dw,
+                dy,
+                x,
+                None,
+                &MatmulSpec::new(Layout::TN, fan_out, fan_in, rows).accumulate(true),
+            )?));
+        }
         if let Some(db) = ctx.g.opt(&self.bias())? {
             // The bias gradient is a column sum: a 1×rows by rows×fan_out product, deterministic.
             ops.push(Box::new(Matmul::new(
@@ -306,44 +327,140 @@ impl Linear<'_> {
                 &MatmulSpec::new(Layout::TN, 1, fan_out, rows).accumulate(true),
             )?));
         }
+        let (an, bn) = self.lora_names();
+        if let Some(a) = ctx.p.opt(&an)? {
+            self.lora_backward(ctx, ops, (&an, &bn), &a, dx, dy, x)?;
+        }
         Ok(())
     }
 
-    /// Forward of one row (the decoder).
-    pub fn decode(
+    #[allow(clippy::too_many_arguments)]
+    fn lora_backward(
         &self,
-        d: &DecodeCtx<'_>,
-        y: &GpuTensor,
+        ctx: &mut GpuCtx<'_>,
+        ops: &mut Ops,
+        (an, bn): (&str, &str),
+        a: &GpuTensor,
+        dx: &GpuTensor,
+        dy: &GpuTensor,
         x: &GpuTensor,
-    ) -> Result<Box<dyn Record>> {
-        if let Some(w) = d.model.quantized(&self.weight()) {
-            let bias = d.param_opt(&self.bias())?;
-            return Ok(Box::new(QMatmul::new(d.gpu, y, x, w, bias.as_ref(), 1)?));
+    ) -> Result<()> {
+        let (rows, r) = (ctx.rows(), a.shape()[0]);
+        let (fan_in, fan_out) = (self.fan_in, self.fan_out);
+        let scale = lora_scale(ctx.p.layout);
+        let b = ctx.p.get(bn)?;
+        let (da, db) = (ctx.g.get(an)?, ctx.g.get(bn)?);
+        let u = ctx.shared(&format!("lora u {r}"), rows * r)?;
+        let du = ctx.shared(&format!("lora du {r}"), rows * r)?;
+        let gpu = ctx.gpu;
+        let mm = |c: &GpuTensor, a: &GpuTensor, b: &GpuTensor, spec: MatmulSpec| {
+            Ok(Box::new(Matmul::new(gpu, c, a, b, None, &spec)?) as Box<dyn Record>)
+        };
+        let steps: [Result<Box<dyn Record>>; 5] = [
+            mm(&u, x, a, MatmulSpec::new(Layout::NT, rows, r, fan_in)),
+            mm(
+                &db,
+                dy,
+                &u,
+                MatmulSpec::new(Layout::TN, fan_out, r, rows)
+                    .alpha(scale)
+                    .accumulate(true),
+            ),
+            mm(
+                &du,
+                dy,
+                &b,
+                MatmulSpec::new(Layout::NN, rows, r, fan_out).alpha(scale),
+            ),
+            mm(
+                &da,
+                &du,
+                x,
+                MatmulSpec::new(Layout::TN, r, fan_in, rows).accumulate(true),
+            ),
+            mm(
+                dx,
+                &du,
+                a,
+                MatmulSpec::new(Layout::NN, rows, fan_in, r).accumulate(true),
+            ),
+        ];
+        for s in steps {
+            ops.push(s?);
         }
-        linear(
-            d.gpu,
-            y,
-            x,
-            &d.param(&self.weight())?,
-            d.param_opt(&self.bias())?.as_ref(),
-            1,
-            self.fan_in,
-            self.fan_out,
-        )
+        Ok(())
     }
 
-    /// CPU forward: `y = x·Wᵀ (+ b)`.
+    /// Forward of one row (the decoder), adapters included.
+    pub fn decode(
+        &self,
+        d: &mut DecodeCtx<'_>,
+        ops: &mut Ops,
+        y: &GpuTensor,
+        x: &GpuTensor,
+    ) -> Result<()> {
+        if let Some(w) = d.model.quantized(&self.weight()) {
+            let bias = d.param_opt(&self.bias())?;
+            ops.push(Box::new(QMatmul::new(d.gpu, y, x, w, bias.as_ref(), 1)?));
+        } else {
+            ops.push(linear(
+                d.gpu,
+                y,
+                x,
+                &d.param(&self.weight())?,
+                d.param_opt(&self.bias())?.as_ref(),
+                1,
+                self.fan_in,
+                self.fan_out,
+            )?);
+        }
+        let (an, bn) = self.lora_names();
+        let Some(a) = d.param_opt(&an)? else {
+            return Ok(());
+        };
+        let b = d.param(&bn)?;
+        let r = a.shape()[0];
+        let u = d.act("decode lora u", r)?;
+        let scale = lora_scale(d.model.layout());
+        ops.extend(lora_up(d.gpu, y, &u, x, &a, &b, scale, 1, self)?);
+        Ok(())
+    }
+
+    /// CPU forward: `y = x·Wᵀ (+ b) (+ s·(x·Aᵀ)·Bᵀ)`.
     pub fn cpu_forward(&self, c: &CpuCtx<'_>, y: &mut [f32], x: &[f32]) -> Result<()> {
+        let rows = c.rows();
         crate::cpu::matmul::matmul(
             y,
             x,
             c.get(&self.weight())?,
             c.opt(&self.bias()),
-            &MatmulSpec::new(Layout::NT, c.rows(), self.fan_out, self.fan_in),
+            &MatmulSpec::new(Layout::NT, rows, self.fan_out, self.fan_in),
+        )?;
+        let (an, bn) = self.lora_names();
+        let Some(a) = c.opt(&an) else {
+            return Ok(());
+        };
+        let r = a.len() / self.fan_in;
+        let mut u = vec![0.0f32; rows * r];
+        crate::cpu::matmul::matmul(
+            &mut u,
+            x,
+            a,
+            None,
+            &MatmulSpec::new(Layout::NT, rows, r, self.fan_in),
+        )?;
+        crate::cpu::matmul::matmul(
+            y,
+            &u,
+            c.get(&bn)?,
+            None,
+            &MatmulSpec::new(Layout::NT, rows, self.fan_out, r)
+                .alpha(lora_scale(c.layout))
+                .accumulate(true),
         )
     }
 
-    /// CPU backward: dX (overwritten), dW and db (accumulated).
+    /// CPU backward: dX (overwritten), dW and db (accumulated), and the adapters' gradients.
     pub fn cpu_backward(
         &self,
         c: &CpuCtx<'_>,
@@ -375,8 +492,79 @@ impl Linear<'_> {
                 }
             }
         }
+        let (an, bn) = self.lora_names();
+        if let Some(a) = c.opt(&an) {
+            let b = c.get(&bn)?;
+            let r = a.len() / fan_in;
+            let s = lora_scale(c.layout);
+            let mm = crate::cpu::matmul::matmul;
+            let mut u = vec![0.0f32; rows * r];
+            mm(
+                &mut u,
+                x,
+                a,
+                None,
+                &MatmulSpec::new(Layout::NT, rows, r, fan_in),
+            )?;
+            let spec = MatmulSpec::new(Layout::TN, fan_out, r, rows);
+            mm(
+                grad_mut(c.layout, g, &bn)?,
+                dy,
+                &u,
+                None,
+                &spec.alpha(s).accumulate(true),
+            )?;
+            let mut du = vec![0.0f32; rows * r];
+            let spec = MatmulSpec::new(Layout::NN, rows, r, fan_out).alpha(s);
+            mm(&mut du, dy, b, None, &spec)?;
+            let spec = MatmulSpec::new(Layout::TN, r, fan_in, rows).accumulate(true);
+            mm(grad_mut(c.layout, g, &an)?, &du, x, None, &spec)?;
+            let spec = MatmulSpec::new(Layout::NN, rows, fan_in, r).accumulate(true);
+            mm(dx, &du, a, None, &spec)?;
+        }
         Ok(())
     }
+}
+
+/// alpha/rank of the layout's adapters (1 when it has none; no layer reads it then).
+fn lora_scale(layout: &ParamLayout) -> f32 {
+    layout.lora_scale().unwrap_or(1.0)
+}
+
+/// `u = x·Aᵀ`, then `y += scale·u·Bᵀ` over `rows` rows of the linear layer `l`.
+#[allow(clippy::too_many_arguments)]
+fn lora_up(
+    gpu: &Gpu,
+    y: &GpuTensor,
+    u: &GpuTensor,
+    x: &GpuTensor,
+    a: &GpuTensor,
+    b: &GpuTensor,
+    scale: f32,
+    rows: usize,
+    l: &Linear<'_>,
+) -> Result<[Box<dyn Record>; 2]> {
+    let r = a.shape()[0];
+    Ok([
+        Box::new(Matmul::new(
+            gpu,
+            u,
+            x,
+            a,
+            None,
+            &MatmulSpec::new(Layout::NT, rows, r, l.fan_in),
+        )?),
+        Box::new(Matmul::new(
+            gpu,
+            y,
+            u,
+            b,
+            None,
+            &MatmulSpec::new(Layout::NT, rows, l.fan_out, r)
+                .alpha(scale)
+                .accumulate(true),
+        )?),
+    ])
 }
 
 /// What the units of the CPU reference share: the parameters and the micro-batch.

@@ -194,6 +194,12 @@ impl NormGpu {
     ) -> Result<()> {
         let u = &self.unit;
         let rows = ctx.rows();
+        // A frozen gain's gradient goes to scratch nobody reads (the kernels write it with the
+        // input gradient they exist for).
+        let gw = match ctx.g.opt(&u.weight())? {
+            Some(g) => g,
+            None => ctx.shared(&format!("frozen norm grad {}", u.channels), u.channels)?,
+        };
         if u.kind == NormKind::RmsNorm {
             let spec = RmsNormSpec {
                 accumulate_params: true,
@@ -203,7 +209,7 @@ impl NormGpu {
             ops.push(Box::new(RmsNormBackward::new(
                 ctx.gpu,
                 dx,
-                &ctx.g.get(&u.weight())?,
+                &gw,
                 dy,
                 &self.input,
                 &ctx.p.get(&u.weight())?,
@@ -223,7 +229,7 @@ impl NormGpu {
         ops.push(Box::new(LayerNormBackward::new(
             ctx.gpu,
             dx,
-            &ctx.g.get(&u.weight())?,
+            &gw,
             gb.as_ref().unwrap_or(&scratch),
             dy,
             &self.input,
