@@ -772,15 +772,17 @@ impl GptGpu {
     /// The optimizer's one-element scalars after an update, in this order: global gradient norm
     /// (f32, of the raw loss-scaled buffer), inf/NaN flag (u32), steps skipped since the model
     /// was built (u32), dynamic loss scale (f32) and its run of clean steps (u32). The training
-    /// loop copies them into its read-back ring after every step.
-    pub fn update_scalars(&self) -> [&GpuTensor; 5] {
-        [
-            &self.s.norm,
-            &self.s.flag,
-            &self.s.skipped,
+    /// loop copies them into its read-back ring after every step. An error for a model built
+    /// for inference.
+    pub fn update_scalars(&self) -> Result<[&GpuTensor; 5]> {
+        let o = self.optim()?;
+        Ok([
+            &o.norm,
+            &o.flag,
+            &o.skipped,
             &self.s.loss_scale,
-            &self.s.scale_run,
-        ]
+            &o.scale_run,
+        ])
     }
 
     /// A view of one parameter tensor of the working (T) copy, by layout name.

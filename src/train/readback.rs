@@ -79,8 +79,15 @@ impl StatsRing {
         self.slots.iter().all(|s| s.step.is_none())
     }
 
-    /// Records the copies of this step's numbers into its slot (after the step's update).
-    pub fn record_copy(&self, enc: &mut wgpu::CommandEncoder, model: &GptGpu, step: u64) {
+    /// Records the copies of this step's numbers into its slot (after the step's update);
+    /// `scalars` are the model's [`GptGpu::update_scalars`].
+    pub fn record_copy(
+        &self,
+        enc: &mut wgpu::CommandEncoder,
+        model: &GptGpu,
+        scalars: &[&GpuTensor; 5],
+        step: u64,
+    ) {
         let slot = &self.slots[self.slot_for(step)];
         let mut copy = |t: &GpuTensor, at_word: usize, words: usize| {
             enc.copy_buffer_to_buffer(
@@ -93,7 +100,7 @@ impl StatsRing {
         };
         copy(model.losses(), 0, self.rows);
         copy(model.target_count(), self.rows, 1);
-        for (i, t) in model.update_scalars().into_iter().enumerate() {
+        for (i, t) in scalars.iter().enumerate() {
             copy(t, self.rows + 1 + i, 1);
         }
     }

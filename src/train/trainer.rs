@@ -304,8 +304,9 @@ impl Trainer {
         }
         let submit_start = Instant::now();
         let (ring, model) = (&self.ring, &self.model);
+        let scalars = model.update_scalars()?;
         self.clock.encode += model.step(&self.gpu, &micro, &adam, |enc| {
-            ring.record_copy(enc, model, step)
+            ring.record_copy(enc, model, &scalars, step)
         })?;
         self.clock.submit += submit_start.elapsed().as_secs_f64();
         self.clock.submitted += 1;
