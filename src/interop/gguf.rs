@@ -66,6 +66,20 @@ pub fn export_gguf(checkpoint: &Path, out: &Path, ty: GgufType) -> Result<PathBu
             "exists; choose a new file name or delete it",
         ));
     }
+    let folder = out
+        .parent()
+        .filter(|p| !p.as_os_str().is_empty())
+        .unwrap_or(Path::new("."));
+    if !folder.is_dir() || out.file_name().is_none() {
+        return Err(Error::invalid(
+            "--out",
+            out.display(),
+            format!(
+                "names no file in an existing folder ({} is not a folder); create the folder first",
+                folder.display()
+            ),
+        ));
+    }
     let w = ModelWeights::load(checkpoint)?;
     if w.settings.is_some() {
         return Err(Error::Interop {
