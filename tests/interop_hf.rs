@@ -563,3 +563,52 @@ fn missing_files_and_used_folders_are_refused() {
         .collect();
     assert!(leftovers.is_empty(), "{leftovers:?}");
 }
+
+/// The imported Llama is an ordinary checkpoint: the library's Trainer resumes it on new text
+/// (20 full fine-tuning steps, the loss falling), and `kiln sample` and `kiln eval` take the
+/// folder.
+#[test]
+fn imported_llama_fine_tunes_samples_and_evaluates() {
+    let dir = fresh("finetune");
+    let run = dir.join("run");
+    let step0 = import_hf(&fixture("hf-llama-tiny"), &run).unwrap();
+    let ck = checkpoint::load(&step0).unwrap();
+    let tokenizer = Tokenizer::from_json(&ck.tokenizer_json).unwrap();
+    let text = "The kiln was hot by noon, and the potter set the bowls in rows. ".repeat(30);
+    let ids = tokenizer.encode(&text).unwrap();
+    let mut config = ck.config.clone();
+    config.train.batch_size = 4;
+    config.train.lr = 3e-3;
+    config.train.warmup_steps = 0;
+    config.train.decay = kiln::Decay::Constant;
+    config.train.max_steps = 20;
+    config.train.precision = PrecisionChoice::F32;
+    let dataset = kiln::Dataset::from_tokens(tokenizer, ids, 0.1, config.model.block_size).unwrap();
+    let gpu = kiln::Gpu::with_options(&f32_options()).unwrap();
+    let mut trainer = kiln::Trainer::from_checkpoint(gpu, config, dataset, ck).unwrap();
+    let losses: Vec<f32> = (0..20).map(|_| trainer.step().unwrap().loss).collect();
+    eprintln!("fine-tuning losses: {losses:?}");
+    let (first, last) = (losses[..3].iter().sum::<f32>(), losses[17..].iter().sum::<f32>());
+    assert!(last < 0.5 * first, "the loss did not fall: {losses:?}");
+
+    let kiln = |args: &[&str]| {
+        let out = std::process::Command::new(env!("CARGO_BIN_EXE_kiln"))
+            .args(args)
+            .output()
+            .unwrap();
+        let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
+        assert!(out.status.success(), "kiln {args:?}: {stderr}");
+        (String::from_utf8_lossy(&out.stdout).into_owned(), stderr)
+    };
+    let run_s = run.to_str().unwrap();
+    let (text_out, _) = kiln(&["sample", "--checkpoint", run_s, "--prompt", "The potter", "--max-tokens", "8", "--temperature", "0"]);
+    assert!(text_out.starts_with("The potter"), "{text_out}");
+    let corpus = dir.join("corpus.txt");
+    std::fs::write(&corpus, &text).unwrap();
+    let (_, err) = kiln(&["eval", "--checkpoint", run_s, "--data", corpus.to_str().unwrap()]);
+    assert!(err.contains("perplexity"), "{err}");
+    // And back out through the command line, to a folder transformers would load.
+    let hf = dir.join("hf");
+    kiln(&["export", "--checkpoint", run_s, "--format", "hf", "--out", hf.to_str().unwrap()]);
+    assert!(hf.join("model.safetensors").is_file() && hf.join("tokenizer_config.json").is_file());
+}
