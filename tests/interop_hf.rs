@@ -313,15 +313,13 @@ fn refused(hf: &Path, needles: &[&str]) {
     assert!(!out.exists(), "a refused import wrote {}", out.display());
 }
 
+/// An edit of a config.json object.
+type ConfigEdit = Box<dyn Fn(&mut serde_json::Map<String, serde_json::Value>)>;
+
 #[test]
 fn bad_configs_are_refused_naming_the_key() {
     use serde_json::json;
-    let cases: Vec<(
-        &str,
-        &str,
-        Box<dyn Fn(&mut serde_json::Map<String, serde_json::Value>)>,
-        Vec<&str>,
-    )> = vec![
+    let cases: Vec<(&str, &str, ConfigEdit, Vec<&str>)> = vec![
         (
             "missing",
             "hf-gpt2-tiny",
@@ -588,7 +586,10 @@ fn imported_llama_fine_tunes_samples_and_evaluates() {
     let mut trainer = kiln::Trainer::from_checkpoint(gpu, config, dataset, ck).unwrap();
     let losses: Vec<f32> = (0..20).map(|_| trainer.step().unwrap().loss).collect();
     eprintln!("fine-tuning losses: {losses:?}");
-    let (first, last) = (losses[..3].iter().sum::<f32>(), losses[17..].iter().sum::<f32>());
+    let (first, last) = (
+        losses[..3].iter().sum::<f32>(),
+        losses[17..].iter().sum::<f32>(),
+    );
     assert!(last < 0.5 * first, "the loss did not fall: {losses:?}");
 
     let kiln = |args: &[&str]| {
@@ -601,14 +602,38 @@ fn imported_llama_fine_tunes_samples_and_evaluates() {
         (String::from_utf8_lossy(&out.stdout).into_owned(), stderr)
     };
     let run_s = run.to_str().unwrap();
-    let (text_out, _) = kiln(&["sample", "--checkpoint", run_s, "--prompt", "The potter", "--max-tokens", "8", "--temperature", "0"]);
+    let (text_out, _) = kiln(&[
+        "sample",
+        "--checkpoint",
+        run_s,
+        "--prompt",
+        "The potter",
+        "--max-tokens",
+        "8",
+        "--temperature",
+        "0",
+    ]);
     assert!(text_out.starts_with("The potter"), "{text_out}");
     let corpus = dir.join("corpus.txt");
     std::fs::write(&corpus, &text).unwrap();
-    let (_, err) = kiln(&["eval", "--checkpoint", run_s, "--data", corpus.to_str().unwrap()]);
+    let (_, err) = kiln(&[
+        "eval",
+        "--checkpoint",
+        run_s,
+        "--data",
+        corpus.to_str().unwrap(),
+    ]);
     assert!(err.contains("perplexity"), "{err}");
     // And back out through the command line, to a folder transformers would load.
     let hf = dir.join("hf");
-    kiln(&["export", "--checkpoint", run_s, "--format", "hf", "--out", hf.to_str().unwrap()]);
+    kiln(&[
+        "export",
+        "--checkpoint",
+        run_s,
+        "--format",
+        "hf",
+        "--out",
+        hf.to_str().unwrap(),
+    ]);
     assert!(hf.join("model.safetensors").is_file() && hf.join("tokenizer_config.json").is_file());
 }
