@@ -20,19 +20,35 @@ pub struct ExportArgs {
     /// The new folder (hf; must not exist or be empty) or file (gguf; must not exist).
     #[arg(long)]
     out: PathBuf,
-    /// hf: precision of the tensors, f32 or f16.
-    #[arg(long, default_value = "f32")]
-    dtype: String,
+    /// hf: precision of the tensors, f32 or f16. [default: f32]
+    #[arg(long)]
+    dtype: Option<String>,
     /// gguf: f32, f16 (matrices; vectors stay f32) or q8_0 (matrices in llama.cpp's 8-bit
-    /// blocks).
-    #[arg(long = "type", default_value = "f32")]
-    gguf_type: String,
+    /// blocks). [default: f32]
+    #[arg(long = "type")]
+    gguf_type: Option<String>,
 }
 
 pub fn export(a: &ExportArgs) -> Result<()> {
-    let out = match a.format.as_str() {
-        "hf" => export_hf(&a.checkpoint, &a.out, a.dtype.parse::<HfDtype>()?)?,
-        _ => export_gguf(&a.checkpoint, &a.out, a.gguf_type.parse::<GgufType>()?)?,
+    let hf = a.format == "hf";
+    let misplaced = match (hf, &a.dtype, &a.gguf_type) {
+        (true, _, Some(t)) => Some(("--type", t, "applies to --format gguf; use --dtype")),
+        (false, Some(d), _) => Some(("--dtype", d, "applies to --format hf; use --type")),
+        _ => None,
+    };
+    if let Some((flag, value, rule)) = misplaced {
+        return Err(Error::invalid(flag, value, rule));
+    }
+    let out = if hf {
+        let dtype = a.dtype.as_deref().unwrap_or("f32").parse::<HfDtype>()?;
+        export_hf(&a.checkpoint, &a.out, dtype)?
+    } else {
+        let ty = a
+            .gguf_type
+            .as_deref()
+            .unwrap_or("f32")
+            .parse::<GgufType>()?;
+        export_gguf(&a.checkpoint, &a.out, ty)?
     };
     eprintln!("wrote {}", out.display());
     Ok(())
