@@ -139,6 +139,15 @@ pub enum Error {
         /// Where, and what to do.
         message: String,
     },
+    /// A Hugging Face folder or GGUF file cannot be imported or exported as asked: a key or
+    /// tensor is missing, contradictory or beyond what kiln or the target format can represent.
+    #[error("{path}: {message}")]
+    Interop {
+        /// The file (or folder) at fault.
+        path: String,
+        /// What is wrong, naming the key or tensor, and what to do.
+        message: String,
+    },
     /// A file could not be read or written.
     #[error("{path}: {source}")]
     Io {

@@ -6,7 +6,8 @@
 //! against), [`ops`] and [`training`] (shape and settings descriptions both share); beside
 //! them, [`model`] (configuration, parameter layout, the GPU step) and [`data`] (corpus,
 //! tokenizers, cached token ids, batches); on top, [`train`] (the [`Trainer`], checkpoints, run
-//! folders), [`generate`] (sampling) and [`sweep`] (hyperparameter search). See
+//! folders), [`generate`] (sampling), [`sweep`] (hyperparameter search) and [`interop`]
+//! (Hugging Face and GGUF export, Hugging Face import). See
 //! docs/ARCHITECTURE.md.
 //!
 //! The types a program that trains and samples needs are re-exported here: [`Config`] and its
@@ -21,6 +22,7 @@ mod error;
 pub mod finetune;
 pub mod generate;
 pub mod gpu;
+pub mod interop;
 pub mod kernels;
 pub mod model;
 pub mod ops;

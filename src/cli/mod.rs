@@ -4,6 +4,7 @@ mod bench;
 mod eval;
 mod info;
 mod lora;
+mod interop;
 mod params;
 mod profile;
 mod quantize;
@@ -51,6 +52,13 @@ enum Command {
     Quantize(quantize::QuantizeArgs),
     /// Where one training step's time goes: every op timed, by kind, with dispatches and rates.
     Profile(profile::ProfileArgs),
+    /// Export a checkpoint as a Hugging Face folder (transformers) or a GGUF file (llama.cpp).
+    Export(interop::ExportArgs),
+    /// Import a Hugging Face GPT-2 or Llama folder as a kiln run folder.
+    Import(interop::ImportArgs),
+    /// Logits of every position of a text (and a greedy continuation) as JSON, in f32 unless
+    /// --precision says otherwise: for comparing kiln with an export.
+    Logits(interop::LogitsArgs),
     /// Time kernels on the GPU against the CPU reference.
     #[command(subcommand)]
     Bench(bench::BenchCommand),
@@ -74,6 +82,9 @@ pub fn run(args: Args) -> Result<()> {
         Command::Params(p) => params::run(p),
         Command::Quantize(q) => quantize::run(q),
         Command::Lora(l) => lora::run(l),
+        Command::Export(e) => interop::export(e),
+        Command::Import(i) => interop::import(i),
+        Command::Logits(l) => interop::logits(args.adapter.clone(), args.precision, l),
         Command::Train(t) => train::run(args.adapter.clone(), args.precision, t),
         Command::Eval(e) => train::eval(args.adapter.clone(), args.precision, e),
         Command::Sweep(s) => sweep::run(args.adapter.clone(), args.precision, s),

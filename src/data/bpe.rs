@@ -261,7 +261,7 @@ fn split_text(text: &str) -> Vec<&str> {
 
 /// GPT-2's printable stand-in for each byte (`bytes_to_unicode` in its `encoder.py`): printable
 /// Latin-1 bytes stand for themselves, the rest are shifted to U+0100 and up.
-fn byte_chars() -> [char; 256] {
+pub(crate) fn byte_chars() -> [char; 256] {
     let printable = |b: u8| matches!(b, b'!'..=b'~' | 0xA1..=0xAC | 0xAE..=0xFF);
     let mut table = ['\0'; 256];
     let mut shifted = 0u32;

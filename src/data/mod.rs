@@ -13,6 +13,7 @@ mod dataset;
 mod tokenizer;
 
 pub use bpe::BpeTokenizer;
+pub(crate) use bpe::byte_chars as bpe_byte_chars;
 pub use char::CharTokenizer;
 pub use dataset::{Batch, CacheOutcome, Dataset};
 pub use tokenizer::Tokenizer;

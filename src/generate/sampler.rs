@@ -208,6 +208,19 @@ impl Generator {
         self.prefill(context)
     }
 
+    /// The logits after every token of `context` (1 to block_size tokens), by one forward pass:
+    /// row i is what the model predicts after `context[..=i]`.
+    pub fn logits_all(&self, context: &[u32]) -> Result<Vec<Vec<f32>>> {
+        self.logits_after(context)?;
+        let all = self.model.read_logits(&self.gpu)?;
+        let vocab = all.len() / self.block_size;
+        Ok(all
+            .chunks_exact(vocab)
+            .take(context.len())
+            .map(<[f32]>::to_vec)
+            .collect())
+    }
+
     /// The sampling settings of the checkpoint's config (its `[sample]` table).
     pub fn default_params(&self) -> &SamplingParams {
         &self.defaults

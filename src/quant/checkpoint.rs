@@ -143,10 +143,10 @@ pub fn save(out: &Path, m: &QuantizedModel) -> Result<PathBuf> {
 }
 
 /// One tensor of the file as bytes.
-struct Raw {
-    dtype: Dtype,
-    shape: Vec<usize>,
-    bytes: Vec<u8>,
+pub(crate) struct Raw {
+    pub(crate) dtype: Dtype,
+    pub(crate) shape: Vec<usize>,
+    pub(crate) bytes: Vec<u8>,
 }
 
 impl safetensors::View for &Raw {
