@@ -3,8 +3,8 @@
 mod bench;
 mod eval;
 mod info;
-mod lora;
 mod interop;
+mod lora;
 mod params;
 mod profile;
 mod quantize;
