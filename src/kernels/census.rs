@@ -67,6 +67,21 @@ pub fn count(record: impl FnOnce()) -> Census {
     }
 }
 
+/// What `record` adds to a compute pass of an encoder on `gpu` that is never submitted: the
+/// census of recorded work without running it.
+pub fn recorded(gpu: &crate::gpu::Gpu, record: impl FnOnce(&mut wgpu::ComputePass<'_>)) -> Census {
+    let mut encoder = gpu
+        .device()
+        .create_command_encoder(&wgpu::CommandEncoderDescriptor {
+            label: Some("census"),
+        });
+    let mut pass = encoder.begin_compute_pass(&wgpu::ComputePassDescriptor {
+        label: Some("census"),
+        timestamp_writes: None,
+    });
+    count(|| record(&mut pass))
+}
+
 /// Bytes bound by `buffers`.
 pub(crate) fn bound_bytes(buffers: &[(u32, Bind<'_>)]) -> u64 {
     buffers.iter().map(|(_, b)| b.bytes()).sum()

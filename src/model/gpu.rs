@@ -464,17 +464,8 @@ impl GptGpu {
         if self.p.train.is_none() {
             return 0;
         }
-        let mut encoder = gpu
-            .device()
-            .create_command_encoder(&wgpu::CommandEncoderDescriptor {
-                label: Some("dispatch count"),
-            });
-        let mut pass = encoder.begin_compute_pass(&wgpu::ComputePassDescriptor {
-            label: Some("dispatch count"),
-            timestamp_writes: None,
-        });
-        let micro = census::count(|| self.record_micro_batch(&mut pass));
-        let update = census::count(|| self.record_update(&mut pass));
+        let micro = census::recorded(gpu, |pass| self.record_micro_batch(pass));
+        let update = census::recorded(gpu, |pass| self.record_update(pass));
         micro_batches as u64 * micro.dispatches + update.dispatches
     }
 
@@ -779,7 +770,7 @@ impl GptGpu {
                 phase,
                 name: op.op_name(),
                 seconds: crate::gpu::median(&t),
-                census: op_census(gpu, op),
+                census: census::recorded(gpu, |pass| op.record_into(pass)),
             });
         }
         Ok(times)
@@ -808,7 +799,7 @@ impl GptGpu {
                     phase,
                     name: op.op_name(),
                     seconds: crate::gpu::median(&t),
-                    census: op_census(gpu, op),
+                    census: census::recorded(gpu, |pass| op.record_into(pass)),
                 })
                 .collect(),
         ))
@@ -1100,18 +1091,4 @@ fn float_values(layout: &ParamLayout, weights: &ModelWeights) -> Result<Vec<f32>
             .copy_from_slice(&weights.values[from.offset..from.offset + from.len()]);
     }
     Ok(flat)
-}
-
-/// The census of one op, from recording it into an encoder that is never submitted.
-fn op_census(gpu: &Gpu, op: &dyn Record) -> Census {
-    let mut encoder = gpu
-        .device()
-        .create_command_encoder(&wgpu::CommandEncoderDescriptor {
-            label: Some("census"),
-        });
-    let mut pass = encoder.begin_compute_pass(&wgpu::ComputePassDescriptor {
-        label: Some("census"),
-        timestamp_writes: None,
-    });
-    census::count(|| op.record_into(&mut pass))
 }
