@@ -349,11 +349,26 @@ fn bad_input_is_refused_and_nothing_is_written() {
     for c in ["'Z'", "'Q'", "'4'", "'2'"] {
         assert!(e.contains(c), "{c} not named: {e}");
     }
+    assert!(!out.exists(), "{} was written: {e}", out.display());
 
     // An adapter, then lies and other bases.
     let lora = fresh("lora");
     run_ok(&finetune_args(&base, &data, &lora, 3, &["lora.rank=2"]));
     let adapter = checkpoint::latest_dir(&lora).unwrap();
+    // A refused corpus with --overwrite over an existing run: that run keeps every file.
+    let kept = snapshot(&lora);
+    let mut over = finetune_args(&base, &odd, &lora, 5, &[]);
+    over.push("--overwrite".into());
+    let e = run_err(&over);
+    assert!(e.contains("'Z'"), "{e}");
+    assert!(snapshot(&lora) == kept, "the refused run changed {}", lora.display());
+    // The run folder of the checkpoint fine-tuned from is never the output, even overwritten.
+    let kept = snapshot(&base);
+    let mut onto_base = finetune_args(&base, &data, &base, 5, &[]);
+    onto_base.push("--overwrite".into());
+    let e = run_err(&onto_base);
+    assert!(e.contains("--out") && e.contains("--init-from"), "{e}");
+    assert!(snapshot(&base) == kept, "the base run changed: {e}");
     let eval = |ck: &Path, lora: &Path| {
         vec![
             "eval".to_string(),

@@ -74,6 +74,19 @@ pub fn train(
         }
         Some(path) => {
             let dir = checkpoint::resolve(path)?;
+            // The source is never written: not by this run, not by its --overwrite.
+            if let (Ok(src), Ok(out)) = (
+                std::fs::canonicalize(&dir),
+                std::fs::canonicalize(&opts.out_dir),
+            ) && src.starts_with(&out)
+            {
+                return Err(Error::invalid(
+                    "--out",
+                    opts.out_dir.display(),
+                    "holds the --init-from checkpoint; a fine-tuning run writes a new folder \
+                     and never the run it starts from (give another --out)",
+                ));
+            }
             let ck = checkpoint::load(&dir)?;
             super::trainer::check_base(&ck, &config)?;
             let shown = std::fs::canonicalize(&dir).unwrap_or(dir);
@@ -83,39 +96,42 @@ pub fn train(
         None => None,
     };
     config.validate()?;
-    let run = open_run_dir(opts)?;
-    let checkpoint = if opts.resume {
-        let dir = match opts.resume_from {
-            Some(step) => checkpoint::step_dir(&opts.out_dir, step)?,
-            None => checkpoint::latest_dir(&opts.out_dir)?,
-        };
-        Some(checkpoint::load(&dir)?)
-    } else {
-        run.write_config(&config)?;
-        let _ = std::fs::remove_file(opts.out_dir.join(METRICS_FILE));
-        None
-    };
-    // A resumed run tokenises with the checkpoint's data settings.
-    let data_config = match &checkpoint {
-        Some(ck) => &ck.config.data,
-        None => &config.data,
-    };
-    // A fine-tuning run reads its corpus with the tokenizer of the checkpoint it started
-    // from (and, resumed, of its own checkpoint, which is the same).
-    let tokenizer_json = match (&base, &checkpoint) {
-        (Some(b), _) => Some(&b.tokenizer_json),
-        (None, Some(ck)) if ck.config.finetune.init_from.is_some() => Some(&ck.tokenizer_json),
-        _ => None,
-    };
+    let mode = run_mode(opts)?;
     let block = config.model.block_size;
-    let dataset = match tokenizer_json {
-        Some(json) => crate::finetune::corpus::dataset(
-            &opts.data,
-            crate::data::Tokenizer::from_json(json)?,
-            data_config.val_fraction,
-            block,
-        )?,
-        None => Dataset::load(&opts.data, data_config, block)?,
+    // A new run reads its corpus before the folder is touched, so that a corpus refused (empty,
+    // not UTF-8, characters the base checkpoint's tokenizer lacks) leaves an existing run in
+    // that folder untouched, --overwrite or not.
+    let fresh_dataset = if opts.resume {
+        None
+    } else {
+        let tokenizer_json = base.as_ref().map(|b| &b.tokenizer_json);
+        Some(load_dataset(opts, &config.data, tokenizer_json, block)?)
+    };
+    let run = RunDir::open(&opts.out_dir, mode)?;
+    let (checkpoint, dataset) = match fresh_dataset {
+        Some(dataset) => {
+            run.write_config(&config)?;
+            let _ = std::fs::remove_file(opts.out_dir.join(METRICS_FILE));
+            (None, dataset)
+        }
+        None => {
+            let dir = match opts.resume_from {
+                Some(step) => checkpoint::step_dir(&opts.out_dir, step)?,
+                None => checkpoint::latest_dir(&opts.out_dir)?,
+            };
+            let ck = checkpoint::load(&dir)?;
+            // A resumed run tokenises with the checkpoint's data settings; a resumed
+            // fine-tuning run with the tokenizer of the checkpoint it started from (its own,
+            // which is the same).
+            let tokenizer_json = ck
+                .config
+                .finetune
+                .init_from
+                .is_some()
+                .then_some(&ck.tokenizer_json);
+            let dataset = load_dataset(opts, &ck.config.data, tokenizer_json, block)?;
+            (Some(ck), dataset)
+        }
     };
     if let Some(ck) = &checkpoint {
         check_tokenizer(ck, &dataset, opts)?;
@@ -162,8 +178,8 @@ pub fn train(
         .map_err(|e| with_resume_advice(e, &opts.out_dir))
 }
 
-/// The option checks, then the folder's lock and rules.
-fn open_run_dir(opts: &TrainOptions) -> Result<RunDir> {
+/// The option checks, and what the run does with its folder.
+fn run_mode(opts: &TrainOptions) -> Result<RunMode> {
     if opts.resume_from.is_some() && !opts.resume {
         return Err(Error::invalid(
             "--resume-from",
@@ -178,7 +194,7 @@ fn open_run_dir(opts: &TrainOptions) -> Result<RunDir> {
             "--overwrite replaces a run and --resume continues it; choose one",
         ));
     }
-    let mode = if opts.resume {
+    Ok(if opts.resume {
         RunMode::Resume {
             from: opts.resume_from,
         }
@@ -186,8 +202,26 @@ fn open_run_dir(opts: &TrainOptions) -> Result<RunDir> {
         RunMode::Fresh {
             overwrite: opts.overwrite,
         }
-    };
-    RunDir::open(&opts.out_dir, mode)
+    })
+}
+
+/// The corpus, tokenised with a checkpoint's tokenizer when one is given (fine-tuning), else
+/// as `data` says.
+fn load_dataset(
+    opts: &TrainOptions,
+    data: &crate::model::DataConfig,
+    tokenizer_json: Option<&String>,
+    block: usize,
+) -> Result<Dataset> {
+    match tokenizer_json {
+        Some(json) => crate::finetune::corpus::dataset(
+            &opts.data,
+            crate::data::Tokenizer::from_json(json)?,
+            data.val_fraction,
+            block,
+        ),
+        None => Dataset::load(&opts.data, data, block),
+    }
 }
 
 /// A resume must see the ids the model was trained on: checked before the GPU is opened.
