@@ -276,6 +276,7 @@ fn lora_fine_tune_adapter_sample_eval_and_merge() {
         .zip(&y)
         .map(|(a, b)| (a - b).abs())
         .fold(0.0f32, f32::max);
+    eprintln!("merged vs base + adapter: worst |logit difference| {worst:e} (bound 1e-5)");
     assert!(worst <= 1e-5, "merged vs base + adapter: {worst:e}");
     let base_only = Generator::load(&base, &opts)
         .unwrap()
