@@ -345,7 +345,10 @@ fn lora_dropout_fine_tune_resumes_bit_for_bit_and_exports_its_dropout() {
     plain[2] = "lora.dropout=0";
     run_ok(&finetune_args(&base, &data, &undropped, 20, &plain));
     let other = train_losses(&undropped);
-    assert_eq!(other[&0], losses[&0], "step 0's loss is the base's either way");
+    assert_eq!(
+        other[&0], losses[&0],
+        "step 0's loss is the base's either way"
+    );
     assert_ne!(other, losses, "lora.dropout changed no loss");
 
     let adapter = checkpoint::latest_dir(&straight).unwrap();
@@ -429,7 +432,11 @@ fn bad_input_is_refused_and_nothing_is_written() {
     over.push("--overwrite".into());
     let e = run_err(&over);
     assert!(e.contains("'Z'"), "{e}");
-    assert!(snapshot(&lora) == kept, "the refused run changed {}", lora.display());
+    assert!(
+        snapshot(&lora) == kept,
+        "the refused run changed {}",
+        lora.display()
+    );
     // The run folder of the checkpoint fine-tuned from is never the output, even overwritten.
     let kept = snapshot(&base);
     let mut onto_base = finetune_args(&base, &data, &base, 5, &[]);

@@ -466,7 +466,11 @@ fn gpu_step_with_adapter_dropout_matches_cpu_step() {
                 &gpu_grads[r.clone()],
                 tol,
             );
-            worst = worst.max(worst_ratio(&cpu_grads[r.clone()], &gpu_grads[r.clone()], tol));
+            worst = worst.max(worst_ratio(
+                &cpu_grads[r.clone()],
+                &gpu_grads[r.clone()],
+                tol,
+            ));
             far = far.max(worst_ratio(&undropped[r.clone()], &gpu_grads[r], tol));
         }
         eprintln!(

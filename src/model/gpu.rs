@@ -138,11 +138,7 @@ impl State {
             // then.
             dropout_state: gpu.zeros("dropout state", &[DROPOUT_WORDS], DType::U32)?,
             lora_dropout_state: if lora_dropping {
-                Some(gpu.zeros(
-                    "lora dropout state",
-                    &[DROPOUT_WORDS],
-                    DType::U32,
-                )?)
+                Some(gpu.zeros("lora dropout state", &[DROPOUT_WORDS], DType::U32)?)
             } else {
                 None
             },

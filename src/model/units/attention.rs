@@ -9,8 +9,8 @@
 //! `model.attention_kernel` and [`crate::kernels::flash_attention::prefer_fused`] decide.
 
 use super::{CpuCtx, DecodeCtx, GpuCtx, Linear, Ops, alias, lora_dropout_site};
-use crate::finetune::LoraTarget;
 use crate::Result;
+use crate::finetune::LoraTarget;
 use crate::gpu::GpuTensor;
 use crate::kernels::RowKernel;
 use crate::kernels::attention::{AttentionBackward, AttentionDropout, AttentionForward};

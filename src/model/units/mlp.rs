@@ -2,8 +2,8 @@
 //! `mlp.gate_up_proj` (gate_proj and up_proj stacked by rows), SiLU(gate)·up, `mlp.down_proj`.
 
 use super::{CpuCtx, DecodeCtx, GpuCtx, Linear, Ops, alias, lora_dropout_site};
-use crate::finetune::LoraTarget;
 use crate::Result;
+use crate::finetune::LoraTarget;
 use crate::gpu::GpuTensor;
 use crate::kernels::Record;
 use crate::kernels::activation::{GeluBackward, GeluForward};
