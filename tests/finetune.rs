@@ -290,6 +290,77 @@ fn lora_fine_tune_adapter_sample_eval_and_merge() {
     assert!(moved > 1e-3, "the adapter changes the logits ({moved:e})");
 }
 
+/// A LoRA fine-tune with adapter dropout (`lora.dropout` = 0.1): 10 steps, stop, `--resume`
+/// for 10 more is bit-identical to 20 straight (losses and every adapter tensor: the masks are a
+/// function of the seed, step and micro-batch, not of the process); the losses differ from the
+/// same run without dropout (the masks act); the PEFT folder's `adapter_config.json` says
+/// `lora_dropout` 0.1 and reading the adapter back keeps it.
+#[test]
+fn lora_dropout_fine_tune_resumes_bit_for_bit_and_exports_its_dropout() {
+    let (_, base) = train_tiny("lora-drop-base", 40);
+    let dir = base.parent().unwrap().to_path_buf();
+    let data = new_corpus(&dir);
+    let settings = [
+        "lora.rank=4",
+        "lora.alpha=8",
+        "lora.dropout=0.1",
+        "lora.targets=[\"attn.qkv\",\"attn.proj\",\"mlp.fc\",\"mlp.proj\"]",
+    ];
+    let straight = dir.join("straight");
+    run_ok(&finetune_args(&base, &data, &straight, 20, &settings));
+    let split = dir.join("split");
+    let mut a = finetune_args(&base, &data, &split, 20, &settings);
+    a.extend(["--steps".into(), "10".into()]);
+    run_ok(&a);
+    run_ok(&[
+        "train".into(),
+        "--quiet".into(),
+        "--out".into(),
+        split.display().to_string(),
+        "--data".into(),
+        data.display().to_string(),
+        "--resume".into(),
+    ]);
+    let losses = train_losses(&straight);
+    assert!(losses.len() >= 10, "{losses:?}");
+    assert_eq!(train_losses(&split), losses);
+    let (s, r) = (
+        checkpoint::load_latest(&straight).unwrap(),
+        checkpoint::load_latest(&split).unwrap(),
+    );
+    assert_eq!((s.state.step, r.state.step), (20, 20));
+    let adapters: Vec<_> = s
+        .layout
+        .tensors()
+        .iter()
+        .filter(|t| t.name.contains(".lora_"))
+        .map(|t| t.name.clone())
+        .collect();
+    assert_eq!(adapters.len(), 2 * 4 * 2);
+    for name in &adapters {
+        assert_eq!(bits(tensor(&r, name)), bits(tensor(&s, name)), "{name}");
+    }
+
+    let undropped = dir.join("undropped");
+    let mut plain = settings.to_vec();
+    plain[2] = "lora.dropout=0";
+    run_ok(&finetune_args(&base, &data, &undropped, 20, &plain));
+    let other = train_losses(&undropped);
+    assert_eq!(
+        other[&0], losses[&0],
+        "step 0's loss is the base's either way"
+    );
+    assert_ne!(other, losses, "lora.dropout changed no loss");
+
+    let adapter = checkpoint::latest_dir(&straight).unwrap();
+    let cfg: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(adapter.join(ADAPTER_CONFIG_FILE)).unwrap())
+            .unwrap();
+    assert_eq!(cfg["lora_dropout"], 0.1);
+    let with = ModelWeights::load_with_adapter(&base, Some(&adapter)).unwrap();
+    assert_eq!(with.config.lora.as_ref().unwrap().dropout, 0.1);
+}
+
 /// Bad input: each a clear error, no panic, nothing written.
 #[test]
 fn bad_input_is_refused_and_nothing_is_written() {
@@ -362,7 +433,11 @@ fn bad_input_is_refused_and_nothing_is_written() {
     over.push("--overwrite".into());
     let e = run_err(&over);
     assert!(e.contains("'Z'"), "{e}");
-    assert!(snapshot(&lora) == kept, "the refused run changed {}", lora.display());
+    assert!(
+        snapshot(&lora) == kept,
+        "the refused run changed {}",
+        lora.display()
+    );
     // The run folder of the checkpoint fine-tuned from is never the output, even overwritten.
     let kept = snapshot(&base);
     let mut onto_base = finetune_args(&base, &data, &base, 5, &[]);

@@ -7,7 +7,8 @@ mod common;
 use common::gradcheck::{GradCheck, check_gradient};
 use common::{Tolerance, assert_close, gpu, random};
 use kiln::Precision;
-use kiln::cpu::gpt::{GptBatch, gpt_loss_and_grads};
+use kiln::cpu::dropout::DropoutState;
+use kiln::cpu::gpt::{GptBatch, gpt_loss_and_grads, gpt_loss_and_grads_lora_dropout};
 use kiln::finetune::layout::adapted;
 use kiln::finetune::{Adaptation, LoraConfig, LoraTarget};
 use kiln::model::gpu::GptGpu;
@@ -40,15 +41,29 @@ fn llama() -> ModelConfig {
 }
 
 fn lora(rank: usize) -> Adaptation {
+    lora_dropping(rank, 0.0)
+}
+
+/// [`lora`] with adapter dropout `p`.
+fn lora_dropping(rank: usize, p: f32) -> Adaptation {
     Adaptation {
         freeze: Vec::new(),
         lora: Some(LoraConfig {
             rank,
             alpha: 2.0 * rank as f64,
-            dropout: 0.0,
+            dropout: p,
             targets: LoraTarget::ALL.to_vec(),
         }),
     }
+}
+
+/// The largest `|e − a| / (abs + rel·|e|)` over the elements: below 1 is within `tol`.
+fn worst_ratio(expected: &[f32], actual: &[f32], tol: Tolerance) -> f32 {
+    expected
+        .iter()
+        .zip(actual)
+        .map(|(&e, &a)| (e - a).abs() / (tol.abs + tol.rel * e.abs()))
+        .fold(0.0, f32::max)
 }
 
 /// Small random weights, norm gains near 1, token rows of RMS ~1 (RMSNorm's curvature grows as
@@ -152,6 +167,69 @@ fn cpu_adapter_gradients_match_finite_differences() {
             *g /= 2.0;
         }
         assert!(check_gradient("unscaled B", &x, &gather(&wrong, &ranges), loss, fd).is_err());
+        let mut wrong = analytic.clone();
+        let big = (0..wrong.len())
+            .max_by(|&i, &j| wrong[i].abs().total_cmp(&wrong[j].abs()))
+            .unwrap();
+        wrong[big] += 0.05 * wrong[big].abs().max(1e-2);
+        assert!(check_gradient("one element off", &x, &wrong, loss, fd).is_err());
+    }
+}
+
+/// With adapter dropout (p = 0.3, one fixed mask): the CPU reference's gradients of every A and
+/// B against central differences of the loss under the same mask, on both architectures. The
+/// adapters of layer 0 get their gradient through layer 1's linears, so this also checks the
+/// gradient to x going back through each adapter's mask. The checker must reject the gradients
+/// of the same loss without dropout (a dropout wired into the forward only) and one element
+/// off. Tolerances as in `cpu_adapter_gradients_match_finite_differences`.
+#[test]
+fn cpu_adapter_gradients_with_dropout_match_finite_differences() {
+    for (model, vocab) in [(gpt2(), 7), (llama(), 11)] {
+        let layout = adapted(&model, vocab, 1, &lora_dropping(3, 0.3)).unwrap();
+        let params = init(&layout, 5);
+        let batch = GptBatch { batch: 2, seq: 5 };
+        let (inputs, mut targets) = data(10, vocab, 1);
+        targets[3] = u32::MAX;
+        let mask = DropoutState::new(0.3, DropoutState::key_for(9, 4, 0));
+        let run = |p: &[f32], g: &mut [f32], dropping: bool| {
+            if dropping {
+                gpt_loss_and_grads_lora_dropout(
+                    g, p, &layout, &model, vocab, &inputs, &targets, &batch, 1.0, false, &mask,
+                )
+            } else {
+                gpt_loss_and_grads(
+                    g, p, &layout, &model, vocab, &inputs, &targets, &batch, 1.0, false,
+                )
+            }
+            .unwrap()
+        };
+        let mut grads = vec![0.0; params.len()];
+        let dropped_loss = run(&params, &mut grads, true);
+        let mut plain = vec![0.0; params.len()];
+        let plain_loss = run(&params, &mut plain, false);
+        assert_ne!(dropped_loss, plain_loss, "the mask changes nothing");
+        let ranges = adapter_ranges(&layout);
+        let x = gather(&params, &ranges);
+        let analytic = gather(&grads, &ranges);
+        assert!(analytic.iter().all(|g| g.is_finite()));
+        assert!(analytic.iter().filter(|g| **g != 0.0).count() > analytic.len() / 2);
+        let loss = |a: &[f32]| {
+            let mut p = params.clone();
+            scatter(&mut p, a, &ranges);
+            let mut g = vec![0.0; p.len()];
+            f64::from(run(&p, &mut g, true))
+        };
+        let fd = GradCheck {
+            h: 1e-2,
+            abs: 1e-4,
+            rel: 1e-2,
+        };
+        let what = format!("{:?} adapters with dropout", model.arch);
+        let worst = check_gradient(&what, &x, &analytic, loss, fd).unwrap();
+        eprintln!("{what}: worst error {worst:.3} of the allowed");
+
+        let unmasked = gather(&plain, &ranges);
+        assert!(check_gradient("no dropout in the backward", &x, &unmasked, loss, fd).is_err());
         let mut wrong = analytic.clone();
         let big = (0..wrong.len())
             .max_by(|&i, &j| wrong[i].abs().total_cmp(&wrong[j].abs()))
@@ -293,6 +371,142 @@ fn gpu_step_with_adapters_matches_cpu_step() {
     }
 }
 
+/// One training step of two micro-batches with adapter dropout (p = 0.25, dropout seed 7, step
+/// 3) through the GPU and through the CPU reference given the same masks (key
+/// `key_for(7, 3, micro)`), on both architectures, f32: the last micro-batch's loss and the
+/// accumulated gradient of every A and B, within the tolerances of
+/// `gpu_step_with_adapters_matches_cpu_step` (the masks are exact: an element is kept or not on
+/// both sides by the same integer hash, and the kept ones are scaled by the same f32). The
+/// gradients must be far from the no-dropout reference's (else the masks did nothing), and an
+/// evaluation pass afterwards must drop nothing (its loss is the CPU's without dropout). Per
+/// adapted linear the step records three more dispatches than with dropout 0 (the dropped
+/// input in the forward, again in the backward, and the mask on dX).
+#[test]
+fn gpu_step_with_adapter_dropout_matches_cpu_step() {
+    let Some(gpu) = gpu(Precision::F32) else {
+        return;
+    };
+    let p = 0.25;
+    for (model, vocab) in [(gpt2(), 11), (llama(), 13)] {
+        let what = format!("{:?} lora.dropout {p}", model.arch);
+        let batch = GptBatch { batch: 3, seq: 6 };
+        let mut g = GptGpu::adapted(gpu, &model, &lora_dropping(2, p), vocab, batch, 2).unwrap();
+        g.set_dropout_seed(7);
+        let plain = GptGpu::adapted(gpu, &model, &lora(2), vocab, batch, 2).unwrap();
+        let adapted_linears = 4 * model.n_layer as u64;
+        assert_eq!(
+            g.dispatches_per_step(gpu, 2),
+            plain.dispatches_per_step(gpu, 2) + 2 * 3 * adapted_linears,
+            "{what}: dispatches"
+        );
+        let layout = g.layout().clone();
+        let tn = layout.trainable_len();
+        let master = init(&layout, 2);
+        g.set_weights(gpu, &master).unwrap();
+        let micro = vec![data(18, vocab, 0), data(18, vocab, 3)];
+        let step = AdamWStep {
+            t: 3,
+            lr: 1e-2,
+            weight_decay: 0.1,
+            grad_clip: 0.0,
+            ..AdamWStep::new(1)
+        };
+        g.step(gpu, &micro, &step, |_| {}).unwrap();
+        let gpu_loss = g.read_loss(gpu).unwrap();
+        let gpu_grads = g.read_grads(gpu).unwrap();
+        let (mut cpu_grads, mut undropped) = (vec![0.0; master.len()], vec![0.0; master.len()]);
+        let mut cpu_loss = 0.0;
+        for (i, (inp, tgt)) in micro.iter().enumerate() {
+            let mask = DropoutState::new(p, DropoutState::key_for(7, 3, i as u32));
+            cpu_loss = gpt_loss_and_grads_lora_dropout(
+                &mut cpu_grads,
+                &master,
+                &layout,
+                &model,
+                vocab,
+                inp,
+                tgt,
+                &batch,
+                1.0,
+                i > 0,
+                &mask,
+            )
+            .unwrap();
+            gpt_loss_and_grads(
+                &mut undropped,
+                &master,
+                &layout,
+                &model,
+                vocab,
+                inp,
+                tgt,
+                &batch,
+                1.0,
+                i > 0,
+            )
+            .unwrap();
+        }
+        let loss_err = (gpu_loss - cpu_loss).abs() / cpu_loss.abs();
+        eprintln!("{what}: loss relative difference {loss_err:e} (tolerance 1e-5)");
+        assert!(
+            loss_err <= 1e-5,
+            "{what}: loss GPU {gpu_loss} CPU {cpu_loss}"
+        );
+        let tol = Tolerance {
+            abs: 2e-5,
+            rel: 1e-3,
+        };
+        let mut worst: f32 = 0.0;
+        let mut far: f32 = 0.0;
+        for t in &layout.tensors()[..layout.trainable_count()] {
+            let r = t.offset..t.offset + t.len();
+            assert_close(
+                &format!("{what} grad {}", t.name),
+                &cpu_grads[r.clone()],
+                &gpu_grads[r.clone()],
+                tol,
+            );
+            worst = worst.max(worst_ratio(
+                &cpu_grads[r.clone()],
+                &gpu_grads[r.clone()],
+                tol,
+            ));
+            far = far.max(worst_ratio(&undropped[r.clone()], &gpu_grads[r], tol));
+        }
+        eprintln!(
+            "{what}: worst gradient difference {worst:.3} of the tolerance; against the \
+             no-dropout reference {far:.1}"
+        );
+        assert!(far > 10.0, "{what}: the masks changed little ({far})");
+
+        // Evaluation after the step: dropout off, the adapters included.
+        let params = g.read_params(gpu).unwrap();
+        let (inp, tgt) = &micro[0];
+        g.set_batch(gpu, inp, tgt).unwrap();
+        gpu.run_pass("eval", |pass| g.record_eval(pass)).unwrap();
+        let eval = g.read_loss(gpu).unwrap();
+        let mut scratch = vec![0.0; params.len()];
+        let reference = gpt_loss_and_grads(
+            &mut scratch,
+            &params,
+            &layout,
+            &model,
+            vocab,
+            inp,
+            tgt,
+            &batch,
+            1.0,
+            false,
+        )
+        .unwrap();
+        assert!(
+            (eval - reference).abs() <= 1e-5 * reference.abs(),
+            "{what}: evaluation GPU {eval} CPU without dropout {reference}"
+        );
+        assert!(tn < layout.buffer_len());
+    }
+}
+
 /// `finetune.freeze` on the GPU: the trainable tensors' gradients equal the CPU reference's
 /// (same tolerance as above), the frozen ones have none, and after 5 steps every frozen tensor
 /// is bit-identical to where it started while the others moved.
@@ -378,13 +592,16 @@ fn frozen_tensors_get_no_gradient_and_stay_bit_identical() {
 }
 
 /// Bad settings are refused with the key and the rule: rank 0, a rank above a layer's smaller
-/// dimension, nothing left to train, a pattern that matches nothing.
+/// dimension, an adapter dropout outside [0, 1), nothing left to train, a pattern that matches nothing.
 #[test]
 fn bad_adaptations_are_refused() {
     let m = gpt2();
     for (adapt, key, words) in [
         (lora(0), "lora.rank", "at least 1"),
         (lora(9), "lora.rank", "at most 8"),
+        (lora_dropping(2, 1.0), "lora.dropout", "[0, 1)"),
+        (lora_dropping(2, -0.1), "lora.dropout", "[0, 1)"),
+        (lora_dropping(2, f32::NAN), "lora.dropout", "[0, 1)"),
         (
             Adaptation {
                 freeze: vec!["embedding".into(), "layers.0-1".into(), "final_norm".into()],

@@ -3,6 +3,7 @@
 //! ([`crate::model::arch`]) as the GPU step, each calling the reference ops of this module's
 //! siblings with the same argument conventions (llm.c style); the backward is the exact reverse.
 
+use super::dropout::DropoutState;
 use super::moe::MoeStats;
 use crate::model::arch::Arch;
 use crate::model::units::CpuCtx;
@@ -82,6 +83,7 @@ pub fn gpt_logits(
         inputs,
         dloss_scale: 1.0,
         moe_stats: Default::default(),
+        lora_dropout: None,
     };
     let (_, out) = Arch::new(model, vocab)?.cpu_forward(&ctx)?;
     if logits.len() != out.len() {
@@ -145,6 +147,70 @@ pub fn gpt_loss_grads_and_moe(
     dloss_scale: f32,
     accumulate: bool,
 ) -> Result<(f32, Vec<MoeStats>)> {
+    loss_and_grads(
+        grads,
+        params,
+        layout,
+        model,
+        vocab,
+        inputs,
+        targets,
+        batch,
+        dloss_scale,
+        accumulate,
+        None,
+    )
+}
+
+/// [`gpt_loss_and_grads`] with the LoRA adapters' input dropout (`lora.dropout`) drawn from
+/// `lora_dropout`: each adapted linear's adapter sees `dropout(x)` at its own site, as the GPU
+/// training step does for the micro-batch whose state this is (key
+/// [`DropoutState::key_for`]`(seed, step, micro)`, probability `lora.dropout`). The base path
+/// and the model's own dropout sites are unaffected (the reference has no model dropout).
+#[allow(clippy::too_many_arguments)]
+pub fn gpt_loss_and_grads_lora_dropout(
+    grads: &mut [f32],
+    params: &[f32],
+    layout: &ParamLayout,
+    model: &ModelConfig,
+    vocab: usize,
+    inputs: &[u32],
+    targets: &[u32],
+    batch: &GptBatch,
+    dloss_scale: f32,
+    accumulate: bool,
+    lora_dropout: &DropoutState,
+) -> Result<f32> {
+    loss_and_grads(
+        grads,
+        params,
+        layout,
+        model,
+        vocab,
+        inputs,
+        targets,
+        batch,
+        dloss_scale,
+        accumulate,
+        Some(*lora_dropout),
+    )
+    .map(|(loss, _)| loss)
+}
+
+#[allow(clippy::too_many_arguments)]
+fn loss_and_grads(
+    grads: &mut [f32],
+    params: &[f32],
+    layout: &ParamLayout,
+    model: &ModelConfig,
+    vocab: usize,
+    inputs: &[u32],
+    targets: &[u32],
+    batch: &GptBatch,
+    dloss_scale: f32,
+    accumulate: bool,
+    lora_dropout: Option<DropoutState>,
+) -> Result<(f32, Vec<MoeStats>)> {
     check(model, layout, params.len(), vocab, inputs, batch)?;
     if grads.len() != params.len() || targets.len() != inputs.len() {
         return Err(Error::shape(
@@ -159,6 +225,7 @@ pub fn gpt_loss_grads_and_moe(
         inputs,
         dloss_scale,
         moe_stats: Default::default(),
+        lora_dropout,
     };
     let (states, logits) = Arch::new(model, vocab)?.cpu_forward(&ctx)?;
     let bt = batch.batch * batch.seq;

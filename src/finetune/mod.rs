@@ -96,7 +96,8 @@ impl LoraTarget {
 }
 
 /// `[lora]`: low-rank adapters on the `targets` of every block. The base weights are frozen;
-/// each adapted layer computes `W·x + (alpha/rank)·B·(A·x)` with A (rank × fan_in, drawn as
+/// each adapted layer computes `W·x + (alpha/rank)·B·(A·x)` (with `dropout` on the adapter's
+/// x while training) with A (rank × fan_in, drawn as
 /// PEFT does) and B (fan_out × rank, zero at the start), the only trainable tensors.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
@@ -105,7 +106,9 @@ pub struct LoraConfig {
     pub rank: usize,
     /// The update is scaled by alpha / rank.
     pub alpha: f64,
-    /// Dropout on the adapter's input (PEFT's `lora_dropout`).
+    /// Dropout on the adapter's input (PEFT's `lora_dropout`), in [0, 1): while training, each
+    /// adapted layer computes `W·x + (alpha/rank)·B·A·dropout(x)` (inverted dropout, its own
+    /// mask per layer, micro-batch and step); evaluation, sampling and merging never drop.
     pub dropout: f32,
     /// The layers adapted in every block.
     pub targets: Vec<LoraTarget>,
@@ -144,12 +147,13 @@ impl LoraConfig {
                 "must be a finite number > 0 (the update is scaled by alpha / rank)",
             ));
         }
-        if self.dropout != 0.0 {
+        // `contains` is false for NaN too.
+        if !(0.0..1.0).contains(&self.dropout) {
             return Err(Error::invalid(
                 "lora.dropout",
                 self.dropout,
-                "must be 0: kiln's LoRA has no adapter dropout yet (model.dropout still \
-                 applies to the model's own sites)",
+                "must be in [0, 1): the probability of dropping an element of each adapter's \
+                 input while training (PEFT's lora_dropout)",
             ));
         }
         if self.targets.is_empty() {

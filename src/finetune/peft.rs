@@ -232,7 +232,7 @@ pub fn write_adapter(
         base_model_name_or_path: config.finetune.init_from.clone(),
         r,
         lora_alpha: lora.alpha,
-        lora_dropout: f64::from(lora.dropout),
+        lora_dropout: decimal_f64(lora.dropout),
         target_modules: modules,
         fan_in_fan_out: model.arch == ArchKind::Gpt2,
         bias: "none".into(),
@@ -247,12 +247,19 @@ pub fn write_adapter(
     write_synced(&dir.join(ADAPTER_CONFIG_FILE), json.as_bytes())
 }
 
+/// `x` as the f64 with the same shortest decimal form (0.1f32 is written 0.1, not
+/// 0.10000000149011612, and reads back as the same f32).
+fn decimal_f64(x: f32) -> f64 {
+    x.to_string().parse().unwrap_or(f64::from(x))
+}
+
 /// An adapter read from a PEFT folder and checked against a base model.
 #[derive(Clone, Debug)]
 pub struct Adapter {
     /// The folder.
     pub folder: std::path::PathBuf,
-    /// The settings in kiln's terms (dropout 0: it only matters in training).
+    /// The settings in kiln's terms (`lora_dropout` kept: it only acts when training, and a run
+    /// started from these settings uses it).
     pub lora: LoraConfig,
     /// `adapter_config.json`'s `base_model_name_or_path`.
     pub base_model: Option<String>,
@@ -458,7 +465,7 @@ fn kiln_settings(
     let lora = LoraConfig {
         rank: cfg.r,
         alpha: cfg.lora_alpha,
-        dropout: 0.0,
+        dropout: cfg.lora_dropout as f32,
         targets,
     };
     lora.validate(model)

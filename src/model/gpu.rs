@@ -41,6 +41,8 @@ pub struct GptGpu {
     precision: Precision,
     micro_batches: usize,
     dropout_seed: u64,
+    /// `lora.dropout` of a training model (0 for inference, or without adapters).
+    lora_dropout: f32,
     scaler: Option<LossScaler>,
     layout: ParamLayout,
     /// Quantised matrices by tensor name, outside the flat parameter buffer (inference only).
@@ -62,6 +64,9 @@ struct State {
     starts: GpuTensor,
     loss_scale: GpuTensor,
     dropout_state: GpuTensor,
+    /// The LoRA adapters' dropout state, staged after the model's: only for a training model
+    /// whose adapters drop (`lora.dropout` > 0).
+    lora_dropout_state: Option<GpuTensor>,
     losses: GpuTensor,
     ones: GpuTensor,
     /// `None` for a model built for inference ([`GptGpu::inference`]).
@@ -83,14 +88,17 @@ struct Optim {
 }
 
 impl State {
-    /// The buffers of a model over `layout`; with `micro_batches`, those of training too.
+    /// The buffers of a model over `layout`; with `micro_batches`, those of training too
+    /// (with `lora_dropping`, the adapters' dropout state as well).
     fn new(
         gpu: &Gpu,
         layout: &ParamLayout,
         vocab: usize,
         batch: GptBatch,
         micro_batches: Option<usize>,
+        lora_dropping: bool,
     ) -> Result<State> {
+        let lora_dropping = lora_dropping && micro_batches.is_some();
         let dt = DType::from(gpu.precision());
         let n = layout.buffer_len();
         // Gradients, master weights and moments cover the trainable tensors, which the layout
@@ -111,7 +119,7 @@ impl State {
                 // the step's single submission (see `step`).
                 staged: gpu.zeros(
                     "staged batches",
-                    &[micro_batches * (3 * bt + vocab + 1 + DROPOUT_WORDS)],
+                    &[micro_batches * staged_words(bt, vocab, lora_dropping)],
                     DType::U32,
                 )?,
                 // The loss scale's run of clean steps.
@@ -129,11 +137,22 @@ impl State {
             // Staged with each micro-batch (a fresh mask per step and micro-batch); off until
             // then.
             dropout_state: gpu.zeros("dropout state", &[DROPOUT_WORDS], DType::U32)?,
+            lora_dropout_state: if lora_dropping {
+                Some(gpu.zeros("lora dropout state", &[DROPOUT_WORDS], DType::U32)?)
+            } else {
+                None
+            },
             losses: gpu.zeros("losses", &[bt], DType::F32)?,
             ones: gpu.upload("ones", &[bt], dt, &vec![1.0; bt])?,
             optim,
         })
     }
+}
+
+/// u32 words of one staged micro-batch of `bt` tokens over `vocab`: tokens, targets, the token
+/// index, the model's dropout state and, when the adapters drop, theirs.
+fn staged_words(bt: usize, vocab: usize, lora_dropping: bool) -> usize {
+    3 * bt + vocab + 1 + DROPOUT_WORDS * (1 + usize::from(lora_dropping))
 }
 
 /// The prepared ops of a step: forward, loss and, when training, backward (the architecture's
@@ -196,6 +215,7 @@ impl Plan {
         );
         ctx.quant = quant;
         ctx.inference = s.optim.is_none();
+        ctx.lora_dropout = s.lora_dropout_state.as_ref();
         ctx.loss_scale = Some(&s.loss_scale);
         let mut forward: Vec<Box<dyn Record>> = Vec::new();
         let (states, logits) = arch.gpu_forward(&mut ctx, &mut forward)?;
@@ -321,6 +341,7 @@ impl GptGpu {
         let arch = Arch::new(model, vocab)?;
         let layout = crate::finetune::layout::adapted(model, vocab, param_alignment(gpu), adapt)?;
         let quant = BTreeMap::new();
+        let lora_dropout = adapt.lora.as_ref().map_or(0.0, |l| l.dropout);
         Self::build(
             gpu,
             model,
@@ -330,6 +351,7 @@ impl GptGpu {
             layout,
             quant,
             Some(micro_batches),
+            lora_dropout,
         )
     }
 
@@ -366,7 +388,8 @@ impl GptGpu {
         let quant = upload_quantized(gpu, model, &full, weights)?;
         let layout = full.filtered(align, |t| !quant.contains_key(&t.name));
         let values = float_values(&layout, weights)?;
-        let built = Self::build(gpu, model, arch, vocab, batch, layout, quant, None)?;
+        // Nothing drops at inference, the adapters included.
+        let built = Self::build(gpu, model, arch, vocab, batch, layout, quant, None, 0.0)?;
         gpu.write(&built.s.params, &values)?;
         Ok(built)
     }
@@ -383,8 +406,23 @@ impl GptGpu {
         layout: ParamLayout,
         quant: BTreeMap<String, QuantWeight>,
         micro_batches: Option<usize>,
+        lora_dropout: f32,
     ) -> Result<Self> {
-        let state = State::new(gpu, &layout, vocab, batch, micro_batches)?;
+        // Adapter dropout needs adapters to act on; a layout without them records nothing
+        // for it, so no state is allocated either.
+        let lora_dropout = if layout.lora_scale().is_some() && micro_batches.is_some() {
+            lora_dropout
+        } else {
+            0.0
+        };
+        let state = State::new(
+            gpu,
+            &layout,
+            vocab,
+            batch,
+            micro_batches,
+            lora_dropout > 0.0,
+        )?;
         // Nothing drops at inference: no dropout buffers or dispatches.
         let plan_model = ModelConfig {
             dropout: if micro_batches.is_some() {
@@ -412,6 +450,7 @@ impl GptGpu {
             precision: gpu.precision(),
             micro_batches: micro_batches.unwrap_or(0),
             dropout_seed: 0,
+            lora_dropout,
             scaler: None,
             frozen: std::sync::Mutex::new(vec![0.0; layout.buffer_len() - layout.trainable_len()]),
             layout,
@@ -514,12 +553,14 @@ impl GptGpu {
     }
 
     /// The u32 words of one micro-batch as the GPU wants them: tokens, targets, then the token
-    /// index (positions grouped by token, and each token's start) the embedding backward uses.
+    /// index (positions grouped by token, and each token's start) the embedding backward uses,
+    /// then the model's dropout state and, when the adapters drop, theirs (`lora`).
     fn batch_words(
         &self,
         inputs: &[u32],
         targets: &[u32],
         dropout: &DropoutState,
+        lora: &DropoutState,
     ) -> Result<Vec<u32>> {
         let n = self.batch.batch * self.batch.seq;
         if inputs.len() != n || targets.len() != n {
@@ -548,22 +589,29 @@ impl GptGpu {
         words.extend_from_slice(&order);
         words.extend_from_slice(&starts);
         words.extend_from_slice(bytemuck::cast_slice(std::slice::from_ref(dropout)));
+        if self.s.lora_dropout_state.is_some() {
+            words.extend_from_slice(bytemuck::cast_slice(std::slice::from_ref(lora)));
+        }
         Ok(words)
     }
 
     /// Records the copies that put staged micro-batch `i` in place for the next pass.
     fn record_unstage(&self, staged: &GpuTensor, encoder: &mut wgpu::CommandEncoder, i: usize) {
-        let n = (self.batch.batch * self.batch.seq) as u64;
-        let words = 3 * n + self.vocab as u64 + 1 + DROPOUT_WORDS as u64;
+        let bt = self.batch.batch * self.batch.seq;
+        let n = bt as u64;
+        let lora = self.s.lora_dropout_state.as_ref();
+        let words = staged_words(bt, self.vocab, lora.is_some()) as u64;
         let mut from = staged.offset_bytes() + 4 * words * i as u64;
         let src = staged.buffer();
-        for (dst, len) in [
+        let copies = [
             (&self.s.tokens, n),
             (&self.s.targets, n),
             (&self.s.order, n),
             (&self.s.starts, self.vocab as u64 + 1),
             (&self.s.dropout_state, DROPOUT_WORDS as u64),
-        ] {
+        ];
+        let lora = lora.map(|t| (t, DROPOUT_WORDS as u64));
+        for (dst, len) in copies.into_iter().chain(lora) {
             encoder.copy_buffer_to_buffer(src, from, dst.buffer(), dst.offset_bytes(), 4 * len);
             from += 4 * len;
         }
@@ -572,17 +620,21 @@ impl GptGpu {
     /// Writes one micro-batch directly, with dropout off (evaluation and tests; a training step
     /// stages its micro-batches instead). See [`GptGpu::set_dropout`] to turn it on.
     pub fn set_batch(&self, gpu: &Gpu, inputs: &[u32], targets: &[u32]) -> Result<()> {
-        let words = self.batch_words(inputs, targets, &DropoutState::off())?;
+        let off = DropoutState::off();
+        let words = self.batch_words(inputs, targets, &off, &off)?;
         let n = inputs.len();
         let q = gpu.queue();
-        let end = words.len() - DROPOUT_WORDS;
-        for (dst, range) in [
+        let lora = self.s.lora_dropout_state.as_ref();
+        let end = words.len() - DROPOUT_WORDS * (1 + usize::from(lora.is_some()));
+        let copies = [
             (&self.s.tokens, 0..n),
             (&self.s.targets, n..2 * n),
             (&self.s.order, 2 * n..3 * n),
             (&self.s.starts, 3 * n..end),
-            (&self.s.dropout_state, end..words.len()),
-        ] {
+            (&self.s.dropout_state, end..end + DROPOUT_WORDS),
+        ];
+        let lora = lora.map(|t| (t, end + DROPOUT_WORDS..words.len()));
+        for (dst, range) in copies.into_iter().chain(lora) {
             q.write_buffer(
                 dst.buffer(),
                 dst.offset_bytes(),
@@ -721,7 +773,10 @@ impl GptGpu {
         for (i, (inputs, targets)) in micro.iter().enumerate() {
             let key = DropoutState::key_for(self.dropout_seed, u64::from(step.t), i as u32);
             let dropout = DropoutState::new(self.model.dropout, key);
-            words.extend(self.batch_words(inputs, targets, &dropout)?);
+            // The adapters' masks share the key; their sites set them apart
+            // (units::lora_dropout_site).
+            let lora = DropoutState::new(self.lora_dropout, key);
+            words.extend(self.batch_words(inputs, targets, &dropout, &lora)?);
         }
         gpu.queue().write_buffer(
             staged.buffer(),

@@ -8,8 +8,9 @@
 //! FlashAttention-style kernels (keeping a (B, n_head, T) log-sum-exp), as
 //! `model.attention_kernel` and [`crate::kernels::flash_attention::prefer_fused`] decide.
 
-use super::{CpuCtx, DecodeCtx, GpuCtx, Linear, Ops, alias};
+use super::{CpuCtx, DecodeCtx, GpuCtx, Linear, Ops, alias, lora_dropout_site};
 use crate::Result;
+use crate::finetune::LoraTarget;
 use crate::gpu::GpuTensor;
 use crate::kernels::RowKernel;
 use crate::kernels::attention::{AttentionBackward, AttentionDropout, AttentionForward};
@@ -63,11 +64,13 @@ impl Attention {
                 prefix: qkv,
                 fan_in: c,
                 fan_out: self.qkv_width(),
+                lora_site: lora_dropout_site(self.layer, LoraTarget::AttnQkv),
             },
             Linear {
                 prefix: proj,
                 fan_in: c,
                 fan_out: c,
+                lora_site: lora_dropout_site(self.layer, LoraTarget::AttnProj),
             },
         )
     }

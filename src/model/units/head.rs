@@ -23,6 +23,8 @@ impl Head {
             prefix: &self.prefix,
             fan_in: self.channels,
             fan_out: self.vocab,
+            // The head is never a LoRA target: no adapter, so no adapter dropout.
+            lora_site: 0,
         }
     }
 

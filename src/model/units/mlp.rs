@@ -1,8 +1,9 @@
 //! The MLP unit: GPT-2's `mlp.c_fc`, GELU (tanh approximation), `mlp.c_proj`; or Llama's
 //! `mlp.gate_up_proj` (gate_proj and up_proj stacked by rows), SiLU(gate)·up, `mlp.down_proj`.
 
-use super::{CpuCtx, DecodeCtx, GpuCtx, Linear, Ops, alias};
+use super::{CpuCtx, DecodeCtx, GpuCtx, Linear, Ops, alias, lora_dropout_site};
 use crate::Result;
+use crate::finetune::LoraTarget;
 use crate::gpu::GpuTensor;
 use crate::kernels::Record;
 use crate::kernels::activation::{GeluBackward, GeluForward};
@@ -45,11 +46,13 @@ impl Mlp {
                 prefix: fc,
                 fan_in: c,
                 fan_out: self.fc_width(),
+                lora_site: lora_dropout_site(self.layer, LoraTarget::MlpFc),
             },
             Linear {
                 prefix: proj,
                 fan_in: h,
                 fan_out: c,
+                lora_site: lora_dropout_site(self.layer, LoraTarget::MlpProj),
             },
         )
     }

@@ -23,6 +23,7 @@ use super::{ModelConfig, ParamLayout};
 use crate::cpu::gpt::GptBatch;
 use crate::gpu::{DType, Gpu, GpuTensor};
 use crate::kernels::Record;
+use crate::kernels::dropout::{Dropout, DropoutState};
 use crate::kernels::matmul::Matmul;
 use crate::kernels::quant::{QMatmul, QuantWeight};
 use crate::ops::{Layout, MatmulSpec};
@@ -74,6 +75,10 @@ pub(crate) struct GpuCtx<'a> {
     /// Dropout's per-micro-batch state, and whether the model drops anything at all.
     pub dropout_state: &'a GpuTensor,
     pub dropping: bool,
+    /// The LoRA adapters' dropout state (`lora.dropout`, staged per micro-batch beside the
+    /// model's), present only for a training model whose adapters drop: without it the
+    /// adapters record exactly the dispatches they did before adapter dropout existed.
+    pub lora_dropout: Option<&'a GpuTensor>,
     /// B·T ones (bias gradients as column sums).
     pub ones: &'a GpuTensor,
     /// Each attention layer's q|k|v activation, in layer order: the decoder's cache.
@@ -119,6 +124,7 @@ impl<'a> GpuCtx<'a> {
             starts,
             dropout_state,
             dropping: model.dropout > 0.0,
+            lora_dropout: None,
             ones,
             qkv: Vec::new(),
             quant: &NO_QUANT,
@@ -215,6 +221,24 @@ pub(crate) struct Linear<'n> {
     pub prefix: &'n str,
     pub fan_in: usize,
     pub fan_out: usize,
+    /// The dropout site of its LoRA adapter's input ([`lora_dropout_site`]).
+    pub lora_site: u32,
+}
+
+/// The first dropout site of the LoRA adapters. The model's own sites are 3 per layer counted
+/// from 0 (see [`super::arch::Arch::new`]), so starting at 2³¹ keeps the adapters' masks apart
+/// from them while sharing the per-micro-batch key.
+const LORA_SITE_BASE: u32 = 1 << 31;
+
+/// The dropout site of the adapter on `target` in layer `layer`: one per adapted linear, so
+/// that the masks differ between layers and targets, and a pure function of the architecture
+/// (a resumed run draws the same masks).
+pub(crate) fn lora_dropout_site(layer: usize, target: crate::finetune::LoraTarget) -> u32 {
+    let index = crate::finetune::LoraTarget::ALL
+        .iter()
+        .position(|t| *t == target)
+        .unwrap_or(0);
+    LORA_SITE_BASE.wrapping_add((4 * layer + index) as u32)
 }
 
 impl Linear<'_> {
@@ -271,8 +295,34 @@ impl Linear<'_> {
         let (b, rows) = (ctx.p.get(&bn)?, ctx.rows());
         let (r, scale) = (a.shape()[0], lora_scale(ctx.p.layout));
         let u = ctx.shared(&format!("lora u {r}"), rows * r)?;
+        let dropped = self.lora_dropped_input(ctx, ops, x)?;
+        let x = dropped.as_ref().unwrap_or(x);
         ops.extend(lora_up(ctx.gpu, y, &u, x, &a, &b, scale, rows, self)?);
         Ok(())
+    }
+
+    /// With adapter dropout: records `xd = dropout(x)` at the adapter's site into a scratch
+    /// buffer shared by every layer of the same width (used at once, by this layer's adapter
+    /// only; the backward draws the same mask again rather than keeping one per layer) and
+    /// returns it. Without: records nothing and returns `None`.
+    fn lora_dropped_input(
+        &self,
+        ctx: &mut GpuCtx<'_>,
+        ops: &mut Ops,
+        x: &GpuTensor,
+    ) -> Result<Option<GpuTensor>> {
+        let Some(state) = ctx.lora_dropout else {
+            return Ok(None);
+        };
+        let xd = ctx.shared(&format!("lora dropped x {}", x.len()), x.len())?;
+        ops.push(Box::new(Dropout::new(
+            ctx.gpu,
+            &xd,
+            Some(x),
+            state,
+            self.lora_site,
+        )?));
+        Ok(Some(xd))
     }
 
     /// dX = dY·W (overwritten); dW += dYᵀ·X and db += 1ᵀ·dY unless frozen (the gradient
@@ -298,13 +348,22 @@ impl Linear<'_> {
             ));
         }
         let w = ctx.p.get(&self.weight())?;
+        let (an, bn) = self.lora_names();
+        let adapter = ctx.p.opt(&an)?;
+        // With adapter dropout, the adapter's part of dX goes through the mask, which must not
+        // touch the base path's part: the adapter writes dX first and masks it in place, and
+        // the base product then accumulates onto it (no extra buffer or add kernel).
+        let masked_first = adapter.is_some() && ctx.lora_dropout.is_some();
+        if let (Some(a), true) = (&adapter, masked_first) {
+            self.lora_backward(ctx, ops, (&an, &bn), a, dx, dy, x)?;
+        }
         ops.push(Box::new(Matmul::new(
             gpu,
             dx,
             dy,
             &w,
             None,
-            &MatmulSpec::new(Layout::NN, rows, fan_in, fan_out),
+            &MatmulSpec::new(Layout::NN, rows, fan_in, fan_out).accumulate(masked_first),
         )?));
         if let Some(dw) = ctx.g.opt(&self.weight())? {
             ops.push(Box::new(Matmul::new(
@@ -327,9 +386,8 @@ impl Linear<'_> {
                 &MatmulSpec::new(Layout::TN, 1, fan_out, rows).accumulate(true),
             )?));
         }
-        let (an, bn) = self.lora_names();
-        if let Some(a) = ctx.p.opt(&an)? {
-            self.lora_backward(ctx, ops, (&an, &bn), &a, dx, dy, x)?;
+        if let (Some(a), false) = (&adapter, masked_first) {
+            self.lora_backward(ctx, ops, (&an, &bn), a, dx, dy, x)?;
         }
         Ok(())
     }
@@ -352,6 +410,12 @@ impl Linear<'_> {
         let (da, db) = (ctx.g.get(an)?, ctx.g.get(bn)?);
         let u = ctx.shared(&format!("lora u {r}"), rows * r)?;
         let du = ctx.shared(&format!("lora du {r}"), rows * r)?;
+        // With dropout the adapter saw xd = dropout(x): the same mask again (same state and
+        // site), for U and dA. dX then gets dropout(dU·A), written before the base product
+        // (see `backward`).
+        let dropped = self.lora_dropped_input(ctx, ops, x)?;
+        let masked = dropped.is_some();
+        let x = dropped.as_ref().unwrap_or(x);
         let gpu = ctx.gpu;
         let mm = |c: &GpuTensor, a: &GpuTensor, b: &GpuTensor, spec: MatmulSpec| {
             Ok(Box::new(Matmul::new(gpu, c, a, b, None, &spec)?) as Box<dyn Record>)
@@ -382,11 +446,20 @@ impl Linear<'_> {
                 dx,
                 &du,
                 a,
-                MatmulSpec::new(Layout::NN, rows, fan_in, r).accumulate(true),
+                MatmulSpec::new(Layout::NN, rows, fan_in, r).accumulate(!masked),
             ),
         ];
         for s in steps {
             ops.push(s?);
+        }
+        if let (true, Some(state)) = (masked, ctx.lora_dropout) {
+            ops.push(Box::new(Dropout::new(
+                gpu,
+                dx,
+                None,
+                state,
+                self.lora_site,
+            )?));
         }
         Ok(())
     }
@@ -442,9 +515,10 @@ impl Linear<'_> {
         };
         let r = a.len() / self.fan_in;
         let mut u = vec![0.0f32; rows * r];
+        let dropped = self.cpu_lora_dropped_input(c, x);
         crate::cpu::matmul::matmul(
             &mut u,
-            x,
+            dropped.as_deref().unwrap_or(x),
             a,
             None,
             &MatmulSpec::new(Layout::NT, rows, r, self.fan_in),
@@ -498,6 +572,8 @@ impl Linear<'_> {
             let r = a.len() / fan_in;
             let s = lora_scale(c.layout);
             let mm = crate::cpu::matmul::matmul;
+            let dropped = self.cpu_lora_dropped_input(c, x);
+            let x = dropped.as_deref().unwrap_or(x);
             let mut u = vec![0.0f32; rows * r];
             mm(
                 &mut u,
@@ -519,10 +595,32 @@ impl Linear<'_> {
             mm(&mut du, dy, b, None, &spec)?;
             let spec = MatmulSpec::new(Layout::TN, r, fan_in, rows).accumulate(true);
             mm(grad_mut(c.layout, g, &an)?, &du, x, None, &spec)?;
-            let spec = MatmulSpec::new(Layout::NN, rows, fan_in, r).accumulate(true);
-            mm(dx, &du, a, None, &spec)?;
+            match (&c.lora_dropout, dropped.is_some()) {
+                (Some(state), true) => {
+                    // dX += dropout(dU·A): the gradient to the adapter's input goes back
+                    // through the same mask (and its 1/(1−p)) before meeting the base path's.
+                    let mut dxd = vec![0.0f32; rows * fan_in];
+                    let spec = MatmulSpec::new(Layout::NN, rows, fan_in, r);
+                    mm(&mut dxd, &du, a, None, &spec)?;
+                    let mut masked = vec![0.0f32; dxd.len()];
+                    crate::cpu::dropout::dropout(&mut masked, &dxd, state, self.lora_site);
+                    dx.iter_mut().zip(&masked).for_each(|(d, m)| *d += m);
+                }
+                _ => {
+                    let spec = MatmulSpec::new(Layout::NN, rows, fan_in, r).accumulate(true);
+                    mm(dx, &du, a, None, &spec)?;
+                }
+            }
         }
         Ok(())
+    }
+
+    /// The CPU reference's `dropout(x)` at the adapter's site, when the context's adapters drop.
+    fn cpu_lora_dropped_input(&self, c: &CpuCtx<'_>, x: &[f32]) -> Option<Vec<f32>> {
+        let state = c.lora_dropout.as_ref()?;
+        let mut xd = vec![0.0f32; x.len()];
+        crate::cpu::dropout::dropout(&mut xd, x, state, self.lora_site);
+        Some(xd)
     }
 }
 
@@ -577,6 +675,8 @@ pub(crate) struct CpuCtx<'a> {
     pub dloss_scale: f32,
     /// Each routed MLP's statistics, in layer order, as the forward computes them.
     pub moe_stats: std::cell::RefCell<Vec<crate::cpu::moe::MoeStats>>,
+    /// The LoRA adapters' input dropout (training only; `None` keeps every element).
+    pub lora_dropout: Option<DropoutState>,
 }
 
 impl<'a> CpuCtx<'a> {
