@@ -171,10 +171,8 @@ fn ranks_that_disagree_are_refused_naming_what_differs() {
     );
     for r in results {
         let e = r.unwrap_err();
-        assert!(
-            e.contains("rank 1") && e.contains("data") && !e.contains("config ("),
-            "{e}"
-        );
+        // Only the data differs, and the message says so (not the config).
+        assert!(e.contains("rank 1 disagrees with rank 0 on data ("), "{e}");
     }
     let results = on_ranks(
         ThreadGroup::new(3, Duration::from_secs(20)),
@@ -253,13 +251,16 @@ fn two_ranks_train_like_one_process_on_the_whole_batch() {
     // averaged, where one process sums over 4 rows: the same mathematics in a different f32
     // summation order, so equal to rounding (measured ~1e-7 relative; 1e-5 is the bound
     // and far below the step-to-step change of the loss, ~1e-2).
+    let mut worst = 0f32;
     for (step, (a, b)) in single.0.iter().zip(&ranks[0].0).enumerate() {
         let rel = ((a - b) / a).abs();
+        worst = worst.max(rel);
         assert!(
             rel <= 1e-5,
             "step {step}: one process {a}, two ranks {b} (rel {rel:e})"
         );
     }
+    eprintln!("largest relative loss difference, 2 ranks vs 1 process: {worst:e}");
     let rel = ((single.1 - ranks[0].1) / single.1).abs();
     assert!(
         rel <= 1e-5,
