@@ -150,10 +150,12 @@ pub fn run(
     }
     if s.ranks > 1 {
         eprintln!(
-            "{} ranks: {:.1} ms/step exchanging gradients, {:.1} ms/step reading them back \
-             (with the wait for the backward) and writing the average; final weights sha256 {}",
+            "{} ranks: {:.1} ms/step exchanging gradients (after {:.1} ms/step waiting for the \
+             slowest rank), {:.1} ms/step reading them back (with the wait for the backward) \
+             and writing the average; final weights sha256 {}",
             s.ranks,
             s.comm_ms_per_step,
+            s.wait_ms_per_step,
             s.readback_ms_per_step,
             s.weights_sha256.as_deref().unwrap_or("-")
         );

@@ -84,14 +84,9 @@ pub trait Communicator: Send {
 /// The number of ranks an MPI launcher (`mpirun`, `mpiexec`, `srun` with PMI/PMIx) says this
 /// job has, from its environment; `None` when this process was not started by one.
 pub fn launcher_world_size() -> Option<usize> {
-    [
-        "OMPI_COMM_WORLD_SIZE",
-        "PMI_SIZE",
-        "PMIX_SIZE",
-        "MPI_LOCALNRANKS",
-    ]
-    .iter()
-    .find_map(|k| std::env::var(k).ok()?.trim().parse().ok())
+    ["OMPI_COMM_WORLD_SIZE", "PMI_SIZE", "PMIX_SIZE"]
+        .iter()
+        .find_map(|k| std::env::var(k).ok()?.trim().parse().ok())
 }
 
 /// One process alone: rank 0 of 1, nothing to exchange.

@@ -173,8 +173,12 @@ impl Communicator for MpiComm {
                     });
                 }
             }
-            // Poll: MPI progresses transfers inside MPI_Test. A short sleep between polls
-            // leaves the CPU to the device threads (ranks may share cores and a software GPU).
+            // Poll: MPI progresses transfers inside MPI_Test (a large message over shared
+            // memory moves one fragment per call), so the first SPIN of an exchange polls
+            // without sleeping; after that a rank is waiting for a peer that has not arrived,
+            // and a sleep between polls leaves the CPU to the device threads (ranks may share
+            // cores and a software GPU).
+            const SPIN: Duration = Duration::from_millis(20);
             let mut nap = Duration::from_micros(20);
             loop {
                 let mut all_done = true;
@@ -201,8 +205,12 @@ impl Communicator for MpiComm {
                         seconds: start.elapsed().as_secs_f64(),
                     });
                 }
-                std::thread::sleep(nap);
-                nap = (nap * 2).min(Duration::from_millis(1));
+                if start.elapsed() < SPIN {
+                    std::thread::yield_now();
+                } else {
+                    std::thread::sleep(nap);
+                    nap = (nap * 2).min(Duration::from_millis(1));
+                }
             }
         }
         drop(sends);

@@ -27,6 +27,7 @@ pub struct FitOptions<'a> {
 /// The trainer's clocks when a `fit` began, so its summary counts that call alone.
 struct ClockMark {
     submitted: u64,
+    wait: f64,
     comm: f64,
     readback: f64,
     encode: f64,
@@ -60,6 +61,7 @@ impl Trainer {
         }
         let start = ClockMark {
             submitted: self.clock.submitted,
+            wait: self.clock.wait,
             comm: self.clock.comm,
             readback: self.clock.readback,
             encode: self.clock.encode,
@@ -229,6 +231,7 @@ impl Trainer {
             precision: self.precision(),
             ranks: self.ranks(),
             comm_ms_per_step: 1e3 * (self.clock.comm - start.comm) / per_step,
+            wait_ms_per_step: 1e3 * (self.clock.wait - start.wait) / per_step,
             readback_ms_per_step: 1e3 * (self.clock.readback - start.readback) / per_step,
             weights_sha256: None,
         }

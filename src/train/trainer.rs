@@ -103,8 +103,10 @@ pub(crate) struct Clock {
     pub excluded: f64,
     pub encode: f64,
     pub submit: f64,
-    /// Multi-rank runs: seconds in the gradient exchange between ranks, and in reading the
-    /// gradients back and writing the average (including the wait for the backward).
+    /// Multi-rank runs: seconds waiting for the other ranks to reach the exchange, in the
+    /// gradient exchange itself, and in reading the gradients back and writing the average
+    /// (including the wait for the backward).
+    pub wait: f64,
     pub comm: f64,
     pub readback: f64,
     /// Steps submitted through this trainer.
@@ -544,15 +546,20 @@ impl Trainer {
         // the ranks' rows all count the same targets, so the mean over ranks is the loss over
         // the global batch.
         flat.push(self.model.read_loss(&self.gpu)?);
-        let exchange_start = Instant::now();
+        // A one-byte exchange first: it measures how long this rank waits for the slowest
+        // (load imbalance, shared cores) apart from the time the gradient bytes take.
+        let wait_start = Instant::now();
         let what = format!("the gradient all-reduce of step {step}");
+        dist::all_gather(self.comm.as_mut(), &what, &[0])?;
+        let exchange_start = Instant::now();
+        self.clock.wait += (exchange_start - wait_start).as_secs_f64();
         dist::all_reduce_mean(self.comm.as_mut(), &what, &mut flat)?;
         let exchange_end = Instant::now();
         let loss = flat.pop().unwrap_or(f32::NAN);
         self.global_losses.push_back((step, loss));
         self.gpu.write(self.model.grads()?, &flat)?;
         self.clock.comm += (exchange_end - exchange_start).as_secs_f64();
-        self.clock.readback += (exchange_start - read_start + exchange_end.elapsed()).as_secs_f64();
+        self.clock.readback += (wait_start - read_start + exchange_end.elapsed()).as_secs_f64();
         let (ring, model) = (&self.ring, &self.model);
         let scalars = model.update_scalars()?;
         model.step_update(&self.gpu, |enc| {
