@@ -12,7 +12,9 @@ fn main() -> kiln::Result<()> {
     let repeats: usize = args.next().and_then(|a| a.parse().ok()).unwrap_or(50);
     let mut comm = dist::mpi::MpiComm::init(dist::timeout_from_env()?)?;
     let (rank, size) = (comm.rank(), comm.size());
-    let mut data: Vec<f32> = (0..len).map(|i| (i % 97) as f32 * 0.01 + rank as f32).collect();
+    let mut data: Vec<f32> = (0..len)
+        .map(|i| (i % 97) as f32 * 0.01 + rank as f32)
+        .collect();
     // Warm-up, and every rank in step before timing.
     dist::all_reduce_mean(&mut comm, "warm-up", &mut data)?;
     let mut times = Vec::with_capacity(repeats);

@@ -88,7 +88,7 @@ fn the_reduction_is_the_rank_order_mean_on_every_rank_whatever_the_timing() {
         for delay_high in [true, false] {
             let inputs = inputs.clone();
             let results = on_ranks(
-                ThreadGroup::new(size, Duration::from_secs(20)),
+                ThreadGroup::connect(size, Duration::from_secs(20)),
                 move |mut c: ThreadComm| {
                     let r = c.rank();
                     let wait = if delay_high { r } else { size - 1 - r };
@@ -123,7 +123,7 @@ fn the_reduction_is_the_rank_order_mean_on_every_rank_whatever_the_timing() {
 fn a_lost_rank_is_named_within_the_deadline() {
     let timeout = Duration::from_millis(300);
     // Rank 1 is alive but never takes part (stopped): rank 0 gives up after the deadline.
-    let mut comms = ThreadGroup::new(2, timeout);
+    let mut comms = ThreadGroup::connect(2, timeout);
     let idle = comms.pop().unwrap();
     let mut rank0 = comms.pop().unwrap();
     let start = Instant::now();
@@ -142,7 +142,7 @@ fn a_lost_rank_is_named_within_the_deadline() {
     );
     drop(idle);
     // Rank 1 has gone (dropped): noticed at once, and named.
-    let mut comms = ThreadGroup::new(3, timeout);
+    let mut comms = ThreadGroup::connect(3, timeout);
     let _rank2 = comms.pop().unwrap();
     drop(comms.pop());
     let mut rank0 = comms.pop().unwrap();
@@ -159,7 +159,7 @@ fn ranks_that_disagree_are_refused_naming_what_differs() {
         ],
     };
     let results = on_ranks(
-        ThreadGroup::new(2, Duration::from_secs(20)),
+        ThreadGroup::connect(2, Duration::from_secs(20)),
         move |mut c: ThreadComm| {
             let data: &[u8] = if c.rank() == 1 {
                 b"other corpus"
@@ -175,7 +175,7 @@ fn ranks_that_disagree_are_refused_naming_what_differs() {
         assert!(e.contains("rank 1 disagrees with rank 0 on data ("), "{e}");
     }
     let results = on_ranks(
-        ThreadGroup::new(3, Duration::from_secs(20)),
+        ThreadGroup::connect(3, Duration::from_secs(20)),
         move |mut c: ThreadComm| dist::agree(&mut c, &print(b"config", b"corpus")).is_ok(),
     );
     assert_eq!(results, vec![true; 3]);
@@ -241,7 +241,7 @@ fn two_ranks_train_like_one_process_on_the_whole_batch() {
     let steps = 6;
     let single = train_rank(Box::new(dist::Single), 4, steps).unwrap();
     let ranks = on_ranks(
-        ThreadGroup::new(2, Duration::from_secs(120)),
+        ThreadGroup::connect(2, Duration::from_secs(120)),
         move |c: ThreadComm| train_rank(Box::new(c), 4, steps).unwrap(),
     );
     // Both ranks end with the same weights, bit for bit, and log the same losses.
@@ -274,7 +274,7 @@ fn two_ranks_train_like_one_process_on_the_whole_batch() {
 #[test]
 fn a_batch_the_ranks_cannot_share_is_refused() {
     let results = on_ranks(
-        ThreadGroup::new(3, Duration::from_secs(5)),
+        ThreadGroup::connect(3, Duration::from_secs(5)),
         move |c: ThreadComm| {
             train_rank(Box::new(c), 4, 1)
                 .map(|_| ())

@@ -12,7 +12,7 @@ pub struct ThreadGroup;
 impl ThreadGroup {
     /// `size` connected communicators, rank i at index i, each waiting at most `timeout` in an
     /// exchange. Move each into its own thread.
-    pub fn new(size: usize, timeout: Duration) -> Vec<ThreadComm> {
+    pub fn connect(size: usize, timeout: Duration) -> Vec<ThreadComm> {
         let size = size.max(1);
         // One channel per ordered pair (from, to): messages between two ranks stay in order.
         let mut senders: Vec<Vec<Option<Sender<Vec<u8>>>>> = (0..size)
