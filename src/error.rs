@@ -156,9 +156,40 @@ pub enum Error {
         /// The OS error.
         source: std::io::Error,
     },
+    /// Data-parallel training could not go on: ranks that disagree, a failed exchange.
+    #[error("distributed training: {message}")]
+    Distributed {
+        /// What went wrong and what to do.
+        message: String,
+    },
+    /// Another rank stopped answering during an exchange (it died, was stopped, or is stuck).
+    #[error(
+        "distributed training: rank {rank} did not answer within {seconds:.1} s during {what}: \
+         it has died, been stopped or hangs, so this rank stops too. Resume the run from its \
+         last checkpoint (kiln train --resume, with any number of ranks that divides the global \
+         batch); if rank {rank} is only slow (a long evaluation or checkpoint), raise the \
+         deadline with KILN_DIST_TIMEOUT=SECONDS"
+    )]
+    RankLost {
+        /// The rank that did not answer (the lowest, if several).
+        rank: usize,
+        /// The exchange that waited.
+        what: String,
+        /// Seconds waited.
+        seconds: f64,
+    },
 }
 
 impl Error {
+    /// The exit status `kiln` uses for this error: 3 for a lost rank (so that job scripts can
+    /// tell it from other failures and resume), 1 otherwise.
+    pub fn exit_code(&self) -> i32 {
+        match self {
+            Error::RankLost { .. } => 3,
+            _ => 1,
+        }
+    }
+
     /// Shorthand for [`Error::Shape`].
     pub fn shape(op: &'static str, message: impl fmt::Display) -> Self {
         Error::Shape {

@@ -18,6 +18,7 @@
 
 pub mod cpu;
 pub mod data;
+pub mod dist;
 mod error;
 pub mod finetune;
 pub mod generate;

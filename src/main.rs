@@ -12,7 +12,7 @@ fn main() {
     let args = cli::Args::parse();
     if let Err(e) = cli::run(args) {
         eprintln!("error: {e}");
-        std::process::exit(1);
+        std::process::exit(e.exit_code());
     }
 }
 

@@ -1,7 +1,7 @@
 //! `kiln train` and `kiln eval`.
 
 use kiln::model::Config;
-use kiln::train::{TrainOptions, train};
+use kiln::train::TrainOptions;
 use kiln::{Error, Result};
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -119,7 +119,7 @@ pub fn run(
         stop_after: a.steps,
         init_from: a.init_from.clone(),
     };
-    let s = train(&opts, &stop, &mut [])?;
+    let s = kiln::train::train_in(&opts, communicator()?, &stop, &mut [])?;
     eprintln!(
         "done: {} steps, val loss {}, {:.1} ms/step, {:.0} tokens/s, {:.2} model GFLOP/s, {} dispatches/step, {:.0} µs to encode a step ({:.0} µs until its submit returned), {} skipped steps, precision {}",
         s.steps,
@@ -148,6 +148,18 @@ pub fn run(
             out.join(kiln::train::checkpoint::BEST_FILE).display()
         );
     }
+    if s.ranks > 1 {
+        eprintln!(
+            "{} ranks: {:.1} ms/step exchanging gradients (after {:.1} ms/step waiting for the \
+             slowest rank), {:.1} ms/step reading them back (with the wait for the backward) \
+             and writing the average; final weights sha256 {}",
+            s.ranks,
+            s.comm_ms_per_step,
+            s.wait_ms_per_step,
+            s.readback_ms_per_step,
+            s.weights_sha256.as_deref().unwrap_or("-")
+        );
+    }
     if let Some(ck) = &s.checkpoint {
         eprintln!("checkpoint: {}", ck.display());
     }
@@ -155,6 +167,40 @@ pub fn run(
     eprintln!("loss curve: {}", out.join("loss.png").display());
     println!("{}", serde_json::to_string(&s).unwrap_or_default());
     Ok(())
+}
+
+/// The ranks of this run: MPI's world when an MPI launcher started this process (and kiln was
+/// built with the `mpi` feature), otherwise this process alone.
+fn communicator() -> Result<Box<dyn kiln::dist::Communicator>> {
+    let launched = kiln::dist::launcher_world_size();
+    #[cfg(feature = "mpi")]
+    if launched.is_some() {
+        let timeout = kiln::dist::timeout_from_env()?;
+        let comm = kiln::dist::mpi::MpiComm::init(timeout)?;
+        use kiln::dist::Communicator as _;
+        if comm.rank() == 0 && comm.size() > 1 {
+            eprintln!(
+                "data-parallel training: {} ranks, exchange deadline {:.0} s ({})",
+                comm.size(),
+                timeout.as_secs_f64(),
+                kiln::dist::TIMEOUT_ENV
+            );
+        }
+        return Ok(Box::new(comm));
+    }
+    #[cfg(not(feature = "mpi"))]
+    if let Some(n) = launched.filter(|&n| n > 1) {
+        return Err(Error::Distributed {
+            message: format!(
+                "this process was started as one of {n} MPI ranks, but this kiln was built \
+                 without MPI: every rank would train alone into the same folder. Build with \
+                 `cargo build --release --features mpi` (needs OpenMPI: apt-get install \
+                 openmpi-bin libopenmpi-dev libclang-dev clang), or run kiln without mpirun"
+            ),
+        });
+    }
+    let _ = launched;
+    Ok(Box::new(kiln::dist::Single))
 }
 
 #[derive(clap::Args, Debug)]

@@ -138,7 +138,7 @@ pub(crate) fn explain_choice(
 }
 
 /// Ranking used when the user does not choose: hardware before software, native APIs before GL.
-fn preference(info: &wgpu::AdapterInfo) -> (u8, u8) {
+pub(crate) fn preference(info: &wgpu::AdapterInfo) -> (u8, u8) {
     let kind = match info.device_type {
         wgpu::DeviceType::DiscreteGpu => 0,
         wgpu::DeviceType::IntegratedGpu => 1,

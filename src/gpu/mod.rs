@@ -58,6 +58,26 @@ pub fn adapter_search() -> (Vec<AdapterSummary>, Vec<String>) {
     (list, found.searched)
 }
 
+/// The adapter for rank `local_rank` among the ranks of one machine in a data-parallel run:
+/// hardware adapters are dealt out in turn (rank i takes the i-th modulo their number, in the
+/// default ranking); with none, `None`, and every rank opens the default (software) adapter,
+/// which several ranks may share. Returned as an index for [`GpuOptions::adapter`].
+pub fn adapter_for_local_rank(local_rank: usize) -> Option<String> {
+    let adapters = adapter::discover().adapters;
+    let mut hardware: Vec<(usize, wgpu::AdapterInfo)> = adapters
+        .iter()
+        .map(|a| a.get_info())
+        .enumerate()
+        .filter(|(_, info)| {
+            info.device_type != wgpu::DeviceType::Cpu && info.backend != wgpu::Backend::Gl
+        })
+        .collect();
+    hardware.sort_by_key(|(i, info)| (adapter::preference(info), *i));
+    let chosen = hardware.get(local_rank % hardware.len().max(1))?.0;
+    log::info!("local rank {local_rank}: adapter {chosen}");
+    Some(chosen.to_string())
+}
+
 impl Gpu {
     /// Opens the default adapter (or the one `KILN_ADAPTER` names) with automatic precision.
     pub fn new() -> Result<Self> {

@@ -756,6 +756,62 @@ impl GptGpu {
         step: &AdamWStep,
         after: impl FnOnce(&mut wgpu::CommandEncoder),
     ) -> Result<f64> {
+        let start = std::time::Instant::now();
+        let mut encoder = self.encode_micro_batches(gpu, micro, step)?;
+        self.encode_update(&mut encoder);
+        after(&mut encoder);
+        let commands = encoder.finish();
+        let encode_s = start.elapsed().as_secs_f64();
+        gpu.queue().submit([commands]);
+        gpu.check("training step")?;
+        Ok(encode_s)
+    }
+
+    /// The first half of [`GptGpu::step`] as its own submission: the gradients cleared and
+    /// every micro-batch's forward, loss and backward, with the update left for
+    /// [`GptGpu::step_update`]. Data-parallel training averages the gradient buffer across ranks
+    /// between the two. Returns the host seconds spent encoding.
+    pub fn step_backward(
+        &self,
+        gpu: &Gpu,
+        micro: &[(Vec<u32>, Vec<u32>)],
+        step: &AdamWStep,
+    ) -> Result<f64> {
+        let start = std::time::Instant::now();
+        let encoder = self.encode_micro_batches(gpu, micro, step)?;
+        let commands = encoder.finish();
+        let encode_s = start.elapsed().as_secs_f64();
+        gpu.queue().submit([commands]);
+        gpu.check("training step (forward and backward)")?;
+        Ok(encode_s)
+    }
+
+    /// The second half of [`GptGpu::step`] after [`GptGpu::step_backward`]: gradient norm,
+    /// AdamW and the loss-scale update, then `after`, as one submission.
+    pub fn step_update(
+        &self,
+        gpu: &Gpu,
+        after: impl FnOnce(&mut wgpu::CommandEncoder),
+    ) -> Result<()> {
+        let mut encoder = gpu
+            .device()
+            .create_command_encoder(&wgpu::CommandEncoderDescriptor {
+                label: Some("training step update"),
+            });
+        self.encode_update(&mut encoder);
+        after(&mut encoder);
+        gpu.queue().submit([encoder.finish()]);
+        gpu.check("training step (update)")
+    }
+
+    /// Writes the step's values and its staged micro-batches, and returns an encoder holding
+    /// the gradient clear and every micro-batch's forward, loss and backward.
+    fn encode_micro_batches(
+        &self,
+        gpu: &Gpu,
+        micro: &[(Vec<u32>, Vec<u32>)],
+        step: &AdamWStep,
+    ) -> Result<wgpu::CommandEncoder> {
         let staged = &self.optim()?.staged;
         if micro.is_empty() || micro.len() > self.micro_batches {
             return Err(Error::shape(
@@ -767,7 +823,6 @@ impl GptGpu {
                 ),
             ));
         }
-        let start = std::time::Instant::now();
         self.set_step(gpu, step, micro.len())?;
         let mut words = Vec::new();
         for (i, (inputs, targets)) in micro.iter().enumerate() {
@@ -797,19 +852,16 @@ impl GptGpu {
             });
             self.record_micro_batch(&mut pass);
         }
-        {
-            let mut pass = encoder.begin_compute_pass(&wgpu::ComputePassDescriptor {
-                label: Some("update"),
-                timestamp_writes: None,
-            });
-            self.record_update(&mut pass);
-        }
-        after(&mut encoder);
-        let commands = encoder.finish();
-        let encode_s = start.elapsed().as_secs_f64();
-        gpu.queue().submit([commands]);
-        gpu.check("training step")?;
-        Ok(encode_s)
+        Ok(encoder)
+    }
+
+    /// The update's compute pass (see [`GptGpu::record_update`]).
+    fn encode_update(&self, encoder: &mut wgpu::CommandEncoder) {
+        let mut pass = encoder.begin_compute_pass(&wgpu::ComputePassDescriptor {
+            label: Some("update"),
+            timestamp_writes: None,
+        });
+        self.record_update(&mut pass);
     }
 
     /// Times every prepared op of a step on its own: `runs` submissions of the op alone after a

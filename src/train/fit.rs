@@ -27,6 +27,9 @@ pub struct FitOptions<'a> {
 /// The trainer's clocks when a `fit` began, so its summary counts that call alone.
 struct ClockMark {
     submitted: u64,
+    wait: f64,
+    comm: f64,
+    readback: f64,
     encode: f64,
     submit: f64,
     training: f64,
@@ -58,6 +61,9 @@ impl Trainer {
         }
         let start = ClockMark {
             submitted: self.clock.submitted,
+            wait: self.clock.wait,
+            comm: self.clock.comm,
+            readback: self.clock.readback,
             encode: self.clock.encode,
             submit: self.clock.submit,
             training: self.clock.training_seconds(),
@@ -119,6 +125,7 @@ impl Trainer {
         }
         let mut summary = self.summary(first_step, start, val_loss, full, last_checkpoint);
         summary.early_stop = early_stop;
+        summary.weights_sha256 = self.check_weights_agree()?;
         for o in observers.iter_mut() {
             o.on_end(&summary)?;
         }
@@ -222,6 +229,11 @@ impl Trainer {
             checkpoint,
             early_stop: None,
             precision: self.precision(),
+            ranks: self.ranks(),
+            comm_ms_per_step: 1e3 * (self.clock.comm - start.comm) / per_step,
+            wait_ms_per_step: 1e3 * (self.clock.wait - start.wait) / per_step,
+            readback_ms_per_step: 1e3 * (self.clock.readback - start.readback) / per_step,
+            weights_sha256: None,
         }
     }
 }

@@ -26,6 +26,6 @@ pub mod trainer;
 pub use fit::FitOptions;
 pub use observer::{Control, Observer};
 pub use observers::{LossPlot, MetricsLog, Progress};
-pub use run::{TrainOptions, train};
+pub use run::{TrainOptions, train, train_in};
 pub use stats::{EarlyStop, EvalSet, EvalStats, SavedCheckpoint, StepStats, TrainSummary};
 pub use trainer::Trainer;

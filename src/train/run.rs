@@ -10,6 +10,7 @@ use super::run_dir::{METRICS_FILE, RunDir, RunMode};
 use super::stats::TrainSummary;
 use super::trainer::Trainer;
 use crate::data::Dataset;
+use crate::dist::{Communicator, Single};
 use crate::gpu::{Gpu, GpuOptions};
 use crate::model::Config;
 use crate::{Error, Result};
@@ -54,6 +55,22 @@ pub fn train(
     stop: &AtomicBool,
     observers: &mut [&mut dyn Observer],
 ) -> Result<TrainSummary> {
+    train_in(opts, Box::new(Single), stop, observers)
+}
+
+/// [`train`] as one rank of a data-parallel run over `comm` (`mpirun -np N kiln train`): every
+/// rank reads the corpus and the checkpoint to resume, opens its own device (by local rank,
+/// unless `opts.adapter` or `KILN_ADAPTER` chooses) and trains on its share of each global
+/// batch; rank 0 alone touches the run folder (lock, config, metrics, plot, checkpoints) and
+/// reports to `observers`.
+pub fn train_in(
+    opts: &TrainOptions,
+    comm: Box<dyn Communicator>,
+    stop: &AtomicBool,
+    observers: &mut [&mut dyn Observer],
+) -> Result<TrainSummary> {
+    let (rank, ranks) = (comm.rank(), comm.size());
+    let writer = rank == 0;
     // The corpus is recorded in the saved config, so `kiln eval` can find the validation split.
     let mut config = opts.config.clone();
     if config.data.path.is_empty() {
@@ -97,6 +114,7 @@ pub fn train(
     };
     config.validate()?;
     let mode = run_mode(opts)?;
+    crate::dist::rank_rows(config.train.batch_size, ranks, rank)?;
     let block = config.model.block_size;
     // A new run reads its corpus before the folder is touched, so that a corpus refused (empty,
     // not UTF-8, characters the base checkpoint's tokenizer lacks) leaves an existing run in
@@ -107,11 +125,18 @@ pub fn train(
         let tokenizer_json = base.as_ref().map(|b| &b.tokenizer_json);
         Some(load_dataset(opts, &config.data, tokenizer_json, block)?)
     };
-    let run = RunDir::open(&opts.out_dir, mode)?;
+    // The other ranks only read the folder (the checkpoint to resume); rank 0 holds its lock.
+    let run = if writer {
+        Some(RunDir::open(&opts.out_dir, mode)?)
+    } else {
+        None
+    };
     let (checkpoint, dataset) = match fresh_dataset {
         Some(dataset) => {
-            run.write_config(&config)?;
-            let _ = std::fs::remove_file(opts.out_dir.join(METRICS_FILE));
+            if let Some(run) = &run {
+                run.write_config(&config)?;
+                let _ = std::fs::remove_file(opts.out_dir.join(METRICS_FILE));
+            }
             (None, dataset)
         }
         None => {
@@ -136,19 +161,28 @@ pub fn train(
     if let Some(ck) = &checkpoint {
         check_tokenizer(ck, &dataset, opts)?;
     }
+    let adapter = match &opts.adapter {
+        Some(a) => Some(a.clone()),
+        None if ranks > 1 && std::env::var_os("KILN_ADAPTER").is_none() => {
+            crate::gpu::adapter_for_local_rank(comm.local_rank())
+        }
+        None => None,
+    };
     let gpu = Gpu::with_options(&GpuOptions {
-        adapter: opts.adapter.clone(),
+        adapter,
         precision: config.train.precision,
     })?;
     let mut trainer = match checkpoint {
         Some(ck) => {
-            let trainer = Trainer::from_checkpoint(gpu, config, dataset, ck)?;
-            run.truncate_metrics(trainer.steps_done())?;
+            let trainer = Trainer::from_checkpoint_in(gpu, config, dataset, ck, comm)?;
+            if let Some(run) = &run {
+                run.truncate_metrics(trainer.steps_done())?;
+            }
             trainer
         }
         None => match &base {
-            Some(b) => Trainer::from_pretrained(gpu, config, dataset, b)?,
-            None => Trainer::new(gpu, config, dataset)?,
+            Some(b) => Trainer::from_pretrained_in(gpu, config, dataset, b, comm)?,
+            None => Trainer::new_in(gpu, config, dataset, comm)?,
         },
     };
     let c = &trainer.config().model;
@@ -163,10 +197,15 @@ pub fn train(
     let max_steps = trainer.config().train.max_steps as u64;
     let mut metrics = MetricsLog::new(&opts.out_dir);
     let mut plot = LossPlot::new(&opts.out_dir, title);
-    let mut progress = Progress::new(opts.progress, max_steps, trainer.steps_done());
-    let mut all: Vec<&mut dyn Observer> = vec![&mut metrics, &mut plot, &mut progress];
-    for o in observers.iter_mut() {
-        all.push(&mut **o);
+    let mut progress = Progress::new(opts.progress && writer, max_steps, trainer.steps_done());
+    let mut all: Vec<&mut dyn Observer> = Vec::new();
+    if writer {
+        all.push(&mut metrics);
+        all.push(&mut plot);
+        all.push(&mut progress);
+        for o in observers.iter_mut() {
+            all.push(&mut **o);
+        }
     }
     let options = FitOptions {
         checkpoint_dir: Some(&opts.out_dir),

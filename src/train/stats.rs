@@ -174,4 +174,17 @@ pub struct TrainSummary {
     pub early_stop: Option<EarlyStop>,
     /// Storage precision used.
     pub precision: Precision,
+    /// Ranks that trained together (1 without data parallelism).
+    pub ranks: usize,
+    /// Multi-rank runs: mean milliseconds per step exchanging gradients between ranks (the
+    /// all-reduce itself, after every rank has arrived); 0 alone.
+    pub comm_ms_per_step: f64,
+    /// Multi-rank runs: mean milliseconds per step this rank waited for the others to reach the
+    /// exchange (load imbalance); 0 alone.
+    pub wait_ms_per_step: f64,
+    /// Multi-rank runs: mean milliseconds per step reading the gradients back (including the
+    /// wait for the backward) and writing the average; 0 alone.
+    pub readback_ms_per_step: f64,
+    /// Multi-rank runs: SHA-256 of the final f32 master weights, checked equal on every rank.
+    pub weights_sha256: Option<String>,
 }

@@ -9,6 +9,7 @@ use super::schedule::learning_rate;
 use super::stats::{EvalSet, EvalStats, SavedCheckpoint, StepStats};
 use crate::cpu::gpt::GptBatch;
 use crate::data::{Batch, Dataset, Tokenizer};
+use crate::dist::{self, Communicator, Fingerprint, Single};
 use crate::finetune::layout::move_by_name;
 use crate::finetune::lora::init_adapters;
 use crate::generate::Generator;
@@ -86,6 +87,12 @@ pub struct Trainer {
     last_loss: f32,
     keep: usize,
     pub(crate) clock: Clock,
+    /// The ranks of a data-parallel run ([`Single`] alone).
+    comm: Box<dyn Communicator>,
+    /// The rows of each global batch this rank trains on.
+    rows: std::ops::Range<usize>,
+    /// Multi-rank runs: the step's loss averaged over the ranks, by step, until read back.
+    global_losses: VecDeque<(u64, f32)>,
 }
 
 /// Where the trainer's wall-clock time went.
@@ -96,6 +103,12 @@ pub(crate) struct Clock {
     pub excluded: f64,
     pub encode: f64,
     pub submit: f64,
+    /// Multi-rank runs: seconds waiting for the other ranks to reach the exchange, in the
+    /// gradient exchange itself, and in reading the gradients back and writing the average
+    /// (including the wait for the backward).
+    pub wait: f64,
+    pub comm: f64,
+    pub readback: f64,
     /// Steps submitted through this trainer.
     pub submitted: u64,
     /// Steps read back through this trainer, and the training time when the last one was.
@@ -118,7 +131,21 @@ impl Trainer {
     /// with [`Trainer::with_default_gpu`], or with `GpuOptions { precision:
     /// config.train.precision, .. }`).
     pub fn new(gpu: Gpu, config: Config, dataset: Dataset) -> Result<Trainer> {
-        let mut trainer = Trainer::build(gpu, config, dataset)?;
+        Trainer::new_in(gpu, config, dataset, Box::new(Single))
+    }
+
+    /// [`Trainer::new`] as one rank of a data-parallel run over `comm`: every rank draws the
+    /// same weights from `train.seed`, trains on rows `rank·B/N..(rank+1)·B/N` of each global
+    /// batch of `train.batch_size` rows (which must be divisible by the number of ranks), and
+    /// the gradients are averaged across ranks before the update. Checks at start-up that every
+    /// rank has the same config, data and weights. Only rank 0 writes in [`Trainer::save`].
+    pub fn new_in(
+        gpu: Gpu,
+        config: Config,
+        dataset: Dataset,
+        comm: Box<dyn Communicator>,
+    ) -> Result<Trainer> {
+        let mut trainer = Trainer::build(gpu, config, dataset, comm)?;
         let (model, seed) = (&trainer.config.model, trainer.config.train.seed);
         let weights = if trainer.config.adaptation().is_none() {
             gpt2_init(&trainer.layout, model, seed)
@@ -132,6 +159,7 @@ impl Trainer {
         };
         trainer.model.set_weights(&trainer.gpu, &weights)?;
         trainer.start_loss_scale();
+        trainer.agree()?;
         Ok(trainer)
     }
 
@@ -146,13 +174,25 @@ impl Trainer {
         dataset: Dataset,
         base: &Checkpoint,
     ) -> Result<Trainer> {
+        Trainer::from_pretrained_in(gpu, config, dataset, base, Box::new(Single))
+    }
+
+    /// [`Trainer::from_pretrained`] as one rank of a data-parallel run (see [`Trainer::new_in`]).
+    pub fn from_pretrained_in(
+        gpu: Gpu,
+        config: Config,
+        dataset: Dataset,
+        base: &Checkpoint,
+        comm: Box<dyn Communicator>,
+    ) -> Result<Trainer> {
         check_base(base, &config)?;
-        let mut trainer = Trainer::build(gpu, config, dataset)?;
+        let mut trainer = Trainer::build(gpu, config, dataset, comm)?;
         trainer.check_tokenizer(&base.tokenizer_json)?;
         let mut w = move_by_name(&base.master, &base.layout, &trainer.layout)?;
         init_adapters(&trainer.layout, &mut w, trainer.config.train.seed);
         trainer.model.set_weights(&trainer.gpu, &w)?;
         trainer.start_loss_scale();
+        trainer.agree()?;
         log::info!("fine-tuning from a checkpoint of step {}", base.state.step);
         Ok(trainer)
     }
@@ -204,7 +244,20 @@ impl Trainer {
         dataset: Dataset,
         checkpoint: Checkpoint,
     ) -> Result<Trainer> {
-        let mut trainer = Trainer::build(gpu, config, dataset)?;
+        Trainer::from_checkpoint_in(gpu, config, dataset, checkpoint, Box::new(Single))
+    }
+
+    /// [`Trainer::from_checkpoint`] as one rank of a data-parallel run (see
+    /// [`Trainer::new_in`]). The checkpoint need not come from a run with the same number of
+    /// ranks: it holds the global state, and the global batch decides the data.
+    pub fn from_checkpoint_in(
+        gpu: Gpu,
+        config: Config,
+        dataset: Dataset,
+        checkpoint: Checkpoint,
+        comm: Box<dyn Communicator>,
+    ) -> Result<Trainer> {
+        let mut trainer = Trainer::build(gpu, config, dataset, comm)?;
         trainer.check_tokenizer(&checkpoint.tokenizer_json)?;
         checkpoint::check_compatible(&checkpoint, &trainer.config, &trainer.layout)?;
         let ck = checkpoint.with_layout(&trainer.layout)?;
@@ -220,6 +273,7 @@ impl Trainer {
                 .set_loss_scale_state(&trainer.gpu, scale, run)?;
             trainer.scale_in_effect = scale;
         }
+        trainer.agree()?;
         log::info!("resumed from step {}", trainer.state.step);
         Ok(trainer)
     }
@@ -232,8 +286,14 @@ impl Trainer {
     }
 
     /// Everything but the weights: checks, model, ring, validation batches.
-    fn build(gpu: Gpu, config: Config, dataset: Dataset) -> Result<Trainer> {
+    fn build(
+        gpu: Gpu,
+        config: Config,
+        dataset: Dataset,
+        comm: Box<dyn Communicator>,
+    ) -> Result<Trainer> {
         config.validate()?;
+        let rows = dist::rank_rows(config.train.batch_size, comm.size(), comm.rank())?;
         let wanted = match config.train.precision {
             PrecisionChoice::Auto => None,
             PrecisionChoice::F32 => Some(Precision::F32),
@@ -255,11 +315,15 @@ impl Trainer {
         // Both splits long enough for this context (the dataset may have been split for
         // another), with the data layer's message.
         dataset.train_batch(0, 0, 1, block, t.seed)?;
-        let val = dataset.val_batches(t.eval_batches, t.batch_size, block, t.seed)?;
+        let val = split_rows(
+            dataset.val_batches(t.eval_batches, t.batch_size, block, t.seed)?,
+            comm.size(),
+        );
         let tokenizer_json = dataset.tokenizer().to_json()?;
         let vocab = dataset.tokenizer().vocab_size();
+        // Each rank's model holds its share of the global batch.
         let batch = GptBatch {
-            batch: t.batch_size,
+            batch: rows.len(),
             seq: block,
         };
         let mut model = GptGpu::adapted(
@@ -277,7 +341,7 @@ impl Trainer {
         }
         model.set_dropout_seed(t.seed);
         let moe_words = model.moe_stats_buffers().iter().map(|t| t.len()).sum();
-        let ring = StatsRing::new(&gpu, t.batch_size * block, moe_words, STEPS_IN_FLIGHT);
+        let ring = StatsRing::new(&gpu, rows.len() * block, moe_words, STEPS_IN_FLIGHT);
         Ok(Trainer {
             layout: model.layout().clone(),
             state: TrainingState {
@@ -299,7 +363,91 @@ impl Trainer {
             last_loss: f32::NAN,
             keep: checkpoint::DEFAULT_KEEP,
             clock: Clock::default(),
+            comm,
+            rows,
+            global_losses: VecDeque::new(),
         })
+    }
+
+    /// Multi-rank runs: checks that every rank has the same config, data, weights and training
+    /// state (by digest) before the first step; the error names what differs.
+    fn agree(&mut self) -> Result<()> {
+        if self.comm.size() <= 1 {
+            return Ok(());
+        }
+        let fingerprint = self.fingerprint()?;
+        dist::agree(self.comm.as_mut(), &fingerprint)
+    }
+
+    /// Digests of what every rank must share.
+    fn fingerprint(&self) -> Result<Fingerprint> {
+        // The corpus path may differ between machines: the data is compared by content.
+        let mut config = self.config.clone();
+        config.data.path.clear();
+        let config_json = serde_json::to_string(&config).map_err(|e| Error::Distributed {
+            message: format!("could not serialise the config for the agreement check: {e}"),
+        })?;
+        let mut data = self.tokenizer_json.clone().into_bytes();
+        data.extend_from_slice(bytemuck::cast_slice(self.dataset.train_tokens()));
+        data.extend_from_slice(bytemuck::cast_slice(self.dataset.val_tokens()));
+        let master = self.model.read_master(&self.gpu)?;
+        let mut weights: Vec<u8> = bytemuck::cast_slice(&master).to_vec();
+        weights.extend_from_slice(format!("{:?}", self.state).as_bytes());
+        Ok(Fingerprint {
+            items: vec![
+                ("config", dist::digest(config_json.as_bytes())),
+                ("data", dist::digest(&data)),
+                (
+                    "weights and training state (checkpoint)",
+                    dist::digest(&weights),
+                ),
+            ],
+        })
+    }
+
+    /// This rank's index among the ranks of a data-parallel run (0 alone).
+    pub fn rank(&self) -> usize {
+        self.comm.rank()
+    }
+
+    /// Number of ranks training together (1 alone).
+    pub fn ranks(&self) -> usize {
+        self.comm.size()
+    }
+
+    /// SHA-256 of the f32 master weights, in hex (waits for the steps in flight). Multi-rank
+    /// runs compare it across ranks at the end of [`Trainer::fit`].
+    pub fn weights_digest(&mut self) -> Result<String> {
+        self.settle()?;
+        let master = self.model.read_master(&self.gpu)?;
+        Ok(dist::digest(bytemuck::cast_slice(&master))
+            .iter()
+            .map(|b| format!("{b:02x}"))
+            .collect())
+    }
+
+    /// Multi-rank runs: checks that every rank ends with bit-identical weights (an error names
+    /// the rank that differs: a bug, since every rank applies the same averaged gradients).
+    pub(crate) fn check_weights_agree(&mut self) -> Result<Option<String>> {
+        if self.comm.size() <= 1 {
+            return Ok(None);
+        }
+        let hex = self.weights_digest()?;
+        let all = dist::all_gather(
+            self.comm.as_mut(),
+            "the final weights check",
+            hex.as_bytes(),
+        )?;
+        if let Some(rank) = all.iter().position(|d| d != hex.as_bytes()) {
+            return Err(Error::Distributed {
+                message: format!(
+                    "rank {rank}'s final weights differ from rank {}'s: the ranks diverged                      (please report this as a bug)",
+                    self.comm.rank()
+                ),
+            });
+        }
+        self.comm.completed();
+        Ok(Some(hex))
     }
 
     /// Runs the next optimizer step and waits for it. Errors with [`Error::NonFinite`] when its
@@ -328,11 +476,20 @@ impl Trainer {
             self.config.model.block_size,
             t.grad_accum_steps,
         );
+        let rows = self.rows.clone();
+        let ranks = self.comm.size();
         let micro: Vec<(Vec<u32>, Vec<u32>)> = (0..accum as u32)
             .map(|m| {
                 self.dataset
                     .train_batch(step, m, bs, block, t.seed)
-                    .map(|b| (b.inputs, b.targets))
+                    .map(|b| match ranks {
+                        1 => (b.inputs, b.targets),
+                        // This rank's rows of the global batch.
+                        _ => (
+                            b.inputs[rows.start * block..rows.end * block].to_vec(),
+                            b.targets[rows.start * block..rows.end * block].to_vec(),
+                        ),
+                    })
             })
             .collect::<Result<_>>()?;
         let adam = AdamWStep {
@@ -352,11 +509,15 @@ impl Trainer {
             self.accept(raw);
         }
         let submit_start = Instant::now();
-        let (ring, model) = (&self.ring, &self.model);
-        let scalars = model.update_scalars()?;
-        self.clock.encode += model.step(&self.gpu, &micro, &adam, |enc| {
-            ring.record_copy(enc, model, &scalars, step)
-        })?;
+        if ranks > 1 {
+            self.distributed_step(&micro, &adam, step)?;
+        } else {
+            let (ring, model) = (&self.ring, &self.model);
+            let scalars = model.update_scalars()?;
+            self.clock.encode += model.step(&self.gpu, &micro, &adam, |enc| {
+                ring.record_copy(enc, model, &scalars, step)
+            })?;
+        }
         self.clock.submit += submit_start.elapsed().as_secs_f64();
         self.clock.submitted += 1;
         self.ring.request(step);
@@ -366,6 +527,44 @@ impl Trainer {
             self.accept(raw);
         }
         Ok(())
+    }
+
+    /// A step of a multi-rank run, in two submissions: forward and backward of this rank's rows;
+    /// then (on the host) the gradient buffer read back, averaged across the ranks with the
+    /// step's mean loss appended, and written back; then the update. The wait for the backward
+    /// is what makes this step synchronous: see docs/ARCHITECTURE.md on overlap.
+    fn distributed_step(
+        &mut self,
+        micro: &[(Vec<u32>, Vec<u32>)],
+        adam: &AdamWStep,
+        step: u64,
+    ) -> Result<()> {
+        self.clock.encode += self.model.step_backward(&self.gpu, micro, adam)?;
+        let read_start = Instant::now();
+        let mut flat = self.model.read_grads(&self.gpu)?;
+        // The loss of the step's last micro-batch on this rank's rows, as the ring computes it;
+        // the ranks' rows all count the same targets, so the mean over ranks is the loss over
+        // the global batch.
+        flat.push(self.model.read_loss(&self.gpu)?);
+        // A one-byte exchange first: it measures how long this rank waits for the slowest
+        // (load imbalance, shared cores) apart from the time the gradient bytes take.
+        let wait_start = Instant::now();
+        let what = format!("the gradient all-reduce of step {step}");
+        dist::all_gather(self.comm.as_mut(), &what, &[0])?;
+        let exchange_start = Instant::now();
+        self.clock.wait += (exchange_start - wait_start).as_secs_f64();
+        dist::all_reduce_mean(self.comm.as_mut(), &what, &mut flat)?;
+        let exchange_end = Instant::now();
+        let loss = flat.pop().unwrap_or(f32::NAN);
+        self.global_losses.push_back((step, loss));
+        self.gpu.write(self.model.grads()?, &flat)?;
+        self.clock.comm += (exchange_end - exchange_start).as_secs_f64();
+        self.clock.readback += (wait_start - read_start + exchange_end.elapsed()).as_secs_f64();
+        let (ring, model) = (&self.ring, &self.model);
+        let scalars = model.update_scalars()?;
+        model.step_update(&self.gpu, |enc| {
+            ring.record_copy(enc, model, &scalars, step)
+        })
     }
 
     /// Statistics of the steps that have finished since the last call, in step order; with
@@ -394,7 +593,17 @@ impl Trainer {
     }
 
     /// Turns a step's raw numbers into [`StepStats`] and brings the training state up to it.
-    fn accept(&mut self, raw: RawStep) {
+    fn accept(&mut self, mut raw: RawStep) {
+        // A multi-rank step reports the loss over the global batch, not this rank's rows.
+        while let Some(&(step, loss)) = self.global_losses.front() {
+            if step > raw.step {
+                break;
+            }
+            self.global_losses.pop_front();
+            if step == raw.step {
+                raw.loss = loss;
+            }
+        }
         let micro = self.config.train.grad_accum_steps as f32;
         let scale = self.scale_in_effect;
         self.state.skipped_steps = self.skipped_before + u64::from(raw.skipped);
@@ -450,18 +659,28 @@ impl Trainer {
             EvalSet::Batches(0) => {
                 return Err(Error::invalid("EvalSet::Batches", 0, "must be at least 1"));
             }
-            EvalSet::Batches(n) if n <= self.val.len() => &self.val[..n],
+            // Multi-rank runs hold each global batch as `ranks` batches of the model's rows, and
+            // every rank evaluates all of them (the same loss everywhere, no exchange).
+            EvalSet::Batches(n) if n * self.comm.size() <= self.val.len() => {
+                &self.val[..n * self.comm.size()]
+            }
             EvalSet::Batches(n) => {
-                owned = self.dataset.val_batches(n, t.batch_size, block, t.seed)?;
+                owned = split_rows(
+                    self.dataset.val_batches(n, t.batch_size, block, t.seed)?,
+                    self.comm.size(),
+                );
                 &owned
             }
             EvalSet::FullSplit => {
-                owned = windows(
-                    self.dataset.val_tokens(),
-                    t.batch_size,
-                    block,
-                    "the validation split",
-                )?;
+                owned = split_rows(
+                    windows(
+                        self.dataset.val_tokens(),
+                        t.batch_size,
+                        block,
+                        "the validation split",
+                    )?,
+                    self.comm.size(),
+                );
                 &owned
             }
         };
@@ -536,8 +755,21 @@ impl Trainer {
     /// crash leaves the previous checkpoint loadable), keeping the newest 3 (see
     /// [`Trainer::set_keep_checkpoints`]). `kiln sample`, `kiln eval` and `kiln train --resume`
     /// read it. Refused after a non-finite training loss.
+    /// In a multi-rank run only rank 0 writes; the others return the path rank 0 writes to.
     pub fn save(&mut self, root: &Path) -> Result<SavedCheckpoint> {
         self.settle()?;
+        if self.comm.rank() != 0 {
+            if let Some((step, loss)) = self.diverged {
+                return Err(diverged(
+                    "training loss",
+                    format!("step {step} gave a training loss of {loss}"),
+                ));
+            }
+            return Ok(SavedCheckpoint {
+                step: self.state.step,
+                path: root.join(format!("step-{}", self.state.step)),
+            });
+        }
         let start = Instant::now();
         let ck = self.checkpoint()?;
         let path = checkpoint::save(root, &ck, self.keep)?;
@@ -650,6 +882,28 @@ pub fn check_base(base: &Checkpoint, config: &Config) -> Result<()> {
         },
         other => other,
     })
+}
+
+/// Each batch of `batches` as `parts` batches of consecutive rows (the model of a rank of a
+/// `parts`-rank run holds `1/parts` of the rows); unchanged for one part.
+fn split_rows(batches: Vec<Batch>, parts: usize) -> Vec<Batch> {
+    if parts <= 1 {
+        return batches;
+    }
+    let mut out = Vec::with_capacity(batches.len() * parts);
+    for b in batches {
+        let rows = b.batch_size / parts;
+        let n = rows * b.block_size;
+        for p in 0..parts {
+            out.push(Batch {
+                inputs: b.inputs[p * n..(p + 1) * n].to_vec(),
+                targets: b.targets[p * n..(p + 1) * n].to_vec(),
+                batch_size: rows,
+                block_size: b.block_size,
+            });
+        }
+    }
+    out
 }
 
 /// The error for a non-finite measurement: the trainer writes no checkpoint from that state.
