@@ -38,6 +38,23 @@ fn finetune_args(base: &Path, data: &Path, out: &Path, steps: u32, extra: &[&str
     a
 }
 
+/// A fine-tuning run of `steps` steps made in two halves: stopped after `steps / 2` with
+/// `--steps`, then continued with `--resume` (which must equal the run made in one go).
+fn train_split_and_resumed(base: &Path, data: &Path, out: &Path, steps: u32, extra: &[&str]) {
+    let mut a = finetune_args(base, data, out, steps, extra);
+    a.extend(["--steps".into(), (steps / 2).to_string()]);
+    run_ok(&a);
+    run_ok(&[
+        "train".into(),
+        "--quiet".into(),
+        "--out".into(),
+        out.display().to_string(),
+        "--data".into(),
+        data.display().to_string(),
+        "--resume".into(),
+    ]);
+}
+
 fn run_ok(args: &[String]) -> Output {
     let o = kiln().args(args).output().unwrap();
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
@@ -109,18 +126,7 @@ fn init_from_fine_tunes_freezes_and_resumes() {
     let straight = dir.join("frozen");
     run_ok(&finetune_args(&base, &data, &straight, 20, &frozen));
     let split = dir.join("frozen-split");
-    let mut a = finetune_args(&base, &data, &split, 20, &frozen);
-    a.extend(["--steps".into(), "10".into()]);
-    run_ok(&a);
-    run_ok(&[
-        "train".into(),
-        "--quiet".into(),
-        "--out".into(),
-        split.display().to_string(),
-        "--data".into(),
-        data.display().to_string(),
-        "--resume".into(),
-    ]);
+    train_split_and_resumed(&base, &data, &split, 20, &frozen);
     assert_eq!(train_losses(&split), train_losses(&straight));
     let (b, f) = (
         checkpoint::load_latest(&base).unwrap(),
@@ -309,18 +315,7 @@ fn lora_dropout_fine_tune_resumes_bit_for_bit_and_exports_its_dropout() {
     let straight = dir.join("straight");
     run_ok(&finetune_args(&base, &data, &straight, 20, &settings));
     let split = dir.join("split");
-    let mut a = finetune_args(&base, &data, &split, 20, &settings);
-    a.extend(["--steps".into(), "10".into()]);
-    run_ok(&a);
-    run_ok(&[
-        "train".into(),
-        "--quiet".into(),
-        "--out".into(),
-        split.display().to_string(),
-        "--data".into(),
-        data.display().to_string(),
-        "--resume".into(),
-    ]);
+    train_split_and_resumed(&base, &data, &split, 20, &settings);
     let losses = train_losses(&straight);
     assert!(losses.len() >= 10, "{losses:?}");
     assert_eq!(train_losses(&split), losses);
