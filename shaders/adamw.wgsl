@@ -20,8 +20,8 @@
 // moment is written, and invocation 0 alone increments skipped[0].
 //
 // Decay: `ranges` lists the decayed tensors as sorted, disjoint [start, end) element ranges
-// (adjacent ones merged); an element is decayed when the last range starting at or before it
-// also ends after it (a binary search over a table of at most a few hundred entries).
+// (adjacent ones merged); an element is decayed when the first range ending after it has also
+// started at or before it.
 
 struct Params {
     n: u32,
@@ -63,21 +63,35 @@ struct Step {
 @group(0) @binding(11) var<storage, read> ranges: array<vec2<u32>>;
 @group(0) @binding(12) var<storage, read> scale: array<f32>;
 
+// The same buffers seen four elements at a time, for the `_vec4` entries, which the host picks
+// when the length is a multiple of 4 (every binding offset is 256-byte aligned already). One
+// vec4 load or store is one memory instruction for four elements: on lavapipe each storage
+// access is a loop over the SIMD lanes, so this divides the kernel's dominant cost by four.
+@group(0) @binding(13) var<storage, read_write> weights4: array<vec4<f32>>;
+@group(0) @binding(14) var<storage, read_write> exp_avg4: array<vec4<f32>>;
+@group(0) @binding(15) var<storage, read_write> exp_avg_sq4: array<vec4<f32>>;
+@group(0) @binding(16) var<storage, read_write> working4: array<vec4<T>>;
+@group(0) @binding(17) var<storage, read> grads4: array<vec4<T>>;
+@group(0) @binding(18) var<storage, read> grads_f32_4: array<vec4<f32>>;
+
 const WG: u32 = 256u;
 
-fn decayed(i: u32) -> bool {
-    // lo ends as the number of ranges whose start is <= i.
+// The index of the first range that ends after i (n_ranges when none does): the range an element
+// i is decayed by, if it has started. Each invocation asks once, for its first element, and then
+// walks the table forward as its elements grow (`next_range`), so the table costs a handful of
+// loads per invocation rather than a binary search per element.
+fn first_range(i: u32) -> u32 {
     var lo = 0u;
     var hi = params.n_ranges;
     while (lo < hi) {
         let mid = (lo + hi) / 2u;
-        if (ranges[mid].x <= i) {
+        if (ranges[mid].y <= i) {
             lo = mid + 1u;
         } else {
             hi = mid;
         }
     }
-    return lo > 0u && i < ranges[lo - 1u].y;
+    return lo;
 }
 
 // Both factors are powers of two or small integers in practice, so the product is exact and
@@ -107,38 +121,75 @@ fn skip(gid: u32) -> bool {
     return false;
 }
 
-fn update(i: u32, raw: f32, ls: f32, clip: f32) {
-    let g = raw / ls * clip;
+// The per-step scalars, read from the buffers once per invocation: every element of a step uses
+// the same values, and on CPU-backed adapters each storage load costs a loop over the lanes.
+struct Hoisted {
+    beta2: f32,
+    one_minus_beta1: f32,
+    one_minus_beta2: f32,
+    eps: f32,
+    step_size: f32,
+    bc2_sqrt: f32,
+    decay_factor: f32,
+    ls: f32,
+    clip: f32,
+}
+
+fn hoist() -> Hoisted {
+    let st = step;
+    return Hoisted(st.beta2, st.one_minus_beta1, st.one_minus_beta2, st.eps, st.step_size,
+                   st.bc2_sqrt, st.decay_factor, loss_scale(), clip_factor());
+}
+
+fn update(i: u32, raw: f32, decay: bool, h: Hoisted) {
+    let g = raw / h.ls * h.clip;
     var w = weights[i];
-    if (decayed(i)) {
-        w = w * step.decay_factor;
+    if (decay) {
+        w = w * h.decay_factor;
     }
-    let wt = step.one_minus_beta1;
+    let wt = h.one_minus_beta1;
     var m = exp_avg[i];
     if (abs(wt) < 0.5) {
         m = m + wt * (g - m);
     } else {
         m = g - (g - m) * (1.0 - wt);
     }
-    let v = exp_avg_sq[i] * step.beta2 + step.one_minus_beta2 * g * g;
-    let denom = sqrt(v) / step.bc2_sqrt + step.eps;
-    w = w + (-step.step_size * m) / denom;
+    let v = exp_avg_sq[i] * h.beta2 + h.one_minus_beta2 * g * g;
+    let denom = sqrt(v) / h.bc2_sqrt + h.eps;
+    w = w + (-h.step_size * m) / denom;
     weights[i] = w;
     exp_avg[i] = m;
     exp_avg_sq[i] = v;
     working[i] = T(w);
 }
 
+// Each invocation strides over the buffer by groups * WG (consecutive invocations touch
+// consecutive elements, so loads stay coalesced) and handles ceil(n / (groups * WG)) elements;
+// the host picks `groups` so that this is several elements, which amortises the hoisted loads and
+// the range lookup. The decayed-range cursor r only moves forward because i only grows.
 // Gradients stored as T (f16 or f32).
 @compute @workgroup_size(WG)
 fn adamw(@builtin(global_invocation_id) id: vec3<u32>) {
     if (skip(id.x)) {
         return;
     }
-    let ls = loss_scale();
-    let clip = clip_factor();
-    for (var i = id.x; i < params.n; i += params.groups * WG) {
-        update(i, f32(grads[i]), ls, clip);
+    let h = hoist();
+    let n = params.n;
+    let stride = params.groups * WG;
+    let nr = params.n_ranges;
+    var r = first_range(id.x);
+    var cur = vec2<u32>(0xffffffffu, 0xffffffffu);
+    if (r < nr) {
+        cur = ranges[r];
+    }
+    for (var i = id.x; i < n; i += stride) {
+        while (r < nr && cur.y <= i) {
+            r += 1u;
+            if (r < nr) {
+                cur = ranges[r];
+            }
+        }
+        update(i, f32(grads[i]), r < nr && cur.x <= i, h);
     }
 }
 
@@ -148,9 +199,98 @@ fn adamw_f32_grads(@builtin(global_invocation_id) id: vec3<u32>) {
     if (skip(id.x)) {
         return;
     }
-    let ls = loss_scale();
-    let clip = clip_factor();
-    for (var i = id.x; i < params.n; i += params.groups * WG) {
-        update(i, grads_f32[i], ls, clip);
+    let h = hoist();
+    let n = params.n;
+    let stride = params.groups * WG;
+    let nr = params.n_ranges;
+    var r = first_range(id.x);
+    var cur = vec2<u32>(0xffffffffu, 0xffffffffu);
+    if (r < nr) {
+        cur = ranges[r];
+    }
+    for (var i = id.x; i < n; i += stride) {
+        while (r < nr && cur.y <= i) {
+            r += 1u;
+            if (r < nr) {
+                cur = ranges[r];
+            }
+        }
+        update(i, grads_f32[i], r < nr && cur.x <= i, h);
+    }
+}
+
+// update() on four consecutive elements, component by component in the same order of
+// operations, so the results are bit-identical to the scalar entries'.
+fn update4(q: u32, raw: vec4<f32>, decay: vec4<bool>, h: Hoisted) {
+    let g = raw / h.ls * h.clip;
+    let w0 = weights4[q];
+    let w = select(w0, w0 * h.decay_factor, decay);
+    let wt = h.one_minus_beta1;
+    var m = exp_avg4[q];
+    if (abs(wt) < 0.5) {
+        m = m + wt * (g - m);
+    } else {
+        m = g - (g - m) * (1.0 - wt);
+    }
+    let v = exp_avg_sq4[q] * h.beta2 + h.one_minus_beta2 * g * g;
+    let denom = sqrt(v) / h.bc2_sqrt + h.eps;
+    let w2 = w + (-h.step_size * m) / denom;
+    weights4[q] = w2;
+    exp_avg4[q] = m;
+    exp_avg_sq4[q] = v;
+    working4[q] = vec4<T>(w2);
+}
+
+// Walks the decayed-range cursor (r, cur) over the four elements of group q and returns which are
+// decayed. Ranges may start or end inside a group of four.
+fn decay4(q: u32, r: ptr<function, u32>, cur: ptr<function, vec2<u32>>) -> vec4<bool> {
+    var d = vec4<bool>(false);
+    let nr = params.n_ranges;
+    for (var c = 0u; c < 4u; c++) {
+        let e = 4u * q + c;
+        while (*r < nr && (*cur).y <= e) {
+            *r += 1u;
+            if (*r < nr) {
+                *cur = ranges[*r];
+            }
+        }
+        d[c] = *r < nr && (*cur).x <= e;
+    }
+    return d;
+}
+
+@compute @workgroup_size(WG)
+fn adamw_vec4(@builtin(global_invocation_id) id: vec3<u32>) {
+    if (skip(id.x)) {
+        return;
+    }
+    let h = hoist();
+    let n4 = params.n / 4u;
+    let stride = params.groups * WG;
+    var r = first_range(4u * id.x);
+    var cur = vec2<u32>(0xffffffffu, 0xffffffffu);
+    if (r < params.n_ranges) {
+        cur = ranges[r];
+    }
+    for (var q = id.x; q < n4; q += stride) {
+        update4(q, vec4<f32>(grads4[q]), decay4(q, &r, &cur), h);
+    }
+}
+
+@compute @workgroup_size(WG)
+fn adamw_f32_grads_vec4(@builtin(global_invocation_id) id: vec3<u32>) {
+    if (skip(id.x)) {
+        return;
+    }
+    let h = hoist();
+    let n4 = params.n / 4u;
+    let stride = params.groups * WG;
+    var r = first_range(4u * id.x);
+    var cur = vec2<u32>(0xffffffffu, 0xffffffffu);
+    if (r < params.n_ranges) {
+        cur = ranges[r];
+    }
+    for (var q = id.x; q < n4; q += stride) {
+        update4(q, grads_f32_4[q], decay4(q, &r, &cur), h);
     }
 }

@@ -28,6 +28,37 @@ fn segments() -> Vec<ParamSegment> {
 }
 const N: usize = 1037;
 
+/// A layout of `n` elements large enough that every invocation updates many of them (the kernel
+/// strides by its grid: on lavapipe 64 units per invocation, on GPUs 4) and walks its cursor
+/// across many ranges: segments of 1 to 5000 elements, decayed and not, several adjacent decayed
+/// ones (merged into one range) and segments shorter than the grid's stride, so one invocation's
+/// consecutive elements fall in different segments. With n a multiple of 4 the kernel takes its
+/// vec4 entry, and single-element segments put range ends inside a group of four.
+fn large_segments(n: usize) -> Vec<ParamSegment> {
+    let mut segs = Vec::new();
+    let mut offset = 0;
+    for (k, len) in [1usize, 3001, 7, 700, 1, 1, 5000, 33, 64, 2500, 999, 12, 1]
+        .iter()
+        .cycle()
+        .enumerate()
+    {
+        let len = (*len).min(n - offset);
+        segs.push(ParamSegment {
+            offset,
+            len,
+            decayed: k % 3 != 1,
+        });
+        offset += len;
+        if offset == n {
+            break;
+        }
+    }
+    segs
+}
+
+/// The scalar entry's length (40,037) and the vec4 entry's (40,036).
+const LARGE: [usize; 2] = [40_037, 40_036];
+
 /// Master weights after ten steps. CPU and GPU use the same f32 scalars (computed in f64 on the
 /// host, so no GPU pow or sqrt of a scalar enters) and the same per-element operation order; they
 /// can differ only where the GPU's sqrt or division is not correctly rounded (Vulkan allows a few
@@ -184,20 +215,26 @@ fn settings(t: u32) -> AdamWStep {
 }
 
 fn ten_steps(p: Precision, grad_dtype: DType) {
+    ten_steps_on(p, grad_dtype, &segments(), N);
+    for n in LARGE {
+        ten_steps_on(p, grad_dtype, &large_segments(n), n);
+    }
+}
+
+fn ten_steps_on(p: Precision, grad_dtype: DType, segs: &[ParamSegment], n: usize) {
     let Some(gpu) = gpu(p) else { return };
-    let segs = segments();
-    let mut s = State::new(gpu, N, grad_dtype, 1);
-    let ops = s.prepare(gpu, &segs, &settings(1));
+    let mut s = State::new(gpu, n, grad_dtype, 1);
+    let ops = s.prepare(gpu, segs, &settings(1));
     for t in 1..=10 {
         // Scaled by a power of two after rounding, so f16 and f32 gradients hold exact values.
-        let g: Vec<f32> = round_to(Precision::F16, &random(N, 100 + t as u64))
+        let g: Vec<f32> = round_to(Precision::F16, &random(n, 100 + t as u64))
             .iter()
             .map(|x| x * 1024.0)
             .collect();
-        s.step(gpu, &ops, &g, &segs, &settings(t));
+        s.step(gpu, &ops, &g, segs, &settings(t));
     }
     let (params, working, m, v, skipped) = s.read(gpu);
-    let what = format!("{p} working, {grad_dtype:?} grads, 10 steps");
+    let what = format!("{p} working, {grad_dtype:?} grads, {n} elements, 10 steps");
     assert_eq!(skipped, 0, "{what}");
     assert_close(
         &format!("{what}: params"),
@@ -217,9 +254,65 @@ fn ten_steps(p: Precision, grad_dtype: DType) {
         },
     };
     assert_close(&format!("{what}: working"), &params, &working, working_tol);
-    // The steps did something: every weight moved.
-    let start = random(N, 1);
-    assert!(params.iter().zip(&start).all(|(a, b)| a != b), "{what}");
+    // The steps did something to every element: each second moment holds squares of non-zero
+    // gradients. A weight can still end exactly where it started (over 40,036 elements one did,
+    // on the CPU as on the GPU: its ten updates summed to less than half an ulp), so the weights
+    // that did not move must be the CPU's and rare.
+    assert!(
+        v.iter().all(|&x| x > 0.0),
+        "{what}: an element was not updated"
+    );
+    let start = random(n, 1);
+    let still: Vec<usize> = (0..n).filter(|&i| params[i] == start[i]).collect();
+    let cpu_still: Vec<usize> = (0..n).filter(|&i| s.cpu_params[i] == start[i]).collect();
+    assert_eq!(still, cpu_still, "{what}: unmoved weights");
+    assert!(
+        still.len() * 1000 < n,
+        "{what}: {} weights did not move",
+        still.len()
+    );
+}
+
+/// The vec4 entry does each element's arithmetic in the scalar entry's order, so on the same
+/// elements it must give the same bits. Ten steps on 40,037 elements (scalar entry) and on their
+/// first 40,036 (vec4 entry), same data and segments (the last one element shorter), without
+/// clipping (the norm, and so the clip factor, would see the extra element).
+#[test]
+fn vec4_entry_is_bit_identical_to_the_scalar_entry() {
+    for (p, grad_dtype) in [
+        (Precision::F32, DType::F32),
+        (Precision::F16, DType::F16),
+        (Precision::F16, DType::F32),
+    ] {
+        let Some(gpu) = gpu(p) else { continue };
+        let [scalar, vec4] = LARGE.map(|n| {
+            let segs = large_segments(n);
+            let mut s = State::new(gpu, n, grad_dtype, 7);
+            let no_clip = |t| AdamWStep {
+                grad_clip: 0.0,
+                ..settings(t)
+            };
+            let ops = s.prepare(gpu, &segs, &no_clip(1));
+            for t in 1..=10 {
+                let g = round_to(Precision::F16, &random(n, 200 + t as u64));
+                s.step(gpu, &ops, &g, &segs, &no_clip(t));
+            }
+            let (params, working, m, v, _) = s.read(gpu);
+            [params, working, m, v]
+        });
+        for (k, name) in ["params", "working", "exp_avg", "exp_avg_sq"]
+            .iter()
+            .enumerate()
+        {
+            let (a, b) = (&scalar[k][..LARGE[1]], &vec4[k]);
+            let first = (0..LARGE[1]).find(|&i| a[i].to_bits() != b[i].to_bits());
+            assert_eq!(
+                first, None,
+                "{p} {grad_dtype:?} grads: {name} of the vec4 entry differs from the scalar \
+                 entry's (first at element {first:?})"
+            );
+        }
+    }
 }
 
 #[test]
@@ -300,20 +393,26 @@ fn non_finite_gradient_skips_the_step() {
 /// non-decayed tensor must stay bit-identical while a decayed one is multiplied by 1 - lr·wd.
 #[test]
 fn decay_applies_only_to_decayed_tensors() {
+    decay_applies_only_to(&segments(), N);
+    for n in LARGE {
+        decay_applies_only_to(&large_segments(n), n);
+    }
+}
+
+fn decay_applies_only_to(segs: &[ParamSegment], n: usize) {
     let gpu = gpu(Precision::F32).unwrap();
-    let segs = segments();
-    let mut s = State::new(gpu, N, DType::F32, 3);
+    let mut s = State::new(gpu, n, DType::F32, 3);
     let step = AdamWStep {
         lr: 0.1,
         weight_decay: 0.5,
         ..AdamWStep::new(1)
     };
-    let ops = s.prepare(gpu, &segs, &step);
+    let ops = s.prepare(gpu, segs, &step);
     let start = s.cpu_params.clone();
-    s.step(gpu, &ops, &vec![0.0; N], &segs, &step);
+    s.step(gpu, &ops, &vec![0.0; n], segs, &step);
     let (params, ..) = s.read(gpu);
     let factor = (1.0 - 0.1 * 0.5) as f32;
-    for seg in &segs {
+    for seg in segs {
         for i in seg.offset..seg.offset + seg.len {
             if seg.decayed {
                 assert_eq!(params[i], start[i] * factor, "decayed element {i}");

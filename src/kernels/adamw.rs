@@ -13,6 +13,20 @@ use wgpu::util::DeviceExt;
 /// Invocations per workgroup (the shader's `WG`).
 const WG: usize = 256;
 
+/// Elements each invocation updates (the shader strides, so loads stay coalesced). The per-step
+/// scalars and the decayed-range lookup are paid once per invocation, so more elements amortise
+/// them; a GPU wants enough invocations to fill its cores, and four per invocation still leaves
+/// n/1024 workgroups. A CPU-backed adapter runs a handful of threads, and there every invocation
+/// costs its setup and every storage load a loop over the SIMD lanes. Counted in units of the
+/// entry's access (four elements for the `_vec4` entries).
+fn elements_per_invocation(gpu: &Gpu) -> usize {
+    if gpu.capabilities().adapter.software {
+        64
+    } else {
+        4
+    }
+}
+
 /// The uniform block `Params` of the shader.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, bytemuck::Pod, bytemuck::Zeroable)]
@@ -123,8 +137,19 @@ impl AdamW {
             .capabilities()
             .limits
             .max_compute_workgroups_per_dimension as usize;
+        // Four elements per memory access where the length allows it (the `_vec4` entries: same
+        // arithmetic per element, bit-identical results); the scalar entries otherwise.
+        let vec4 = n.is_multiple_of(4) && n > 0;
+        let entry = match (entry, vec4) {
+            ("adamw", true) => "adamw_vec4",
+            ("adamw_f32_grads", true) => "adamw_f32_grads_vec4",
+            (e, _) => e,
+        };
+        let units = if vec4 { n / 4 } else { n };
         // Invocation 0 must run even for an empty buffer: it counts skipped steps.
-        let groups = n.div_ceil(WG).clamp(1, max);
+        let groups = units
+            .div_ceil(WG * elements_per_invocation(gpu))
+            .clamp(1, max);
         let pipeline = gpu.pipeline(&PipelineKey {
             family: "adamw",
             entry,
@@ -157,14 +182,20 @@ impl AdamW {
             contents: bytemuck::bytes_of(&step.scalars()),
             usage: wgpu::BufferUsages::STORAGE | wgpu::BufferUsages::COPY_DST,
         });
-        let grads_binding = if entry == "adamw" { 6 } else { 7 };
+        let grads_binding = match entry {
+            "adamw" => 6,
+            "adamw_f32_grads" => 7,
+            "adamw_vec4" => 17,
+            _ => 18,
+        };
+        let b = if vec4 { 11 } else { 0 };
         let entries = [
             (0, Bind::whole(&uniform)),
             (1, Bind::whole(&step_buf)),
-            (2, params.bind()),
-            (3, exp_avg.bind()),
-            (4, exp_avg_sq.bind()),
-            (5, working.bind()),
+            (2 + b, params.bind()),
+            (3 + b, exp_avg.bind()),
+            (4 + b, exp_avg_sq.bind()),
+            (5 + b, working.bind()),
             (grads_binding, grads.bind()),
             (8, norm.bind()),
             (9, flag.bind()),

@@ -7,8 +7,19 @@ use crate::Result;
 use crate::gpu::Bind;
 use crate::gpu::{DType, Gpu, GpuTensor, Specialisation};
 
-/// Elements per invocation aimed for in the first stage before more workgroups are added.
-const PER_INVOCATION: usize = 4;
+/// Elements per invocation aimed for in the first stage before more workgroups are added. A GPU
+/// wants many workgroups in flight, and 4 per invocation still gives n/1024 of them. On a
+/// CPU-backed adapter each workgroup's tree reduction is eight barriers, and each barrier is a
+/// switch through all 256 invocations: 782 workgroups made the baby GPT's norm (0.8M gradients)
+/// cost 26 ms on lavapipe, so there each invocation sums 256 elements (a dozen workgroups for the
+/// baby, still 1024 partial sums at most).
+fn per_invocation(gpu: &Gpu) -> usize {
+    if gpu.capabilities().adapter.software {
+        256
+    } else {
+        4
+    }
+}
 /// Invocations per workgroup (the shader's `WG`).
 const WG: usize = 256;
 /// Most partial sums; the second stage's single workgroup reads them all.
@@ -27,7 +38,7 @@ struct Params {
 /// A prepared norm: two dispatches and the scratch buffer of per-workgroup partial sums
 /// (`groups` f32 sums and u32 flags, at most 8 KiB), built once.
 ///
-/// The split of the buffer into chunks depends only on its length, and every sum runs in a fixed
+/// The split of the buffer into chunks depends only on its length and the kind of adapter, and every sum runs in a fixed
 /// order, so the norm is bit-identical from run to run on one device.
 pub struct GradNorm {
     partial: Dispatch,
@@ -45,7 +56,7 @@ impl GradNorm {
         expect_tensor(OP, "flag", flag, DType::U32, 1)?;
         expect_distinct(OP, &[("norm", norm), ("flag", flag), ("grads", grads)])?;
         let n = grads.len();
-        let groups = n.div_ceil(WG * PER_INVOCATION).clamp(1, MAX_PARTIALS);
+        let groups = n.div_ceil(WG * per_invocation(gpu)).clamp(1, MAX_PARTIALS);
         let chunk = n.div_ceil(groups).max(1);
         let params = gpu.uniform(
             "gradnorm params",
