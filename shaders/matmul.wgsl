@@ -59,6 +59,9 @@ struct Dims {
 @group(0) @binding(2) var<storage, read> b: array<T>;
 @group(0) @binding(3) var<storage, read> bias: array<T>;
 @group(0) @binding(4) var<storage, read_write> c: array<T>;
+// A tensor laid out like C, added in the epilogue when HAS_RESIDUAL: a transformer's residual
+// stream, so `out = x + proj(h)` is one product instead of a product and an element-wise pass.
+@group(0) @binding(10) var<storage, read> resid: array<T>;
 // The same buffers as `a` and `b`, viewed four elements at a time (matmul_tiled_vec4 only).
 @group(0) @binding(5) var<storage, read> a4: array<vec4<T>>;
 @group(0) @binding(6) var<storage, read> b4: array<vec4<T>>;
@@ -67,6 +70,7 @@ override TRANS_A: bool = false;
 override TRANS_B: bool = false;
 override HAS_BIAS: bool = false;
 override ACCUMULATE: bool = false;
+override HAS_RESIDUAL: bool = false;
 
 // Tile of C computed by one workgroup of the tiled kernels, and the depth of one K step.
 override TILE_M: u32 = 64u;
@@ -100,13 +104,19 @@ fn b_index(base: u32, kk: u32, col: u32) -> u32 {
     return base + kk * dims.ldb + col;
 }
 
-// Writes one element of C: scale, bias, accumulate, round to T.
+// Writes one element of C: scale, bias, residual, accumulate, round to T. The residual is added
+// to the finished product exactly as the separate residual kernel would add it (x + y in f32),
+// so in f32 the fused result is bit-identical to the product followed by that kernel; in f16 it
+// skips the product's rounding to T before the sum.
 fn store_c(c_base: u32, row: u32, col: u32, acc: f32) {
     var v = dims.alpha * acc;
     if HAS_BIAS {
         v += f32(bias[dims.bias_offset + col]);
     }
     let i = c_base + row * dims.ldc + col;
+    if HAS_RESIDUAL {
+        v = f32(resid[i]) + v;
+    }
     if ACCUMULATE {
         v += f32(c[i]);
     }

@@ -537,3 +537,132 @@ fn grouped_inner_batch_shares_operands() {
     bad.b_inner_div = 4;
     assert_eq!(bad.b_len(), 4);
 }
+
+/// The residual epilogue (`Matmul::with_residual`): for every variant, two layouts, on awkward
+/// shapes, with and without bias, `c = x + op(a)·op(b) (+ bias)` against the same product
+/// followed by the residual kernel. In f32 the two are bit-identical: the epilogue adds x to the
+/// finished f32 product exactly as the residual kernel adds it to C. In f16 the unfused path
+/// rounds the product to f16 before the sum and the fused one does not, so they differ by at most
+/// one f16 rounding of the product: the two sums before their final rounding differ by at most
+/// half an f16 ulp of |product|, and rounding two such values can move them apart by one more ulp
+/// of the sum, so the bound is 4.9e-4·|product| + 9.8e-4·|c| (2^-11 and 2^-10 relative), plus
+/// 6e-8 below f16's normal range. Bias alternates with the layout, to keep the test short.
+#[test]
+fn residual_epilogue_matches_product_then_residual_kernel() {
+    use kiln::kernels::residual::ResidualForward;
+    for p in Precision::ALL {
+        let Some(gpu) = gpu(p) else { continue };
+        let dt = DType::from(p);
+        for (i, &(m, n, k, batch)) in [(67, 129, 31, 1), (33, 47, 29, 3)].iter().enumerate() {
+            // NT is the projections' layout; the epilogue's C index is the same code in every
+            // layout, and each (variant, layout) pair compiles two more pipelines.
+            for (l, layout) in [Layout::NT, Layout::TN].into_iter().enumerate() {
+                let spec = MatmulSpec::new(layout, m, n, k).batched(batch);
+                let a = round_to(p, &random(spec.a_len(), 80 + i as u64));
+                let b = round_to(p, &random(spec.b_len(), 90 + i as u64));
+                let x = round_to(p, &random(spec.c_len(), 100 + i as u64));
+                let bias = round_to(p, &random(spec.n, 110 + i as u64));
+                let ga = gpu.upload("a", &[a.len()], dt, &a).unwrap();
+                let gb = gpu.upload("b", &[b.len()], dt, &b).unwrap();
+                let gx = gpu.upload("x", &[x.len()], dt, &x).unwrap();
+                let gbias = gpu.upload("bias", &[bias.len()], dt, &bias).unwrap();
+                for variant in MatmulVariant::ALL {
+                    if !variant.supports(gpu, &spec) {
+                        continue;
+                    }
+                    {
+                        let with_bias = (i + l) % 2 == 1;
+                        let bias = with_bias.then_some(&gbias);
+                        let what = format!(
+                            "{p} {layout:?} {m}x{n}x{k} batch {batch} {} bias {with_bias}",
+                            variant.name()
+                        );
+                        let y = gpu.zeros("y", &[spec.c_len()], dt).unwrap();
+                        let unfused = gpu.zeros("unfused", &[spec.c_len()], dt).unwrap();
+                        Matmul::with_variant(gpu, variant, &y, &ga, &gb, bias, &spec)
+                            .unwrap()
+                            .run(gpu)
+                            .unwrap();
+                        ResidualForward::new(gpu, &unfused, &gx, &y)
+                            .unwrap()
+                            .run(gpu)
+                            .unwrap();
+                        let fused = gpu.zeros("fused", &[spec.c_len()], dt).unwrap();
+                        Matmul::with_residual(
+                            gpu,
+                            Some(variant),
+                            &fused,
+                            &ga,
+                            &gb,
+                            bias,
+                            &gx,
+                            &spec,
+                        )
+                        .unwrap()
+                        .run(gpu)
+                        .unwrap();
+                        let (want, got, prod) = (
+                            gpu.read(&unfused).unwrap(),
+                            gpu.read(&fused).unwrap(),
+                            gpu.read(&y).unwrap(),
+                        );
+                        for j in 0..want.len() {
+                            match p {
+                                Precision::F32 => assert_eq!(
+                                    want[j].to_bits(),
+                                    got[j].to_bits(),
+                                    "{what}: element {j}: {} vs {}",
+                                    want[j],
+                                    got[j]
+                                ),
+                                Precision::F16 => {
+                                    let bound =
+                                        4.9e-4 * prod[j].abs() + 9.8e-4 * want[j].abs() + 6e-8;
+                                    assert!(
+                                        (want[j] - got[j]).abs() <= bound,
+                                        "{what}: element {j}: {} vs {} (bound {bound})",
+                                        want[j],
+                                        got[j]
+                                    );
+                                }
+                            }
+                        }
+                        // The epilogue really added x: without it the result is the product.
+                        assert!(
+                            got.iter().zip(&prod).any(|(g, y)| g != y),
+                            "{what}: the residual was not added"
+                        );
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// A residual operand must have C's length, must not be C, and does not combine with
+/// ACCUMULATE: each is refused with an error naming the matmul.
+#[test]
+fn residual_epilogue_refuses_bad_operands() {
+    let gpu = gpu(Precision::F32).unwrap();
+    let spec = MatmulSpec::new(Layout::NN, 5, 6, 7);
+    let t = |name: &str, len: usize| gpu.zeros(name, &[len], DType::F32).unwrap();
+    let (a, b, c) = (t("a", 35), t("b", 42), t("c", 30));
+    let short = t("short", 29);
+    let err = |r: kiln::Result<Matmul>| match r {
+        Err(e) => e.to_string(),
+        Ok(_) => panic!("accepted"),
+    };
+    let e = err(Matmul::with_residual(
+        gpu, None, &c, &a, &b, None, &short, &spec,
+    ));
+    assert!(e.contains("residual") && e.contains("29"), "{e}");
+    let e = err(Matmul::with_residual(
+        gpu, None, &c, &a, &b, None, &c, &spec,
+    ));
+    assert!(e.contains("matmul"), "{e}");
+    let mut acc = spec;
+    acc.accumulate = true;
+    let x = t("x", 30);
+    let e = err(Matmul::with_residual(gpu, None, &c, &a, &b, None, &x, &acc));
+    assert!(e.contains("ACCUMULATE"), "{e}");
+}

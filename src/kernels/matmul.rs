@@ -271,7 +271,52 @@ impl Matmul {
         bias: Option<&GpuTensor>,
         spec: &MatmulSpec,
     ) -> Result<Self> {
-        Self::build(gpu, variant, c, a, Some(b), bias, spec)
+        Self::build(gpu, variant, c, a, Some(b), bias, None, spec)
+    }
+
+    /// Prepares `c = resid + alpha·op(a)·op(b) (+ bias)`: the residual add of a transformer
+    /// block fused into the output projection's epilogue (one dispatch and one pass over the
+    /// activation fewer). `resid` has C's length and layout and must not be `c`; with `variant`
+    /// `None` the tuner picks, as in [`Matmul::new`]. In f32 the result is bit-identical to the
+    /// product followed by [`super::residual::ResidualForward`] of `resid` and it; in f16 it
+    /// rounds once instead of twice. Not with `spec.accumulate`.
+    #[allow(clippy::too_many_arguments)]
+    pub fn with_residual(
+        gpu: &Gpu,
+        variant: Option<MatmulVariant>,
+        c: &GpuTensor,
+        a: &GpuTensor,
+        b: &GpuTensor,
+        bias: Option<&GpuTensor>,
+        resid: &GpuTensor,
+        spec: &MatmulSpec,
+    ) -> Result<Self> {
+        let precision = common_precision("matmul", &[c, a, b, resid])?;
+        if spec.accumulate {
+            return Err(Error::shape(
+                "matmul",
+                "a residual operand and ACCUMULATE together are not supported",
+            ));
+        }
+        if resid.len() != c.len() {
+            return Err(Error::shape(
+                "matmul",
+                format!(
+                    "the residual operand (tensor {}) has {} elements but C (tensor {}) has {}; \
+                     it is added element by element",
+                    resid.label(),
+                    resid.len(),
+                    c.label(),
+                    c.len()
+                ),
+            ));
+        }
+        super::distinct("matmul", &[c], &[c, a, b, resid])?;
+        let variant = match variant {
+            Some(v) => v,
+            None => super::tune::matmul_variant(gpu, precision, spec)?,
+        };
+        Self::build(gpu, variant, c, a, Some(b), bias, Some(resid), spec)
     }
 
     /// Prepares the texture variant's product with op(B) packed by the caller: its own dispatch,
@@ -285,12 +330,13 @@ impl Matmul {
         bias: Option<&GpuTensor>,
         spec: &MatmulSpec,
     ) -> Result<(Self, Arc<ScratchTexture>)> {
-        let product = Self::build(gpu, MatmulVariant::Texture, c, a, None, bias, spec)?;
+        let product = Self::build(gpu, MatmulVariant::Texture, c, a, None, bias, None, spec)?;
         let b = gpu.scratch_texture("matmul b", packed_sizes(spec)[1])?;
         Ok((product, b))
     }
 
     /// [`Matmul::with_variant`], or with `b: None` the texture variant without its B packing.
+    #[allow(clippy::too_many_arguments)]
     fn build(
         gpu: &Gpu,
         variant: MatmulVariant,
@@ -298,11 +344,13 @@ impl Matmul {
         a: &GpuTensor,
         b: Option<&GpuTensor>,
         bias: Option<&GpuTensor>,
+        resid: Option<&GpuTensor>,
         spec: &MatmulSpec,
     ) -> Result<Self> {
         let mut operands = vec![c, a];
         operands.extend(b);
         operands.extend(bias);
+        operands.extend(resid);
         let precision = common_precision("matmul", &operands)?;
         let b_len = b.map_or(spec.b_len(), GpuTensor::len);
         spec.validate(a.len(), b_len, bias.map(GpuTensor::len), c.len())?;
@@ -322,7 +370,8 @@ impl Matmul {
             .with("TRANS_A", spec.layout.trans_a() as u8)
             .with("TRANS_B", spec.layout.trans_b() as u8)
             .with("HAS_BIAS", bias.is_some() as u8)
-            .with("ACCUMULATE", spec.accumulate as u8);
+            .with("ACCUMULATE", spec.accumulate as u8)
+            .with("HAS_RESIDUAL", resid.is_some() as u8);
         let constants = match variant {
             MatmulVariant::Rows | MatmulVariant::RowsSubgroup => {
                 constants.with("ROWS_WG_X", ROWS_WG_X as u32)
@@ -341,6 +390,8 @@ impl Matmul {
         let dims = gpu.uniform("matmul dims", &Dims::new(spec));
         // Unused bias slot: bind A again (read-only either way); HAS_BIAS keeps it unread.
         let bias_buf = bias.unwrap_or(a).bind();
+        // Likewise the residual slot, kept unread by HAS_RESIDUAL.
+        let resid_buf = resid.unwrap_or(a).bind();
         let max = gpu
             .capabilities()
             .limits
@@ -428,6 +479,7 @@ impl Matmul {
                     (0, Bind::whole(&dims)),
                     (3, bias_buf),
                     (4, c.bind()),
+                    (10, resid_buf),
                     (8, a_packed.bind()),
                     (9, b_packed.bind()),
                 ],
@@ -454,7 +506,12 @@ impl Matmul {
                     .with("TILE_K", TILE_K as u32),
             };
             let pipeline = gpu.pipeline(&key(variant.entry(), constants))?;
-            let mut entries = vec![(0, Bind::whole(&dims)), (3, bias_buf), (4, c.bind())];
+            let mut entries = vec![
+                (0, Bind::whole(&dims)),
+                (3, bias_buf),
+                (4, c.bind()),
+                (10, resid_buf),
+            ];
             match variant {
                 MatmulVariant::TiledVec4 => entries.extend([(5, a.bind()), (6, b.bind())]),
                 _ => entries.extend([(1, a.bind()), (2, b.bind())]),

@@ -141,13 +141,16 @@ impl Attention {
         }
     }
 
-    /// Records `y = proj(attention(qkv(x)))`.
+    /// Records `y = proj(attention(qkv(x)))`; with `fuse = Some((out, resid))` where the
+    /// projection can take it, `out = resid + proj(...)` in the projection's epilogue, and the
+    /// returned flag says so (the caller then adds nothing).
     pub fn forward(
         &self,
         ctx: &mut GpuCtx<'_>,
         ops: &mut Ops,
         x: &GpuTensor,
-    ) -> Result<(AttentionGpu, GpuTensor)> {
+        fuse: Option<(&GpuTensor, &GpuTensor)>,
+    ) -> Result<(AttentionGpu, GpuTensor, bool)> {
         let (bt, c) = (ctx.rows(), self.channels);
         let g = self.grouped(ctx.batch.batch, ctx.batch.seq);
         let name = |s: &str| format!("h.{}.{s}", self.layer);
@@ -174,17 +177,21 @@ impl Attention {
             att: ctx.act(&name("att"), bt * c)?,
             saved,
         };
-        let y = ctx.act(&name("attn proj"), bt * c)?;
         let (qp, pp) = (self.qkv_prefix(), self.proj_prefix());
         let (lq, lp) = self.linears(&qp, &pp);
+        let fuse = fuse.filter(|_| lp.fuses_residual(ctx));
+        let y = match fuse {
+            Some((out, _)) => alias(out)?,
+            None => ctx.act(&name("attn proj"), bt * c)?,
+        };
         lq.forward(ctx, ops, &s.qkv, x)?;
         if let Some(spec) = self.rope(ctx.batch.batch, ctx.batch.seq) {
             ops.push(Box::new(Rope::forward(ctx.gpu, &s.qkv, &spec)?));
         }
         ops.push(s.attention_forward(ctx)?);
-        lp.forward(ctx, ops, &y, &s.att)?;
+        lp.forward_residual(ctx, ops, &y, &s.att, fuse.map(|f| f.1))?;
         ctx.qkv.push(alias(&s.qkv)?);
-        Ok((s, y))
+        Ok((s, y, fuse.is_some()))
     }
 
     /// The decode step's attention over the prefill model's cache of `positions` rows.

@@ -101,13 +101,15 @@ impl Mlp {
         }
     }
 
-    /// Records `y = proj(gelu(fc(x)))`.
+    /// Records `y = proj(gelu(fc(x)))`; `fuse` as in
+    /// [`super::attention::Attention::forward`].
     pub fn forward(
         &self,
         ctx: &mut GpuCtx<'_>,
         ops: &mut Ops,
         x: &GpuTensor,
-    ) -> Result<(MlpGpu, GpuTensor)> {
+        fuse: Option<(&GpuTensor, &GpuTensor)>,
+    ) -> Result<(MlpGpu, GpuTensor, bool)> {
         let (bt, c, h) = (ctx.rows(), self.channels, self.hidden);
         let name = |s: &str| format!("h.{}.{s}", self.layer);
         let s = MlpGpu {
@@ -116,13 +118,17 @@ impl Mlp {
             fc: ctx.act(&name("fc"), bt * self.fc_width())?,
             gelu: ctx.act(&name("gelu"), bt * h)?,
         };
-        let y = ctx.act(&name("mlp out"), bt * c)?;
         let (fp, pp) = (self.fc_prefix(), self.proj_prefix());
         let (lf, lp) = self.linears(&fp, &pp);
+        let fuse = fuse.filter(|_| lp.fuses_residual(ctx));
+        let y = match fuse {
+            Some((out, _)) => alias(out)?,
+            None => ctx.act(&name("mlp out"), bt * c)?,
+        };
         lf.forward(ctx, ops, &s.fc, x)?;
         ops.push(self.activation(ctx.gpu, &s.gelu, &s.fc, bt)?);
-        lp.forward(ctx, ops, &y, &s.gelu)?;
-        Ok((s, y))
+        lp.forward_residual(ctx, ops, &y, &s.gelu, fuse.map(|f| f.1))?;
+        Ok((s, y, fuse.is_some()))
     }
 
     pub fn decode(&self, d: &mut DecodeCtx<'_>, ops: &mut Ops, x: &GpuTensor) -> Result<GpuTensor> {

@@ -266,7 +266,44 @@ impl Linear<'_> {
         y: &GpuTensor,
         x: &GpuTensor,
     ) -> Result<()> {
-        if let Some(w) = ctx.quant.get(&self.weight()) {
+        self.forward_residual(ctx, ops, y, x, None)
+    }
+
+    /// Whether [`Linear::forward_residual`] can add a residual in its product's epilogue: not
+    /// for a quantised weight, whose product has no such epilogue.
+    pub fn fuses_residual(&self, ctx: &GpuCtx<'_>) -> bool {
+        ctx.quant.get(&self.weight()).is_none()
+    }
+
+    /// [`Linear::forward`], with `resid` (C's shape) added in the base product's epilogue:
+    /// `Y = resid + X·Wᵀ (+ b)`, then the LoRA term accumulated on top. Only where
+    /// [`Linear::fuses_residual`].
+    pub fn forward_residual(
+        &self,
+        ctx: &mut GpuCtx<'_>,
+        ops: &mut Ops,
+        y: &GpuTensor,
+        x: &GpuTensor,
+        resid: Option<&GpuTensor>,
+    ) -> Result<()> {
+        if let Some(resid) = resid {
+            if !self.fuses_residual(ctx) {
+                return Err(crate::Error::shape(
+                    "linear",
+                    format!("{}: a quantised product cannot add a residual", self.prefix),
+                ));
+            }
+            ops.push(Box::new(Matmul::with_residual(
+                ctx.gpu,
+                None,
+                y,
+                x,
+                &ctx.p.get(&self.weight())?,
+                ctx.p.opt(&self.bias())?.as_ref(),
+                resid,
+                &MatmulSpec::new(Layout::NT, ctx.rows(), self.fan_out, self.fan_in),
+            )?));
+        } else if let Some(w) = ctx.quant.get(&self.weight()) {
             let bias = ctx.p.opt(&self.bias())?;
             ops.push(Box::new(QMatmul::new(
                 ctx.gpu,

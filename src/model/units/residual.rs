@@ -62,18 +62,24 @@ impl Residual {
         x: &GpuTensor,
     ) -> Result<(Box<dyn GpuBackward>, GpuTensor)> {
         let norm = self.norm.forward(ctx, ops, x)?;
-        let (body, y) = match &self.body {
+        let out = ctx.act(&self.out_name, x.len())?;
+        // Without dropout on the branch, the add goes into the branch's output projection
+        // (`Matmul::with_residual`): one dispatch and one pass over a B·T·C activation fewer per
+        // sublayer, and no separate branch output buffer. With dropout the branch output must
+        // exist on its own to be dropped first.
+        let fuse = (!ctx.dropping).then_some((&out, x));
+        let (body, y, fused) = match &self.body {
             Body::Attention(a) => {
-                let (s, y) = a.forward(ctx, ops, &norm.out)?;
-                (BodyGpu::Attention(Box::new(s)), y)
+                let (s, y, f) = a.forward(ctx, ops, &norm.out, fuse)?;
+                (BodyGpu::Attention(Box::new(s)), y, f)
             }
             Body::Mlp(m) => {
-                let (s, y) = m.forward(ctx, ops, &norm.out)?;
-                (BodyGpu::Mlp(Box::new(s)), y)
+                let (s, y, f) = m.forward(ctx, ops, &norm.out, fuse)?;
+                (BodyGpu::Mlp(Box::new(s)), y, f)
             }
             Body::Moe(m) => {
                 let (s, y) = m.forward(ctx, ops, &norm.out)?;
-                (BodyGpu::Moe(Box::new(s)), y)
+                (BodyGpu::Moe(Box::new(s)), y, false)
             }
         };
         if ctx.dropping {
@@ -85,8 +91,9 @@ impl Residual {
                 self.dropout_site,
             )?));
         }
-        let out = ctx.act(&self.out_name, x.len())?;
-        ops.push(Box::new(ResidualForward::new(ctx.gpu, &out, x, &y)?));
+        if !fused {
+            ops.push(Box::new(ResidualForward::new(ctx.gpu, &out, x, &y)?));
+        }
         let state = ResidualGpu {
             dropout_site: self.dropout_site,
             norm,
