@@ -94,6 +94,24 @@ fn first_range(i: u32) -> u32 {
     return lo;
 }
 
+// Range r of the table, or an empty one past its end.
+fn range_at(r: u32) -> vec2<u32> {
+    if (r < params.n_ranges) {
+        return ranges[r];
+    }
+    return vec2<u32>(0xffffffffu, 0xffffffffu);
+}
+
+// Whether element e is decayed, moving the cursor (r, cur = range_at(r)) forward past the ranges
+// that end at or before e. Every entry point walks its elements in increasing order.
+fn decayed_at(e: u32, r: ptr<function, u32>, cur: ptr<function, vec2<u32>>) -> bool {
+    while (*r < params.n_ranges && (*cur).y <= e) {
+        *r += 1u;
+        *cur = range_at(*r);
+    }
+    return *r < params.n_ranges && (*cur).x <= e;
+}
+
 // Both factors are powers of two or small integers in practice, so the product is exact and
 // equals the single loss_scale of the CPU reference.
 fn loss_scale() -> f32 {
@@ -176,20 +194,10 @@ fn adamw(@builtin(global_invocation_id) id: vec3<u32>) {
     let h = hoist();
     let n = params.n;
     let stride = params.groups * WG;
-    let nr = params.n_ranges;
     var r = first_range(id.x);
-    var cur = vec2<u32>(0xffffffffu, 0xffffffffu);
-    if (r < nr) {
-        cur = ranges[r];
-    }
+    var cur = range_at(r);
     for (var i = id.x; i < n; i += stride) {
-        while (r < nr && cur.y <= i) {
-            r += 1u;
-            if (r < nr) {
-                cur = ranges[r];
-            }
-        }
-        update(i, f32(grads[i]), r < nr && cur.x <= i, h);
+        update(i, f32(grads[i]), decayed_at(i, &r, &cur), h);
     }
 }
 
@@ -202,20 +210,10 @@ fn adamw_f32_grads(@builtin(global_invocation_id) id: vec3<u32>) {
     let h = hoist();
     let n = params.n;
     let stride = params.groups * WG;
-    let nr = params.n_ranges;
     var r = first_range(id.x);
-    var cur = vec2<u32>(0xffffffffu, 0xffffffffu);
-    if (r < nr) {
-        cur = ranges[r];
-    }
+    var cur = range_at(r);
     for (var i = id.x; i < n; i += stride) {
-        while (r < nr && cur.y <= i) {
-            r += 1u;
-            if (r < nr) {
-                cur = ranges[r];
-            }
-        }
-        update(i, grads_f32[i], r < nr && cur.x <= i, h);
+        update(i, grads_f32[i], decayed_at(i, &r, &cur), h);
     }
 }
 
@@ -245,16 +243,8 @@ fn update4(q: u32, raw: vec4<f32>, decay: vec4<bool>, h: Hoisted) {
 // decayed. Ranges may start or end inside a group of four.
 fn decay4(q: u32, r: ptr<function, u32>, cur: ptr<function, vec2<u32>>) -> vec4<bool> {
     var d = vec4<bool>(false);
-    let nr = params.n_ranges;
     for (var c = 0u; c < 4u; c++) {
-        let e = 4u * q + c;
-        while (*r < nr && (*cur).y <= e) {
-            *r += 1u;
-            if (*r < nr) {
-                *cur = ranges[*r];
-            }
-        }
-        d[c] = *r < nr && (*cur).x <= e;
+        d[c] = decayed_at(4u * q + c, r, cur);
     }
     return d;
 }
@@ -268,10 +258,7 @@ fn adamw_vec4(@builtin(global_invocation_id) id: vec3<u32>) {
     let n4 = params.n / 4u;
     let stride = params.groups * WG;
     var r = first_range(4u * id.x);
-    var cur = vec2<u32>(0xffffffffu, 0xffffffffu);
-    if (r < params.n_ranges) {
-        cur = ranges[r];
-    }
+    var cur = range_at(r);
     for (var q = id.x; q < n4; q += stride) {
         update4(q, vec4<f32>(grads4[q]), decay4(q, &r, &cur), h);
     }
@@ -286,10 +273,7 @@ fn adamw_f32_grads_vec4(@builtin(global_invocation_id) id: vec3<u32>) {
     let n4 = params.n / 4u;
     let stride = params.groups * WG;
     var r = first_range(4u * id.x);
-    var cur = vec2<u32>(0xffffffffu, 0xffffffffu);
-    if (r < params.n_ranges) {
-        cur = ranges[r];
-    }
+    var cur = range_at(r);
     for (var q = id.x; q < n4; q += stride) {
         update4(q, grads_f32_4[q], decay4(q, &r, &cur), h);
     }
