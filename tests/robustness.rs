@@ -284,7 +284,13 @@ fn precision_flag_and_config_follow_one_rule() {
         ..Default::default()
     })
     .is_ok();
-    let auto = if f16 { "f16" } else { "f32" };
+    // What auto means on this adapter (f32 on CPU-backed ones even with SHADER_F16: see
+    // PrecisionChoice::Auto); this test is about which setting wins.
+    let auto = kiln::Gpu::with_options(&kiln::GpuOptions::default())
+        .unwrap()
+        .precision()
+        .to_string();
+    let auto = auto.as_str();
     // (flag, config) → storage precision; the flag wins when given.
     for (i, (flag, config, expect)) in [
         (None, "auto", auto),

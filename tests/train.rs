@@ -99,11 +99,18 @@ fn training_lowers_the_loss() {
 fn resume_after_sigkill_replays_identical_losses() {
     let dir = tempdir("resume");
     let data = corpus(&dir);
-    // With dropout, so the masks must also be drawn again exactly (and, on an f16 adapter, the
-    // dynamic loss scale restored).
+    // With dropout, so the masks must also be drawn again exactly, and in f16 where the adapter
+    // has it (auto is f32 on CPU-backed adapters), so the dynamic loss scale is restored too.
+    let f16 = kiln::Gpu::with_options(&kiln::GpuOptions {
+        precision: kiln::PrecisionChoice::F16,
+        ..Default::default()
+    })
+    .is_ok();
+    let precision = if f16 { "f16" } else { "f32" };
     let tiny_args = |data: &Path, out: &Path, steps| {
         let mut args = tiny_args(data, out, steps);
         args.extend(["--set".into(), "model.dropout=0.1".into()]);
+        args.extend(["--set".into(), format!("train.precision=\"{precision}\"")]);
         args
     };
     let straight = dir.join("straight");

@@ -22,8 +22,8 @@ pub struct Args {
     /// Adapter to use: an index from `kiln info` or part of its name (default: best hardware adapter).
     #[arg(long, global = true, env = "KILN_ADAPTER")]
     adapter: Option<String>,
-    /// Storage precision: auto (f16 where SHADER_F16 is granted), f16 or f32. Overrides the
-    /// config's train.precision (train: the run's config; eval, sample: the checkpoint's);
+    /// Storage precision: auto (f16 on GPUs granting SHADER_F16, f32 on CPU-backed adapters),
+    /// f16 or f32. Overrides the config's train.precision (train: the run's config; eval, sample: the checkpoint's);
     /// without it that setting applies, and auto where there is none.
     #[arg(long, global = true)]
     precision: Option<PrecisionChoice>,

@@ -23,7 +23,8 @@ use std::sync::{Arc, Mutex};
 pub struct GpuOptions {
     /// Adapter index or part of its name; `None` reads `KILN_ADAPTER`, then picks the best one.
     pub adapter: Option<String>,
-    /// Storage precision; `Auto` uses f16 where `SHADER_F16` is granted.
+    /// Storage precision; `Auto` uses f16 on GPUs that grant `SHADER_F16`, f32 on CPU-backed
+    /// adapters and elsewhere (see [`PrecisionChoice::Auto`]).
     pub precision: PrecisionChoice,
 }
 
@@ -132,21 +133,8 @@ impl Gpu {
         })?;
 
         let shader_f16 = features.contains(wgpu::Features::SHADER_F16);
-        let precision = match options.precision {
-            PrecisionChoice::Auto if shader_f16 => Precision::F16,
-            PrecisionChoice::Auto | PrecisionChoice::F32 => Precision::F32,
-            PrecisionChoice::F16 if shader_f16 => Precision::F16,
-            PrecisionChoice::F16 => {
-                return Err(Error::invalid(
-                    "precision",
-                    "f16",
-                    format!(
-                        "adapter {} does not grant SHADER_F16; use precision auto or f32",
-                        info.name
-                    ),
-                ));
-            }
-        };
+        let precision =
+            resolve_precision(options.precision, shader_f16, summary.software, &info.name)?;
         let caps = Capabilities {
             adapter: summary,
             shader_f16,
@@ -304,5 +292,42 @@ impl Gpu {
             layout: &pipeline.get_bind_group_layout(0),
             entries: &entries,
         })
+    }
+}
+
+/// The storage precision a choice gives on an adapter (see [`PrecisionChoice::Auto`]).
+fn resolve_precision(
+    choice: PrecisionChoice,
+    shader_f16: bool,
+    software: bool,
+    adapter: &str,
+) -> Result<Precision> {
+    match choice {
+        PrecisionChoice::Auto if shader_f16 && !software => Ok(Precision::F16),
+        PrecisionChoice::Auto | PrecisionChoice::F32 => Ok(Precision::F32),
+        PrecisionChoice::F16 if shader_f16 => Ok(Precision::F16),
+        PrecisionChoice::F16 => Err(Error::invalid(
+            "precision",
+            "f16",
+            format!("adapter {adapter} does not grant SHADER_F16; use precision auto or f32"),
+        )),
+    }
+}
+
+#[cfg(test)]
+mod precision_tests {
+    use super::*;
+
+    #[test]
+    fn auto_is_f16_only_on_gpus_with_shader_f16() {
+        let r = |c, f16, sw| resolve_precision(c, f16, sw, "x").ok();
+        use PrecisionChoice::*;
+        assert_eq!(r(Auto, true, false), Some(Precision::F16));
+        assert_eq!(r(Auto, true, true), Some(Precision::F32));
+        assert_eq!(r(Auto, false, false), Some(Precision::F32));
+        // An explicit f16 is honoured on a software adapter, refused without SHADER_F16.
+        assert_eq!(r(F16, true, true), Some(Precision::F16));
+        assert_eq!(r(F16, false, false), None);
+        assert_eq!(r(F32, true, false), Some(Precision::F32));
     }
 }

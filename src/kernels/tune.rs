@@ -132,23 +132,125 @@ pub fn matmul_variant(gpu: &Gpu, precision: Precision, spec: &MatmulSpec) -> Res
     Ok(chosen)
 }
 
+/// FLOPs above which candidates are timed on a smaller product of the same kind.
+///
+/// Tuning times every variant that can run a product, the slowest included, and on lavapipe the
+/// slowest run at 1–3 GFLOP/s: at the 6×384 shakespeare-char config's shapes (up to 14.5 GFLOP
+/// per product, a dozen buckets) measuring at full size took longer than many training steps.
+/// 2^29 FLOPs keeps each trial under about a third of a second there, and leaves every operand's
+/// packing small beside the multiply. GPUs time even their biggest products in milliseconds.
+const SOFTWARE_TUNE_FLOPS: f64 = (1u64 << 29) as f64;
+const HARDWARE_TUNE_FLOPS: f64 = (1u64 << 34) as f64;
+
+/// A product no bigger than `max_flops` that the variants run the way they run `spec`.
+///
+/// The largest of the outer batch, M, N and K is halved until the FLOPs fit, each keeping its
+/// residue modulo 32 (the texture kernel's row block and K round, and every variant's tile edge
+/// divide 32, so each variant takes the same edge paths and `vec4_ok` the same answer), never
+/// below 32 plus that residue. Strides, offsets, the layout and the inner batch stay as they
+/// are: the proxy reads a prefix of the same memory pattern.
+pub(crate) fn tuning_proxy(spec: &MatmulSpec, max_flops: f64) -> MatmulSpec {
+    let mut p = *spec;
+    let shrink = |d: usize| -> Option<usize> {
+        let r = d % 32;
+        let smaller = r + 32 * ((d / 2) / 32).max(1);
+        (smaller < d).then_some(smaller)
+    };
+    while p.flops() > max_flops {
+        let outer = p.batch / p.batch_inner;
+        // (size, which): the biggest shrinkable dimension first.
+        let mut dims = [(outer, 0), (p.m, 1), (p.n, 2), (p.k, 3)];
+        dims.sort_by(|x, y| y.0.cmp(&x.0));
+        let step = dims.iter().find_map(|&(d, which)| {
+            if which == 0 {
+                // Outer batch entries are independent: any count keeps the pattern.
+                (d > 1).then(|| (d / 2, which))
+            } else {
+                shrink(d).map(|s| (s, which))
+            }
+        });
+        match step {
+            Some((s, 0)) => p.batch = s * p.batch_inner,
+            Some((s, 1)) => p.m = s,
+            Some((s, 2)) => p.n = s,
+            Some((s, _)) => p.k = s,
+            None => break,
+        }
+    }
+    p
+}
+
 fn measure(gpu: &Gpu, precision: Precision, spec: &MatmulSpec) -> Result<MatmulVariant> {
+    let max_flops = if gpu.capabilities().adapter.software {
+        SOFTWARE_TUNE_FLOPS
+    } else {
+        HARDWARE_TUNE_FLOPS
+    };
+    let full = spec;
+    let spec = &tuning_proxy(full, max_flops);
     let dtype = DType::from(precision);
     let a = gpu.zeros("tune a", &[spec.a_len()], dtype)?;
     let b = gpu.zeros("tune b", &[spec.b_len()], dtype)?;
     let c = gpu.zeros("tune c", &[spec.c_len()], dtype)?;
     // Big products need fewer repetitions for a stable median.
     let runs = if spec.flops() > 1e9 { 2 } else { 5 };
-    let mut best = (f64::INFINITY, default_matmul_variant(gpu, spec));
+    let mut best = (f64::INFINITY, default_matmul_variant(gpu, full));
+    // A variant must run the real product, not only the proxy (texture size limits).
     for variant in MatmulVariant::ALL
         .into_iter()
-        .filter(|v| v.supports(gpu, spec))
+        .filter(|v| v.supports(gpu, full) && v.supports(gpu, spec))
     {
         let mm = Matmul::with_variant(gpu, variant, &c, &a, &b, None, spec)?;
-        let t = median(&gpu.time_runs("matmul tune", 1, runs, |p| mm.record(p))?);
+        // The first run doubles as the warm-up; a variant three times slower than the best so
+        // far even there is not worth its timed runs.
+        let first = gpu.time_runs("matmul tune", 0, 1, |p| mm.record(p))?[0];
+        if first > 3.0 * best.0 {
+            continue;
+        }
+        let t = median(&gpu.time_runs("matmul tune", 0, runs, |p| mm.record(p))?);
         if t < best.0 {
             best = (t, variant);
         }
     }
     Ok(best.1)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn proxy_fits_the_budget_and_keeps_each_dimension_s_residue() {
+        let cap = SOFTWARE_TUNE_FLOPS;
+        // The 6×384 config's QKV product and weight gradient, and its per-head attention scores.
+        let qkv = MatmulSpec::new(Layout::NT, 16384, 1152, 384);
+        let dw = MatmulSpec::new(Layout::TN, 384, 1152, 16383);
+        let scores = MatmulSpec::new(Layout::NT, 257, 257, 64).batched(384);
+        for spec in [qkv, dw, scores] {
+            let p = tuning_proxy(&spec, cap);
+            assert!(p.flops() <= cap, "{spec:?} -> {p:?}");
+            assert!(p.flops() > cap / 16.0, "shrunk too far: {p:?}");
+            assert_eq!(p.layout, spec.layout);
+            assert_eq!(
+                (p.m % 32, p.n % 32, p.k % 32),
+                (spec.m % 32, spec.n % 32, spec.k % 32)
+            );
+            assert_eq!(vec4_ok(&p), vec4_ok(&spec));
+            assert!(p.a_len() <= spec.a_len() && p.b_len() <= spec.b_len());
+            assert!(p.c_len() <= spec.c_len());
+        }
+        // Small products are timed as they are.
+        let small = MatmulSpec::new(Layout::NN, 768, 512, 128);
+        assert_eq!(tuning_proxy(&small, cap), small);
+    }
+
+    #[test]
+    fn proxy_keeps_the_inner_batch_whole() {
+        let mut spec = MatmulSpec::new(Layout::NN, 256, 64, 256).batched(64 * 6);
+        spec.batch_inner = 6;
+        let p = tuning_proxy(&spec, 1e8);
+        assert_eq!(p.batch_inner, 6);
+        assert_eq!(p.batch % 6, 0);
+        assert!(p.flops() <= 1e8);
+    }
 }
