@@ -164,7 +164,7 @@ pub(crate) fn tuning_proxy(spec: &MatmulSpec, max_flops: f64) -> MatmulSpec {
         let step = dims.iter().find_map(|&(d, which)| {
             if which == 0 {
                 // Outer batch entries are independent: any count keeps the pattern.
-                (d > 1).then(|| (d / 2, which))
+                (d > 1).then_some((d / 2, which))
             } else {
                 shrink(d).map(|s| (s, which))
             }
