@@ -160,7 +160,7 @@ pub(crate) fn tuning_proxy(spec: &MatmulSpec, max_flops: f64) -> MatmulSpec {
         let outer = p.batch / p.batch_inner;
         // (size, which): the biggest shrinkable dimension first.
         let mut dims = [(outer, 0), (p.m, 1), (p.n, 2), (p.k, 3)];
-        dims.sort_by(|x, y| y.0.cmp(&x.0));
+        dims.sort_by_key(|&(d, _)| std::cmp::Reverse(d));
         let step = dims.iter().find_map(|&(d, which)| {
             if which == 0 {
                 // Outer batch entries are independent: any count keeps the pattern.
