@@ -5,7 +5,7 @@
 mod run;
 
 use kiln::train::checkpoint;
-use run::{corpus, kiln, tempdir, tiny_args, train_tiny};
+use run::{corpus, f16_granted, kiln, tempdir, tiny_args, train_tiny};
 use std::path::Path;
 use std::process::{Output, Stdio};
 use std::time::{Duration, Instant};
@@ -218,11 +218,7 @@ fn damaged_weights_are_an_error_not_a_result() {
     // In f16 storage, where the adapter has it, the absurd weights overflow on upload. (Auto is
     // f32 on CPU-backed adapters; an f32 evaluation of this checkpoint reports ln(vocab), which
     // the 2026-12-03 closing note records as an open defect.)
-    let f16 = kiln::Gpu::with_options(&kiln::GpuOptions {
-        precision: kiln::PrecisionChoice::F16,
-        ..Default::default()
-    })
-    .is_ok();
+    let f16 = f16_granted();
     let p = if f16 {
         "--precision=f16"
     } else {
@@ -296,11 +292,7 @@ fn precision_flag_and_config_follow_one_rule() {
         args.extend(["--set".into(), format!("train.precision={config}")]);
         kiln().args(&args).output().unwrap()
     };
-    let f16 = kiln::Gpu::with_options(&kiln::GpuOptions {
-        precision: kiln::PrecisionChoice::F16,
-        ..Default::default()
-    })
-    .is_ok();
+    let f16 = f16_granted();
     // What auto means on this adapter (f32 on CPU-backed ones even with SHADER_F16: see
     // PrecisionChoice::Auto); this test is about which setting wins.
     let auto = kiln::Gpu::with_options(&kiln::GpuOptions::default())

@@ -4,7 +4,7 @@
 #[path = "common/run.rs"]
 mod run;
 
-use run::{corpus, kiln, tempdir, tiny_args, train_losses, train_tiny};
+use run::{corpus, f16_granted, kiln, tempdir, tiny_args, train_losses, train_tiny};
 use std::path::Path;
 use std::process::Stdio;
 use std::time::{Duration, Instant};
@@ -101,11 +101,7 @@ fn resume_after_sigkill_replays_identical_losses() {
     let data = corpus(&dir);
     // With dropout, so the masks must also be drawn again exactly, and in f16 where the adapter
     // has it (auto is f32 on CPU-backed adapters), so the dynamic loss scale is restored too.
-    let f16 = kiln::Gpu::with_options(&kiln::GpuOptions {
-        precision: kiln::PrecisionChoice::F16,
-        ..Default::default()
-    })
-    .is_ok();
+    let f16 = f16_granted();
     let precision = if f16 { "f16" } else { "f32" };
     let tiny_args = |data: &Path, out: &Path, steps| {
         let mut args = tiny_args(data, out, steps);

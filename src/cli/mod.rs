@@ -23,8 +23,8 @@ pub struct Args {
     #[arg(long, global = true, env = "KILN_ADAPTER")]
     adapter: Option<String>,
     /// Storage precision: auto (f16 on GPUs granting SHADER_F16, f32 on CPU-backed adapters),
-    /// f16 or f32. Overrides the config's train.precision (train: the run's config; eval, sample: the checkpoint's);
-    /// without it that setting applies, and auto where there is none.
+    /// f16 or f32. Overrides the config's train.precision (train: the run's config; eval,
+    /// sample: the checkpoint's); without it that setting applies, and auto where there is none.
     #[arg(long, global = true)]
     precision: Option<PrecisionChoice>,
     #[command(subcommand)]

@@ -7,6 +7,15 @@ use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
+/// Whether this machine's adapter opens with f16 storage (SHADER_F16); `auto` may still be f32.
+pub fn f16_granted() -> bool {
+    kiln::Gpu::with_options(&kiln::GpuOptions {
+        precision: kiln::PrecisionChoice::F16,
+        ..Default::default()
+    })
+    .is_ok()
+}
+
 pub fn kiln() -> Command {
     Command::new(env!("CARGO_BIN_EXE_kiln"))
 }
