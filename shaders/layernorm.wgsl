@@ -86,6 +86,15 @@ fn workgroup_sum(lid: u32, v: vec2<f32>) -> vec2<f32> {
     return total;
 }
 
+// 1 / sqrt(v) for v = variance + eps > 0, which is 0 only when the variance overflowed f32
+// (|x - mean| past ~1e19). Such a row has no f32 normalisation, and a rstd of 0 would turn it
+// into a row of `bias` that looks like data; NaN instead makes the loss and gradient checks
+// report it. (A NaN literal is not a WGSL constant expression; its bit pattern is.)
+fn rstd_of(v: f32) -> f32 {
+    let r = inverseSqrt(v);
+    return select(r, bitcast<f32>(0x7fc00000u), r == 0.0);
+}
+
 // The passes over one row, shared by both layouts. An invocation covers channels first,
 // first + stride, ...: (lid, WG) when a workgroup shares the row, (0, 1) when it owns it.
 
@@ -154,7 +163,7 @@ fn layernorm_forward(
     // Strided by WG so that consecutive invocations read consecutive elements.
     let m = workgroup_sum(lid, vec2<f32>(row_sum(base, lid, WG), 0.0)).x / c;
     let q = workgroup_sum(lid, vec2<f32>(row_squared_deviations(base, m, lid, WG), 0.0)).x;
-    let r = inverseSqrt(q / c + dims.eps);
+    let r = rstd_of(q / c + dims.eps);
     row_normalise(base, m, r, lid, WG);
     if lid == 0u {
         mean_out[row] = m;
@@ -174,7 +183,7 @@ fn layernorm_forward_rows(
     let c = f32(dims.channels);
     let base = row * dims.channels;
     let m = row_sum(base, 0u, 1u) / c;
-    let r = inverseSqrt(row_squared_deviations(base, m, 0u, 1u) / c + dims.eps);
+    let r = rstd_of(row_squared_deviations(base, m, 0u, 1u) / c + dims.eps);
     row_normalise(base, m, r, 0u, 1u);
     mean_out[row] = m;
     rstd_out[row] = r;

@@ -77,6 +77,15 @@ fn workgroup_sum(lid: u32, v: f32) -> f32 {
     return total;
 }
 
+// 1 / sqrt(v) for v = mean(x^2) + eps > 0, which is 0 only when mean(x^2) overflowed f32
+// (|x| past ~1e19). Such a row has no f32 normalisation, and a rstd of 0 would turn it
+// into a row of zeros that looks like data; NaN instead makes the loss and gradient checks
+// report it. (A NaN literal is not a WGSL constant expression; its bit pattern is.)
+fn rstd_of(v: f32) -> f32 {
+    let r = inverseSqrt(v);
+    return select(r, bitcast<f32>(0x7fc00000u), r == 0.0);
+}
+
 // The passes over one row, shared by both layouts. An invocation covers channels first,
 // first + stride, ...: (lid, WG) when a workgroup shares the row, (0, 1) when it owns it.
 
@@ -130,7 +139,7 @@ fn rmsnorm_forward(
     }
     let base = row * dims.channels;
     let q = workgroup_sum(lid, row_sum_squares(base, lid, WG));
-    let r = inverseSqrt(q / f32(dims.channels) + dims.eps);
+    let r = rstd_of(q / f32(dims.channels) + dims.eps);
     row_normalise(base, r, lid, WG);
     if lid == 0u {
         rstd_out[row] = r;
@@ -147,7 +156,7 @@ fn rmsnorm_forward_rows(
         return;
     }
     let base = row * dims.channels;
-    let r = inverseSqrt(row_sum_squares(base, 0u, 1u) / f32(dims.channels) + dims.eps);
+    let r = rstd_of(row_sum_squares(base, 0u, 1u) / f32(dims.channels) + dims.eps);
     row_normalise(base, r, 0u, 1u);
     rstd_out[row] = r;
 }

@@ -565,3 +565,60 @@ fn rows_past_workgroup_limit_f32() {
         assert_close(name, w, g, backward_tolerance(Precision::F32));
     }
 }
+
+/// A row whose variance overflows f32 (|x − mean| ≈ 1e30 here, squared past f32's 3.4e38) has no
+/// f32 normalisation. Its rstd must be NaN, so the row comes out NaN and the loss checks report
+/// it; an rstd of 0 would make it a row of `bias` that looks like data. Rows beside it, and a
+/// row of plain large values (1e18, whose squares still fit), are unaffected. f32 only: f16
+/// storage cannot hold 1e30 at all.
+#[test]
+fn overflowing_variance_is_nan_not_zero() {
+    let Some(gpu) = gpu(Precision::F32) else {
+        return;
+    };
+    let c = 37;
+    let spec = LayerNormSpec::new(3, c);
+    let mut x: Vec<f32> = (0..3 * c).map(|i| (i % 7) as f32 * 0.1).collect();
+    x[3] = 1e30;
+    x[c + 5] = -1e30;
+    x[2 * c + 1] = 1e18;
+    let w = vec![1.5; c];
+    let b = vec![0.25; c];
+    let (mut want, mut want_mean, mut want_rstd) = (vec![0.0; 3 * c], vec![0.0; 3], vec![0.0; 3]);
+    cpu::layernorm_forward(&mut want, &mut want_mean, &mut want_rstd, &x, &w, &b, &spec).unwrap();
+    let nan_rows = |v: &[f32], what: &str| {
+        assert!(
+            v[..2 * c].iter().all(|y| y.is_nan()),
+            "{what}: rows 0 and 1 must be NaN"
+        );
+        assert!(
+            v[2 * c..].iter().all(|y| y.is_finite()),
+            "{what}: row 2 must be finite"
+        );
+    };
+    nan_rows(&want, "CPU reference");
+    let (inp, wt, bt) = (
+        upload(gpu, "inp", &x),
+        upload(gpu, "w", &w),
+        upload(gpu, "b", &b),
+    );
+    for kernel in RowKernel::ALL {
+        let out = gpu.zeros("out", &[3, c], DType::F32).unwrap();
+        let mean = gpu.zeros("mean", &[3], DType::F32).unwrap();
+        let rstd = gpu.zeros("rstd", &[3], DType::F32).unwrap();
+        LayerNormForward::with_kernel(gpu, kernel, &out, &mean, &rstd, &inp, &wt, &bt, &spec)
+            .unwrap()
+            .run(gpu)
+            .unwrap();
+        let got = gpu.read(&out).unwrap();
+        nan_rows(&got, &format!("{kernel:?}"));
+        let r = gpu.read(&rstd).unwrap();
+        assert!(r[0].is_nan() && r[1].is_nan(), "{kernel:?} rstd {r:?}");
+        assert_close(
+            &format!("{kernel:?} finite row"),
+            &want[2 * c..],
+            &got[2 * c..],
+            forward_tolerance(Precision::F32),
+        );
+    }
+}

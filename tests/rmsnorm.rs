@@ -503,3 +503,53 @@ fn rows_past_workgroup_limit_f32() {
         assert_close(name, w, g, backward_tolerance(Precision::F32));
     }
 }
+
+/// A row whose mean(x²) overflows f32 (an element of 1e30) has no f32 normalisation: its rstd
+/// is NaN, so the row comes out NaN for the loss checks to report, not a row of zeros. Rows
+/// beside it, and a row with an element of 1e18 (whose square still fits), are unaffected.
+/// f32 only: f16 storage cannot hold 1e30.
+#[test]
+fn overflowing_mean_square_is_nan_not_zero() {
+    let Some(gpu) = gpu(Precision::F32) else {
+        return;
+    };
+    let c = 37;
+    let spec = RmsNormSpec::new(3, c);
+    let mut x: Vec<f32> = (0..3 * c).map(|i| (i % 7) as f32 * 0.1 - 0.2).collect();
+    x[3] = 1e30;
+    x[c + 5] = -1e30;
+    x[2 * c + 1] = 1e18;
+    let w = vec![1.5; c];
+    let (mut want, mut want_rstd) = (vec![0.0; 3 * c], vec![0.0; 3]);
+    cpu::rmsnorm_forward(&mut want, &mut want_rstd, &x, &w, &spec).unwrap();
+    let nan_rows = |v: &[f32], what: &str| {
+        assert!(
+            v[..2 * c].iter().all(|y| y.is_nan()),
+            "{what}: rows 0 and 1 must be NaN"
+        );
+        assert!(
+            v[2 * c..].iter().all(|y| y.is_finite()),
+            "{what}: row 2 must be finite"
+        );
+    };
+    nan_rows(&want, "CPU reference");
+    let (inp, wt) = (upload(gpu, "inp", &x), upload(gpu, "w", &w));
+    for kernel in RowKernel::ALL {
+        let out = gpu.zeros("out", &[3, c], DType::F32).unwrap();
+        let rstd = gpu.zeros("rstd", &[3], DType::F32).unwrap();
+        RmsNormForward::with_kernel(gpu, kernel, &out, &rstd, &inp, &wt, &spec)
+            .unwrap()
+            .run(gpu)
+            .unwrap();
+        let got = gpu.read(&out).unwrap();
+        nan_rows(&got, &format!("{kernel:?}"));
+        let r = gpu.read(&rstd).unwrap();
+        assert!(r[0].is_nan() && r[1].is_nan(), "{kernel:?} rstd {r:?}");
+        assert_close(
+            &format!("{kernel:?} finite row"),
+            &want[2 * c..],
+            &got[2 * c..],
+            forward_tolerance(Precision::F32),
+        );
+    }
+}

@@ -4,7 +4,8 @@ use crate::Result;
 use crate::ops::{Extent, LayerNormSpec};
 
 /// `out = (inp - mean) · rstd · weight + bias` row by row, saving each row's mean and
-/// `rstd = 1 / sqrt(var + eps)` (biased variance) for the backward.
+/// `rstd = 1 / sqrt(var + eps)` (biased variance) for the backward. A row whose variance
+/// overflows f32 gets a NaN rstd (so a NaN row), not 0: see `rstd_of` in layernorm.wgsl.
 ///
 /// Two passes over each row (mean, then the squared deviations), as the GPU kernel does: the
 /// one-pass `E[x²] - E[x]²` loses every significant digit when the mean is large against the
@@ -37,6 +38,8 @@ pub fn layernorm_forward(
         let m = (x.iter().map(|&v| f64::from(v)).sum::<f64>() / c as f64) as f32;
         let var = x.iter().map(|&v| f64::from((v - m) * (v - m))).sum::<f64>() / c as f64;
         let s = 1.0 / (var as f32 + spec.eps).sqrt();
+        // An overflowed variance leaves no f32 normalisation: NaN, as the kernels give, not 0.
+        let s = if s == 0.0 { f32::NAN } else { s };
         for (i, o) in out[r * c..(r + 1) * c].iter_mut().enumerate() {
             *o = (x[i] - m) * s * weight[i] + bias[i];
         }

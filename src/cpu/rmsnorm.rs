@@ -4,7 +4,8 @@ use crate::Result;
 use crate::ops::{Extent, RmsNormSpec};
 
 /// `out = inp · rstd · weight` row by row, with `rstd = 1 / sqrt(mean(inp²) + eps)`, saving
-/// each row's rstd for the backward.
+/// each row's rstd for the backward. A row whose mean(inp²) overflows f32 gets a NaN rstd,
+/// not 0, as the kernel gives.
 ///
 /// The sum of squares accumulates in f64: the GPU sums in a tree whose order a loop cannot
 /// reproduce, so the reference aims at the exact sum instead (as the layernorm reference does).
@@ -30,6 +31,8 @@ pub fn rmsnorm_forward(
         // mean(x²), then the f32 reciprocal square root the GPU's inverseSqrt approximates.
         let ms = x.iter().map(|&v| f64::from(v) * f64::from(v)).sum::<f64>() / c as f64;
         let s = 1.0 / (ms as f32 + spec.eps).sqrt();
+        // An overflowed variance leaves no f32 normalisation: NaN, as the kernels give, not 0.
+        let s = if s == 0.0 { f32::NAN } else { s };
         for (i, o) in out[r * c..(r + 1) * c].iter_mut().enumerate() {
             *o = x[i] * s * weight[i];
         }
