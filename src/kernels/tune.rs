@@ -201,9 +201,13 @@ fn measure(gpu: &Gpu, precision: Precision, spec: &MatmulSpec) -> Result<MatmulV
         .filter(|v| v.supports(gpu, full) && v.supports(gpu, spec))
     {
         let mm = Matmul::with_variant(gpu, variant, &c, &a, &b, None, spec)?;
-        // The first run doubles as the warm-up; a variant three times slower than the best so
-        // far even there is not worth its timed runs.
-        let first = gpu.time_runs("matmul tune", 0, 1, |p| mm.record(p))?[0];
+        // One untimed warm-up, then a screening run: a variant three times slower than the best
+        // so far is not worth its timed runs. The first run of a variant also pays for its
+        // pipeline's first use and, for the texture kernel, for creating and first touching its
+        // scratch textures; screening on it rejected the texture kernel on lavapipe at the baby
+        // GPT's QKV product and attention products, which it runs about twice as fast as the
+        // variants chosen instead.
+        let first = gpu.time_runs("matmul tune", 1, 1, |p| mm.record(p))?[0];
         if first > 3.0 * best.0 {
             continue;
         }
