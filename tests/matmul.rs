@@ -666,3 +666,28 @@ fn residual_epilogue_refuses_bad_operands() {
     let e = err(Matmul::with_residual(gpu, None, &c, &a, &b, None, &x, &acc));
     assert!(e.contains("ACCUMULATE"), "{e}");
 }
+
+/// The texture kernel's packing grids run linearly over each layer's texels, 64 per workgroup,
+/// and spill into a second grid dimension past the adapter's 65535 workgroups per dimension. Here
+/// op(A) packs to 1032 texels (K = 4100, rounded up to 4128) by 4096 rows, 4.23M texels: 66,048
+/// workgroups, so the grid is 2-D. Every element of the (thin) product is checked against the
+/// CPU, so a texel the grid missed or packed twice in the wrong place would show.
+#[test]
+fn texture_packing_past_the_workgroup_limit() {
+    let Some(gpu) = gpu(Precision::F32) else {
+        return;
+    };
+    let spec = MatmulSpec::new(Layout::NN, 4096, 4, 4100);
+    if !MatmulVariant::Texture.supports(gpu, &spec) {
+        return;
+    }
+    let max = gpu
+        .capabilities()
+        .limits
+        .max_compute_workgroups_per_dimension as usize;
+    assert!(
+        1032 * 4096 / 64 > max,
+        "the test no longer crosses the limit"
+    );
+    check(gpu, MatmulVariant::Texture, &spec, false, 11);
+}

@@ -426,8 +426,14 @@ impl Matmul {
             // With vec4 loads, an operand whose texels run across its contiguous dimension is
             // packed four texel rows per invocation.
             let vec4 = vec4_ok(spec);
+            // 64 texels (or 4-row groups) per workgroup, linear over each layer (`pack_gid` in
+            // the shader), spread over y past the per-dimension limit.
             let pack_groups = |s: [u32; 3], rows_per_invocation: u32| {
-                [s[0].div_ceil(64), s[1] / rows_per_invocation, s[2]]
+                let texels = u64::from(s[0]) * u64::from(s[1] / rows_per_invocation);
+                let groups = texels.div_ceil(64).max(1);
+                let x = groups.min(u64::from(max));
+                let y = groups.div_ceil(x);
+                [x as u32, u32::try_from(y).unwrap_or(u32::MAX), s[2]]
             };
             let (pack_a, a_slot, a_rows) = if vec4 {
                 let rows = if spec.layout.trans_a() { 4 } else { 1 };
