@@ -42,8 +42,8 @@ fn matmul_pack_a(
     @builtin(global_invocation_id) grid: vec3<u32>,
     @builtin(num_workgroups) nwg: vec3<u32>,
 ) {
-    let gid = pack_gid(grid, nwg, textureDimensions(packed).x);
     let size = textureDimensions(packed);
+    let gid = pack_gid(grid, nwg, size.x);
     if gid.x >= size.x || gid.y >= size.y {
         return;
     }
@@ -63,8 +63,8 @@ fn matmul_pack_b(
     @builtin(global_invocation_id) grid: vec3<u32>,
     @builtin(num_workgroups) nwg: vec3<u32>,
 ) {
-    let gid = pack_gid(grid, nwg, textureDimensions(packed).x);
     let size = textureDimensions(packed);
+    let gid = pack_gid(grid, nwg, size.x);
     if gid.x >= size.x || gid.y >= size.y {
         return;
     }
@@ -89,8 +89,8 @@ fn matmul_pack_a_vec4(
     @builtin(global_invocation_id) grid: vec3<u32>,
     @builtin(num_workgroups) nwg: vec3<u32>,
 ) {
-    let gid = pack_gid(grid, nwg, textureDimensions(packed).x);
     let size = textureDimensions(packed);
+    let gid = pack_gid(grid, nwg, size.x);
     let base = batch_base(gid.z, dims.a_offset, dims.a_outer, dims.a_inner, dims.a_inner_div);
     if TRANS_A {
         // Rows 4 gid.y .. 4 gid.y + 3 (M is a multiple of 4) by texel gid.x.
@@ -125,8 +125,8 @@ fn matmul_pack_b_vec4(
     @builtin(global_invocation_id) grid: vec3<u32>,
     @builtin(num_workgroups) nwg: vec3<u32>,
 ) {
-    let gid = pack_gid(grid, nwg, textureDimensions(packed).x);
     let size = textureDimensions(packed);
+    let gid = pack_gid(grid, nwg, size.x);
     let base = batch_base(gid.z, dims.b_offset, dims.b_outer, dims.b_inner, dims.b_inner_div);
     if TRANS_B {
         // k rows 4 gid.y .. 4 gid.y + 3 by texel gid.x (K is a multiple of 4).
