@@ -4,7 +4,7 @@
 mod common;
 
 use common::gradcheck::{GradCheck, check_gradient, weighted_sum};
-use common::{Tolerance, assert_close, gpu, random, round_to};
+use common::{Tolerance, assert_close, assert_overflow_rows, gpu, overflow_rows, random, round_to};
 use kiln::cpu::layernorm as cpu;
 use kiln::gpu::DType;
 use kiln::kernels::RowKernel;
@@ -578,25 +578,12 @@ fn overflowing_variance_is_nan_not_zero() {
     };
     let c = 37;
     let spec = LayerNormSpec::new(3, c);
-    let mut x: Vec<f32> = (0..3 * c).map(|i| (i % 7) as f32 * 0.1).collect();
-    x[3] = 1e30;
-    x[c + 5] = -1e30;
-    x[2 * c + 1] = 1e18;
+    let x = overflow_rows(c, |i| (i % 7) as f32 * 0.1);
     let w = vec![1.5; c];
     let b = vec![0.25; c];
     let (mut want, mut want_mean, mut want_rstd) = (vec![0.0; 3 * c], vec![0.0; 3], vec![0.0; 3]);
     cpu::layernorm_forward(&mut want, &mut want_mean, &mut want_rstd, &x, &w, &b, &spec).unwrap();
-    let nan_rows = |v: &[f32], what: &str| {
-        assert!(
-            v[..2 * c].iter().all(|y| y.is_nan()),
-            "{what}: rows 0 and 1 must be NaN"
-        );
-        assert!(
-            v[2 * c..].iter().all(|y| y.is_finite()),
-            "{what}: row 2 must be finite"
-        );
-    };
-    nan_rows(&want, "CPU reference");
+    assert_overflow_rows(&want, c, "CPU reference");
     let (inp, wt, bt) = (
         upload(gpu, "inp", &x),
         upload(gpu, "w", &w),
@@ -611,7 +598,7 @@ fn overflowing_variance_is_nan_not_zero() {
             .run(gpu)
             .unwrap();
         let got = gpu.read(&out).unwrap();
-        nan_rows(&got, &format!("{kernel:?}"));
+        assert_overflow_rows(&got, c, &format!("{kernel:?}"));
         let r = gpu.read(&rstd).unwrap();
         assert!(r[0].is_nan() && r[1].is_nan(), "{kernel:?} rstd {r:?}");
         assert_close(

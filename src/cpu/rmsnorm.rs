@@ -31,7 +31,7 @@ pub fn rmsnorm_forward(
         // mean(x²), then the f32 reciprocal square root the GPU's inverseSqrt approximates.
         let ms = x.iter().map(|&v| f64::from(v) * f64::from(v)).sum::<f64>() / c as f64;
         let s = 1.0 / (ms as f32 + spec.eps).sqrt();
-        // An overflowed variance leaves no f32 normalisation: NaN, as the kernels give, not 0.
+        // An overflowed mean square leaves no f32 normalisation: NaN, as the kernel gives, not 0.
         let s = if s == 0.0 { f32::NAN } else { s };
         for (i, o) in out[r * c..(r + 1) * c].iter_mut().enumerate() {
             *o = x[i] * s * weight[i];

@@ -82,3 +82,26 @@ pub fn assert_close(what: &str, expected: &[f32], actual: &[f32], tol: Tolerance
         );
     }
 }
+
+/// Three rows of `c` values `base(i)` for the norms' overflow tests, with 1e30 in row 0 and
+/// -1e30 in row 1 (their variance and mean square overflow f32) and 1e18 in row 2 (whose square
+/// still fits).
+pub fn overflow_rows(c: usize, base: impl Fn(usize) -> f32) -> Vec<f32> {
+    let mut x: Vec<f32> = (0..3 * c).map(base).collect();
+    x[3] = 1e30;
+    x[c + 5] = -1e30;
+    x[2 * c + 1] = 1e18;
+    x
+}
+
+/// A norm's output for [`overflow_rows`]: rows 0 and 1 all NaN, row 2 all finite.
+pub fn assert_overflow_rows(v: &[f32], c: usize, what: &str) {
+    assert!(
+        v[..2 * c].iter().all(|y| y.is_nan()),
+        "{what}: rows 0 and 1 must be NaN"
+    );
+    assert!(
+        v[2 * c..].iter().all(|y| y.is_finite()),
+        "{what}: row 2 must be finite"
+    );
+}
