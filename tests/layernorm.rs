@@ -15,9 +15,10 @@ use kiln::ops::LayerNormSpec;
 use kiln::{Gpu, GpuTensor, Precision};
 
 /// Rows: one, a few, and more than the 32-row blocks of the parameter reduction (130 = 4 full
-/// blocks + 2). Channels: one (variance 0), a few, prime, GPT-2-ish, and just over 3 × 256.
+/// blocks + 2). Channels: one (variance 0), a few, one group of four, prime, GPT-2-ish, and just
+/// over 3 × 256; the multiples of 4 (4, 384) run the four-channels-per-access entries.
 const ROWS: &[usize] = &[1, 7, 130];
-const CHANNELS: &[usize] = &[1, 3, 67, 384, 769];
+const CHANNELS: &[usize] = &[1, 3, 4, 67, 384, 769];
 
 /// Forward tolerances. Inputs are uniform in [-1, 1) plus a per-row offset up to ±2, weights in
 /// [0.5, 1.5), biases in [-1, 1), so outputs stay within ±(|n|·1.5 + 1) with |n| ≤ √C.
@@ -570,13 +571,19 @@ fn rows_past_workgroup_limit_f32() {
 /// f32 normalisation. Its rstd must be NaN, so the row comes out NaN and the loss checks report
 /// it; an rstd of 0 would make it a row of `bias` that looks like data. Rows beside it, and a
 /// row of plain large values (1e18, whose squares still fit), are unaffected. f32 only: f16
-/// storage cannot hold 1e30 at all.
+/// storage cannot hold 1e30 at all. 37 channels take the one-channel-per-access entries, 36 the
+/// four-per-access ones.
 #[test]
 fn overflowing_variance_is_nan_not_zero() {
+    for c in [37, 36] {
+        overflowing_variance_case(c);
+    }
+}
+
+fn overflowing_variance_case(c: usize) {
     let Some(gpu) = gpu(Precision::F32) else {
         return;
     };
-    let c = 37;
     let spec = LayerNormSpec::new(3, c);
     let x = overflow_rows(c, |i| (i % 7) as f32 * 0.1);
     let w = vec![1.5; c];
@@ -598,11 +605,14 @@ fn overflowing_variance_is_nan_not_zero() {
             .run(gpu)
             .unwrap();
         let got = gpu.read(&out).unwrap();
-        assert_overflow_rows(&got, c, &format!("{kernel:?}"));
+        assert_overflow_rows(&got, c, &format!("{kernel:?} C={c}"));
         let r = gpu.read(&rstd).unwrap();
-        assert!(r[0].is_nan() && r[1].is_nan(), "{kernel:?} rstd {r:?}");
+        assert!(
+            r[0].is_nan() && r[1].is_nan(),
+            "{kernel:?} C={c} rstd {r:?}"
+        );
         assert_close(
-            &format!("{kernel:?} finite row"),
+            &format!("{kernel:?} C={c} finite row"),
             &want[2 * c..],
             &got[2 * c..],
             forward_tolerance(Precision::F32),
