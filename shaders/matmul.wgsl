@@ -50,7 +50,9 @@ struct Dims {
     alpha: f32,
     a_inner_div: u32,
     b_inner_div: u32,
-    _pad0: u32,
+    // Causal structure the texture kernel skips (MatmulSpec::triangle): 0 none, 1 only C on and
+    // below the diagonal wanted, 2 op(A) zero past the diagonal, 3 op(A) zero before it.
+    triangle: u32,
     _pad1: u32,
 }
 

@@ -37,6 +37,14 @@ fn pack_gid(g: vec3<u32>, nwg: vec3<u32>, width: u32) -> vec3<u32> {
     return vec3<u32>(i % width, i / width, g.z);
 }
 
+// Whether matmul_texture never reads A's texel k4 of `row` under the causal hint (Dims.triangle):
+// with op(A) zero past the diagonal a 32-row block stops at k = row0 + 32, with op(A) zero before
+// it the block starts at k = row0. Such texels are not packed (up to half of a T x T operand).
+fn a_texel_unread(k4: u32, row: u32) -> bool {
+    let row0 = row / 32u * 32u;
+    return (dims.triangle == 2u && 4u * k4 >= row0 + 32u) || (dims.triangle == 3u && 4u * k4 + 4u <= row0);
+}
+
 @compute @workgroup_size(64, 1, 1)
 fn matmul_pack_a(
     @builtin(global_invocation_id) grid: vec3<u32>,
@@ -44,7 +52,7 @@ fn matmul_pack_a(
 ) {
     let size = textureDimensions(packed);
     let gid = pack_gid(grid, nwg, size.x);
-    if gid.x >= size.x || gid.y >= size.y {
+    if gid.x >= size.x || gid.y >= size.y || a_texel_unread(gid.x, gid.y) {
         return;
     }
     let base = batch_base(gid.z, dims.a_offset, dims.a_outer, dims.a_inner, dims.a_inner_div);
@@ -95,7 +103,7 @@ fn matmul_pack_a_vec4(
     if TRANS_A {
         // Rows 4 gid.y .. 4 gid.y + 3 (M is a multiple of 4) by texel gid.x.
         let row = 4u * gid.y;
-        if gid.x >= size.x || row >= size.y {
+        if gid.x >= size.x || row >= size.y || a_texel_unread(gid.x, row) {
             return;
         }
         var v: array<vec4<f32>, 4>;
@@ -109,7 +117,7 @@ fn matmul_pack_a_vec4(
             textureStore(packed, vec2<u32>(gid.x, row + i), gid.z, vec4<f32>(v[0][i], v[1][i], v[2][i], v[3][i]));
         }
     } else {
-        if gid.x >= size.x || gid.y >= size.y {
+        if gid.x >= size.x || gid.y >= size.y || a_texel_unread(gid.x, gid.y) {
             return;
         }
         var v = vec4<f32>(0.0);
@@ -205,7 +213,22 @@ fn matmul_texture(
     let row0 = wg.y * 32u;
     // Lanes past the eighth (subgroups wider than lavapipe's 8) repeat the first eight's loads.
     let sl = lane % 8u;
-    let k4_end = (dims.k + 31u) / 32u * 8u;
+    var k4_begin = 0u;
+    var k4_end = (dims.k + 31u) / 32u * 8u;
+    // Causal skips (Dims.triangle), decided per workgroup so that the subgroup operations below
+    // stay in uniform control flow. Whole blocks of C above the diagonal are not computed (the
+    // host makes the workgroup 32 columns wide); where op(A) is zero past (or before) the
+    // diagonal, the block's rows row0..row0+31 stop at k = row0 + 32 (or start at k = row0),
+    // which drops only exact zero terms, so the result is bit for bit the full sum's.
+    if dims.triangle == 1u && wg.x * ROWS_WG_X * 4u > row0 + 31u {
+        return;
+    }
+    if dims.triangle == 2u {
+        k4_end = min(k4_end, (row0 + 32u) / 4u);
+    }
+    if dims.triangle == 3u {
+        k4_begin = row0 / 4u;
+    }
     var acc0 = vec4<f32>(0.0); var acc1 = vec4<f32>(0.0); var acc2 = vec4<f32>(0.0); var acc3 = vec4<f32>(0.0);
     var acc4 = vec4<f32>(0.0); var acc5 = vec4<f32>(0.0); var acc6 = vec4<f32>(0.0); var acc7 = vec4<f32>(0.0);
     var acc8 = vec4<f32>(0.0); var acc9 = vec4<f32>(0.0); var acc10 = vec4<f32>(0.0); var acc11 = vec4<f32>(0.0);
@@ -214,7 +237,7 @@ fn matmul_texture(
     var acc20 = vec4<f32>(0.0); var acc21 = vec4<f32>(0.0); var acc22 = vec4<f32>(0.0); var acc23 = vec4<f32>(0.0);
     var acc24 = vec4<f32>(0.0); var acc25 = vec4<f32>(0.0); var acc26 = vec4<f32>(0.0); var acc27 = vec4<f32>(0.0);
     var acc28 = vec4<f32>(0.0); var acc29 = vec4<f32>(0.0); var acc30 = vec4<f32>(0.0); var acc31 = vec4<f32>(0.0);
-    for (var k4 = 0u; k4 < k4_end; k4 += 8u) {
+    for (var k4 = k4_begin; k4 < k4_end; k4 += 8u) {
         let va0 = a_texel(z, k4 + sl, row0 + 0u); let va1 = a_texel(z, k4 + sl, row0 + 1u);
         let va2 = a_texel(z, k4 + sl, row0 + 2u); let va3 = a_texel(z, k4 + sl, row0 + 3u);
         let va4 = a_texel(z, k4 + sl, row0 + 4u); let va5 = a_texel(z, k4 + sl, row0 + 5u);

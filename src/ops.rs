@@ -102,6 +102,40 @@ pub struct MatmulSpec {
     pub a_inner_div: usize,
     /// Consecutive inner batch indices sharing one B matrix; 1 for none.
     pub b_inner_div: usize,
+    /// Causal structure a kernel may exploit to skip work ([`Triangle::None`] by default).
+    pub triangle: Triangle,
+}
+
+/// A causal structure of a product that kernels may use to skip work: that of attention's
+/// products over a (T, T) block, whose row i is query position i. Row and column indices are
+/// within each batch entry's matrix. A kernel that ignores it computes the same result (the
+/// skipped terms are exact zeros, or the skipped outputs are never read), so it is a hint, not
+/// part of the product's meaning; the texture kernel honours it at its 32-row granularity.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum Triangle {
+    /// Nothing known: every term and every output counts.
+    #[default]
+    None,
+    /// Only C[i][j] with j ≤ i is wanted; entries above the diagonal may be left holding
+    /// whatever they held. Attention's scores and dP, which the causal softmax kernels read only
+    /// up to the diagonal and then overwrite.
+    OutputLower,
+    /// op(A)[i][k] is zero for k > i, so row i needs only k ≤ i: P·v and dS·k.
+    ALower,
+    /// op(A)[i][k] is zero for k < i, so row i needs only k ≥ i: Pᵀ·dO and dSᵀ·q.
+    AUpper,
+}
+
+impl Triangle {
+    /// The value the matmul shaders read (`Dims.triangle`).
+    pub fn code(self) -> u32 {
+        match self {
+            Triangle::None => 0,
+            Triangle::OutputLower => 1,
+            Triangle::ALower => 2,
+            Triangle::AUpper => 3,
+        }
+    }
 }
 
 impl MatmulSpec {
@@ -139,6 +173,7 @@ impl MatmulSpec {
             accumulate: false,
             a_inner_div: 1,
             b_inner_div: 1,
+            triangle: Triangle::None,
         }
     }
 

@@ -6,7 +6,7 @@ mod common;
 use common::{Tolerance, assert_close, gpu, random, round_to};
 use kiln::gpu::DType;
 use kiln::kernels::matmul::{Matmul, MatmulVariant};
-use kiln::ops::{Layout, MatmulSpec, Operand};
+use kiln::ops::{Layout, MatmulSpec, Operand, Triangle};
 use kiln::{Gpu, Precision};
 
 /// Tolerances. Inputs are uniform in [-1, 1); K is at most 1024.
@@ -690,4 +690,96 @@ fn texture_packing_past_the_workgroup_limit() {
         "the test no longer crosses the limit"
     );
     check(gpu, MatmulVariant::Texture, &spec, false, 11);
+}
+
+/// The causal hints of attention's products ([`Triangle`]): with each, every variant gives bit
+/// for bit what it gives without it, over the part the hint promises. `ALower` / `AUpper` get an
+/// op(A) that is zero past / before the diagonal (as P and dS are), and all of C must match;
+/// `OutputLower` promises only C on and below the diagonal, and C above it is filled with a
+/// sentinel first, to check that the texture kernel skips (leaves) whole 32 x 32 blocks there
+/// and never writes past them. Square blocks of 64 (whole blocks), 67 and 100 (partial ones),
+/// batched, in the layouts attention uses (NT for the scores and dP, NN for P·v and dS·k, TN for
+/// Pᵀ·dO and dSᵀ·q).
+#[test]
+fn triangle_hints_change_nothing_they_promise() {
+    for p in Precision::ALL {
+        let Some(gpu) = gpu(p) else { continue };
+        let dt = DType::from(p);
+        for (i, &(t, hd, batch)) in [(64, 32, 2), (67, 8, 3), (100, 20, 1)].iter().enumerate() {
+            let cases = [
+                (Triangle::OutputLower, MatmulSpec::new(Layout::NT, t, t, hd)),
+                (Triangle::ALower, MatmulSpec::new(Layout::NN, t, hd, t)),
+                (Triangle::AUpper, MatmulSpec::new(Layout::TN, t, hd, t)),
+            ];
+            for (triangle, plain) in cases {
+                let plain = plain.batched(batch);
+                let hinted = MatmulSpec { triangle, ..plain };
+                let mut a = round_to(p, &random(plain.a_len(), 80 + i as u64));
+                if triangle != Triangle::OutputLower {
+                    // Zero op(A)[r][k] where the hint says it is zero; A is t x t per batch entry
+                    // (op(A) = Aᵀ in TN, so entry (r, k) of op(A) is A[k][r]).
+                    for z in 0..batch {
+                        for r in 0..t {
+                            for k in 0..t {
+                                let zero = match triangle {
+                                    Triangle::ALower => k > r,
+                                    _ => k < r,
+                                };
+                                let at = if plain.layout.trans_a() {
+                                    k * t + r
+                                } else {
+                                    r * t + k
+                                };
+                                if zero {
+                                    a[z * t * t + at] = 0.0;
+                                }
+                            }
+                        }
+                    }
+                }
+                let b = round_to(p, &random(plain.b_len(), 90 + i as u64));
+                let ga = gpu.upload("a", &[a.len()], dt, &a).unwrap();
+                let gb = gpu.upload("b", &[b.len()], dt, &b).unwrap();
+                // Exactly representable in f16 too, so a left cell reads back as it.
+                const SENTINEL: f32 = 12344.0;
+                for variant in MatmulVariant::ALL {
+                    if !variant.supports(gpu, &plain) {
+                        continue;
+                    }
+                    let run = |spec: &MatmulSpec| {
+                        let init = vec![SENTINEL; spec.c_len()];
+                        let gc = gpu.upload("c", &[init.len()], dt, &init).unwrap();
+                        Matmul::with_variant(gpu, variant, &gc, &ga, &gb, None, spec)
+                            .unwrap()
+                            .run(gpu)
+                            .unwrap();
+                        gpu.read(&gc).unwrap()
+                    };
+                    let (want, got) = (run(&plain), run(&hinted));
+                    let n = plain.n;
+                    for (j, (x, y)) in want.iter().zip(&got).enumerate() {
+                        let (row, col) = ((j / n) % plain.m, j % n);
+                        let what = format!(
+                            "{p} {} {triangle:?} t={t} batch {batch}: C[{j}] (row {row}, col {col})",
+                            variant.name()
+                        );
+                        if triangle == Triangle::OutputLower && col > row {
+                            // Above the diagonal: either computed or left as it was, and left
+                            // only in whole 32 x 32 blocks strictly above it.
+                            if *y == SENTINEL {
+                                assert!(
+                                    col / 32 > row / 32,
+                                    "{what}: left unwritten next to the diagonal"
+                                );
+                            } else {
+                                assert_eq!(x.to_bits(), y.to_bits(), "{what}");
+                            }
+                        } else {
+                            assert_eq!(x.to_bits(), y.to_bits(), "{what}: {x} vs {y}");
+                        }
+                    }
+                }
+            }
+        }
+    }
 }

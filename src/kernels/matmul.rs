@@ -2,7 +2,7 @@
 
 use super::{common_precision, groups, loop_budget_ok};
 use crate::gpu::{Bind, Gpu, GpuTensor, PipelineKey, ScratchTexture, Specialisation};
-use crate::ops::MatmulSpec;
+use crate::ops::{MatmulSpec, Triangle};
 use crate::{Error, Result};
 use std::sync::Arc;
 
@@ -125,6 +125,20 @@ const TEXTURE_BLOCK_ROWS: usize = 32;
 /// K is padded to whole rounds of the texture kernel: 8 lanes by 4 values.
 const TEXTURE_K_ROUND: usize = 32;
 
+/// Invocations along x of a `matmul_texture` workgroup for `column_groups` groups of 4 columns:
+/// the power of two from 8 to 64 that leaves the fewest invocations past the last group, the
+/// widest among equals. Those invocations repeat the last group's work (they cannot return before
+/// the subgroup operations), so a width that does not divide the groups is paid for in full: 96
+/// groups (N = 384, the baby's qkv product) took 2 workgroups of 64, a third of them idle, where
+/// 3 of 32 fit exactly. Powers of two bound the number of pipelines compiled.
+fn texture_workgroup_width(column_groups: usize) -> usize {
+    let padded = |w: usize| column_groups.div_ceil(w) * w;
+    [ROWS_WG_X, 32, 16, 8]
+        .into_iter()
+        .min_by_key(|&w| padded(w))
+        .unwrap_or(ROWS_WG_X)
+}
+
 /// Sizes (width, height, layers in texels) of the packed A and B of the texture variant.
 fn packed_sizes(spec: &MatmulSpec) -> [[u32; 3]; 2] {
     let kp = spec.k.div_ceil(TEXTURE_K_ROUND).max(1) * TEXTURE_K_ROUND;
@@ -193,7 +207,7 @@ struct Dims {
     alpha: f32,
     a_inner_div: u32,
     b_inner_div: u32,
-    _pad0: u32,
+    triangle: u32,
     _pad1: u32,
 }
 
@@ -222,7 +236,7 @@ impl Dims {
             alpha: s.alpha,
             a_inner_div: u(s.a_inner_div),
             b_inner_div: u(s.b_inner_div),
-            _pad0: 0,
+            triangle: s.triangle.code(),
             _pad1: 0,
         }
     }
@@ -471,9 +485,12 @@ impl Matmul {
                     pack_groups(b_size, b_rows),
                 )?;
             }
-            // A narrow C gets a narrower workgroup rather than idle invocations that repeat the
-            // last column's loads (powers of two, to bound the number of pipelines compiled).
-            let wg_x = spec.n.div_ceil(4).next_power_of_two().clamp(8, ROWS_WG_X);
+            // Skipping C's blocks above the diagonal needs workgroups as wide as the 32-row block.
+            let wg_x = if spec.triangle == Triangle::OutputLower {
+                8
+            } else {
+                texture_workgroup_width(spec.n.div_ceil(4))
+            };
             let multiply = gpu.pipeline(&key(
                 "matmul_texture",
                 constants.with("ROWS_WG_X", wg_x as u32),
@@ -587,4 +604,29 @@ pub fn matmul(
     spec: &MatmulSpec,
 ) -> Result<()> {
     Matmul::new(gpu, c, a, b, bias, spec)?.run(gpu)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::texture_workgroup_width;
+
+    #[test]
+    fn texture_workgroups_fit_the_column_groups() {
+        // N = 384 (96 groups): 3 x 32, not 2 x 64; N = 65 (17 groups): 3 x 8, not 1 x 32.
+        for (groups, width) in [
+            (96, 32),
+            (17, 8),
+            (16, 16),
+            (128, 64),
+            (1, 8),
+            (8, 8),
+            (100, 8),
+        ] {
+            assert_eq!(
+                texture_workgroup_width(groups),
+                width,
+                "{groups} column groups"
+            );
+        }
+    }
 }
