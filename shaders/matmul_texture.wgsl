@@ -26,15 +26,20 @@
 @group(0) @binding(8) var a_packed: texture_2d_array<f32>;
 @group(0) @binding(9) var b_packed: texture_2d_array<f32>;
 
-// The packing grids run linearly over each layer's texels (or 4-row groups of texels), 64 per
-// workgroup, rather than one row of workgroups per texel row: a texture 8 texels wide (K = 32,
-// the attention products of a 32-wide head) then left 56 of every workgroup's 64 invocations
-// idle, and packing took two thirds of those products' time on lavapipe. Returns (texel x,
-// texel row or 4-row group, layer); invocations past the texture are bounds-checked by the
-// entry points as before.
-fn pack_gid(g: vec3<u32>, nwg: vec3<u32>, width: u32) -> vec3<u32> {
-    let i = g.y * nwg.x * 64u + g.x;
-    return vec3<u32>(i % width, i / width, g.z);
+// The packing grids are 8 x 8 invocations: 8 texels of a row by 8 rows (or 4-row groups), one
+// layer per z, so an invocation's texel is its global id. (Texture extents are at most the
+// adapter's 2-D texture limit, 16384 or so, far inside the workgroup-count limit.) The batch
+// decomposition of a layer's index divides by the inner batch count and the operand's divisor,
+// which the host passes as the overrides below rather than through `dims`: a CPU-backed adapter
+// runs every invocation's arithmetic in SIMD lanes with no integer vector division, so a division
+// by a uniform value costs a scalar division per lane, and with the grid's old linearisation
+// (two more divisions) that was half of each packing dispatch; a division by a constant is a
+// multiply and a shift.
+override PACK_BATCH_INNER: u32 = 1u;
+override PACK_INNER_DIV: u32 = 1u;
+
+fn pack_base(z: u32, offset: u32, outer: u32, inner: u32) -> u32 {
+    return offset + (z / PACK_BATCH_INNER) * outer + ((z % PACK_BATCH_INNER) / PACK_INNER_DIV) * inner;
 }
 
 // Whether matmul_texture never reads A's texel k4 of `row` under the causal hint (Dims.triangle):
@@ -45,17 +50,15 @@ fn a_texel_unread(k4: u32, row: u32) -> bool {
     return (dims.triangle == 2u && 4u * k4 >= row0 + 32u) || (dims.triangle == 3u && 4u * k4 + 4u <= row0);
 }
 
-@compute @workgroup_size(64, 1, 1)
+@compute @workgroup_size(8, 8, 1)
 fn matmul_pack_a(
-    @builtin(global_invocation_id) grid: vec3<u32>,
-    @builtin(num_workgroups) nwg: vec3<u32>,
+    @builtin(global_invocation_id) gid: vec3<u32>,
 ) {
     let size = textureDimensions(packed);
-    let gid = pack_gid(grid, nwg, size.x);
     if gid.x >= size.x || gid.y >= size.y || a_texel_unread(gid.x, gid.y) {
         return;
     }
-    let base = batch_base(gid.z, dims.a_offset, dims.a_outer, dims.a_inner, dims.a_inner_div);
+    let base = pack_base(gid.z, dims.a_offset, dims.a_outer, dims.a_inner);
     var v = vec4<f32>(0.0);
     for (var j = 0u; j < 4u; j++) {
         let kk = 4u * gid.x + j;
@@ -66,17 +69,15 @@ fn matmul_pack_a(
     textureStore(packed, gid.xy, gid.z, v);
 }
 
-@compute @workgroup_size(64, 1, 1)
+@compute @workgroup_size(8, 8, 1)
 fn matmul_pack_b(
-    @builtin(global_invocation_id) grid: vec3<u32>,
-    @builtin(num_workgroups) nwg: vec3<u32>,
+    @builtin(global_invocation_id) gid: vec3<u32>,
 ) {
     let size = textureDimensions(packed);
-    let gid = pack_gid(grid, nwg, size.x);
     if gid.x >= size.x || gid.y >= size.y {
         return;
     }
-    let base = batch_base(gid.z, dims.b_offset, dims.b_outer, dims.b_inner, dims.b_inner_div);
+    let base = pack_base(gid.z, dims.b_offset, dims.b_outer, dims.b_inner);
     var v = vec4<f32>(0.0);
     for (var j = 0u; j < 4u; j++) {
         let col = 4u * gid.x + j;
@@ -92,14 +93,12 @@ fn matmul_pack_b(
 // operand's contiguous dimension one vec4 load fills it; where it runs across it (A with
 // TRANS_A, B with TRANS_B) an invocation loads a 4x4 block as four vec4 along the contiguous
 // dimension and writes four texels, so no load is a scalar one.
-@compute @workgroup_size(64, 1, 1)
+@compute @workgroup_size(8, 8, 1)
 fn matmul_pack_a_vec4(
-    @builtin(global_invocation_id) grid: vec3<u32>,
-    @builtin(num_workgroups) nwg: vec3<u32>,
+    @builtin(global_invocation_id) gid: vec3<u32>,
 ) {
     let size = textureDimensions(packed);
-    let gid = pack_gid(grid, nwg, size.x);
-    let base = batch_base(gid.z, dims.a_offset, dims.a_outer, dims.a_inner, dims.a_inner_div);
+    let base = pack_base(gid.z, dims.a_offset, dims.a_outer, dims.a_inner);
     if TRANS_A {
         // Rows 4 gid.y .. 4 gid.y + 3 (M is a multiple of 4) by texel gid.x.
         let row = 4u * gid.y;
@@ -128,14 +127,12 @@ fn matmul_pack_a_vec4(
     }
 }
 
-@compute @workgroup_size(64, 1, 1)
+@compute @workgroup_size(8, 8, 1)
 fn matmul_pack_b_vec4(
-    @builtin(global_invocation_id) grid: vec3<u32>,
-    @builtin(num_workgroups) nwg: vec3<u32>,
+    @builtin(global_invocation_id) gid: vec3<u32>,
 ) {
     let size = textureDimensions(packed);
-    let gid = pack_gid(grid, nwg, size.x);
-    let base = batch_base(gid.z, dims.b_offset, dims.b_outer, dims.b_inner, dims.b_inner_div);
+    let base = pack_base(gid.z, dims.b_offset, dims.b_outer, dims.b_inner);
     if TRANS_B {
         // k rows 4 gid.y .. 4 gid.y + 3 by texel gid.x (K is a multiple of 4).
         let kk = 4u * gid.y;

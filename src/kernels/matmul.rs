@@ -440,14 +440,20 @@ impl Matmul {
             // With vec4 loads, an operand whose texels run across its contiguous dimension is
             // packed four texel rows per invocation.
             let vec4 = vec4_ok(spec);
-            // 64 texels (or 4-row groups) per workgroup, linear over each layer (`pack_gid` in
-            // the shader), spread over y past the per-dimension limit.
+            // 8 x 8 texels (or 4-row groups) per workgroup, one layer per z.
             let pack_groups = |s: [u32; 3], rows_per_invocation: u32| {
-                let texels = u64::from(s[0]) * u64::from(s[1] / rows_per_invocation);
-                let groups = texels.div_ceil(64).max(1);
-                let x = groups.min(u64::from(max));
-                let y = groups.div_ceil(x);
-                [x as u32, u32::try_from(y).unwrap_or(u32::MAX), s[2]]
+                [
+                    s[0].div_ceil(8),
+                    (s[1] / rows_per_invocation).div_ceil(8),
+                    s[2],
+                ]
+            };
+            // The batch decomposition's divisors, as constants (see `pack_base` in the shader).
+            let pack_constants = |inner_div: usize| {
+                constants
+                    .clone()
+                    .with("PACK_BATCH_INNER", spec.batch_inner as u32)
+                    .with("PACK_INNER_DIV", inner_div as u32)
             };
             let (pack_a, a_slot, a_rows) = if vec4 {
                 let rows = if spec.layout.trans_a() { 4 } else { 1 };
@@ -461,7 +467,7 @@ impl Matmul {
             } else {
                 ("matmul_pack_b", 2, 1)
             };
-            let pipeline = gpu.pipeline(&key(pack_a, constants.clone()))?;
+            let pipeline = gpu.pipeline(&key(pack_a, pack_constants(spec.a_inner_div)))?;
             push(
                 "matmul pack a",
                 pipeline,
@@ -473,7 +479,7 @@ impl Matmul {
                 pack_groups(a_size, a_rows),
             )?;
             if let Some(b) = b {
-                let pipeline = gpu.pipeline(&key(pack_b, constants.clone()))?;
+                let pipeline = gpu.pipeline(&key(pack_b, pack_constants(spec.b_inner_div)))?;
                 push(
                     "matmul pack b",
                     pipeline,
