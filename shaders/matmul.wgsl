@@ -64,6 +64,11 @@ struct Dims {
 // A tensor laid out like C, added in the epilogue when HAS_RESIDUAL: a transformer's residual
 // stream, so `out = x + proj(h)` is one product instead of a product and an element-wise pass.
 @group(0) @binding(10) var<storage, read> resid: array<T>;
+// GELU epilogue (EPILOGUE, gelu.wgsl): with 1, gelu(C) is also written to `gelu_out` (the MLP's
+// activation beside its pre-activation C); with 2, C becomes C ⊙ gelu'(gelu_in) (the MLP's
+// hidden gradient from dA = dY·W and the saved pre-activation). Both laid out like C.
+@group(0) @binding(11) var<storage, read_write> gelu_out: array<T>;
+@group(0) @binding(12) var<storage, read> gelu_in: array<T>;
 // The same buffers as `a` and `b`, viewed four elements at a time (matmul_tiled_vec4 only).
 @group(0) @binding(5) var<storage, read> a4: array<vec4<T>>;
 @group(0) @binding(6) var<storage, read> b4: array<vec4<T>>;
@@ -73,6 +78,7 @@ override TRANS_B: bool = false;
 override HAS_BIAS: bool = false;
 override ACCUMULATE: bool = false;
 override HAS_RESIDUAL: bool = false;
+override EPILOGUE: u32 = 0u;
 
 // Tile of C computed by one workgroup of the tiled kernels, and the depth of one K step.
 override TILE_M: u32 = 64u;
@@ -106,7 +112,7 @@ fn b_index(base: u32, kk: u32, col: u32) -> u32 {
     return base + kk * dims.ldb + col;
 }
 
-// Writes one element of C: scale, bias, residual, accumulate, round to T. The residual is added
+// Writes one element of C: scale, bias, residual, accumulate, GELU epilogue, round to T. The residual is added
 // to the finished product exactly as the separate residual kernel would add it (x + y in f32),
 // so in f32 the fused result is bit-identical to the product followed by that kernel; in f16 it
 // skips the product's rounding to T before the sum.
@@ -122,7 +128,16 @@ fn store_c(c_base: u32, row: u32, col: u32, acc: f32) {
     if ACCUMULATE {
         v += f32(c[i]);
     }
-    c[i] = T(v);
+    // The product is rounded to T before the GELU step, as storing it and running the activation
+    // kernel on it would round it, so the fused result is bit-identical to the two passes.
+    if EPILOGUE == 2u {
+        v = f32(T(v)) * gelu_grad(f32(gelu_in[i]));
+    }
+    let stored = T(v);
+    c[i] = stored;
+    if EPILOGUE == 1u {
+        gelu_out[i] = T(gelu(f32(stored)));
+    }
 }
 
 // ---------------------------------------------------------------------------------------------

@@ -13,6 +13,7 @@ const ATTENTION: &str = include_str!("../shaders/attention.wgsl");
 const EMBEDDING: &str = include_str!("../shaders/embedding.wgsl");
 const LAYERNORM: &str = include_str!("../shaders/layernorm.wgsl");
 const ACTIVATION: &str = include_str!("../shaders/activation.wgsl");
+const GELU: &str = include_str!("../shaders/gelu.wgsl");
 const ELEMENTWISE: &str = include_str!("../shaders/elementwise.wgsl");
 const CROSSENTROPY: &str = include_str!("../shaders/crossentropy.wgsl");
 const GRADNORM: &str = include_str!("../shaders/gradnorm.wgsl");
@@ -39,13 +40,13 @@ const MOE: &str = include_str!("../shaders/moe.wgsl");
 /// files is an extension compiled after its base (used for kernels that need an optional feature
 /// such as SUBGROUP, so the base stays usable on adapters without it).
 pub const MODULES: &[(&str, &[&str])] = &[
-    ("matmul", &[MATMUL]),
-    ("matmul_subgroup", &[MATMUL, MATMUL_SUBGROUP]),
-    ("matmul_texture", &[MATMUL, MATMUL_TEXTURE]),
+    ("matmul", &[GELU, MATMUL]),
+    ("matmul_subgroup", &[GELU, MATMUL, MATMUL_SUBGROUP]),
+    ("matmul_texture", &[GELU, MATMUL, MATMUL_TEXTURE]),
     ("attention", &[ATTENTION]),
     ("embedding", &[EMBEDDING]),
     ("layernorm", &[LAYERNORM]),
-    ("activation", &[ACTIVATION]),
+    ("activation", &[GELU, ACTIVATION]),
     ("elementwise", &[ELEMENTWISE]),
     ("crossentropy", &[CROSSENTROPY]),
     ("gradnorm", &[GRADNORM]),

@@ -783,3 +783,144 @@ fn triangle_hints_change_nothing_they_promise() {
         }
     }
 }
+
+/// The GELU epilogue against the product followed by the activation kernels, bit for bit, on
+/// every variant and in both precisions: forward (C and gelu(C), with a bias) in the NT layout of
+/// the MLP's fc product, backward (C ⊙ gelu'(pre)) in the NN layout of its projection's input
+/// gradient, on shapes that are not multiples of any tile. Pre-activations span the saturated
+/// range too (|x| up to 12).
+#[test]
+fn gelu_epilogue_is_the_product_then_the_activation() {
+    use kiln::kernels::activation::{GeluBackward, GeluForward};
+    use kiln::kernels::matmul::GeluEpilogue;
+    for p in Precision::ALL {
+        let Some(gpu) = gpu(p) else { continue };
+        let dt = DType::from(p);
+        for (i, &(m, n, k)) in [(37, 41, 23), (5, 3, 70)].iter().enumerate() {
+            let seed = 200 + 10 * i as u64;
+            let up = |label: &str, v: &[f32]| gpu.upload(label, &[v.len()], dt, v).unwrap();
+            let bits = |t: &kiln::GpuTensor| -> Vec<u32> {
+                gpu.read(t).unwrap().iter().map(|v| v.to_bits()).collect()
+            };
+            let zeros = |n: usize| gpu.zeros("t", &[n], dt).unwrap();
+            let operands = |spec: &MatmulSpec| {
+                let a = round_to(p, &random(spec.a_len(), seed));
+                let b = round_to(p, &random(spec.b_len(), seed + 1));
+                (up("a", &a), up("b", &b))
+            };
+            let fwd = MatmulSpec::new(Layout::NT, m, n, k);
+            let bwd = MatmulSpec::new(Layout::NN, m, n, k);
+            let (fa, fb) = operands(&fwd);
+            let (ba, bb) = operands(&bwd);
+            let bias = up("bias", &round_to(p, &random(n, seed + 2)));
+            let pre: Vec<f32> = random(bwd.c_len(), seed + 3)
+                .iter()
+                .map(|v| 12.0 * v)
+                .collect();
+            let pre = up("pre", &round_to(p, &pre));
+            for variant in MatmulVariant::ALL {
+                let what = format!("{p} {} {m}x{n}x{k}", variant.name());
+                if variant.supports(gpu, &fwd) {
+                    let (c1, act1, c2, act2) =
+                        (zeros(m * n), zeros(m * n), zeros(m * n), zeros(m * n));
+                    let epilogue = GeluEpilogue::Forward { activation: &act1 };
+                    Matmul::with_gelu(
+                        gpu,
+                        Some(variant),
+                        &c1,
+                        &fa,
+                        &fb,
+                        Some(&bias),
+                        epilogue,
+                        &fwd,
+                    )
+                    .unwrap()
+                    .run(gpu)
+                    .unwrap();
+                    Matmul::with_variant(gpu, variant, &c2, &fa, &fb, Some(&bias), &fwd)
+                        .unwrap()
+                        .run(gpu)
+                        .unwrap();
+                    GeluForward::new(gpu, &act2, &c2).unwrap().run(gpu).unwrap();
+                    assert!(
+                        bits(&c1) == bits(&c2),
+                        "{what}: forward pre-activation differs"
+                    );
+                    assert!(
+                        bits(&act1) == bits(&act2),
+                        "{what}: forward activation differs"
+                    );
+                }
+                if variant.supports(gpu, &bwd) {
+                    let (d1, d2, dfc) = (zeros(m * n), zeros(m * n), zeros(m * n));
+                    let epilogue = GeluEpilogue::Backward {
+                        pre_activation: &pre,
+                    };
+                    Matmul::with_gelu(gpu, Some(variant), &d1, &ba, &bb, None, epilogue, &bwd)
+                        .unwrap()
+                        .run(gpu)
+                        .unwrap();
+                    Matmul::with_variant(gpu, variant, &d2, &ba, &bb, None, &bwd)
+                        .unwrap()
+                        .run(gpu)
+                        .unwrap();
+                    GeluBackward::new(gpu, &dfc, &d2, &pre, false)
+                        .unwrap()
+                        .run(gpu)
+                        .unwrap();
+                    assert!(bits(&d1) == bits(&dfc), "{what}: backward differs");
+                }
+            }
+        }
+    }
+}
+
+/// A GELU epilogue refuses what it cannot do, with an error rather than a panic.
+#[test]
+fn gelu_epilogue_refuses_bad_operands() {
+    use kiln::kernels::matmul::GeluEpilogue;
+    let gpu = gpu(Precision::F32).unwrap();
+    let spec = MatmulSpec::new(Layout::NT, 4, 8, 4);
+    let t = |n: usize| gpu.zeros("t", &[n], DType::F32).unwrap();
+    let (a, b, c, short) = (t(16), t(32), t(32), t(31));
+    let e = Matmul::with_gelu(
+        gpu,
+        None,
+        &c,
+        &a,
+        &b,
+        None,
+        GeluEpilogue::Forward { activation: &short },
+        &spec,
+    )
+    .err()
+    .expect("activation shorter than C");
+    assert!(e.to_string().contains("elements"), "{e}");
+    let act = t(32);
+    let e = Matmul::with_gelu(
+        gpu,
+        None,
+        &c,
+        &a,
+        &b,
+        None,
+        GeluEpilogue::Forward { activation: &act },
+        &spec.accumulate(true),
+    )
+    .err()
+    .expect("accumulate");
+    assert!(e.to_string().contains("ACCUMULATE"), "{e}");
+    let e = Matmul::with_gelu(
+        gpu,
+        None,
+        &c,
+        &a,
+        &b,
+        None,
+        GeluEpilogue::Backward { pre_activation: &c },
+        &spec,
+    )
+    .err()
+    .expect("pre-activation is C");
+    assert!(e.to_string().contains("separate"), "{e}");
+}

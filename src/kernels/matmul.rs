@@ -242,6 +242,24 @@ impl Dims {
     }
 }
 
+/// A GELU step fused into a product's epilogue ([`Matmul::with_gelu`]); both tensors are laid
+/// out like C and distinct from every operand.
+#[derive(Clone, Copy, Debug)]
+pub enum GeluEpilogue<'a> {
+    /// C is the pre-activation as usual, and `activation` receives gelu(C): the MLP's first
+    /// product and its activation in one pass.
+    Forward {
+        /// Receives gelu(C).
+        activation: &'a GpuTensor,
+    },
+    /// C receives op(A)·op(B) ⊙ gelu'(`pre_activation`): the MLP's hidden gradient from its
+    /// output projection's input gradient, in one pass.
+    Backward {
+        /// The saved pre-activation.
+        pre_activation: &'a GpuTensor,
+    },
+}
+
 /// One dispatch of a product.
 struct Dispatch {
     pipeline: Arc<wgpu::ComputePipeline>,
@@ -285,7 +303,7 @@ impl Matmul {
         bias: Option<&GpuTensor>,
         spec: &MatmulSpec,
     ) -> Result<Self> {
-        Self::build(gpu, variant, c, a, Some(b), bias, None, spec)
+        Self::build(gpu, variant, c, a, Some(b), bias, None, None, spec)
     }
 
     /// Prepares `c = resid + alpha·op(a)·op(b) (+ bias)`: the residual add of a transformer
@@ -330,7 +348,57 @@ impl Matmul {
             Some(v) => v,
             None => super::tune::matmul_variant(gpu, precision, spec)?,
         };
-        Self::build(gpu, variant, c, a, Some(b), bias, Some(resid), spec)
+        Self::build(gpu, variant, c, a, Some(b), bias, Some(resid), None, spec)
+    }
+
+    /// Prepares `c = alpha·op(a)·op(b) (+ bias)` with a GELU step in the epilogue
+    /// ([`GeluEpilogue`]): `activation = gelu(c)` written beside c, or `c ⊙ gelu'(pre)` written
+    /// as c. The product is rounded to the storage precision before the GELU step, exactly as
+    /// storing it and running [`super::activation::GeluForward`] / `GeluBackward` on it would,
+    /// so the fused result is bit-identical to the two passes in both precisions, with one
+    /// dispatch and one pass over the activation fewer. With `variant` `None` the tuner picks.
+    /// Not with `spec.accumulate`.
+    #[allow(clippy::too_many_arguments)]
+    pub fn with_gelu(
+        gpu: &Gpu,
+        variant: Option<MatmulVariant>,
+        c: &GpuTensor,
+        a: &GpuTensor,
+        b: &GpuTensor,
+        bias: Option<&GpuTensor>,
+        gelu: GeluEpilogue<'_>,
+        spec: &MatmulSpec,
+    ) -> Result<Self> {
+        let (side, name) = match gelu {
+            GeluEpilogue::Forward { activation } => (activation, "the activation"),
+            GeluEpilogue::Backward { pre_activation } => (pre_activation, "the pre-activation"),
+        };
+        let precision = common_precision("matmul", &[c, a, b, side])?;
+        if spec.accumulate {
+            return Err(Error::shape(
+                "matmul",
+                "a GELU epilogue and ACCUMULATE together are not supported",
+            ));
+        }
+        if side.len() != c.len() {
+            return Err(Error::shape(
+                "matmul",
+                format!(
+                    "{name} (tensor {}) has {} elements but C (tensor {}) has {}; the GELU \
+                     epilogue goes element by element",
+                    side.label(),
+                    side.len(),
+                    c.label(),
+                    c.len()
+                ),
+            ));
+        }
+        super::distinct("matmul", &[c, side], &[c, a, b, side])?;
+        let variant = match variant {
+            Some(v) => v,
+            None => super::tune::matmul_variant(gpu, precision, spec)?,
+        };
+        Self::build(gpu, variant, c, a, Some(b), bias, None, Some(gelu), spec)
     }
 
     /// Prepares the texture variant's product with op(B) packed by the caller: its own dispatch,
@@ -344,7 +412,17 @@ impl Matmul {
         bias: Option<&GpuTensor>,
         spec: &MatmulSpec,
     ) -> Result<(Self, Arc<ScratchTexture>)> {
-        let product = Self::build(gpu, MatmulVariant::Texture, c, a, None, bias, None, spec)?;
+        let product = Self::build(
+            gpu,
+            MatmulVariant::Texture,
+            c,
+            a,
+            None,
+            bias,
+            None,
+            None,
+            spec,
+        )?;
         let b = gpu.scratch_texture("matmul b", packed_sizes(spec)[1])?;
         Ok((product, b))
     }
@@ -359,6 +437,7 @@ impl Matmul {
         b: Option<&GpuTensor>,
         bias: Option<&GpuTensor>,
         resid: Option<&GpuTensor>,
+        gelu: Option<GeluEpilogue<'_>>,
         spec: &MatmulSpec,
     ) -> Result<Self> {
         let mut operands = vec![c, a];
@@ -385,7 +464,15 @@ impl Matmul {
             .with("TRANS_B", spec.layout.trans_b() as u8)
             .with("HAS_BIAS", bias.is_some() as u8)
             .with("ACCUMULATE", spec.accumulate as u8)
-            .with("HAS_RESIDUAL", resid.is_some() as u8);
+            .with("HAS_RESIDUAL", resid.is_some() as u8)
+            .with(
+                "EPILOGUE",
+                match gelu {
+                    None => 0u32,
+                    Some(GeluEpilogue::Forward { .. }) => 1,
+                    Some(GeluEpilogue::Backward { .. }) => 2,
+                },
+            );
         let constants = match variant {
             MatmulVariant::Rows | MatmulVariant::RowsSubgroup => {
                 constants.with("ROWS_WG_X", ROWS_WG_X as u32)
@@ -404,8 +491,14 @@ impl Matmul {
         let dims = gpu.uniform("matmul dims", &Dims::new(spec));
         // Unused bias slot: bind A again (read-only either way); HAS_BIAS keeps it unread.
         let bias_buf = bias.unwrap_or(a).bind();
-        // Likewise the residual slot, kept unread by HAS_RESIDUAL.
+        // Likewise the residual slot, kept unread by HAS_RESIDUAL, and the GELU epilogue's
+        // (C again for the unwritten output: both slots are read-write).
         let resid_buf = resid.unwrap_or(a).bind();
+        let (gelu_out, gelu_in) = match gelu {
+            Some(GeluEpilogue::Forward { activation }) => (activation.bind(), a.bind()),
+            Some(GeluEpilogue::Backward { pre_activation }) => (c.bind(), pre_activation.bind()),
+            None => (c.bind(), a.bind()),
+        };
         let max = gpu
             .capabilities()
             .limits
@@ -509,6 +602,8 @@ impl Matmul {
                     (3, bias_buf),
                     (4, c.bind()),
                     (10, resid_buf),
+                    (11, gelu_out),
+                    (12, gelu_in),
                     (8, a_packed.bind()),
                     (9, b_packed.bind()),
                 ],
@@ -540,6 +635,8 @@ impl Matmul {
                 (3, bias_buf),
                 (4, c.bind()),
                 (10, resid_buf),
+                (11, gelu_out),
+                (12, gelu_in),
             ];
             match variant {
                 MatmulVariant::TiledVec4 => entries.extend([(5, a.bind()), (6, b.bind())]),

@@ -125,8 +125,13 @@ impl Mlp {
             Some((out, _)) => alias(out)?,
             None => ctx.act(&name("mlp out"), bt * c)?,
         };
-        lf.forward(ctx, ops, &s.fc, x)?;
-        ops.push(self.activation(ctx.gpu, &s.gelu, &s.fc, bt)?);
+        if self.kind == MlpKind::Gelu && lf.fuses_gelu(ctx)? {
+            // The activation in the first product's epilogue (bit-identical, one pass fewer).
+            lf.forward_gelu(ctx, ops, &s.fc, &s.gelu, x)?;
+        } else {
+            lf.forward(ctx, ops, &s.fc, x)?;
+            ops.push(self.activation(ctx.gpu, &s.gelu, &s.fc, bt)?);
+        }
         lp.forward_residual(ctx, ops, &y, &s.gelu, fuse.map(|f| f.1))?;
         Ok((s, y, fuse.is_some()))
     }
@@ -187,20 +192,27 @@ impl MlpGpu {
     ) -> Result<GpuTensor> {
         let u = &self.unit;
         let (bt, c, h) = (ctx.rows(), u.channels, u.hidden);
-        let dgelu = ctx.shared("dgelu", bt * h)?;
         let dfc = ctx.shared(&format!("dfc {}", u.fc_width()), bt * u.fc_width())?;
         let dx = ctx.shared("dln", bt * c)?;
         let (fp, pp) = (u.fc_prefix(), u.proj_prefix());
         let (lf, lp) = u.linears(&fp, &pp);
-        lp.backward(ctx, ops, &dgelu, dy, &self.gelu)?;
-        let spec = SwiGluSpec::new(bt, h);
-        ops.push(match u.kind {
-            MlpKind::Gelu => Box::new(GeluBackward::new(ctx.gpu, &dfc, &dgelu, &self.fc, false)?)
-                as Box<dyn Record>,
-            MlpKind::SwiGlu => Box::new(SwiGluBackward::new(
-                ctx.gpu, &dfc, &dgelu, &self.fc, &spec, false,
-            )?),
-        });
+        if u.kind == MlpKind::Gelu && lp.fuses_gelu(ctx)? {
+            // dfc straight from the projection's input-gradient product, through gelu'(fc).
+            lp.backward_gelu(ctx, ops, &dfc, dy, &self.gelu, &self.fc)?;
+        } else {
+            let dgelu = ctx.shared("dgelu", bt * h)?;
+            lp.backward(ctx, ops, &dgelu, dy, &self.gelu)?;
+            let spec = SwiGluSpec::new(bt, h);
+            ops.push(match u.kind {
+                MlpKind::Gelu => {
+                    Box::new(GeluBackward::new(ctx.gpu, &dfc, &dgelu, &self.fc, false)?)
+                        as Box<dyn Record>
+                }
+                MlpKind::SwiGlu => Box::new(SwiGluBackward::new(
+                    ctx.gpu, &dfc, &dgelu, &self.fc, &spec, false,
+                )?),
+            });
+        }
         lf.backward(ctx, ops, &dx, &dfc, &self.input)?;
         Ok(dx)
     }

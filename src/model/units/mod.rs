@@ -24,7 +24,7 @@ use crate::cpu::gpt::GptBatch;
 use crate::gpu::{DType, Gpu, GpuTensor};
 use crate::kernels::Record;
 use crate::kernels::dropout::{Dropout, DropoutState};
-use crate::kernels::matmul::Matmul;
+use crate::kernels::matmul::{GeluEpilogue, Matmul};
 use crate::kernels::quant::{QMatmul, QuantWeight};
 use crate::ops::{Layout, MatmulSpec};
 use crate::{Error, Result};
@@ -338,6 +338,51 @@ impl Linear<'_> {
         Ok(())
     }
 
+    /// Whether this layer's products can take a GELU epilogue ([`Linear::forward_gelu`],
+    /// [`Linear::backward_gelu`]): a plain weight, neither quantised (no epilogue) nor with a
+    /// LoRA adapter (whose term lands on Y and dX after the base product, so the GELU step would
+    /// come too early).
+    pub fn fuses_gelu(&self, ctx: &GpuCtx<'_>) -> Result<bool> {
+        Ok(ctx.quant.get(&self.weight()).is_none() && ctx.p.opt(&self.lora_names().0)?.is_none())
+    }
+
+    /// `Y = X·Wᵀ (+ b)` and `act = gelu(Y)` in one pass (bit-identical to [`Linear::forward`]
+    /// followed by the GELU kernel). Only where [`Linear::fuses_gelu`].
+    pub fn forward_gelu(
+        &self,
+        ctx: &mut GpuCtx<'_>,
+        ops: &mut Ops,
+        y: &GpuTensor,
+        act: &GpuTensor,
+        x: &GpuTensor,
+    ) -> Result<()> {
+        self.check_fuses_gelu(ctx)?;
+        ops.push(Box::new(Matmul::with_gelu(
+            ctx.gpu,
+            None,
+            y,
+            x,
+            &ctx.p.get(&self.weight())?,
+            ctx.p.opt(&self.bias())?.as_ref(),
+            GeluEpilogue::Forward { activation: act },
+            &MatmulSpec::new(Layout::NT, ctx.rows(), self.fan_out, self.fan_in),
+        )?));
+        Ok(())
+    }
+
+    fn check_fuses_gelu(&self, ctx: &GpuCtx<'_>) -> Result<()> {
+        if self.fuses_gelu(ctx)? {
+            return Ok(());
+        }
+        Err(crate::Error::shape(
+            "linear",
+            format!(
+                "{}: a quantised or LoRA-adapted product cannot take a GELU epilogue",
+                self.prefix
+            ),
+        ))
+    }
+
     /// With adapter dropout: records `xd = dropout(x)` at the adapter's site into a scratch
     /// buffer shared by every layer of the same width (used at once, by this layer's adapter
     /// only; the backward draws the same mask again rather than keeping one per layer) and
@@ -373,6 +418,34 @@ impl Linear<'_> {
         dy: &GpuTensor,
         x: &GpuTensor,
     ) -> Result<()> {
+        self.backward_with(ctx, ops, dx, dy, x, None)
+    }
+
+    /// [`Linear::backward`] with dX = (dY·W) ⊙ gelu'(`pre`) written in the same pass: the input
+    /// gradient of an MLP's output projection taken through its GELU (bit-identical to the
+    /// backward followed by the GELU backward kernel). Only where [`Linear::fuses_gelu`].
+    pub fn backward_gelu(
+        &self,
+        ctx: &mut GpuCtx<'_>,
+        ops: &mut Ops,
+        dx: &GpuTensor,
+        dy: &GpuTensor,
+        x: &GpuTensor,
+        pre: &GpuTensor,
+    ) -> Result<()> {
+        self.check_fuses_gelu(ctx)?;
+        self.backward_with(ctx, ops, dx, dy, x, Some(pre))
+    }
+
+    fn backward_with(
+        &self,
+        ctx: &mut GpuCtx<'_>,
+        ops: &mut Ops,
+        dx: &GpuTensor,
+        dy: &GpuTensor,
+        x: &GpuTensor,
+        gelu_pre: Option<&GpuTensor>,
+    ) -> Result<()> {
         let (gpu, rows) = (ctx.gpu, ctx.rows());
         let (fan_in, fan_out) = (self.fan_in, self.fan_out);
         if ctx.quant.contains_key(&self.weight()) {
@@ -394,14 +467,22 @@ impl Linear<'_> {
         if let (Some(a), true) = (&adapter, masked_first) {
             self.lora_backward(ctx, ops, (&an, &bn), a, dx, dy, x)?;
         }
-        ops.push(Box::new(Matmul::new(
-            gpu,
-            dx,
-            dy,
-            &w,
-            None,
-            &MatmulSpec::new(Layout::NN, rows, fan_in, fan_out).accumulate(masked_first),
-        )?));
+        let input_grad = MatmulSpec::new(Layout::NN, rows, fan_in, fan_out);
+        ops.push(Box::new(match gelu_pre {
+            Some(pre) => Matmul::with_gelu(
+                gpu,
+                None,
+                dx,
+                dy,
+                &w,
+                None,
+                GeluEpilogue::Backward {
+                    pre_activation: pre,
+                },
+                &input_grad,
+            )?,
+            None => Matmul::new(gpu, dx, dy, &w, None, &input_grad.accumulate(masked_first))?,
+        }));
         if let Some(dw) = ctx.g.opt(&self.weight())? {
             ops.push(Box::new(Matmul::new(
                 gpu,
