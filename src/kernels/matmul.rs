@@ -129,8 +129,8 @@ const TEXTURE_K_ROUND: usize = 32;
 /// the power of two from 8 to 64 that leaves the fewest invocations past the last group, the
 /// widest among equals. Those invocations repeat the last group's work (they cannot return before
 /// the subgroup operations), so a width that does not divide the groups is paid for in full: 96
-/// groups (N = 384, the baby's qkv product) took 2 workgroups of 64, a third of them idle, where
-/// 3 of 32 fit exactly. Powers of two bound the number of pipelines compiled.
+/// groups (N = 384, the baby's qkv product) took 2 workgroups of 64, a quarter of them idle,
+/// where 3 of 32 fit exactly. Powers of two bound the number of pipelines compiled.
 fn texture_workgroup_width(column_groups: usize) -> usize {
     let padded = |w: usize| column_groups.div_ceil(w) * w;
     [ROWS_WG_X, 32, 16, 8]
@@ -369,9 +369,11 @@ impl Matmul {
         gelu: GeluEpilogue<'_>,
         spec: &MatmulSpec,
     ) -> Result<Self> {
-        let (side, name) = match gelu {
-            GeluEpilogue::Forward { activation } => (activation, "the activation"),
-            GeluEpilogue::Backward { pre_activation } => (pre_activation, "the pre-activation"),
+        let (side, name, written) = match gelu {
+            GeluEpilogue::Forward { activation } => (activation, "the activation", true),
+            GeluEpilogue::Backward { pre_activation } => {
+                (pre_activation, "the pre-activation", false)
+            }
         };
         let precision = common_precision("matmul", &[c, a, b, side])?;
         if spec.accumulate {
@@ -393,7 +395,8 @@ impl Matmul {
                 ),
             ));
         }
-        super::distinct("matmul", &[c, side], &[c, a, b, side])?;
+        let outputs: &[&GpuTensor] = if written { &[c, side] } else { &[c] };
+        super::distinct("matmul", outputs, &[c, a, b, side])?;
         let variant = match variant {
             Some(v) => v,
             None => super::tune::matmul_variant(gpu, precision, spec)?,
