@@ -882,45 +882,23 @@ fn gelu_epilogue_refuses_bad_operands() {
     let gpu = gpu(Precision::F32).unwrap();
     let spec = MatmulSpec::new(Layout::NT, 4, 8, 4);
     let t = |n: usize| gpu.zeros("t", &[n], DType::F32).unwrap();
-    let (a, b, c, short) = (t(16), t(32), t(32), t(31));
-    let e = Matmul::with_gelu(
-        gpu,
-        None,
-        &c,
-        &a,
-        &b,
-        None,
+    let (a, b, c, short, act) = (t(16), t(32), t(32), t(31), t(32));
+    let refused = |epilogue: GeluEpilogue<'_>, spec: &MatmulSpec, why: &str| {
+        Matmul::with_gelu(gpu, None, &c, &a, &b, None, epilogue, spec)
+            .err()
+            .unwrap_or_else(|| panic!("not refused: {why}"))
+            .to_string()
+    };
+    let e = refused(
         GeluEpilogue::Forward { activation: &short },
         &spec,
-    )
-    .err()
-    .expect("activation shorter than C");
-    assert!(e.to_string().contains("elements"), "{e}");
-    let act = t(32);
-    let e = Matmul::with_gelu(
-        gpu,
-        None,
-        &c,
-        &a,
-        &b,
-        None,
-        GeluEpilogue::Forward { activation: &act },
-        &spec.accumulate(true),
-    )
-    .err()
-    .expect("accumulate");
-    assert!(e.to_string().contains("ACCUMULATE"), "{e}");
-    let e = Matmul::with_gelu(
-        gpu,
-        None,
-        &c,
-        &a,
-        &b,
-        None,
-        GeluEpilogue::Backward { pre_activation: &c },
-        &spec,
-    )
-    .err()
-    .expect("pre-activation is C");
-    assert!(e.to_string().contains("separate"), "{e}");
+        "activation shorter than C",
+    );
+    assert!(e.contains("elements"), "{e}");
+    let forward = GeluEpilogue::Forward { activation: &act };
+    let e = refused(forward, &spec.accumulate(true), "accumulate");
+    assert!(e.contains("ACCUMULATE"), "{e}");
+    let backward = GeluEpilogue::Backward { pre_activation: &c };
+    let e = refused(backward, &spec, "pre-activation is C");
+    assert!(e.contains("separate"), "{e}");
 }

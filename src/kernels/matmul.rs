@@ -3,7 +3,7 @@
 use super::{common_precision, groups, loop_budget_ok};
 use crate::gpu::{Bind, Gpu, GpuTensor, PipelineKey, ScratchTexture, Specialisation};
 use crate::ops::{MatmulSpec, Triangle};
-use crate::{Error, Result};
+use crate::{Error, Precision, Result};
 use std::sync::Arc;
 
 /// A kernel variant of the family. All compute the same thing; which is fastest depends on the
@@ -242,6 +242,54 @@ impl Dims {
     }
 }
 
+/// The checks shared by the epilogues that read or write a tensor laid out like C (`side`):
+/// one precision, no ACCUMULATE, C's length. Returns the precision.
+#[allow(clippy::too_many_arguments)]
+fn check_epilogue_operand(
+    c: &GpuTensor,
+    a: &GpuTensor,
+    b: &GpuTensor,
+    side: &GpuTensor,
+    epilogue: &str,
+    name: &str,
+    why: &str,
+    spec: &MatmulSpec,
+) -> Result<Precision> {
+    let precision = common_precision("matmul", &[c, a, b, side])?;
+    if spec.accumulate {
+        return Err(Error::shape(
+            "matmul",
+            format!("{epilogue} and ACCUMULATE together are not supported"),
+        ));
+    }
+    if side.len() != c.len() {
+        return Err(Error::shape(
+            "matmul",
+            format!(
+                "{name} (tensor {}) has {} elements but C (tensor {}) has {}; {why}",
+                side.label(),
+                side.len(),
+                c.label(),
+                c.len()
+            ),
+        ));
+    }
+    Ok(precision)
+}
+
+/// `variant`, or the tuner's choice for `spec` when it is `None`.
+fn tuned(
+    gpu: &Gpu,
+    variant: Option<MatmulVariant>,
+    precision: Precision,
+    spec: &MatmulSpec,
+) -> Result<MatmulVariant> {
+    match variant {
+        Some(v) => Ok(v),
+        None => super::tune::matmul_variant(gpu, precision, spec),
+    }
+}
+
 /// A GELU step fused into a product's epilogue ([`Matmul::with_gelu`]); both tensors are laid
 /// out like C and distinct from every operand.
 #[derive(Clone, Copy, Debug)]
@@ -323,31 +371,18 @@ impl Matmul {
         resid: &GpuTensor,
         spec: &MatmulSpec,
     ) -> Result<Self> {
-        let precision = common_precision("matmul", &[c, a, b, resid])?;
-        if spec.accumulate {
-            return Err(Error::shape(
-                "matmul",
-                "a residual operand and ACCUMULATE together are not supported",
-            ));
-        }
-        if resid.len() != c.len() {
-            return Err(Error::shape(
-                "matmul",
-                format!(
-                    "the residual operand (tensor {}) has {} elements but C (tensor {}) has {}; \
-                     it is added element by element",
-                    resid.label(),
-                    resid.len(),
-                    c.label(),
-                    c.len()
-                ),
-            ));
-        }
+        let precision = check_epilogue_operand(
+            c,
+            a,
+            b,
+            resid,
+            "a residual operand",
+            "the residual operand",
+            "it is added element by element",
+            spec,
+        )?;
         super::distinct("matmul", &[c], &[c, a, b, resid])?;
-        let variant = match variant {
-            Some(v) => v,
-            None => super::tune::matmul_variant(gpu, precision, spec)?,
-        };
+        let variant = tuned(gpu, variant, precision, spec)?;
         Self::build(gpu, variant, c, a, Some(b), bias, Some(resid), None, spec)
     }
 
@@ -375,32 +410,19 @@ impl Matmul {
                 (pre_activation, "the pre-activation", false)
             }
         };
-        let precision = common_precision("matmul", &[c, a, b, side])?;
-        if spec.accumulate {
-            return Err(Error::shape(
-                "matmul",
-                "a GELU epilogue and ACCUMULATE together are not supported",
-            ));
-        }
-        if side.len() != c.len() {
-            return Err(Error::shape(
-                "matmul",
-                format!(
-                    "{name} (tensor {}) has {} elements but C (tensor {}) has {}; the GELU \
-                     epilogue goes element by element",
-                    side.label(),
-                    side.len(),
-                    c.label(),
-                    c.len()
-                ),
-            ));
-        }
+        let precision = check_epilogue_operand(
+            c,
+            a,
+            b,
+            side,
+            "a GELU epilogue",
+            name,
+            "the GELU epilogue goes element by element",
+            spec,
+        )?;
         let outputs: &[&GpuTensor] = if written { &[c, side] } else { &[c] };
         super::distinct("matmul", outputs, &[c, a, b, side])?;
-        let variant = match variant {
-            Some(v) => v,
-            None => super::tune::matmul_variant(gpu, precision, spec)?,
-        };
+        let variant = tuned(gpu, variant, precision, spec)?;
         Self::build(gpu, variant, c, a, Some(b), bias, None, Some(gelu), spec)
     }
 
