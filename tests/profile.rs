@@ -92,6 +92,54 @@ fn the_profile_covers_the_step_and_counts_its_flops() {
     assert_eq!(p.timing, OpTiming::Timestamps);
 }
 
+/// `profile_rounds` interleaves: the hook runs before each round of op timings, round 0 (the
+/// warm-up) first, and every op is timed in every kept round. `profile_step` times its whole
+/// steps in that hook, which is what keeps `kiln bench step`'s efficiency ratio from comparing
+/// a step and a matmul rate measured minutes apart.
+#[test]
+fn profile_rounds_time_the_ops_between_the_hook_calls() {
+    use kiln::model::gpu::GptGpu;
+    use std::time::Instant;
+    let gpu = gpu(Precision::F32).unwrap();
+    let config = tiny();
+    let batch = kiln::cpu::gpt::GptBatch { batch: 3, seq: 12 };
+    let model = GptGpu::new(gpu, &config.model, 11, batch, 1).unwrap();
+    model
+        .set_weights(
+            gpu,
+            &kiln::model::init::gpt2_init(model.layout(), &config.model, 1),
+        )
+        .unwrap();
+    let ids: Vec<u32> = (0..36).map(|i| i % 11).collect();
+    model.set_batch(gpu, &ids, &ids).unwrap();
+    model
+        .set_step(gpu, &kiln::training::AdamWStep::new(1), 1)
+        .unwrap();
+    let mut calls: Vec<(usize, Instant)> = Vec::new();
+    let ops = model
+        .profile_rounds(gpu, 3, |round| {
+            calls.push((round, Instant::now()));
+            Ok(())
+        })
+        .unwrap();
+    let rounds: Vec<usize> = calls.iter().map(|c| c.0).collect();
+    assert_eq!(rounds, [0, 1, 2, 3]);
+    assert_eq!(ops.len(), model.profile(gpu, 1).unwrap().len());
+    // Between two hook calls every op ran once: the gap holds about the sum of the ops' medians.
+    // Half of it is the bound, so that one round where most ops ran at under half their median
+    // would be needed to fail it by chance (a round of the old order, every op's runs after the
+    // last hook call, leaves gaps of microseconds).
+    let ops_s: f64 = ops.iter().map(|o| o.seconds).sum();
+    assert!(ops_s > 0.0 && ops.iter().all(|o| o.seconds.is_finite()));
+    for w in calls.windows(2) {
+        let gap = w[1].1.duration_since(w[0].1).as_secs_f64();
+        assert!(
+            gap > 0.5 * ops_s,
+            "{gap} s between hook calls, ops {ops_s} s"
+        );
+    }
+}
+
 fn kiln(args: &[&str]) -> String {
     let out = Command::new(env!("CARGO_BIN_EXE_kiln"))
         .args(args)

@@ -194,29 +194,37 @@ fn measure(gpu: &Gpu, precision: Precision, spec: &MatmulSpec) -> Result<MatmulV
     let c = gpu.zeros("tune c", &[spec.c_len()], dtype)?;
     // Big products need fewer repetitions for a stable median.
     let runs = if spec.flops() > 1e9 { 2 } else { 5 };
-    let mut best = (f64::INFINITY, default_matmul_variant(gpu, full));
     // A variant must run the real product, not only the proxy (texture size limits).
+    let mut candidates = Vec::new();
     for variant in MatmulVariant::ALL
         .into_iter()
         .filter(|v| v.supports(gpu, full) && v.supports(gpu, spec))
     {
         let mm = Matmul::with_variant(gpu, variant, &c, &a, &b, None, spec)?;
-        // One untimed warm-up, then a screening run: a variant three times slower than the best
-        // so far is not worth its timed runs. The first run of a variant also pays for its
+        // One untimed warm-up, then a screening run: a variant three times slower than the
+        // fastest screening run is not worth its timed runs. The first run of a variant also pays for its
         // pipeline's first use and, for the texture kernel, for creating and first touching its
         // scratch textures; screening on it rejected the texture kernel on lavapipe at the baby
         // GPT's QKV product and attention products, which it runs about twice as fast as the
         // variants chosen instead.
         let first = gpu.time_runs("matmul tune", 1, 1, |p| mm.record(p))?[0];
-        if first > 3.0 * best.0 {
-            continue;
-        }
-        let t = median(&gpu.time_runs("matmul tune", 0, runs, |p| mm.record(p))?);
-        if t < best.0 {
-            best = (t, variant);
+        candidates.push((variant, mm, first, Vec::with_capacity(runs)));
+    }
+    let fastest_first = candidates.iter().map(|c| c.2).fold(f64::INFINITY, f64::min);
+    candidates.retain(|c| c.2 <= 3.0 * fastest_first);
+    // The timed runs go round the candidates, one run each per round, so that a machine whose
+    // speed drifts while tuning (a shared CPU under a software adapter swings by a third within
+    // minutes) slows every candidate alike instead of whichever happened to be timed then.
+    for _ in 0..runs {
+        for (_, mm, _, times) in &mut candidates {
+            times.push(gpu.time_runs("matmul tune", 0, 1, |p| mm.record(p))?[0]);
         }
     }
-    Ok(best.1)
+    Ok(candidates
+        .iter()
+        .map(|(v, _, _, t)| (median(t), *v))
+        .min_by(|x, y| x.0.total_cmp(&y.0))
+        .map_or_else(|| default_matmul_variant(gpu, full), |best| best.1))
 }
 
 #[cfg(test)]

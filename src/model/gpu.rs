@@ -870,17 +870,44 @@ impl GptGpu {
     /// values written ([`GptGpu::set_step`]). Each time includes one submission's overhead,
     /// which a real step pays once for all ops.
     pub fn profile(&self, gpu: &Gpu, runs: usize) -> Result<Vec<OpTime>> {
-        let mut times = Vec::new();
-        for (phase, op) in self.step_ops()? {
-            let t = gpu.time_runs(op.op_name(), 1, runs, |p| op.record_into(p))?;
-            times.push(OpTime {
+        self.profile_rounds(gpu, runs, |_| Ok(()))
+    }
+
+    /// [`GptGpu::profile`] in rounds: `runs + 1` times, `before(round)` and then every op in
+    /// recording order, each submitted alone twice in a row with the second run timed (as a
+    /// benchmark repeats a kernel: an op timed once after its neighbours ran slower than inside
+    /// the step, its data and code cold); round 0 is the warm-up and is not kept. Whatever
+    /// `before` times (`profile_step` times a whole step there) is then measured in the same
+    /// moments as the ops, so a machine whose speed drifts between the two measurements (a shared
+    /// CPU under a software adapter swings by a third within minutes) moves both alike rather
+    /// than skewing their ratio.
+    pub fn profile_rounds(
+        &self,
+        gpu: &Gpu,
+        runs: usize,
+        mut before: impl FnMut(usize) -> Result<()>,
+    ) -> Result<Vec<OpTime>> {
+        let ops = self.step_ops()?;
+        let mut times = vec![Vec::with_capacity(runs); ops.len()];
+        for round in 0..=runs {
+            before(round)?;
+            for ((_, op), t) in ops.iter().zip(&mut times) {
+                let s = gpu.time_runs(op.op_name(), 1, 1, |p| op.record_into(p))?[0];
+                if round > 0 {
+                    t.push(s);
+                }
+            }
+        }
+        Ok(ops
+            .iter()
+            .zip(times)
+            .map(|(&(phase, op), t)| OpTime {
                 phase,
                 name: op.op_name(),
                 seconds: crate::gpu::median(&t),
                 census: census::recorded(gpu, |pass| op.record_into(pass)),
-            });
-        }
-        Ok(times)
+            })
+            .collect())
     }
 
     /// Times every op of a step inside one submission of the whole step (one micro-batch, as

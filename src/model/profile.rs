@@ -127,9 +127,11 @@ impl StepProfile {
     }
 }
 
-/// Builds the model of `config` for `vocab` tokens on `gpu` with its seeded initial weights,
-/// times `runs` whole steps (after one warm-up) on a random batch, then each op as `timing`
-/// says (timestamps fall back to submissions on adapters without timestamp queries).
+/// Builds the model of `config` for `vocab` tokens on `gpu` with its seeded initial weights and
+/// times `runs` whole steps (after one warm-up) on a random batch and each op as `timing` says:
+/// with [`OpTiming::Submissions`] each round times a whole step and then every op alone, so
+/// the two are measured in the same moments; with timestamps the whole steps come first (and
+/// timestamps fall back to submissions on adapters without timestamp queries).
 pub fn profile_step(
     gpu: &Gpu,
     config: &Config,
@@ -164,23 +166,37 @@ pub fn profile_step(
     let micro = vec![(ids(), ids())];
     let adam = AdamWStep::new(1);
     let (mut whole, mut encode) = (Vec::new(), Vec::new());
-    for i in 0..=runs {
+    // One whole step as training submits it (upload, one submission, wait); round 0 warms up.
+    let mut time_step = |round: usize| -> Result<()> {
         let start = Instant::now();
         let e = model.step(gpu, &micro, &adam, |_| {})?;
         gpu.wait()?;
-        if i > 0 {
+        if round > 0 {
             whole.push(start.elapsed().as_secs_f64());
             encode.push(e);
         }
-    }
-    model.set_batch(gpu, &micro[0].0, &micro[0].1)?;
-    model.set_step(gpu, &adam, 1)?;
+        Ok(())
+    };
     let (ops, timing) = match timing {
-        OpTiming::Timestamps => match model.profile_in_step(gpu, runs)? {
-            Some(ops) => (ops, OpTiming::Timestamps),
-            None => (model.profile(gpu, runs)?, OpTiming::Submissions),
-        },
-        OpTiming::Submissions => (model.profile(gpu, runs)?, OpTiming::Submissions),
+        // Whole steps first, then the ops inside further steps' submissions.
+        OpTiming::Timestamps => {
+            for round in 0..=runs {
+                time_step(round)?;
+            }
+            model.set_batch(gpu, &micro[0].0, &micro[0].1)?;
+            model.set_step(gpu, &adam, 1)?;
+            match model.profile_in_step(gpu, runs)? {
+                Some(ops) => (ops, OpTiming::Timestamps),
+                None => (model.profile(gpu, runs)?, OpTiming::Submissions),
+            }
+        }
+        // Each round times a whole step and then each op alone, so the step and its ops (the
+        // step efficiency of `kiln bench step` is a ratio of the two) are measured in the same
+        // moments. A step leaves its batch and step values in place for the ops.
+        OpTiming::Submissions => (
+            model.profile_rounds(gpu, runs, &mut time_step)?,
+            OpTiming::Submissions,
+        ),
     };
     let arch = match m.arch {
         super::ArchKind::Gpt2 => "GPT-2",
