@@ -50,8 +50,9 @@ struct Dims {
     alpha: f32,
     a_inner_div: u32,
     b_inner_div: u32,
-    // Causal structure the texture kernel skips (MatmulSpec::triangle): 0 none, 1 only C on and
-    // below the diagonal wanted, 2 op(A) zero past the diagonal, 3 op(A) zero before it.
+    // Causal structure the kernels skip (MatmulSpec::triangle; see k_range and skips_block): 0
+    // none, 1 only C on and below the diagonal wanted, 2 op(A) zero past the diagonal, 3 op(A)
+    // zero before it.
     triangle: u32,
     _pad1: u32,
 }
@@ -94,6 +95,30 @@ const ROWS: u32 = 32u;
 
 fn batch_base(z: u32, offset: u32, outer: u32, inner: u32, inner_div: u32) -> u32 {
     return offset + (z / dims.batch_inner) * outer + ((z % dims.batch_inner) / inner_div) * inner;
+}
+
+// The K range that rows row0 .. row0 + rows - 1 of C need under the causal hint (Dims.triangle):
+// with op(A) zero past the diagonal it ends at row0 + rows, with op(A) zero before it it starts at
+// row0. Every kernel sums in increasing k, so dropping exact zero terms at either end leaves each
+// sum bit for bit what the full one is (a sum that starts at +0 stays +0 through ±0 terms).
+fn k_range(row0: u32, rows: u32) -> vec2<u32> {
+    var r = vec2<u32>(0u, dims.k);
+    if dims.triangle == 2u {
+        r.y = min(dims.k, row0 + rows);
+    }
+    if dims.triangle == 3u {
+        r.x = min(row0, dims.k);
+    }
+    return r;
+}
+
+// Whether a workgroup's block of C (rows row0 .. row0 + rows - 1, columns from col0) lies wholly
+// above the diagonal, where the hint that only C on and below it is wanted lets it do nothing.
+// Decided from workgroup-uniform values, so the early return keeps barriers and subgroup
+// operations in uniform control flow. Blocks are 32 or 64 rows and start on multiples of 32, so
+// what is left unwritten is whole 32 x 32 blocks strictly above the diagonal.
+fn skips_block(row0: u32, rows: u32, col0: u32) -> bool {
+    return dims.triangle == 1u && col0 >= row0 + rows;
 }
 
 // Index of op(A)[row, kk].
@@ -196,8 +221,12 @@ fn matmul_tiled(
     let b_base = batch_base(z, dims.b_offset, dims.b_outer, dims.b_inner, dims.b_inner_div);
     let threads = (TILE_N / 4u) * (TILE_M / RM);
     var acc: array<vec4<f32>, RM>;
+    if skips_block(row0, TILE_M, col0) {
+        return;
+    }
+    let ks = k_range(row0, TILE_M);
 
-    for (var k0 = 0u; k0 < dims.k; k0 += TILE_K) {
+    for (var k0 = ks.x; k0 < ks.y; k0 += TILE_K) {
         // Consecutive invocations walk the operand's contiguous dimension, so loads coalesce.
         for (var i = tid; i < TILE_M * TILE_K; i += threads) {
             var mm = i / TILE_K;
@@ -252,8 +281,12 @@ fn matmul_tiled_vec4(
     let b_base = batch_base(z, dims.b_offset, dims.b_outer, dims.b_inner, dims.b_inner_div);
     let threads = (TILE_N / 4u) * (TILE_M / RM);
     var acc: array<vec4<f32>, RM>;
+    if skips_block(row0, TILE_M, col0) {
+        return;
+    }
+    let ks = k_range(row0, TILE_M);
 
-    for (var k0 = 0u; k0 < dims.k; k0 += TILE_K) {
+    for (var k0 = ks.x; k0 < ks.y; k0 += TILE_K) {
         for (var i = tid; i < TILE_M * TILE_K / 4u; i += threads) {
             // (mm, kk) is the first of four consecutive elements along the contiguous dimension.
             var mm = i / (TILE_K / 4u);
@@ -360,8 +393,12 @@ fn matmul_rows(
         rs = 1u;
         ks = dims.lda;
     }
+    if skips_block(row0, ROWS, wg.x * ROWS_WG_X) {
+        return;
+    }
+    let kr = k_range(row0, ROWS);
     if row0 + ROWS <= dims.m {
-        for (var kk = 0u; kk < dims.k; kk++) {
+        for (var kk = kr.x; kk < kr.y; kk++) {
             let bv = vec4<f32>(f32(b[b_index(b_base, kk, col)]));
             let i = a_base + row0 * rs + kk * ks;
             acc0 = fma(vec4<f32>(f32(a[i]), f32(a[i + rs]), f32(a[i + 2u * rs]), f32(a[i + 3u * rs])), bv, acc0);
@@ -381,7 +418,7 @@ fn matmul_rows(
             acc7 = fma(vec4<f32>(f32(a[i7]), f32(a[i7 + rs]), f32(a[i7 + 2u * rs]), f32(a[i7 + 3u * rs])), bv, acc7);
         }
     } else {
-        for (var kk = 0u; kk < dims.k; kk++) {
+        for (var kk = kr.x; kk < kr.y; kk++) {
             let bv = vec4<f32>(f32(b[b_index(b_base, kk, col)]));
             acc0 = fma(a_col4(a_base, row0, kk), bv, acc0);
             acc1 = fma(a_col4(a_base, row0 + 4u, kk), bv, acc1);

@@ -40,7 +40,12 @@ fn matmul_rows_subgroup(
     var acc1_0 = vec4<f32>(0.0); var acc1_1 = vec4<f32>(0.0); var acc1_2 = vec4<f32>(0.0); var acc1_3 = vec4<f32>(0.0); var acc1_4 = vec4<f32>(0.0); var acc1_5 = vec4<f32>(0.0); var acc1_6 = vec4<f32>(0.0); var acc1_7 = vec4<f32>(0.0);
     var acc2_0 = vec4<f32>(0.0); var acc2_1 = vec4<f32>(0.0); var acc2_2 = vec4<f32>(0.0); var acc2_3 = vec4<f32>(0.0); var acc2_4 = vec4<f32>(0.0); var acc2_5 = vec4<f32>(0.0); var acc2_6 = vec4<f32>(0.0); var acc2_7 = vec4<f32>(0.0);
     var acc3_0 = vec4<f32>(0.0); var acc3_1 = vec4<f32>(0.0); var acc3_2 = vec4<f32>(0.0); var acc3_3 = vec4<f32>(0.0); var acc3_4 = vec4<f32>(0.0); var acc3_5 = vec4<f32>(0.0); var acc3_6 = vec4<f32>(0.0); var acc3_7 = vec4<f32>(0.0);
-    for (var k0 = 0u; k0 < dims.k; k0 += sg_size) {
+    // Causal skips (matmul.wgsl): whole workgroups above the diagonal, the K range of the block.
+    if skips_block(row0, 32u, wg.x * 4u * ROWS_WG_X) {
+        return;
+    }
+    let ks = k_range(row0, 32u);
+    for (var k0 = ks.x; k0 < ks.y; k0 += sg_size) {
         // This lane's share of A: column k0 + lane of the block's rows (zero past K, which also
         // cancels the clamped B loads below).
         let kl = k0 + lane;

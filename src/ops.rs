@@ -110,7 +110,8 @@ pub struct MatmulSpec {
 /// products over a (T, T) block, whose row i is query position i. Row and column indices are
 /// within each batch entry's matrix. A kernel that ignores it computes the same result (the
 /// skipped terms are exact zeros, or the skipped outputs are never read), so it is a hint, not
-/// part of the product's meaning; the texture kernel honours it at its 32-row granularity.
+/// part of the product's meaning. Every matmul variant honours it at its own block size: the
+/// texture and row kernels per 32 rows, the tiled ones per 64 × 64 tile.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub enum Triangle {
     /// Nothing known: every term and every output counts.

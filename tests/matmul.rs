@@ -696,8 +696,8 @@ fn texture_packing_past_the_workgroup_limit() {
 /// for bit what it gives without it, over the part the hint promises. `ALower` / `AUpper` get an
 /// op(A) that is zero past / before the diagonal (as P and dS are), and all of C must match;
 /// `OutputLower` promises only C on and below the diagonal, and C above it is filled with a
-/// sentinel first, to check that the texture kernel skips (leaves) whole 32 x 32 blocks there
-/// and never writes past them. Square blocks of 64 (whole blocks), 67 and 100 (partial ones),
+/// sentinel first, to check that the kernels skip (leave) only whole 32 x 32 blocks there
+/// and never write past them. Square blocks of 64 (whole blocks), 67 and 100 (partial ones),
 /// batched, in the layouts attention uses (NT for the scores and dP, NN for P·v and dS·k, TN for
 /// Pᵀ·dO and dSᵀ·q).
 #[test]
