@@ -107,14 +107,7 @@ impl PipelineCache {
             label: Some(family),
             source: wgpu::ShaderSource::Wgsl(source.into()),
         };
-        let module = if std::env::var("KILN_UNCHECKED").is_ok() {
-            unsafe {
-                gpu.device
-                    .create_shader_module_trusted(desc, wgpu::ShaderRuntimeChecks::unchecked())
-            }
-        } else {
-            gpu.device.create_shader_module(desc)
-        };
+        let module = gpu.device.create_shader_module(desc);
         gpu.check(&format!("compiling shader {family}"))?;
         let module = Arc::new(module);
         modules.insert((family, precision), module.clone());
