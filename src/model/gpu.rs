@@ -873,10 +873,10 @@ impl GptGpu {
         self.profile_rounds(gpu, runs, |_| Ok(()))
     }
 
-    /// [`GptGpu::profile`] in rounds: `runs + 1` times, `before(round)` and then every op in
-    /// recording order, each submitted alone twice in a row with the second run timed (as a
-    /// benchmark repeats a kernel: an op timed once after its neighbours ran slower than inside
-    /// the step, its data and code cold); round 0 is the warm-up and is not kept. Whatever
+    /// [`GptGpu::profile`] in rounds: `before(0)`, a warm-up of the hook alone, then `runs`
+    /// times `before(round)` and every op in recording order, each submitted alone twice in a
+    /// row with the second run timed (as a benchmark repeats a kernel: an op timed once after
+    /// its neighbours ran slower than inside the step, its data and code cold). Whatever
     /// `before` times (`profile_step` times a whole step there) is then measured in the same
     /// moments as the ops, so a machine whose speed drifts between the two measurements (a shared
     /// CPU under a software adapter swings by a third within minutes) moves both alike rather
@@ -889,13 +889,11 @@ impl GptGpu {
     ) -> Result<Vec<OpTime>> {
         let ops = self.step_ops()?;
         let mut times = vec![Vec::with_capacity(runs); ops.len()];
-        for round in 0..=runs {
+        before(0)?;
+        for round in 1..=runs {
             before(round)?;
             for ((_, op), t) in ops.iter().zip(&mut times) {
-                let s = gpu.time_runs(op.op_name(), 1, 1, |p| op.record_into(p))?[0];
-                if round > 0 {
-                    t.push(s);
-                }
+                t.push(gpu.time_runs(op.op_name(), 1, 1, |p| op.record_into(p))?[0]);
             }
         }
         Ok(ops
