@@ -105,7 +105,10 @@ def run_kiln(cfg, steps, tmp):
     shutil.rmtree(out, ignore_errors=True)
     cmd = [str(ARGS.kiln), "train", "--config", str(ARGS.config), "--data", str(ARGS.data),
            "--out", str(out), "--set", f"train.max_steps={steps}",
-           "--set", f"train.eval_interval={steps + 1000}", "--quiet"]
+           "--set", f"train.eval_interval={steps + 1000}",
+           # Only the end-of-run evaluation remains; keep it short (a config's eval_batches can
+           # be 200 batches, minutes of forward passes that no step time includes anyway).
+           "--set", "train.eval_batches=1", "--quiet"]
     r = subprocess.run(cmd, capture_output=True, text=True)
     if r.returncode != 0:
         fail(f"kiln failed ({' '.join(cmd)}):\n{r.stderr[-2000:]}")
