@@ -202,11 +202,11 @@ fn measure(gpu: &Gpu, precision: Precision, spec: &MatmulSpec) -> Result<MatmulV
     {
         let mm = Matmul::with_variant(gpu, variant, &c, &a, &b, None, spec)?;
         // One untimed warm-up, then a screening run: a variant three times slower than the
-        // fastest screening run is not worth its timed runs. The first run of a variant also pays for its
-        // pipeline's first use and, for the texture kernel, for creating and first touching its
-        // scratch textures; screening on it rejected the texture kernel on lavapipe at the baby
-        // GPT's QKV product and attention products, which it runs about twice as fast as the
-        // variants chosen instead.
+        // fastest screening run is not worth its timed runs. The first run of a variant also
+        // pays for its pipeline's first use and, for the texture kernel, for creating and first
+        // touching its scratch textures; screening on it rejected the texture kernel on lavapipe
+        // at the baby GPT's QKV product and attention products, which it runs about twice as
+        // fast as the variants chosen instead.
         let first = gpu.time_runs("matmul tune", 1, 1, |p| mm.record(p))?[0];
         candidates.push((variant, mm, first, Vec::with_capacity(runs)));
     }

@@ -130,8 +130,8 @@ impl StepProfile {
 /// Builds the model of `config` for `vocab` tokens on `gpu` with its seeded initial weights and
 /// times `runs` whole steps (after one warm-up) on a random batch and each op as `timing` says:
 /// with [`OpTiming::Submissions`] each round times a whole step and then every op alone, so
-/// the two are measured in the same moments; with timestamps the whole steps come first (and
-/// timestamps fall back to submissions on adapters without timestamp queries).
+/// the two are measured in the same moments; with timestamps the whole steps come first
+/// (adapters without timestamp queries get the submissions timing).
 pub fn profile_step(
     gpu: &Gpu,
     config: &Config,
@@ -177,7 +177,12 @@ pub fn profile_step(
         }
         Ok(())
     };
-    let (ops, timing) = match timing {
+    // Timestamps need the adapter's timestamp queries; without them the ops are timed alone.
+    let timing = match timing {
+        OpTiming::Timestamps if gpu.capabilities().timestamp_query => OpTiming::Timestamps,
+        _ => OpTiming::Submissions,
+    };
+    let ops = match timing {
         // Whole steps first, then the ops inside further steps' submissions.
         OpTiming::Timestamps => {
             for round in 0..=runs {
@@ -186,17 +191,20 @@ pub fn profile_step(
             model.set_batch(gpu, &micro[0].0, &micro[0].1)?;
             model.set_step(gpu, &adam, 1)?;
             match model.profile_in_step(gpu, runs)? {
-                Some(ops) => (ops, OpTiming::Timestamps),
-                None => (model.profile(gpu, runs)?, OpTiming::Submissions),
+                Some(ops) => ops,
+                None => {
+                    return Err(Error::invalid(
+                        "--timestamps",
+                        "set",
+                        "the adapter has no timestamp queries; time each op alone (--alone)",
+                    ));
+                }
             }
         }
         // Each round times a whole step and then each op alone, so the step and its ops (the
         // step efficiency of `kiln bench step` is a ratio of the two) are measured in the same
         // moments. A step leaves its batch and step values in place for the ops.
-        OpTiming::Submissions => (
-            model.profile_rounds(gpu, runs, &mut time_step)?,
-            OpTiming::Submissions,
-        ),
+        OpTiming::Submissions => model.profile_rounds(gpu, runs, &mut time_step)?,
     };
     let arch = match m.arch {
         super::ArchKind::Gpt2 => "GPT-2",
