@@ -55,23 +55,22 @@ def fail(msg):
 def nanogpt_args(cfg, steps, out_dir):
     m, t = cfg.get("model", {}), cfg.get("train", {})
     if m.get("arch", "gpt2") != "gpt2":
-        fail("nanoGPT trains GPT-2 blocks only; pick a config without model.arch")
-    get = lambda d, k, default: d.get(k, default)
+        fail("nanoGPT trains GPT-2 blocks only; pick a config whose model.arch is unset or \"gpt2\"")
     return [
         "train.py", "config/train_shakespeare_char.py", "--device=cpu", "--compile=False",
         "--eval_iters=20", "--log_interval=1", "--always_save_checkpoint=False",
         f"--out_dir={out_dir}", f"--max_iters={steps}",
         f"--eval_interval={steps + 1000}",
-        f"--n_layer={get(m, 'n_layer', 4)}", f"--n_head={get(m, 'n_head', 4)}",
-        f"--n_embd={get(m, 'n_embd', 128)}", f"--block_size={get(m, 'block_size', 64)}",
-        f"--dropout={get(m, 'dropout', 0.0)}", f"--bias={get(m, 'bias', False)}",
-        f"--batch_size={get(t, 'batch_size', 12)}",
-        f"--gradient_accumulation_steps={get(t, 'grad_accum_steps', 1)}",
-        f"--learning_rate={get(t, 'lr', 1e-3)}", f"--min_lr={get(t, 'min_lr', 1e-4)}",
-        f"--warmup_iters={get(t, 'warmup_steps', 100)}",
-        f"--lr_decay_iters={get(t, 'max_steps', 2000)}",
-        f"--weight_decay={get(t, 'weight_decay', 0.1)}", f"--beta2={get(t, 'beta2', 0.99)}",
-        f"--grad_clip={get(t, 'grad_clip', 1.0)}",
+        f"--n_layer={m.get('n_layer', 4)}", f"--n_head={m.get('n_head', 4)}",
+        f"--n_embd={m.get('n_embd', 128)}", f"--block_size={m.get('block_size', 64)}",
+        f"--dropout={m.get('dropout', 0.0)}", f"--bias={m.get('bias', False)}",
+        f"--batch_size={t.get('batch_size', 12)}",
+        f"--gradient_accumulation_steps={t.get('grad_accum_steps', 1)}",
+        f"--learning_rate={t.get('lr', 1e-3)}", f"--min_lr={t.get('min_lr', 1e-4)}",
+        f"--warmup_iters={t.get('warmup_steps', 100)}",
+        f"--lr_decay_iters={t.get('max_steps', 2000)}",
+        f"--weight_decay={t.get('weight_decay', 0.1)}", f"--beta2={t.get('beta2', 0.99)}",
+        f"--grad_clip={t.get('grad_clip', 1.0)}",
     ]
 
 

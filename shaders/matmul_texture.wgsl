@@ -214,10 +214,13 @@ fn matmul_texture(
     var k4_end = (dims.k + 31u) / 32u * 8u;
     // Causal skips (Dims.triangle), decided per workgroup so that the subgroup operations below
     // stay in uniform control flow. Whole blocks of C above the diagonal are not computed (the
-    // host makes the workgroup 32 columns wide); where op(A) is zero past (or before) the
-    // diagonal, the block's rows row0..row0+31 stop at k = row0 + 32 (or start at k = row0),
-    // which drops only exact zero terms, so the result is bit for bit the full sum's.
-    if dims.triangle == 1u && wg.x * ROWS_WG_X * 4u > row0 + 31u {
+    // host makes the workgroup 32 columns wide; `skips_block`, matmul.wgsl); where op(A) is zero
+    // past (or before) the diagonal, the block's rows row0..row0+31 stop at k = row0 + 32 (or
+    // start at k = row0), which drops only exact zero terms, so the result is bit for bit the
+    // full sum's. The k bounds are in texels and must be exactly those `a_texel_unread` leaves
+    // unpacked, so they are not `k_range`'s, which clamps its start to K: a block starting past K
+    // would then read padding texels the packing skipped.
+    if skips_block(row0, 32u, wg.x * ROWS_WG_X * 4u) {
         return;
     }
     if dims.triangle == 2u {

@@ -864,8 +864,9 @@ impl GptGpu {
         self.record_update(&mut pass);
     }
 
-    /// Times every prepared op of a step on its own: `runs` submissions of the op alone after a
-    /// warm-up, each waited for, median kept. Runs the update too, so the weights change; use a
+    /// Times every prepared op of a step on its own: [`GptGpu::profile_rounds`] without a hook,
+    /// `runs` rounds in which each op is submitted alone twice, waited for, and the second run
+    /// timed; median kept. Runs the update too, so the weights change; use a
     /// model built for profiling, with a batch already set ([`GptGpu::set_batch`]) and the step
     /// values written ([`GptGpu::set_step`]). Each time includes one submission's overhead,
     /// which a real step pays once for all ops.
