@@ -1,5 +1,7 @@
 // Texture-operand extension of the matmul family, compiled appended to matmul.wgsl (it uses that
-// file's bindings and helpers) and only on devices that grant SUBGROUP.
+// file's bindings and helpers) and to one of the two files that define how it writes C,
+// matmul_texture_store.wgsl or matmul_texture_store_vec4.wgsl; only on devices that grant
+// SUBGROUP.
 //
 // Two packing dispatches copy op(A) and op(B) into rgba32float textures, one layer per batch
 // entry, with the layout the multiply wants whatever the operands' layout, strides and precision:
@@ -184,16 +186,6 @@ fn block_fma(a: vec4<f32>, block: mat4x4<f32>, acc: vec4<f32>) -> vec4<f32> {
     let s = fma(vec4<f32>(a.y), block[1], r);
     let t = fma(vec4<f32>(a.z), block[2], s);
     return fma(vec4<f32>(a.w), block[3], t);
-}
-
-fn store_row4(c_base: u32, row: u32, col0: u32, v: vec4<f32>) {
-    if row < dims.m {
-        for (var j = 0u; j < 4u; j++) {
-            if col0 + j < dims.n {
-                store_c(c_base, row, col0 + j, v[j]);
-            }
-        }
-    }
 }
 
 @compute @workgroup_size(ROWS_WG_X, 1, 1)

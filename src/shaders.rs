@@ -9,6 +9,8 @@ use crate::{Error, Precision, Result};
 const MATMUL: &str = include_str!("../shaders/matmul.wgsl");
 const MATMUL_SUBGROUP: &str = include_str!("../shaders/matmul_subgroup.wgsl");
 const MATMUL_TEXTURE: &str = include_str!("../shaders/matmul_texture.wgsl");
+const MATMUL_TEXTURE_STORE: &str = include_str!("../shaders/matmul_texture_store.wgsl");
+const MATMUL_TEXTURE_STORE_VEC4: &str = include_str!("../shaders/matmul_texture_store_vec4.wgsl");
 const ATTENTION: &str = include_str!("../shaders/attention.wgsl");
 const EMBEDDING: &str = include_str!("../shaders/embedding.wgsl");
 const LAYERNORM: &str = include_str!("../shaders/layernorm.wgsl");
@@ -42,7 +44,14 @@ const MOE: &str = include_str!("../shaders/moe.wgsl");
 pub const MODULES: &[(&str, &[&str])] = &[
     ("matmul", &[GELU, MATMUL]),
     ("matmul_subgroup", &[GELU, MATMUL, MATMUL_SUBGROUP]),
-    ("matmul_texture", &[GELU, MATMUL, MATMUL_TEXTURE]),
+    (
+        "matmul_texture",
+        &[GELU, MATMUL, MATMUL_TEXTURE_STORE, MATMUL_TEXTURE],
+    ),
+    (
+        "matmul_texture_vec4",
+        &[GELU, MATMUL, MATMUL_TEXTURE_STORE_VEC4, MATMUL_TEXTURE],
+    ),
     ("attention", &[ATTENTION]),
     ("embedding", &[EMBEDDING]),
     ("layernorm", &[LAYERNORM]),

@@ -128,15 +128,17 @@ fn vec4_aligned_shapes() {
 fn bias_accumulate_alpha() {
     for p in Precision::ALL {
         let Some(gpu) = gpu(p) else { continue };
-        let (tokens, fan_in, fan_out) = (37, 23, 41);
-        let forward = MatmulSpec::new(Layout::NT, tokens, fan_out, fan_in);
-        every_variant(gpu, &forward, true, 1);
-        every_variant(gpu, &forward.alpha(0.125), true, 2);
-        let input_grad = MatmulSpec::new(Layout::NN, tokens, fan_in, fan_out);
-        every_variant(gpu, &input_grad.accumulate(true), false, 3);
-        let weight_grad = MatmulSpec::new(Layout::TN, fan_out, fan_in, tokens);
-        every_variant(gpu, &weight_grad.accumulate(true), false, 4);
-        every_variant(gpu, &weight_grad.accumulate(true).alpha(-0.5), true, 5);
+        // Awkward widths, then widths that are multiples of 4 (the texture kernel's vec4 store).
+        for (tokens, fan_in, fan_out) in [(37, 23, 41), (37, 24, 40)] {
+            let forward = MatmulSpec::new(Layout::NT, tokens, fan_out, fan_in);
+            every_variant(gpu, &forward, true, 1);
+            every_variant(gpu, &forward.alpha(0.125), true, 2);
+            let input_grad = MatmulSpec::new(Layout::NN, tokens, fan_in, fan_out);
+            every_variant(gpu, &input_grad.accumulate(true), false, 3);
+            let weight_grad = MatmulSpec::new(Layout::TN, fan_out, fan_in, tokens);
+            every_variant(gpu, &weight_grad.accumulate(true), false, 4);
+            every_variant(gpu, &weight_grad.accumulate(true).alpha(-0.5), true, 5);
+        }
     }
 }
 
@@ -255,6 +257,26 @@ fn texture_variant_runs_where_subgroups_allow() {
             let spec = MatmulSpec::new(layout, 70, 37, 1000);
             assert!(MatmulVariant::Texture.supports(gpu, &spec));
             check(gpu, MatmulVariant::Texture, &spec, true, 11);
+        }
+        // C written element by element where N is not a multiple of 4, as vec4s where it and
+        // C's strides are (the same kernel with its other store).
+        let dt = DType::from(p);
+        for (n, ld, vec4) in [(37, 37, false), (36, 36, true), (36, 38, false)] {
+            let mut spec = MatmulSpec::new(Layout::NN, 5, n, 3);
+            spec.c.ld = ld;
+            spec.c.outer = 5 * ld;
+            let t = |len: usize| gpu.zeros("t", &[len], dt).unwrap();
+            let mm = Matmul::with_variant(
+                gpu,
+                MatmulVariant::Texture,
+                &t(spec.c_len()),
+                &t(spec.a_len()),
+                &t(spec.b_len()),
+                None,
+                &spec,
+            )
+            .unwrap();
+            assert_eq!(mm.writes_vec4(), vec4, "N = {n}, ldc = {ld}");
         }
     }
 }
@@ -553,7 +575,11 @@ fn residual_epilogue_matches_product_then_residual_kernel() {
     for p in Precision::ALL {
         let Some(gpu) = gpu(p) else { continue };
         let dt = DType::from(p);
-        for (i, &(m, n, k, batch)) in [(67, 129, 31, 1), (33, 47, 29, 3)].iter().enumerate() {
+        // The last shape's C is 4-aligned, so the texture kernel writes it as vec4s.
+        for (i, &(m, n, k, batch)) in [(67, 129, 31, 1), (33, 47, 29, 3), (36, 68, 29, 2)]
+            .iter()
+            .enumerate()
+        {
             // NT is the projections' layout; the epilogue's C index is the same code in every
             // layout, and each (variant, layout) pair compiles two more pipelines.
             for (l, layout) in [Layout::NT, Layout::TN].into_iter().enumerate() {
@@ -796,7 +822,8 @@ fn gelu_epilogue_is_the_product_then_the_activation() {
     for p in Precision::ALL {
         let Some(gpu) = gpu(p) else { continue };
         let dt = DType::from(p);
-        for (i, &(m, n, k)) in [(37, 41, 23), (5, 3, 70)].iter().enumerate() {
+        // The last shape's C is 4-aligned, so the texture kernel writes it as vec4s.
+        for (i, &(m, n, k)) in [(37, 41, 23), (5, 3, 70), (36, 44, 23)].iter().enumerate() {
             let seed = 200 + 10 * i as u64;
             let up = |label: &str, v: &[f32]| gpu.upload(label, &[v.len()], dt, v).unwrap();
             let bits = |t: &kiln::GpuTensor| -> Vec<u32> {

@@ -182,6 +182,22 @@ pub fn vec4_ok(spec: &MatmulSpec) -> bool {
         .all(aligned)
 }
 
+/// True when C can be written four columns at a time as vec4s
+/// (matmul_texture_store_vec4.wgsl): N, and C's leading dimension, offset and batch strides,
+/// and the bias offset where there is a bias, all multiples of 4.
+fn c_vec4_ok(spec: &MatmulSpec, bias: bool) -> bool {
+    [
+        spec.n,
+        spec.c.ld,
+        spec.c.offset,
+        spec.c.outer,
+        spec.c.inner,
+        if bias { spec.bias_offset } else { 0 },
+    ]
+    .into_iter()
+    .all(|x| x.is_multiple_of(4))
+}
+
 /// The uniform block `Dims` of the shader.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, bytemuck::Pod, bytemuck::Zeroable)]
@@ -323,6 +339,7 @@ pub struct Matmul {
     dispatches: Vec<Dispatch>,
     variant: MatmulVariant,
     spec: MatmulSpec,
+    writes_vec4: bool,
 }
 
 impl Matmul {
@@ -529,6 +546,7 @@ impl Matmul {
             .limits
             .max_compute_workgroups_per_dimension;
         let mut dispatches = Vec::new();
+        let mut writes_vec4 = false;
         let mut push = |label: &str,
                         pipeline: Arc<wgpu::ComputePipeline>,
                         entries: &[(u32, Bind<'_>)],
@@ -615,20 +633,35 @@ impl Matmul {
             } else {
                 texture_workgroup_width(spec.n.div_ceil(4))
             };
-            let multiply = gpu.pipeline(&key(
-                "matmul_texture",
-                constants.with("ROWS_WG_X", wg_x as u32),
-            ))?;
+            // An aligned C is written as vec4s by the same kernel compiled with the vec4 store
+            // (its own module, whose epilogue bindings are the vec4 views 13..17).
+            let c_vec4 = c_vec4_ok(spec, bias.is_some());
+            writes_vec4 = c_vec4;
+            let multiply = gpu.pipeline(&PipelineKey {
+                family: if c_vec4 {
+                    "matmul_texture_vec4"
+                } else {
+                    "matmul_texture"
+                },
+                entry: "matmul_texture",
+                precision,
+                constants: constants.with("ROWS_WG_X", wg_x as u32),
+            })?;
+            let [bias_slot, c_slot, resid_slot, gelu_out_slot, gelu_in_slot] = if c_vec4 {
+                [13, 14, 15, 16, 17]
+            } else {
+                [3, 4, 10, 11, 12]
+            };
             push(
                 "matmul",
                 multiply,
                 &[
                     (0, Bind::whole(&dims)),
-                    (3, bias_buf),
-                    (4, c.bind()),
-                    (10, resid_buf),
-                    (11, gelu_out),
-                    (12, gelu_in),
+                    (bias_slot, bias_buf),
+                    (c_slot, c.bind()),
+                    (resid_slot, resid_buf),
+                    (gelu_out_slot, gelu_out),
+                    (gelu_in_slot, gelu_in),
                     (8, a_packed.bind()),
                     (9, b_packed.bind()),
                 ],
@@ -690,6 +723,7 @@ impl Matmul {
             dispatches,
             variant,
             spec: *spec,
+            writes_vec4,
         })
     }
 
@@ -713,6 +747,13 @@ impl Matmul {
     /// The variant in use.
     pub fn variant(&self) -> MatmulVariant {
         self.variant
+    }
+
+    /// Whether C (and the epilogue's operands) are written four columns at a time as vec4s: the
+    /// texture variant does so when C is 4-aligned (N, C's leading dimension, offset and batch
+    /// strides, and the bias offset, multiples of 4).
+    pub fn writes_vec4(&self) -> bool {
+        self.writes_vec4
     }
 
     /// The product's description.
