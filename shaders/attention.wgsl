@@ -162,3 +162,70 @@ fn softmax_causal_backward_rows(@builtin(workgroup_id) wg: vec3<u32>, @builtin(l
     let live = row % params.seq + 1u;
     row_score_gradient(base, live, row_dot(base, live, 0u, 1u), 0u, 1u);
 }
+
+// The one-invocation-per-row kernels four positions at a time, for T a multiple of 4 (rows then
+// start on vec4 boundaries): on a CPU-backed adapter every storage access is a loop over the
+// SIMD lanes, and a vec4 access makes one trip for four elements. The arithmetic is the scalar
+// kernels', element by element in the same order (positions past `live` are masked out of the
+// maximum and the sums), so the results are bit-identical.
+@group(0) @binding(4) var<storage, read_write> scores4: array<vec4<T>>;
+@group(0) @binding(5) var<storage, read> probs4: array<vec4<T>>;
+@group(0) @binding(6) var<storage, read_write> dprobs4: array<vec4<T>>;
+
+// Which of the four positions from s are before `live`.
+fn live4(s: u32, live: u32) -> vec4<bool> {
+    return vec4<u32>(s, s + 1u, s + 2u, s + 3u) < vec4<u32>(live);
+}
+
+// acc plus v's lanes in lane order, skipping those not in `keep` (the first always is: a row's
+// first vec4 holds position 0).
+fn add4(acc: f32, v: vec4<f32>, keep: vec4<bool>) -> f32 {
+    var a = acc + v.x;
+    a = select(a, a + v.y, keep.y);
+    a = select(a, a + v.z, keep.z);
+    return select(a, a + v.w, keep.w);
+}
+
+@compute @workgroup_size(ROWS_WG, 1, 1)
+fn softmax_causal_forward_rows4(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_index) lid: u32) {
+    let row = (wg.x + wg.y * params.groups_x) * ROWS_WG + lid;
+    if row >= params.rows {
+        return;
+    }
+    let base = row * params.seq / 4u;
+    let live = row % params.seq + 1u;
+    let live_vec4s = (live + 3u) / 4u;
+    var m = -3.402823e38;
+    for (var i = 0u; i < live_vec4s; i++) {
+        let v = select(vec4<f32>(-3.402823e38), vec4<f32>(scores4[base + i]), live4(4u * i, live));
+        m = max(m, max(max(v.x, v.y), max(v.z, v.w)));
+    }
+    var sum = 0.0;
+    for (var i = 0u; i < live_vec4s; i++) {
+        sum = add4(sum, exp(vec4<f32>(scores4[base + i]) - m), live4(4u * i, live));
+    }
+    let inv = 1.0 / sum;
+    for (var i = 0u; i < params.seq / 4u; i++) {
+        let p = exp(vec4<f32>(scores4[base + i]) - m) * inv;
+        scores4[base + i] = vec4<T>(select(vec4<f32>(0.0), p, live4(4u * i, live)));
+    }
+}
+
+@compute @workgroup_size(ROWS_WG, 1, 1)
+fn softmax_causal_backward_rows4(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_index) lid: u32) {
+    let row = (wg.x + wg.y * params.groups_x) * ROWS_WG + lid;
+    if row >= params.rows {
+        return;
+    }
+    let base = row * params.seq / 4u;
+    let live = row % params.seq + 1u;
+    var dot = 0.0;
+    for (var i = 0u; i < (live + 3u) / 4u; i++) {
+        let pd = vec4<f32>(probs4[base + i]) * vec4<f32>(dprobs4[base + i]);
+        dot = add4(dot, pd, live4(4u * i, live));
+    }
+    for (var i = 0u; i < params.seq / 4u; i++) {
+        let d = vec4<f32>(probs4[base + i]) * (vec4<f32>(dprobs4[base + i]) - dot);
+        dprobs4[base + i] = vec4<T>(select(vec4<f32>(0.0), d, live4(4u * i, live)));
+    }
+}

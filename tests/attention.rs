@@ -28,6 +28,9 @@ const SHAPES: &[(usize, usize, usize, usize)] = &[
     (3, 13, 30, 6),
     (1, 67, 24, 6),
     (2, 150, 12, 2),
+    // T a multiple of 4: the one-invocation-per-row softmax reads and writes vec4s.
+    (2, 20, 12, 1),
+    (1, 64, 24, 6),
 ];
 
 fn cpu_forward(qkv: &[f32], s: &AttentionShape) -> (Vec<f32>, Vec<f32>) {

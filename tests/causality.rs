@@ -46,7 +46,7 @@ fn llama() -> ModelConfig {
 /// Logits of every row of both sequences after a forward pass over `inputs` (2 × SEQ tokens).
 fn logits(gpu: &kiln::Gpu, model: &GptGpu, inputs: &[u32]) -> Vec<Vec<f32>> {
     model.set_batch(gpu, inputs, inputs).unwrap();
-    gpu.run_pass("forward", |pass| model.record_logits(pass))
+    gpu.submit("forward", |encoder| model.record_logits(encoder))
         .unwrap();
     let all = model.read_logits(gpu).unwrap();
     all.chunks(VOCAB).map(<[f32]>::to_vec).collect()

@@ -284,7 +284,7 @@ fn decoder_against_full_forward(precision: Precision, m: &ModelConfig, tol: Tole
         let mut inputs = vec![0u32; m.block_size];
         inputs[..len].copy_from_slice(&seq[..len]);
         g.set_batch(gpu, &inputs, &inputs).unwrap();
-        gpu.run_pass("forward", |pass| g.record_logits(pass))
+        gpu.submit("forward", |encoder| g.record_logits(encoder))
             .unwrap();
         g.read_logits_row(gpu, len - 1).unwrap()
     };

@@ -87,11 +87,7 @@ fn gpu_micro_batch(
     }
     gpu.submit("micro", |enc| {
         g.record_zero_grads(enc);
-        let mut pass = enc.begin_compute_pass(&wgpu::ComputePassDescriptor {
-            label: None,
-            timestamp_writes: None,
-        });
-        g.record_micro_batch(&mut pass);
+        g.record_micro_batch(enc);
     })
     .unwrap();
     (g.read_loss(gpu).unwrap(), g.read_grads(gpu).unwrap())

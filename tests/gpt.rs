@@ -92,11 +92,7 @@ mod gpu_step {
     fn run_micro_batch(gpu: &kiln::Gpu, g: &GptGpu) {
         gpu.submit("micro", |enc| {
             g.record_zero_grads(enc);
-            let mut pass = enc.begin_compute_pass(&wgpu::ComputePassDescriptor {
-                label: None,
-                timestamp_writes: None,
-            });
-            g.record_micro_batch(&mut pass);
+            g.record_micro_batch(enc);
         })
         .unwrap();
     }

@@ -493,7 +493,8 @@ fn gpu_step_with_adapter_dropout_matches_cpu_step() {
         let params = g.read_params(gpu).unwrap();
         let (inp, tgt) = &micro[0];
         g.set_batch(gpu, inp, tgt).unwrap();
-        gpu.run_pass("eval", |pass| g.record_eval(pass)).unwrap();
+        gpu.submit("eval", |encoder| g.record_eval(encoder))
+            .unwrap();
         let eval = g.read_loss(gpu).unwrap();
         let mut scratch = vec![0.0; params.len()];
         let reference = gpt_loss_and_grads(
@@ -715,7 +716,7 @@ fn llama_adapter_round_trips_through_peft_names_and_merges() {
     let logits = |w: &ModelWeights| {
         let m = GptGpu::inference(gpu, w, batch).unwrap();
         m.set_batch(gpu, &tokens, &tokens).unwrap();
-        gpu.run_pass("forward", |pass| m.record_logits(pass))
+        gpu.submit("forward", |encoder| m.record_logits(encoder))
             .unwrap();
         m.read_logits(gpu).unwrap()
     };

@@ -929,3 +929,84 @@ fn gelu_epilogue_refuses_bad_operands() {
     let e = refused(backward, &spec, "pre-activation is C");
     assert!(e.contains("separate"), "{e}");
 }
+
+/// Packed operands filled by buffer-to-texture copies (`Matmul::allow_copies`) give bit for bit
+/// what the packing dispatches give: in the linear layer's three layouts (A copied in NT, A and B
+/// in NN, B in TN) and batched with strides (attention's P·v, B inside a wider buffer); and an
+/// operand whose memory does not have the packed layout (transposed, K not whole rounds of 32,
+/// rows not 256-byte aligned, f16) is still packed by a dispatch.
+#[test]
+fn copied_operands_match_packed_ones() {
+    for p in Precision::ALL {
+        let Some(gpu) = gpu(p) else { continue };
+        if !MatmulVariant::Texture.supports(gpu, &MatmulSpec::new(Layout::NN, 64, 64, 64)) {
+            continue;
+        }
+        let dt = DType::from(p);
+        let mut strided = MatmulSpec::new(Layout::NN, 64, 32, 64);
+        strided.batch = 6;
+        strided.batch_inner = 3;
+        strided.a = Operand {
+            offset: 0,
+            ld: 64,
+            outer: 3 * 4096,
+            inner: 4096,
+        };
+        strided.b = Operand {
+            offset: 64,
+            ld: 192,
+            outer: 64 * 192,
+            inner: 32,
+        };
+        strided.c = Operand {
+            offset: 0,
+            ld: 96,
+            outer: 64 * 96,
+            inner: 32,
+        };
+        // (spec, copies expected in f32)
+        let cases = [
+            (MatmulSpec::new(Layout::NT, 70, 96, 128), true),
+            (MatmulSpec::new(Layout::NN, 70, 128, 64), true),
+            (
+                MatmulSpec::new(Layout::TN, 96, 64, 128).accumulate(true),
+                true,
+            ),
+            (strided, true),
+            (MatmulSpec::new(Layout::TT, 70, 64, 64), false),
+            (MatmulSpec::new(Layout::NN, 70, 64, 48), false),
+            (MatmulSpec::new(Layout::NN, 70, 36, 32), false),
+        ];
+        for (i, (spec, copies)) in cases.into_iter().enumerate() {
+            let what = format!(
+                "{p} case {i} {:?} {}x{}x{}",
+                spec.layout, spec.m, spec.n, spec.k
+            );
+            let a = round_to(p, &random(spec.a_len(), 300 + i as u64));
+            let b = round_to(p, &random(spec.b_len(), 310 + i as u64));
+            let c0 = round_to(p, &random(spec.c_len(), 320 + i as u64));
+            let ga = gpu.upload("a", &[a.len()], dt, &a).unwrap();
+            let gb = gpu.upload("b", &[b.len()], dt, &b).unwrap();
+            let run = |allow: bool| {
+                let gc = gpu.upload("c", &[c0.len()], dt, &c0).unwrap();
+                let mut mm =
+                    Matmul::with_variant(gpu, MatmulVariant::Texture, &gc, &ga, &gb, None, &spec)
+                        .unwrap();
+                if allow {
+                    mm.allow_copies();
+                }
+                let expected = allow && copies && p == Precision::F32;
+                assert_eq!(mm.has_copies(), expected, "{what}: copies");
+                mm.run(gpu).unwrap();
+                gpu.read(&gc).unwrap()
+            };
+            let (packed, copied) = (run(false), run(true));
+            for (j, (x, y)) in packed.iter().zip(&copied).enumerate() {
+                assert_eq!(x.to_bits(), y.to_bits(), "{what}: C[{j}] {x} vs {y}");
+            }
+            let mut want = c0.clone();
+            kiln::cpu::matmul::matmul(&mut want, &a, &b, None, &spec).unwrap();
+            assert_close(&what, &want, &copied, tolerance(p));
+        }
+    }
+}

@@ -133,7 +133,7 @@ fn logits(w: &ModelWeights, tokens: &[u32], batch: GptBatch) -> Vec<f32> {
     let gpu = gpu(Precision::F32).unwrap();
     let model = GptGpu::inference(gpu, w, batch).unwrap();
     model.set_batch(gpu, tokens, tokens).unwrap();
-    gpu.run_pass("forward", |pass| model.record_logits(pass))
+    gpu.submit("forward", |encoder| model.record_logits(encoder))
         .unwrap();
     model.read_logits(gpu).unwrap()
 }
@@ -236,7 +236,7 @@ fn decoder_matches_full_forward(gpu: &Gpu, arch: &str, m: &ModelConfig, dir: &Pa
             let mut inputs = vec![0u32; m.block_size];
             inputs[..len].copy_from_slice(&seq[..len]);
             g.set_batch(gpu, &inputs, &inputs).unwrap();
-            gpu.run_pass("forward", |pass| g.record_logits(pass))
+            gpu.submit("forward", |encoder| g.record_logits(encoder))
                 .unwrap();
             g.read_logits_row(gpu, len - 1).unwrap()
         };

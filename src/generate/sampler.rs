@@ -252,7 +252,7 @@ impl Generator {
         inputs[..context.len()].copy_from_slice(context);
         self.model.set_batch(&self.gpu, &inputs, &inputs)?;
         self.gpu
-            .run_pass("prefill", |pass| self.model.record_logits(pass))?;
+            .submit("prefill", |encoder| self.model.record_logits(encoder))?;
         self.model.read_logits_row(&self.gpu, context.len() - 1)
     }
 

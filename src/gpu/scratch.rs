@@ -26,6 +26,11 @@ impl ScratchTexture {
         &self.view
     }
 
+    /// The texture itself (the target of buffer-to-texture copies).
+    pub fn texture(&self) -> &wgpu::Texture {
+        &self.texture
+    }
+
     /// The view as a binding, with its bytes for the dispatch census.
     pub fn bind(&self) -> super::Bind<'_> {
         super::Bind::texture(&self.view, self.bytes())
@@ -98,7 +103,11 @@ impl Gpu {
             sample_count: 1,
             dimension: wgpu::TextureDimension::D2,
             format: SCRATCH_FORMAT,
-            usage: wgpu::TextureUsages::STORAGE_BINDING | wgpu::TextureUsages::TEXTURE_BINDING,
+            // COPY_DST: an operand whose memory already has the packed layout is copied in
+            // (kernels::matmul) rather than packed by a dispatch.
+            usage: wgpu::TextureUsages::STORAGE_BINDING
+                | wgpu::TextureUsages::TEXTURE_BINDING
+                | wgpu::TextureUsages::COPY_DST,
             view_formats: &[],
         });
         let view = texture.create_view(&wgpu::TextureViewDescriptor {

@@ -14,10 +14,27 @@ impl Gpu {
         runs: usize,
         record: impl Fn(&mut wgpu::ComputePass<'_>),
     ) -> Result<Vec<f64>> {
+        self.time_submissions(label, warmup, runs, |encoder| {
+            let mut pass = encoder.begin_compute_pass(&wgpu::ComputePassDescriptor {
+                label: Some(label),
+                timestamp_writes: None,
+            });
+            record(&mut pass);
+        })
+    }
+
+    /// [`Gpu::time_runs`] for work recorded into the encoder itself (passes and copies).
+    pub fn time_submissions(
+        &self,
+        label: &str,
+        warmup: usize,
+        runs: usize,
+        record: impl Fn(&mut wgpu::CommandEncoder),
+    ) -> Result<Vec<f64>> {
         let mut times = Vec::with_capacity(runs);
         for i in 0..warmup + runs {
             let start = Instant::now();
-            self.run_pass(label, &record)?;
+            self.submit(label, &record)?;
             self.wait()?;
             if i >= warmup {
                 times.push(start.elapsed().as_secs_f64());
@@ -47,7 +64,8 @@ const PASSES_PER_QUERY_SET: usize = 2048;
 
 impl Gpu {
     /// Records `passes` compute passes into one command buffer, pass `i` through `record(i,
-    /// pass)`, each with GPU timestamps written at its beginning and end; submits it `warmup +
+    /// pass)` after `before(i, encoder)` (copies the pass's work needs first), each pass with
+    /// GPU timestamps written at its beginning and end; submits it `warmup +
     /// runs` times and returns, per pass, the GPU seconds of each timed run. `None` when the
     /// adapter has no `TIMESTAMP_QUERY`.
     ///
@@ -60,6 +78,7 @@ impl Gpu {
         passes: usize,
         warmup: usize,
         runs: usize,
+        before: impl Fn(usize, &mut wgpu::CommandEncoder),
         record: impl Fn(usize, &mut wgpu::ComputePass<'_>),
     ) -> Result<Option<Vec<Vec<f64>>>> {
         if !self.capabilities().timestamp_query || passes == 0 {
@@ -97,6 +116,7 @@ impl Gpu {
                 let mut pass_index = 0;
                 for (set_index, (n, set)) in sets.iter().enumerate() {
                     for j in 0..*n {
+                        before(pass_index, enc);
                         let mut pass = enc.begin_compute_pass(&wgpu::ComputePassDescriptor {
                             label: Some(label),
                             timestamp_writes: Some(wgpu::ComputePassTimestampWrites {

@@ -126,17 +126,22 @@ fn per_kv_head_sum(
 struct SoftmaxPass {
     entry: &'static str,
     rows_entry: &'static str,
+    /// The one-invocation-per-row entry that reads and writes four positions at a time, for
+    /// T a multiple of 4; its buffers are bound 3 slots higher (their vec4 views).
+    rows4_entry: &'static str,
     passes: usize,
 }
 
 const SOFTMAX_FORWARD: SoftmaxPass = SoftmaxPass {
     entry: "softmax_causal_forward",
     rows_entry: "softmax_causal_forward_rows",
+    rows4_entry: "softmax_causal_forward_rows4",
     passes: FORWARD_PASSES,
 };
 const SOFTMAX_BACKWARD: SoftmaxPass = SoftmaxPass {
     entry: "softmax_causal_backward",
     rows_entry: "softmax_causal_backward_rows",
+    rows4_entry: "softmax_causal_backward_rows4",
     passes: BACKWARD_PASSES,
 };
 
@@ -152,9 +157,16 @@ fn softmax(
     let precision = common_precision("attention", &[probs])?;
     kernel.check(gpu, "attention", shape.seq, pass.passes)?;
     let rows = shape.batch * shape.heads * shape.seq;
+    // Whole-row vec4s need rows that start on vec4 boundaries.
+    let vec4 = kernel == RowKernel::Invocation && shape.seq.is_multiple_of(4);
+    let rows_entry = if vec4 {
+        pass.rows4_entry
+    } else {
+        pass.rows_entry
+    };
     let (entry, constants) = kernel.entry(
         (pass.entry, Specialisation::default().with("WG", WG)),
-        pass.rows_entry,
+        rows_entry,
     );
     let workgroups = grid(gpu, "attention", kernel.workgroups(rows))?;
     let params = gpu.uniform(
@@ -167,7 +179,8 @@ fn softmax(
         },
     );
     let mut entries = vec![(0, Bind::whole(&params))];
-    entries.extend_from_slice(buffers);
+    let slot = |b: u32| if vec4 { b + 3 } else { b };
+    entries.extend(buffers.iter().map(|(b, bind)| (slot(*b), *bind)));
     Dispatch::new(
         gpu,
         "attention",

@@ -82,6 +82,17 @@ pub fn recorded(gpu: &crate::gpu::Gpu, record: impl FnOnce(&mut wgpu::ComputePas
     count(|| record(&mut pass))
 }
 
+/// [`recorded`] for work recorded into an encoder (passes and copies; copies are not
+/// dispatches and count for nothing).
+pub fn encoded(gpu: &crate::gpu::Gpu, record: impl FnOnce(&mut wgpu::CommandEncoder)) -> Census {
+    let mut encoder = gpu
+        .device()
+        .create_command_encoder(&wgpu::CommandEncoderDescriptor {
+            label: Some("census"),
+        });
+    count(|| record(&mut encoder))
+}
+
 /// Bytes bound by `buffers`.
 pub(crate) fn bound_bytes(buffers: &[(u32, Bind<'_>)]) -> u64 {
     buffers.iter().map(|(_, b)| b.bytes()).sum()

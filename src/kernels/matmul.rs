@@ -1,8 +1,9 @@
 //! The matmul family (shaders/matmul.wgsl): every product of a linear layer and of attention.
 
 use super::{common_precision, groups, loop_budget_ok};
+use crate::gpu::DType;
 use crate::gpu::{Bind, Gpu, GpuTensor, PipelineKey, ScratchTexture, Specialisation};
-use crate::ops::{MatmulSpec, Triangle};
+use crate::ops::{MatmulSpec, Operand, Triangle};
 use crate::{Error, Precision, Result};
 use std::sync::Arc;
 
@@ -337,9 +338,97 @@ struct Dispatch {
 /// Most variants are one dispatch; the texture variant packs both operands first.
 pub struct Matmul {
     dispatches: Vec<Dispatch>,
+    /// Per dispatch: whether a copy in `copies` replaces it once copies are allowed.
+    copied: Vec<bool>,
+    /// Packed operands that a buffer-to-texture copy can fill (see [`Matmul::allow_copies`]).
+    copies: Vec<TexelCopy>,
+    copies_on: bool,
     variant: MatmulVariant,
     spec: MatmulSpec,
     writes_vec4: bool,
+}
+
+/// A packed operand whose memory already has the packed layout, so a buffer-to-texture copy
+/// (a memcpy on lavapipe: 36 us for 768 x 512 f32, where the packing dispatch took 0.5 to 0.9
+/// ms) fills the texture instead of a packing dispatch.
+struct TexelCopy {
+    buffer: wgpu::Buffer,
+    texture: Arc<ScratchTexture>,
+    /// Byte offset in `buffer` of each layer's first row.
+    offsets: Vec<u64>,
+    bytes_per_row: u32,
+    /// Texels per row and rows.
+    extent: [u32; 2],
+}
+
+impl TexelCopy {
+    /// The copy for a packed operand of `size` texels holding `t` as stored (`transposed`: the
+    /// packing would transpose it), when its memory has the packed layout: f32 storage, not
+    /// transposed, rows of exactly `size[0]` texels (the caller checks that no padding texel is
+    /// needed), and rows and layers starting where a copy may read (256-byte row pitch,
+    /// 16-byte aligned starts). `None` otherwise.
+    fn new(
+        t: &GpuTensor,
+        operand: &Operand,
+        transposed: bool,
+        spec: &MatmulSpec,
+        inner_div: usize,
+        texture: &Arc<ScratchTexture>,
+    ) -> Option<Self> {
+        let size = texture.size();
+        let bytes_per_row = u32::try_from(operand.ld * 4).ok()?;
+        if transposed || t.dtype() != DType::F32 || bytes_per_row % 256 != 0 {
+            return None;
+        }
+        let offsets: Vec<u64> = (0..spec.batch)
+            .map(|z| {
+                let inner = (z % spec.batch_inner) / inner_div.max(1);
+                let base =
+                    operand.offset + (z / spec.batch_inner) * operand.outer + inner * operand.inner;
+                t.offset_bytes() + 4 * base as u64
+            })
+            .collect();
+        if offsets.iter().any(|o| o % 16 != 0) {
+            return None;
+        }
+        Some(TexelCopy {
+            buffer: t.buffer().clone(),
+            texture: texture.clone(),
+            offsets,
+            bytes_per_row,
+            extent: [size[0], size[1]],
+        })
+    }
+
+    fn record(&self, encoder: &mut wgpu::CommandEncoder) {
+        for (z, &offset) in self.offsets.iter().enumerate() {
+            encoder.copy_buffer_to_texture(
+                wgpu::TexelCopyBufferInfo {
+                    buffer: &self.buffer,
+                    layout: wgpu::TexelCopyBufferLayout {
+                        offset,
+                        bytes_per_row: Some(self.bytes_per_row),
+                        rows_per_image: None,
+                    },
+                },
+                wgpu::TexelCopyTextureInfo {
+                    texture: self.texture.texture(),
+                    mip_level: 0,
+                    origin: wgpu::Origin3d {
+                        x: 0,
+                        y: 0,
+                        z: z as u32,
+                    },
+                    aspect: wgpu::TextureAspect::All,
+                },
+                wgpu::Extent3d {
+                    width: self.extent[0],
+                    height: self.extent[1],
+                    depth_or_array_layers: 1,
+                },
+            );
+        }
+    }
 }
 
 impl Matmul {
@@ -546,6 +635,8 @@ impl Matmul {
             .limits
             .max_compute_workgroups_per_dimension;
         let mut dispatches = Vec::new();
+        let mut copied = Vec::new();
+        let mut copies = Vec::new();
         let mut writes_vec4 = false;
         let mut push = |label: &str,
                         pipeline: Arc<wgpu::ComputePipeline>,
@@ -603,6 +694,17 @@ impl Matmul {
             } else {
                 ("matmul_pack_b", 2, 1)
             };
+            // No padding texel may be needed for a copy: K whole rounds of 32 (A's rows and B's
+            // height), N whole texels (B's rows).
+            let k_whole = spec.k.is_multiple_of(TEXTURE_K_ROUND);
+            let a_copy = k_whole
+                .then(|| {
+                    let t = spec.layout.trans_a();
+                    TexelCopy::new(a, &spec.a, t, spec, spec.a_inner_div, &a_packed)
+                })
+                .flatten();
+            copied.push(a_copy.is_some());
+            copies.extend(a_copy);
             let pipeline = gpu.pipeline(&key(pack_a, pack_constants(spec.a_inner_div)))?;
             push(
                 "matmul pack a",
@@ -615,6 +717,14 @@ impl Matmul {
                 pack_groups(a_size, a_rows),
             )?;
             if let Some(b) = b {
+                let b_copy = (k_whole && spec.n.is_multiple_of(4))
+                    .then(|| {
+                        let t = spec.layout.trans_b();
+                        TexelCopy::new(b, &spec.b, t, spec, spec.b_inner_div, &b_packed)
+                    })
+                    .flatten();
+                copied.push(b_copy.is_some());
+                copies.extend(b_copy);
                 let pipeline = gpu.pipeline(&key(pack_b, pack_constants(spec.b_inner_div)))?;
                 push(
                     "matmul pack b",
@@ -719,17 +829,50 @@ impl Matmul {
             };
             push("matmul", pipeline, &entries, workgroups)?;
         }
+        copied.resize(dispatches.len(), false);
         Ok(Matmul {
             dispatches,
+            copied,
+            copies,
+            copies_on: false,
             variant,
             spec: *spec,
             writes_vec4,
         })
     }
 
-    /// Adds the product's dispatches to `pass`.
+    /// Lets the texture variant fill its packed operands by buffer-to-texture copies where an
+    /// operand's memory already has the packed layout (f32, not transposed, K a multiple of 32,
+    /// 256-byte rows: X in X·Wᵀ, dY and W in dY·W, X in dYᵀ·X at the usual widths), instead of
+    /// packing dispatches. A copy cannot be recorded inside a compute pass, so whoever records
+    /// the product must then call [`Matmul::record_copies`] (outside any pass) right before
+    /// [`Matmul::record`]: [`super::record_ops`] does. [`Matmul::run`] does it itself.
+    pub fn allow_copies(&mut self) {
+        self.copies_on = true;
+    }
+
+    /// Whether [`Matmul::record_copies`] records anything (copies allowed and possible).
+    pub fn has_copies(&self) -> bool {
+        self.copies_on && !self.copies.is_empty()
+    }
+
+    /// Records the operand copies that replace packing dispatches (see
+    /// [`Matmul::allow_copies`]); nothing unless they are allowed.
+    pub fn record_copies(&self, encoder: &mut wgpu::CommandEncoder) {
+        if self.copies_on {
+            for c in &self.copies {
+                c.record(encoder);
+            }
+        }
+    }
+
+    /// Adds the product's dispatches to `pass` (less the packing that
+    /// [`Matmul::record_copies`] replaces, when copies are allowed).
     pub fn record(&self, pass: &mut wgpu::ComputePass<'_>) {
-        for d in &self.dispatches {
+        for (d, &copied) in self.dispatches.iter().zip(&self.copied) {
+            if copied && self.copies_on {
+                continue;
+            }
             pass.set_pipeline(&d.pipeline);
             pass.set_bind_group(0, &d.bind_group, &[]);
             let [x, y, z] = d.workgroups;
@@ -739,9 +882,16 @@ impl Matmul {
         super::census::flops(self.spec.flops());
     }
 
-    /// Records and submits the product on its own (does not wait).
+    /// Records and submits the product on its own, copies included (does not wait).
     pub fn run(&self, gpu: &Gpu) -> Result<()> {
-        gpu.run_pass("matmul", |pass| self.record(pass))
+        gpu.submit("matmul", |encoder| {
+            self.record_copies(encoder);
+            let mut pass = encoder.begin_compute_pass(&wgpu::ComputePassDescriptor {
+                label: Some("matmul"),
+                timestamp_writes: None,
+            });
+            self.record(&mut pass);
+        })
     }
 
     /// The variant in use.

@@ -132,6 +132,60 @@ pub trait Record {
     fn record_into(&self, pass: &mut wgpu::ComputePass<'_>);
     /// The op's type, as `module::Type` (profiles group by it).
     fn op_name(&self) -> &'static str;
+    /// Lets the op replace dispatches by copies that must be recorded outside a compute pass
+    /// ([`Record::record_copies`]); for recorders that go through [`record_ops`]. Only the
+    /// matmul's texture variant has any ([`matmul::Matmul::allow_copies`]).
+    fn allow_copies(&mut self) {}
+    /// Whether [`Record::record_copies`] records anything.
+    fn has_copies(&self) -> bool {
+        false
+    }
+    /// Records the copies that must run right before the op's dispatches, outside any pass.
+    fn record_copies(&self, _encoder: &mut wgpu::CommandEncoder) {}
+}
+
+/// Records `ops` in order into `encoder`: their dispatches in compute passes labelled `label`,
+/// a pass ending wherever an op needs copies first (which wgpu only allows between passes).
+pub fn record_ops<'a>(
+    encoder: &mut wgpu::CommandEncoder,
+    label: &str,
+    ops: impl IntoIterator<Item = &'a dyn Record>,
+) {
+    let mut pass: Option<wgpu::ComputePass<'static>> = None;
+    for op in ops {
+        if op.has_copies() {
+            // Ends the open pass, if any.
+            pass = None;
+            op.record_copies(encoder);
+        }
+        let pass = pass.get_or_insert_with(|| {
+            encoder
+                .begin_compute_pass(&wgpu::ComputePassDescriptor {
+                    label: Some(label),
+                    timestamp_writes: None,
+                })
+                .forget_lifetime()
+        });
+        op.record_into(pass);
+    }
+}
+
+impl Record for matmul::Matmul {
+    fn record_into(&self, pass: &mut wgpu::ComputePass<'_>) {
+        self.record(pass)
+    }
+    fn op_name(&self) -> &'static str {
+        "matmul::Matmul"
+    }
+    fn allow_copies(&mut self) {
+        matmul::Matmul::allow_copies(self)
+    }
+    fn has_copies(&self) -> bool {
+        matmul::Matmul::has_copies(self)
+    }
+    fn record_copies(&self, encoder: &mut wgpu::CommandEncoder) {
+        matmul::Matmul::record_copies(self, encoder)
+    }
 }
 
 macro_rules! impl_record {
@@ -165,7 +219,6 @@ impl_record!(
     gradnorm::GradNorm,
     layernorm::LayerNormForward,
     layernorm::LayerNormBackward,
-    matmul::Matmul,
     moe::MoeRouting,
     moe::MoeGather,
     moe::MoeCombine,

@@ -16,7 +16,6 @@ use super::{ModelConfig, ParamLayout};
 use crate::cpu::gpt::GptBatch;
 use crate::finetune::Adaptation;
 use crate::gpu::{DType, Gpu, GpuTensor};
-use crate::kernels::Record;
 use crate::kernels::adamw::AdamW;
 use crate::kernels::census::{self, Census};
 use crate::kernels::crossentropy::CrossEntropy;
@@ -24,6 +23,7 @@ use crate::kernels::dropout::DropoutState;
 use crate::kernels::gradnorm::GradNorm;
 use crate::kernels::lossscale::LossScaler;
 use crate::kernels::quant::QuantWeight;
+use crate::kernels::{Record, record_ops};
 use crate::quant::weights::ModelWeights;
 use crate::training::{AdamWStep, CrossEntropySpec, LossScaling};
 use crate::{Error, Precision, Result};
@@ -267,6 +267,15 @@ impl Plan {
                 })
             }
         };
+        // Every recorder of these lists goes through `record_ops`, so their products may fill
+        // packed operands by copies.
+        let mut train = train;
+        for op in forward
+            .iter_mut()
+            .chain(train.iter_mut().flat_map(|t| t.backward.iter_mut()))
+        {
+            op.allow_copies();
+        }
         let moe_stats = std::mem::take(&mut ctx.moe_stats);
         let (mut scratch, qkv) = ctx.into_shared();
         scratch.push(dlogits);
@@ -503,7 +512,7 @@ impl GptGpu {
         if self.p.train.is_none() {
             return 0;
         }
-        let micro = census::recorded(gpu, |pass| self.record_micro_batch(pass));
+        let micro = census::encoded(gpu, |encoder| self.record_micro_batch(encoder));
         let update = census::recorded(gpu, |pass| self.record_update(pass));
         micro_batches as u64 * micro.dispatches + update.dispatches
     }
@@ -647,24 +656,36 @@ impl GptGpu {
     /// Records forward, loss and backward of the micro-batch last set; parameter gradients are
     /// added to the gradient buffer (see [`GptGpu::record_zero_grads`]). A model built for
     /// inference has no backward: this records its forward and loss.
-    pub fn record_micro_batch(&self, pass: &mut wgpu::ComputePass<'_>) {
-        self.record_eval(pass);
-        for op in self.p.train.iter().flat_map(|t| &t.backward) {
-            op.record_into(pass);
-        }
+    ///
+    /// Compute passes, with copies between them where a product fills a packed operand by copy
+    /// ([`crate::kernels::record_ops`]).
+    pub fn record_micro_batch(&self, encoder: &mut wgpu::CommandEncoder) {
+        let backward = self.p.train.iter().flat_map(|t| &t.backward);
+        record_ops(
+            encoder,
+            "micro-batch",
+            self.eval_ops().chain(backward.map(|o| o.as_ref())),
+        );
     }
 
     /// Records forward and loss only (evaluation).
-    pub fn record_eval(&self, pass: &mut wgpu::ComputePass<'_>) {
-        self.record_logits(pass);
-        self.p.loss.record(pass);
+    pub fn record_eval(&self, encoder: &mut wgpu::CommandEncoder) {
+        record_ops(encoder, "eval", self.eval_ops());
     }
 
     /// Records the forward to the logits only (inference).
-    pub fn record_logits(&self, pass: &mut wgpu::ComputePass<'_>) {
-        for op in &self.p.forward {
-            op.record_into(pass);
-        }
+    pub fn record_logits(&self, encoder: &mut wgpu::CommandEncoder) {
+        record_ops(
+            encoder,
+            "forward",
+            self.p.forward.iter().map(|o| o.as_ref()),
+        );
+    }
+
+    /// The forward's ops and the loss, in recording order.
+    fn eval_ops(&self) -> impl Iterator<Item = &dyn Record> {
+        let loss = std::iter::once(&self.p.loss as &dyn Record);
+        self.p.forward.iter().map(|o| o.as_ref()).chain(loss)
     }
 
     /// Clears the gradient buffer (before the first micro-batch of a step; nothing for a
@@ -846,11 +867,7 @@ impl GptGpu {
         self.record_zero_grads(&mut encoder);
         for i in 0..micro.len() {
             self.record_unstage(staged, &mut encoder, i);
-            let mut pass = encoder.begin_compute_pass(&wgpu::ComputePassDescriptor {
-                label: Some("micro-batch"),
-                timestamp_writes: None,
-            });
-            self.record_micro_batch(&mut pass);
+            self.record_micro_batch(&mut encoder);
         }
         Ok(encoder)
     }
@@ -894,7 +911,8 @@ impl GptGpu {
         for round in 1..=runs {
             before(round)?;
             for ((_, op), t) in ops.iter().zip(&mut times) {
-                t.push(gpu.time_runs(op.op_name(), 1, 1, |p| op.record_into(p))?[0]);
+                let record = |e: &mut wgpu::CommandEncoder| record_ops(e, op.op_name(), [*op]);
+                t.push(gpu.time_submissions(op.op_name(), 1, 1, record)?[0]);
             }
         }
         Ok(ops
@@ -919,9 +937,14 @@ impl GptGpu {
     /// model built for the purpose, not one being trained.
     pub fn profile_in_step(&self, gpu: &Gpu, runs: usize) -> Result<Option<Vec<OpTime>>> {
         let ops = self.step_ops()?;
-        let Some(times) = gpu.time_passes("step profile", ops.len(), 1, runs, |i, pass| {
-            ops[i].1.record_into(pass)
-        })?
+        let Some(times) = gpu.time_passes(
+            "step profile",
+            ops.len(),
+            1,
+            runs,
+            |i, encoder| ops[i].1.record_copies(encoder),
+            |i, pass| ops[i].1.record_into(pass),
+        )?
         else {
             return Ok(None);
         };

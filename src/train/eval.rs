@@ -193,7 +193,7 @@ pub fn mean_loss(gpu: &Gpu, model: &GptGpu, batches: &[Batch]) -> Result<(f64, u
     let (mut total, mut count) = (0.0f64, 0u64);
     for b in batches {
         model.set_batch(gpu, &b.inputs, &b.targets)?;
-        gpu.run_pass("eval", |pass| model.record_eval(pass))?;
+        gpu.submit("eval", |encoder| model.record_eval(encoder))?;
         total += gpu
             .read(model.losses())?
             .iter()
