@@ -70,16 +70,13 @@ pub fn count(record: impl FnOnce()) -> Census {
 /// What `record` adds to a compute pass of an encoder on `gpu` that is never submitted: the
 /// census of recorded work without running it.
 pub fn recorded(gpu: &crate::gpu::Gpu, record: impl FnOnce(&mut wgpu::ComputePass<'_>)) -> Census {
-    let mut encoder = gpu
-        .device()
-        .create_command_encoder(&wgpu::CommandEncoderDescriptor {
+    encoded(gpu, |encoder| {
+        let mut pass = encoder.begin_compute_pass(&wgpu::ComputePassDescriptor {
             label: Some("census"),
+            timestamp_writes: None,
         });
-    let mut pass = encoder.begin_compute_pass(&wgpu::ComputePassDescriptor {
-        label: Some("census"),
-        timestamp_writes: None,
-    });
-    count(|| record(&mut pass))
+        record(&mut pass)
+    })
 }
 
 /// [`recorded`] for work recorded into an encoder (passes and copies; copies are not

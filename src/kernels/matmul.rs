@@ -1,8 +1,7 @@
 //! The matmul family (shaders/matmul.wgsl): every product of a linear layer and of attention.
 
 use super::{common_precision, groups, loop_budget_ok};
-use crate::gpu::DType;
-use crate::gpu::{Bind, Gpu, GpuTensor, PipelineKey, ScratchTexture, Specialisation};
+use crate::gpu::{Bind, DType, Gpu, GpuTensor, PipelineKey, ScratchTexture, Specialisation};
 use crate::ops::{MatmulSpec, Operand, Triangle};
 use crate::{Error, Precision, Result};
 use std::sync::Arc;
@@ -362,22 +361,25 @@ struct TexelCopy {
 }
 
 impl TexelCopy {
-    /// The copy for a packed operand of `size` texels holding `t` as stored (`transposed`: the
-    /// packing would transpose it), when its memory has the packed layout: f32 storage, not
-    /// transposed, rows of exactly `size[0]` texels (the caller checks that no padding texel is
-    /// needed), and rows and layers starting where a copy may read (256-byte row pitch,
-    /// 16-byte aligned starts). `None` otherwise.
+    /// The copy that fills `texture` with the packed op(X), X being `t` as stored (`transposed`:
+    /// the packing would transpose it) and op(X) `extent` = (columns, rows), when X's memory
+    /// has the packed layout: f32 storage, not transposed, the texture exactly op(X)'s size (no
+    /// padding texel to zero), and rows and layers starting where a copy may read (256-byte
+    /// row pitch, 16-byte aligned starts). `None` otherwise.
+    #[allow(clippy::too_many_arguments)]
     fn new(
         t: &GpuTensor,
         operand: &Operand,
         transposed: bool,
+        extent: [usize; 2],
         spec: &MatmulSpec,
         inner_div: usize,
         texture: &Arc<ScratchTexture>,
     ) -> Option<Self> {
         let size = texture.size();
         let bytes_per_row = u32::try_from(operand.ld * 4).ok()?;
-        if transposed || t.dtype() != DType::F32 || bytes_per_row % 256 != 0 {
+        let exact = extent[0] == 4 * size[0] as usize && extent[1] == size[1] as usize;
+        if transposed || !exact || t.dtype() != DType::F32 || bytes_per_row % 256 != 0 {
             return None;
         }
         let offsets: Vec<u64> = (0..spec.batch)
@@ -694,15 +696,16 @@ impl Matmul {
             } else {
                 ("matmul_pack_b", 2, 1)
             };
-            // No padding texel may be needed for a copy: K whole rounds of 32 (A's rows and B's
-            // height), N whole texels (B's rows).
-            let k_whole = spec.k.is_multiple_of(TEXTURE_K_ROUND);
-            let a_copy = k_whole
-                .then(|| {
-                    let t = spec.layout.trans_a();
-                    TexelCopy::new(a, &spec.a, t, spec, spec.a_inner_div, &a_packed)
-                })
-                .flatten();
+            let (trans_a, a_extent) = (spec.layout.trans_a(), [spec.k, spec.m]);
+            let a_copy = TexelCopy::new(
+                a,
+                &spec.a,
+                trans_a,
+                a_extent,
+                spec,
+                spec.a_inner_div,
+                &a_packed,
+            );
             copied.push(a_copy.is_some());
             copies.extend(a_copy);
             let pipeline = gpu.pipeline(&key(pack_a, pack_constants(spec.a_inner_div)))?;
@@ -717,12 +720,16 @@ impl Matmul {
                 pack_groups(a_size, a_rows),
             )?;
             if let Some(b) = b {
-                let b_copy = (k_whole && spec.n.is_multiple_of(4))
-                    .then(|| {
-                        let t = spec.layout.trans_b();
-                        TexelCopy::new(b, &spec.b, t, spec, spec.b_inner_div, &b_packed)
-                    })
-                    .flatten();
+                let (trans_b, b_extent) = (spec.layout.trans_b(), [spec.n, spec.k]);
+                let b_copy = TexelCopy::new(
+                    b,
+                    &spec.b,
+                    trans_b,
+                    b_extent,
+                    spec,
+                    spec.b_inner_div,
+                    &b_packed,
+                );
                 copied.push(b_copy.is_some());
                 copies.extend(b_copy);
                 let pipeline = gpu.pipeline(&key(pack_b, pack_constants(spec.b_inner_div)))?;
@@ -885,12 +892,7 @@ impl Matmul {
     /// Records and submits the product on its own, copies included (does not wait).
     pub fn run(&self, gpu: &Gpu) -> Result<()> {
         gpu.submit("matmul", |encoder| {
-            self.record_copies(encoder);
-            let mut pass = encoder.begin_compute_pass(&wgpu::ComputePassDescriptor {
-                label: Some("matmul"),
-                timestamp_writes: None,
-            });
-            self.record(&mut pass);
+            super::record_ops(encoder, "matmul", [self as &dyn super::Record])
         })
     }
 
