@@ -9,7 +9,15 @@
 //   A texture: (K rounded up to 32) / 4 texels wide, M rows;  texel (x, row) = op(A)[row, 4x..4x+3]
 //   B texture: N / 4 (rounded up) texels wide, K rounded up to 32 rows;  texel (x, k) = op(B)[k, 4x..4x+3]
 //
-// with zeros past K and N, so the multiply needs no bounds checks along K. Then matmul_texture
+// with zeros past K and N, so the multiply needs no bounds checks along K. An operand stored
+// transposed is packed the other way round, along its memory's rows (A_ALONG_M, B_ALONG_K):
+//
+//   A along M: M / 4 (rounded up) texels wide, K rounded up to 32 rows;  texel (x, k) = op(A)[4x..4x+3, k]
+//   B along K: (K rounded up to 32) / 4 texels wide, N rows;  texel (x, col) = op(B)[4x..4x+3, col]
+//
+// so that its packing reads whole rows, and where its memory already has that layout a
+// buffer-to-texture copy fills the texture instead (the host decides; see TexelCopy in
+// src/kernels/matmul.rs). Both layouts feed the multiply the same values in the same order. Then matmul_texture
 // gives each invocation 32 rows of C by 4 columns. The subgroup loads op(A) cooperatively: lane l
 // fetches texel k4 + l of each of the 32 rows (32 consecutive k values across 8 lanes), and step
 // j of the 8 that follow takes lane j's texel by subgroupBroadcast, so each A element is fetched
@@ -27,6 +35,11 @@
 // Packed operands (matmul_texture).
 @group(0) @binding(8) var a_packed: texture_2d_array<f32>;
 @group(0) @binding(9) var b_packed: texture_2d_array<f32>;
+// The packed layouts matmul_texture reads (see above). The packing entry points ignore them: an
+// operand packed along its other dimension is packed as the other operand of the transposed
+// product, Cᵀ = op(B)ᵀ·op(A)ᵀ, with that product's dims and TRANS flags.
+override A_ALONG_M: bool = false;
+override B_ALONG_K: bool = false;
 
 // The packing grids are 8 x 8 invocations: 8 texels of a row by 8 rows (or 4-row groups), one
 // layer per z, so an invocation's texel is its global id. (Texture extents are at most the
@@ -168,9 +181,40 @@ fn a_texel(z: u32, k4: u32, row: u32) -> vec4<f32> {
     return textureLoad(a_packed, vec2<u32>(k4, min(row, dims.m - 1u)), z, 0);
 }
 
+// op(A)[row + i, 4 k4 .. 4 k4 + 3] as column i, for the four rows from `row` (a multiple of 4).
+// Packed along K that is four texels; packed along M (A_ALONG_M) it is the four texels of k =
+// 4 k4 .. 4 k4 + 3 at row group row / 4, transposed. A transpose costs nothing where each
+// component is a register of its own (a CPU-backed adapter's SIMD lanes), and the values are
+// the same either way, so the layout never changes a result.
+fn a_rows4(z: u32, k4: u32, row: u32) -> mat4x4<f32> {
+    if A_ALONG_M {
+        let m4 = min(row / 4u, (dims.m + 3u) / 4u - 1u);
+        let k = 4u * k4;
+        return transpose(mat4x4<f32>(
+            textureLoad(a_packed, vec2<u32>(m4, k), z, 0),
+            textureLoad(a_packed, vec2<u32>(m4, k + 1u), z, 0),
+            textureLoad(a_packed, vec2<u32>(m4, k + 2u), z, 0),
+            textureLoad(a_packed, vec2<u32>(m4, k + 3u), z, 0),
+        ));
+    }
+    return mat4x4<f32>(a_texel(z, k4, row), a_texel(z, k4, row + 1u), a_texel(z, k4, row + 2u), a_texel(z, k4, row + 3u));
+}
+
 // Columns are op(B)[k, 4cg..4cg+3] for k = kb..kb+3, so  block * (a[kb], .., a[kb+3])  is the
 // step's contribution to four columns of one row.
+// Packed along K (B_ALONG_K) a texel holds 4 k of one column: one texel per column (clamped to
+// the last column past N), transposed.
 fn b_block(z: u32, cg: u32, kb: u32) -> mat4x4<f32> {
+    if B_ALONG_K {
+        let col = 4u * cg;
+        let last = dims.n - 1u;
+        return transpose(mat4x4<f32>(
+            textureLoad(b_packed, vec2<u32>(kb / 4u, min(col, last)), z, 0),
+            textureLoad(b_packed, vec2<u32>(kb / 4u, min(col + 1u, last)), z, 0),
+            textureLoad(b_packed, vec2<u32>(kb / 4u, min(col + 2u, last)), z, 0),
+            textureLoad(b_packed, vec2<u32>(kb / 4u, min(col + 3u, last)), z, 0),
+        ));
+    }
     return mat4x4<f32>(
         textureLoad(b_packed, vec2<u32>(cg, kb), z, 0),
         textureLoad(b_packed, vec2<u32>(cg, kb + 1u), z, 0),
@@ -230,22 +274,18 @@ fn matmul_texture(
     var acc24 = vec4<f32>(0.0); var acc25 = vec4<f32>(0.0); var acc26 = vec4<f32>(0.0); var acc27 = vec4<f32>(0.0);
     var acc28 = vec4<f32>(0.0); var acc29 = vec4<f32>(0.0); var acc30 = vec4<f32>(0.0); var acc31 = vec4<f32>(0.0);
     for (var k4 = k4_begin; k4 < k4_end; k4 += 8u) {
-        let va0 = a_texel(z, k4 + sl, row0 + 0u); let va1 = a_texel(z, k4 + sl, row0 + 1u);
-        let va2 = a_texel(z, k4 + sl, row0 + 2u); let va3 = a_texel(z, k4 + sl, row0 + 3u);
-        let va4 = a_texel(z, k4 + sl, row0 + 4u); let va5 = a_texel(z, k4 + sl, row0 + 5u);
-        let va6 = a_texel(z, k4 + sl, row0 + 6u); let va7 = a_texel(z, k4 + sl, row0 + 7u);
-        let va8 = a_texel(z, k4 + sl, row0 + 8u); let va9 = a_texel(z, k4 + sl, row0 + 9u);
-        let va10 = a_texel(z, k4 + sl, row0 + 10u); let va11 = a_texel(z, k4 + sl, row0 + 11u);
-        let va12 = a_texel(z, k4 + sl, row0 + 12u); let va13 = a_texel(z, k4 + sl, row0 + 13u);
-        let va14 = a_texel(z, k4 + sl, row0 + 14u); let va15 = a_texel(z, k4 + sl, row0 + 15u);
-        let va16 = a_texel(z, k4 + sl, row0 + 16u); let va17 = a_texel(z, k4 + sl, row0 + 17u);
-        let va18 = a_texel(z, k4 + sl, row0 + 18u); let va19 = a_texel(z, k4 + sl, row0 + 19u);
-        let va20 = a_texel(z, k4 + sl, row0 + 20u); let va21 = a_texel(z, k4 + sl, row0 + 21u);
-        let va22 = a_texel(z, k4 + sl, row0 + 22u); let va23 = a_texel(z, k4 + sl, row0 + 23u);
-        let va24 = a_texel(z, k4 + sl, row0 + 24u); let va25 = a_texel(z, k4 + sl, row0 + 25u);
-        let va26 = a_texel(z, k4 + sl, row0 + 26u); let va27 = a_texel(z, k4 + sl, row0 + 27u);
-        let va28 = a_texel(z, k4 + sl, row0 + 28u); let va29 = a_texel(z, k4 + sl, row0 + 29u);
-        let va30 = a_texel(z, k4 + sl, row0 + 30u); let va31 = a_texel(z, k4 + sl, row0 + 31u);
+        let ma0 = a_rows4(z, k4 + sl, row0 + 0u); let ma1 = a_rows4(z, k4 + sl, row0 + 4u);
+        let ma2 = a_rows4(z, k4 + sl, row0 + 8u); let ma3 = a_rows4(z, k4 + sl, row0 + 12u);
+        let ma4 = a_rows4(z, k4 + sl, row0 + 16u); let ma5 = a_rows4(z, k4 + sl, row0 + 20u);
+        let ma6 = a_rows4(z, k4 + sl, row0 + 24u); let ma7 = a_rows4(z, k4 + sl, row0 + 28u);
+        let va0 = ma0[0]; let va1 = ma0[1]; let va2 = ma0[2]; let va3 = ma0[3];
+        let va4 = ma1[0]; let va5 = ma1[1]; let va6 = ma1[2]; let va7 = ma1[3];
+        let va8 = ma2[0]; let va9 = ma2[1]; let va10 = ma2[2]; let va11 = ma2[3];
+        let va12 = ma3[0]; let va13 = ma3[1]; let va14 = ma3[2]; let va15 = ma3[3];
+        let va16 = ma4[0]; let va17 = ma4[1]; let va18 = ma4[2]; let va19 = ma4[3];
+        let va20 = ma5[0]; let va21 = ma5[1]; let va22 = ma5[2]; let va23 = ma5[3];
+        let va24 = ma6[0]; let va25 = ma6[1]; let va26 = ma6[2]; let va27 = ma6[3];
+        let va28 = ma7[0]; let va29 = ma7[1]; let va30 = ma7[2]; let va31 = ma7[3];
         {
             let bm = b_block(z, cg, (k4 + 0u) * 4u);
             acc0 = block_fma(subgroupBroadcast(va0, 0u), bm, acc0); acc1 = block_fma(subgroupBroadcast(va1, 0u), bm, acc1);

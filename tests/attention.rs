@@ -176,3 +176,74 @@ fn bad_shapes_are_errors() {
         .expect("must fail");
     assert!(e.to_string().contains("probs has 31 elements"), "{e}");
 }
+
+/// With copies allowed (as the model's step records it, through `record_ops`), the products
+/// fill the packed q, k, v, dO, probabilities and dS by buffer-to-texture copies between the
+/// op's own dispatches (P·v and dq, dk read what the softmax kernels write in the middle of the
+/// op), and every output is bit for bit what the packing dispatches give. The shapes have rows
+/// that copies can read (head blocks of 32 and 64 floats in 256-byte aligned rows, T a multiple
+/// of 64); the dispatch counts show the packing gone.
+#[test]
+fn copied_operands_change_no_bit() {
+    use kiln::kernels::Record;
+    use kiln::kernels::census;
+    let Some(gpu) = gpu(Precision::F32) else {
+        return;
+    };
+    let llvmpipe = gpu.capabilities().adapter.name.contains("llvmpipe");
+    for &(b, t, c, h) in &[(2, 64, 128, 4), (1, 128, 256, 4)] {
+        let s = shape(b, t, c, h);
+        let qkv = random(b * t * 3 * c, 7);
+        let dout = random(b * t * c, 8);
+        for kernel in RowKernel::ALL {
+            let what = format!("{kernel:?} {s:?}");
+            let run = |copies: bool| {
+                let g_qkv = gpu.upload("qkv", &[qkv.len()], DType::F32, &qkv).unwrap();
+                let g_out = gpu.zeros("out", &[b * t * c], DType::F32).unwrap();
+                let g_probs = gpu.zeros("probs", &[s.probs_len()], DType::F32).unwrap();
+                let mut fwd = AttentionForward::with_row_kernel(
+                    gpu, &g_out, &g_probs, &g_qkv, &s, None, kernel,
+                )
+                .unwrap();
+                let g_dout = gpu
+                    .upload("dout", &[dout.len()], DType::F32, &dout)
+                    .unwrap();
+                let g_dqkv = gpu.zeros("dqkv", &[qkv.len()], DType::F32).unwrap();
+                let g_dprobs = gpu.zeros("dprobs", &[s.probs_len()], DType::F32).unwrap();
+                let mut bwd = AttentionBackward::with_row_kernel(
+                    gpu, &g_dqkv, &g_dprobs, &g_dout, &g_qkv, &g_probs, &s, None, kernel,
+                )
+                .unwrap();
+                if copies {
+                    fwd.allow_copies();
+                    bwd.allow_copies();
+                }
+                let dispatches = [
+                    census::recorded(gpu, |p| fwd.record_into(p)).dispatches,
+                    census::recorded(gpu, |p| bwd.record_into(p)).dispatches,
+                ];
+                fwd.run(gpu).unwrap();
+                bwd.run(gpu).unwrap();
+                let read = |x| gpu.read(x).unwrap();
+                (dispatches, [read(&g_out), read(&g_probs), read(&g_dqkv)])
+            };
+            let (packed_counts, packed) = run(false);
+            let (copied_counts, copied) = run(true);
+            // With copies every product is one dispatch, whichever variant the tuner chose:
+            // forward two products and the softmax, backward four products and the softmax.
+            assert_eq!(copied_counts, [3, 5], "{what}: dispatches with copies");
+            // lavapipe's tuner picks the texture variant for these products: two packing
+            // dispatches each without copies.
+            if llvmpipe {
+                assert_eq!(packed_counts, [7, 13], "{what}: dispatches without copies");
+            }
+            for (name, (x, y)) in ["out", "probs", "dqkv"]
+                .iter()
+                .zip(packed.iter().zip(&copied))
+            {
+                let same = x.iter().zip(y).all(|(p, q)| p.to_bits() == q.to_bits());
+                assert!(same, "{what}: {name} differs with copies");
+            }
+        }
+    }
+}

@@ -931,10 +931,10 @@ fn gelu_epilogue_refuses_bad_operands() {
 }
 
 /// Packed operands filled by buffer-to-texture copies (`Matmul::allow_copies`) give bit for bit
-/// what the packing dispatches give: in the linear layer's three layouts (A copied in NT, A and B
-/// in NN, B in TN) and batched with strides (attention's P·v, B inside a wider buffer); and an
-/// operand whose memory does not have the packed layout (transposed, K not whole rounds of 32,
-/// rows not 256-byte aligned, f16) is still packed by a dispatch.
+/// what the packing dispatches give, in all four layouts (each operand packed along its memory's
+/// rows) and batched with strides (attention's P·v, B inside a wider buffer); and an operand
+/// whose memory does not have the packed layout (K not whole rounds of 32, rows not 256-byte
+/// aligned, f16) is still packed by a dispatch, in the same layout.
 #[test]
 fn copied_operands_match_packed_ones() {
     for p in Precision::ALL {
@@ -964,18 +964,25 @@ fn copied_operands_match_packed_ones() {
             outer: 64 * 96,
             inner: 32,
         };
-        // (spec, copies expected in f32)
+        // (spec, operands copied in f32). Each operand is packed along its memory's rows (A
+        // along K or, stored transposed, along M; B along N or, stored transposed, along K) and
+        // copied when those rows fill the texture's rows exactly at a 256-byte pitch.
         let cases = [
-            (MatmulSpec::new(Layout::NT, 70, 96, 128), true),
-            (MatmulSpec::new(Layout::NN, 70, 128, 64), true),
-            (
-                MatmulSpec::new(Layout::TN, 96, 64, 128).accumulate(true),
-                true,
-            ),
-            (strided, true),
-            (MatmulSpec::new(Layout::TT, 70, 64, 64), false),
-            (MatmulSpec::new(Layout::NN, 70, 64, 48), false),
-            (MatmulSpec::new(Layout::NN, 70, 36, 32), false),
+            (MatmulSpec::new(Layout::NT, 70, 96, 128), 2),
+            (MatmulSpec::new(Layout::NN, 70, 128, 64), 2),
+            // A's rows are 96 floats, 384 bytes: packed along M.
+            (MatmulSpec::new(Layout::TN, 96, 64, 128).accumulate(true), 1),
+            (MatmulSpec::new(Layout::TN, 128, 64, 96), 2),
+            (strided, 2),
+            // A's rows are 70 floats: packed along M, with a padded last texel.
+            (MatmulSpec::new(Layout::TT, 70, 64, 64), 1),
+            (MatmulSpec::new(Layout::TT, 64, 70, 64), 2),
+            // K = 48 and 80 leave padding rows or texels.
+            (MatmulSpec::new(Layout::NN, 70, 64, 48), 0),
+            (MatmulSpec::new(Layout::TN, 64, 64, 80), 0),
+            (MatmulSpec::new(Layout::NT, 64, 36, 80), 0),
+            // Rows of 32 and 36 floats.
+            (MatmulSpec::new(Layout::NN, 70, 36, 32), 0),
         ];
         for (i, (spec, copies)) in cases.into_iter().enumerate() {
             let what = format!(
@@ -995,8 +1002,9 @@ fn copied_operands_match_packed_ones() {
                 if allow {
                     mm.allow_copies();
                 }
-                let expected = allow && copies && p == Precision::F32;
-                assert_eq!(mm.has_copies(), expected, "{what}: copies");
+                let expected = if p == Precision::F32 { copies } else { 0 };
+                assert_eq!(mm.copyable_operands(), expected, "{what}: copied operands");
+                assert_eq!(mm.has_copies(), allow && expected > 0, "{what}: copies");
                 mm.run(gpu).unwrap();
                 gpu.read(&gc).unwrap()
             };

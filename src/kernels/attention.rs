@@ -21,7 +21,7 @@
 
 use super::dropout::Dropout;
 use super::matmul::Matmul;
-use super::{Dispatch, RowKernel, common_precision, grid};
+use super::{Dispatch, Record, RowKernel, common_precision, grid, record_ops};
 use crate::gpu::{Bind, Gpu, GpuTensor, Specialisation};
 use crate::ops::{AttentionShape, GroupedAttentionShape, Layout, MatmulSpec, Operand, Triangle};
 use crate::{Error, Result};
@@ -348,19 +348,47 @@ impl AttentionForward {
         })
     }
 
-    /// Adds the three dispatches to `pass`.
+    /// Adds the dispatches to `pass`: the two products (with their packing, unless copies
+    /// are allowed: then only through [`record_ops`], which records the copies between the
+    /// parts), the softmax and the dropout.
     pub fn record(&self, pass: &mut wgpu::ComputePass<'_>) {
-        self.scores.record(pass);
-        self.softmax.record(pass);
-        if let Some(d) = &self.dropout {
-            d.record(pass);
+        for part in self.parts() {
+            part.record_into(pass);
         }
-        self.weighted.record(pass);
     }
 
-    /// Records and submits on its own (does not wait).
+    /// The products, softmax and dropout in recording order.
+    fn parts(&self) -> Vec<&dyn Record> {
+        let mut parts: Vec<&dyn Record> = vec![&self.scores, &self.softmax];
+        parts.extend(self.dropout.as_ref().map(|d| d as &dyn Record));
+        parts.push(&self.weighted);
+        parts
+    }
+
+    /// Records and submits on its own, copies included (does not wait).
     pub fn run(&self, gpu: &Gpu) -> Result<()> {
-        gpu.run_pass("attention forward", |pass| self.record(pass))
+        gpu.submit("attention forward", |encoder| {
+            record_ops(encoder, "attention forward", [self as &dyn Record])
+        })
+    }
+}
+
+impl Record for AttentionForward {
+    fn record_into(&self, pass: &mut wgpu::ComputePass<'_>) {
+        self.record(pass)
+    }
+    fn op_name(&self) -> &'static str {
+        "attention::AttentionForward"
+    }
+    /// Lets the products fill their packed operands by copies (q, k, the probabilities and v
+    /// where their rows are 256-byte aligned): between the softmax and P·v, so the op is
+    /// recorded in parts.
+    fn allow_copies(&mut self) {
+        self.scores.allow_copies();
+        self.weighted.allow_copies();
+    }
+    fn parts(&self) -> Vec<&dyn Record> {
+        AttentionForward::parts(self)
     }
 }
 
@@ -555,25 +583,53 @@ impl AttentionBackward {
         })
     }
 
-    /// Adds the dispatches (five for multi-head attention, 2·group + 3 in general) to `pass`.
+    /// Adds the dispatches (five products for multi-head attention, 2·group + 3 in general,
+    /// with their packing unless copies are allowed: then only through [`record_ops`]) to
+    /// `pass`.
     pub fn record(&self, pass: &mut wgpu::ComputePass<'_>) {
-        self.dprobs_from_dout.record(pass);
-        for dv in &self.dv {
-            dv.record(pass);
-        }
-        if let Some(d) = &self.dropout {
-            d.record(pass);
-        }
-        self.softmax.record(pass);
-        self.dq.record(pass);
-        for dk in &self.dk {
-            dk.record(pass);
+        for part in self.parts() {
+            part.record_into(pass);
         }
     }
 
-    /// Records and submits on its own (does not wait).
+    /// The products, dropout and softmax in recording order.
+    fn parts(&self) -> Vec<&dyn Record> {
+        let mut parts: Vec<&dyn Record> = vec![&self.dprobs_from_dout];
+        parts.extend(self.dv.iter().map(|m| m as &dyn Record));
+        parts.extend(self.dropout.as_ref().map(|d| d as &dyn Record));
+        parts.push(&self.softmax);
+        parts.push(&self.dq);
+        parts.extend(self.dk.iter().map(|m| m as &dyn Record));
+        parts
+    }
+
+    /// Records and submits on its own, copies included (does not wait).
     pub fn run(&self, gpu: &Gpu) -> Result<()> {
-        gpu.run_pass("attention backward", |pass| self.record(pass))
+        gpu.submit("attention backward", |encoder| {
+            record_ops(encoder, "attention backward", [self as &dyn Record])
+        })
+    }
+}
+
+impl Record for AttentionBackward {
+    fn record_into(&self, pass: &mut wgpu::ComputePass<'_>) {
+        self.record(pass)
+    }
+    fn op_name(&self) -> &'static str {
+        "attention::AttentionBackward"
+    }
+    /// Lets the products fill their packed operands by copies (dO, v, the probabilities, dS, k
+    /// and q where their rows are 256-byte aligned): dq and dk read dS, which the softmax
+    /// backward writes in the middle of the op, so it is recorded in parts.
+    fn allow_copies(&mut self) {
+        self.dprobs_from_dout.allow_copies();
+        for m in self.dv.iter_mut().chain(&mut self.dk) {
+            m.allow_copies();
+        }
+        self.dq.allow_copies();
+    }
+    fn parts(&self) -> Vec<&dyn Record> {
+        AttentionBackward::parts(self)
     }
 }
 

@@ -2,7 +2,7 @@
 
 use super::{common_precision, groups, loop_budget_ok};
 use crate::gpu::{Bind, DType, Gpu, GpuTensor, PipelineKey, ScratchTexture, Specialisation};
-use crate::ops::{MatmulSpec, Operand, Triangle};
+use crate::ops::{Layout, MatmulSpec, Operand, Triangle};
 use crate::{Error, Precision, Result};
 use std::sync::Arc;
 
@@ -97,11 +97,20 @@ impl MatmulVariant {
             }
             MatmulVariant::Texture => {
                 let caps = gpu.capabilities();
-                let [a, b] = packed_sizes(spec);
+                // Either layout of either operand (`PackedLayout`).
+                let [a, b] = packed_sizes(spec, PackedLayout::ALONG_K_AND_N);
+                let [a_m, b_k] = packed_sizes(
+                    spec,
+                    PackedLayout {
+                        a_along_m: true,
+                        b_along_k: true,
+                    },
+                );
                 caps.subgroup
                     && caps.subgroup_size.0 >= 8
-                    && gpu.scratch_texture_fits(a)
-                    && gpu.scratch_texture_fits(b)
+                    && [a, b, a_m, b_k]
+                        .into_iter()
+                        .all(|s| gpu.scratch_texture_fits(s))
             }
             _ => true,
         }
@@ -139,14 +148,117 @@ fn texture_workgroup_width(column_groups: usize) -> usize {
         .unwrap_or(ROWS_WG_X)
 }
 
+/// How the texture variant packs its operands (shaders/matmul_texture.wgsl): op(A) along K
+/// (texels of 4 k of one row) or along M (4 rows at one k), op(B) along N or along K. An
+/// operand stored transposed is packed along its memory's rows, M for A and K for B, where its
+/// memory then has the texture's layout exactly, so that a copy fills the texture
+/// ([`TexelCopy`]): the activation gradient dY of a weight gradient dYᵀ·X, the weight W of
+/// X·Wᵀ, the keys of q·kᵀ. Otherwise along K and N, where the multiply is a little faster
+/// (4 to 12 % at the baby GPT's shapes on lavapipe, where the other layouts gather a lane's
+/// four texels from four rows). The multiply reads both with the same values in the same
+/// order.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+struct PackedLayout {
+    a_along_m: bool,
+    b_along_k: bool,
+}
+
+impl PackedLayout {
+    /// Both operands packed along K (A) and N (B), whatever their memory's layout.
+    const ALONG_K_AND_N: PackedLayout = PackedLayout {
+        a_along_m: false,
+        b_along_k: false,
+    };
+
+    /// The layouts for `spec`: an operand stored transposed is packed along its memory's rows
+    /// where a copy can then fill its texture; `b` is `None` where the caller packs B (along N).
+    fn for_operands(spec: &MatmulSpec, a: &GpuTensor, b: Option<&GpuTensor>) -> Self {
+        let other = PackedLayout {
+            a_along_m: true,
+            b_along_k: true,
+        };
+        let [a_size, b_size] = packed_sizes(spec, other);
+        PackedLayout {
+            a_along_m: spec.layout.trans_a() && a_copy_plan(spec, a, other, a_size).is_some(),
+            b_along_k: b.is_some_and(|b| {
+                spec.layout.trans_b() && b_copy_plan(spec, b, other, b_size).is_some()
+            }),
+        }
+    }
+}
+
+/// How a copy fills op(A)'s texture (of `size`) in `layout`, if it can ([`CopyPlan::new`]).
+fn a_copy_plan(
+    spec: &MatmulSpec,
+    a: &GpuTensor,
+    layout: PackedLayout,
+    size: [u32; 3],
+) -> Option<CopyPlan> {
+    let along_m = layout.a_along_m;
+    let extent = if along_m {
+        [spec.m, spec.k]
+    } else {
+        [spec.k, spec.m]
+    };
+    let transposed = spec.layout.trans_a() != along_m;
+    CopyPlan::new(a, &spec.a, transposed, extent, spec, spec.a_inner_div, size)
+}
+
+/// How a copy fills op(B)'s texture (of `size`) in `layout`, if it can ([`CopyPlan::new`]).
+fn b_copy_plan(
+    spec: &MatmulSpec,
+    b: &GpuTensor,
+    layout: PackedLayout,
+    size: [u32; 3],
+) -> Option<CopyPlan> {
+    let along_k = layout.b_along_k;
+    let extent = if along_k {
+        [spec.k, spec.n]
+    } else {
+        [spec.n, spec.k]
+    };
+    let transposed = spec.layout.trans_b() != along_k;
+    CopyPlan::new(b, &spec.b, transposed, extent, spec, spec.b_inner_div, size)
+}
+
 /// Sizes (width, height, layers in texels) of the packed A and B of the texture variant.
-fn packed_sizes(spec: &MatmulSpec) -> [[u32; 3]; 2] {
+fn packed_sizes(spec: &MatmulSpec, layout: PackedLayout) -> [[u32; 3]; 2] {
     let kp = spec.k.div_ceil(TEXTURE_K_ROUND).max(1) * TEXTURE_K_ROUND;
     let u = |x: usize| u32::try_from(x).unwrap_or(u32::MAX);
-    [
-        [u(kp / 4), u(spec.m), u(spec.batch)],
-        [u(spec.n.div_ceil(4)), u(kp), u(spec.batch)],
-    ]
+    let a = if layout.a_along_m {
+        [u(spec.m.div_ceil(4)), u(kp)]
+    } else {
+        [u(kp / 4), u(spec.m)]
+    };
+    let b = if layout.b_along_k {
+        [u(kp / 4), u(spec.n)]
+    } else {
+        [u(spec.n.div_ceil(4)), u(kp)]
+    };
+    [[a[0], a[1], u(spec.batch)], [b[0], b[1], u(spec.batch)]]
+}
+
+/// The product Cᵀ = op(B)ᵀ·op(A)ᵀ, as far as packing is concerned (C, the epilogue and the
+/// causal hint are not carried over): op(A) packed along M is this product's B packed along N,
+/// op(B) packed along K its A packed along K, so the packing entry points serve both layouts.
+fn transposed(spec: &MatmulSpec) -> MatmulSpec {
+    let layout = match (!spec.layout.trans_b(), !spec.layout.trans_a()) {
+        (false, false) => Layout::NN,
+        (false, true) => Layout::NT,
+        (true, false) => Layout::TN,
+        (true, true) => Layout::TT,
+    };
+    MatmulSpec {
+        m: spec.n,
+        n: spec.m,
+        layout,
+        a: spec.b,
+        b: spec.a,
+        a_inner_div: spec.b_inner_div,
+        b_inner_div: spec.a_inner_div,
+        triangle: Triangle::None,
+        ..*spec
+    }
 }
 
 /// True when every vec4 the vectorised kernel loads lies inside one row of one matrix.
@@ -353,20 +465,27 @@ pub struct Matmul {
 struct TexelCopy {
     buffer: wgpu::Buffer,
     texture: Arc<ScratchTexture>,
-    /// Byte offset in `buffer` of each layer's first row.
-    offsets: Vec<u64>,
+    plan: CopyPlan,
+}
+
+/// Where a [`TexelCopy`] reads: one copy per run of layers evenly spaced in the buffer (a
+/// batch of contiguous matrices is one copy; attention's heads, strided inside each batch
+/// entry's rows, one per layer).
+struct CopyPlan {
+    /// (first layer, layers, byte offset of the first layer's first row, rows per image).
+    runs: Vec<(u32, u32, u64, u32)>,
     bytes_per_row: u32,
     /// Texels per row and rows.
     extent: [u32; 2],
 }
 
-impl TexelCopy {
-    /// The copy that fills `texture` with the packed op(X), X being `t` as stored (`transposed`:
-    /// the packing would transpose it) and op(X) `extent` = (columns, rows), when X's memory
-    /// has the packed layout: f32 storage, not transposed, the texture exactly op(X)'s size (no
-    /// padding texel to zero), and rows and layers starting where a copy may read (256-byte
-    /// row pitch, 16-byte aligned starts). `None` otherwise.
-    #[allow(clippy::too_many_arguments)]
+impl CopyPlan {
+    /// The copy that fills a texture of `size` texels with the packed op(X), X being `t` as
+    /// stored (`transposed`: X's memory does not run along the texture's rows) and op(X)'s
+    /// packed extent `extent` = (values per texture row, texture rows), when X's memory has the
+    /// packed layout: f32 storage, not transposed, the texture exactly that size (no padding
+    /// texel to zero), and rows and layers starting where a copy may read (256-byte row
+    /// pitch, 16-byte aligned starts). `None` otherwise.
     fn new(
         t: &GpuTensor,
         operand: &Operand,
@@ -374,9 +493,8 @@ impl TexelCopy {
         extent: [usize; 2],
         spec: &MatmulSpec,
         inner_div: usize,
-        texture: &Arc<ScratchTexture>,
+        size: [u32; 3],
     ) -> Option<Self> {
-        let size = texture.size();
         let bytes_per_row = u32::try_from(operand.ld * 4).ok()?;
         let exact = extent[0] == 4 * size[0] as usize && extent[1] == size[1] as usize;
         if transposed || !exact || t.dtype() != DType::F32 || bytes_per_row % 256 != 0 {
@@ -393,40 +511,64 @@ impl TexelCopy {
         if offsets.iter().any(|o| o % 16 != 0) {
             return None;
         }
-        Some(TexelCopy {
-            buffer: t.buffer().clone(),
-            texture: texture.clone(),
-            offsets,
+        // Consecutive layers one whole number of rows apart, at least a layer's rows, share
+        // one copy (`rows_per_image` is that number).
+        let pitch = u64::from(bytes_per_row);
+        let mut runs: Vec<(u32, u32, u64, u32)> = Vec::new();
+        for (z, &o) in offsets.iter().enumerate() {
+            if let Some(run) = runs.last_mut() {
+                let (_, layers, first, rows) = *run;
+                let next = first + u64::from(layers) * u64::from(rows) * pitch;
+                let spacing = o
+                    .checked_sub(first)
+                    .map(|d| (d % pitch == 0).then_some(d / pitch));
+                match (layers, spacing) {
+                    // The second layer sets the run's spacing.
+                    (1, Some(Some(r))) if r >= u64::from(size[1]) && r <= u64::from(u32::MAX) => {
+                        run.1 = 2;
+                        run.3 = r as u32;
+                        continue;
+                    }
+                    _ if layers > 1 && o == next => {
+                        run.1 += 1;
+                        continue;
+                    }
+                    _ => {}
+                }
+            }
+            runs.push((z as u32, 1, o, size[1]));
+        }
+        Some(CopyPlan {
+            runs,
             bytes_per_row,
             extent: [size[0], size[1]],
         })
     }
+}
 
+impl TexelCopy {
     fn record(&self, encoder: &mut wgpu::CommandEncoder) {
-        for (z, &offset) in self.offsets.iter().enumerate() {
+        let p = &self.plan;
+        for &(z, layers, offset, rows) in &p.runs {
             encoder.copy_buffer_to_texture(
                 wgpu::TexelCopyBufferInfo {
                     buffer: &self.buffer,
                     layout: wgpu::TexelCopyBufferLayout {
                         offset,
-                        bytes_per_row: Some(self.bytes_per_row),
-                        rows_per_image: None,
+                        bytes_per_row: Some(p.bytes_per_row),
+                        rows_per_image: Some(rows),
                     },
                 },
                 wgpu::TexelCopyTextureInfo {
                     texture: self.texture.texture(),
                     mip_level: 0,
-                    origin: wgpu::Origin3d {
-                        x: 0,
-                        y: 0,
-                        z: z as u32,
-                    },
+                    origin: wgpu::Origin3d { x: 0, y: 0, z },
                     aspect: wgpu::TextureAspect::All,
                 },
                 wgpu::Extent3d {
-                    width: self.extent[0],
-                    height: self.extent[1],
-                    depth_or_array_layers: 1,
+                    width: p.extent[0],
+                    height: p.extent[1],
+                    depth_or_array_layers: layers,
                 },
             );
         }
@@ -556,7 +698,8 @@ impl Matmul {
             None,
             spec,
         )?;
-        let b = gpu.scratch_texture("matmul b", packed_sizes(spec)[1])?;
+        let b_size = packed_sizes(spec, PackedLayout::ALONG_K_AND_N)[1];
+        let b = gpu.scratch_texture("matmul b", b_size)?;
         Ok((product, b))
     }
 
@@ -663,11 +806,17 @@ impl Matmul {
             Ok(())
         };
         if variant == MatmulVariant::Texture {
-            let [a_size, b_size] = packed_sizes(spec);
+            let layout = PackedLayout::for_operands(spec, a, b);
+            let [a_size, b_size] = packed_sizes(spec, layout);
             let a_packed = gpu.scratch_texture("matmul a", a_size)?;
             let b_packed = gpu.scratch_texture("matmul b", b_size)?;
-            // With vec4 loads, an operand whose texels run across its contiguous dimension is
-            // packed four texel rows per invocation.
+            // An operand packed along its other dimension is packed as the other operand of the
+            // transposed product, by the same entry points (see `transposed`).
+            let flipped = transposed(spec);
+            let flipped_dims = (layout.a_along_m || layout.b_along_k)
+                .then(|| gpu.uniform("matmul dims (transposed)", &Dims::new(&flipped)));
+            // With vec4 loads (the same condition for both products), an operand whose texels
+            // run across its contiguous dimension is packed four texel rows per invocation.
             let vec4 = vec4_ok(spec);
             // 8 x 8 texels (or 4-row groups) per workgroup, one layer per z.
             let pack_groups = |s: [u32; 3], rows_per_invocation: u32| {
@@ -677,71 +826,80 @@ impl Matmul {
                     s[2],
                 ]
             };
-            // The batch decomposition's divisors, as constants (see `pack_base` in the shader).
-            let pack_constants = |inner_div: usize| {
-                constants
-                    .clone()
+            // The pipeline, workgroups and operand slot of the packing dispatch that fills
+            // `texture` with the A (`as_a`) or B of `product`. The batch decomposition's
+            // divisors are constants (see `pack_base` in the shader).
+            let pack = |product: &MatmulSpec,
+                        as_a: bool,
+                        texture: &Arc<ScratchTexture>,
+                        inner_div: usize|
+             -> Result<(Arc<wgpu::ComputePipeline>, [u32; 3], u32)> {
+                let transposed = if as_a {
+                    product.layout.trans_a()
+                } else {
+                    product.layout.trans_b()
+                };
+                let (entry, slot) = match (as_a, vec4) {
+                    (true, true) => ("matmul_pack_a_vec4", 5),
+                    (true, false) => ("matmul_pack_a", 1),
+                    (false, true) => ("matmul_pack_b_vec4", 6),
+                    (false, false) => ("matmul_pack_b", 2),
+                };
+                let rows = if vec4 && transposed { 4 } else { 1 };
+                let constants = Specialisation::default()
+                    .with("TRANS_A", product.layout.trans_a() as u8)
+                    .with("TRANS_B", product.layout.trans_b() as u8)
                     .with("PACK_BATCH_INNER", spec.batch_inner as u32)
-                    .with("PACK_INNER_DIV", inner_div as u32)
+                    .with("PACK_INNER_DIV", inner_div as u32);
+                let pipeline = gpu.pipeline(&key(entry, constants))?;
+                Ok((pipeline, pack_groups(texture.size(), rows), slot))
             };
-            let (pack_a, a_slot, a_rows) = if vec4 {
-                let rows = if spec.layout.trans_a() { 4 } else { 1 };
-                ("matmul_pack_a_vec4", 5, rows)
-            } else {
-                ("matmul_pack_a", 1, 1)
+            let (a_product, a_dims, a_as_a) = match &flipped_dims {
+                Some(d) if layout.a_along_m => (&flipped, d, false),
+                _ => (spec, &dims, true),
             };
-            let (pack_b, b_slot, b_rows) = if vec4 {
-                let rows = if spec.layout.trans_b() { 4 } else { 1 };
-                ("matmul_pack_b_vec4", 6, rows)
-            } else {
-                ("matmul_pack_b", 2, 1)
-            };
-            let (trans_a, a_extent) = (spec.layout.trans_a(), [spec.k, spec.m]);
-            let a_copy = TexelCopy::new(
-                a,
-                &spec.a,
-                trans_a,
-                a_extent,
-                spec,
-                spec.a_inner_div,
-                &a_packed,
-            );
+            let (pipeline, workgroups, slot) =
+                pack(a_product, a_as_a, &a_packed, spec.a_inner_div)?;
+            let a_copy = a_copy_plan(spec, a, layout, a_size).map(|plan| TexelCopy {
+                buffer: a.buffer().clone(),
+                texture: a_packed.clone(),
+                plan,
+            });
             copied.push(a_copy.is_some());
             copies.extend(a_copy);
-            let pipeline = gpu.pipeline(&key(pack_a, pack_constants(spec.a_inner_div)))?;
             push(
                 "matmul pack a",
                 pipeline,
                 &[
-                    (0, Bind::whole(&dims)),
-                    (a_slot, a.bind()),
+                    (0, Bind::whole(a_dims)),
+                    (slot, a.bind()),
                     (7, a_packed.bind()),
                 ],
-                pack_groups(a_size, a_rows),
+                workgroups,
             )?;
             if let Some(b) = b {
-                let (trans_b, b_extent) = (spec.layout.trans_b(), [spec.n, spec.k]);
-                let b_copy = TexelCopy::new(
-                    b,
-                    &spec.b,
-                    trans_b,
-                    b_extent,
-                    spec,
-                    spec.b_inner_div,
-                    &b_packed,
-                );
+                let (b_product, b_dims, b_as_a) = match &flipped_dims {
+                    Some(d) if layout.b_along_k => (&flipped, d, true),
+                    _ => (spec, &dims, false),
+                };
+                let (pipeline, workgroups, slot) =
+                    pack(b_product, b_as_a, &b_packed, spec.b_inner_div)?;
+                let b_copy = b_copy_plan(spec, b, layout, b_size).map(|plan| TexelCopy {
+                    buffer: b.buffer().clone(),
+                    texture: b_packed.clone(),
+                    plan,
+                });
                 copied.push(b_copy.is_some());
                 copies.extend(b_copy);
-                let pipeline = gpu.pipeline(&key(pack_b, pack_constants(spec.b_inner_div)))?;
                 push(
                     "matmul pack b",
                     pipeline,
                     &[
-                        (0, Bind::whole(&dims)),
-                        (b_slot, b.bind()),
+                        (0, Bind::whole(b_dims)),
+                        (slot, b.bind()),
                         (7, b_packed.bind()),
                     ],
-                    pack_groups(b_size, b_rows),
+                    workgroups,
                 )?;
             }
             // Skipping C's blocks above the diagonal needs workgroups as wide as the 32-row block.
@@ -762,7 +920,10 @@ impl Matmul {
                 },
                 entry: "matmul_texture",
                 precision,
-                constants: constants.with("ROWS_WG_X", wg_x as u32),
+                constants: constants
+                    .with("ROWS_WG_X", wg_x as u32)
+                    .with("A_ALONG_M", layout.a_along_m as u8)
+                    .with("B_ALONG_K", layout.b_along_k as u8),
             })?;
             let [bias_slot, c_slot, resid_slot, gelu_out_slot, gelu_in_slot] = if c_vec4 {
                 [13, 14, 15, 16, 17]
@@ -861,6 +1022,11 @@ impl Matmul {
     /// Whether [`Matmul::record_copies`] records anything (copies allowed and possible).
     pub fn has_copies(&self) -> bool {
         self.copies_on && !self.copies.is_empty()
+    }
+
+    /// How many of the packed operands (0 to 2) a copy fills once copies are allowed.
+    pub fn copyable_operands(&self) -> usize {
+        self.copies.len()
     }
 
     /// Records the operand copies that replace packing dispatches (see

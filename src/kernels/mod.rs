@@ -142,17 +142,34 @@ pub trait Record {
     }
     /// Records the copies that must run right before the op's dispatches, outside any pass.
     fn record_copies(&self, _encoder: &mut wgpu::CommandEncoder) {}
+    /// The parts of an op whose copies must sit between its own dispatches (attention's
+    /// products read what its softmax wrote), in recording order; empty for an op recorded
+    /// whole. [`record_ops`] records an op with parts part by part, each with its copies.
+    fn parts(&self) -> Vec<&dyn Record> {
+        Vec::new()
+    }
+}
+
+/// `op`'s parts, recursively, in recording order: the units [`record_ops`] records (the op
+/// itself when it has no parts).
+pub fn leaf_parts(op: &dyn Record) -> Vec<&dyn Record> {
+    let parts = op.parts();
+    if parts.is_empty() {
+        return vec![op];
+    }
+    parts.into_iter().flat_map(leaf_parts).collect()
 }
 
 /// Records `ops` in order into `encoder`: their dispatches in compute passes labelled `label`,
-/// a pass ending wherever an op needs copies first (which wgpu only allows between passes).
+/// a pass ending wherever an op (or a part of one, [`Record::parts`]) needs copies first (which
+/// wgpu only allows between passes).
 pub fn record_ops<'a>(
     encoder: &mut wgpu::CommandEncoder,
     label: &str,
     ops: impl IntoIterator<Item = &'a dyn Record>,
 ) {
     let mut pass: Option<wgpu::ComputePass<'static>> = None;
-    for op in ops {
+    for op in ops.into_iter().flat_map(leaf_parts) {
         if op.has_copies() {
             // Ends the open pass, if any.
             pass = None;
@@ -167,6 +184,15 @@ pub fn record_ops<'a>(
                 .forget_lifetime()
         });
         op.record_into(pass);
+    }
+}
+
+impl Record for Dispatch {
+    fn record_into(&self, pass: &mut wgpu::ComputePass<'_>) {
+        self.record(pass)
+    }
+    fn op_name(&self) -> &'static str {
+        "kernels::Dispatch"
     }
 }
 
@@ -209,8 +235,6 @@ impl_record!(
     dropout::Dropout,
     decode::EmbedOne,
     decode::AttendOne,
-    attention::AttentionForward,
-    attention::AttentionBackward,
     flash_attention::FlashAttentionForward,
     flash_attention::FlashAttentionBackward,
     crossentropy::CrossEntropy,

@@ -23,7 +23,7 @@ use crate::kernels::dropout::DropoutState;
 use crate::kernels::gradnorm::GradNorm;
 use crate::kernels::lossscale::LossScaler;
 use crate::kernels::quant::QuantWeight;
-use crate::kernels::{Record, record_ops};
+use crate::kernels::{Record, leaf_parts, record_ops};
 use crate::quant::weights::ModelWeights;
 use crate::training::{AdamWStep, CrossEntropySpec, LossScaling};
 use crate::{Error, Precision, Result};
@@ -937,17 +937,30 @@ impl GptGpu {
     /// model built for the purpose, not one being trained.
     pub fn profile_in_step(&self, gpu: &Gpu, runs: usize) -> Result<Option<Vec<OpTime>>> {
         let ops = self.step_ops()?;
-        let Some(times) = gpu.time_passes(
+        // An op recorded in parts (copies between its dispatches) is timed part by part, one
+        // pass each, and its time is their sum.
+        let leaves: Vec<(usize, &dyn Record)> = ops
+            .iter()
+            .enumerate()
+            .flat_map(|(i, &(_, op))| leaf_parts(op).into_iter().map(move |l| (i, l)))
+            .collect();
+        let Some(leaf_times) = gpu.time_passes(
             "step profile",
-            ops.len(),
+            leaves.len(),
             1,
             runs,
-            |i, encoder| ops[i].1.record_copies(encoder),
-            |i, pass| ops[i].1.record_into(pass),
+            |i, encoder| leaves[i].1.record_copies(encoder),
+            |i, pass| leaves[i].1.record_into(pass),
         )?
         else {
             return Ok(None);
         };
+        let mut times = vec![vec![0.0; runs]; ops.len()];
+        for (&(op, _), t) in leaves.iter().zip(&leaf_times) {
+            for (sum, x) in times[op].iter_mut().zip(t) {
+                *sum += x;
+            }
+        }
         Ok(Some(
             ops.iter()
                 .zip(times)
