@@ -54,6 +54,13 @@ struct Dims {
     // none, 1 only C on and below the diagonal wanted, 2 op(A) zero past the diagonal, 3 op(A)
     // zero before it.
     triangle: u32,
+    // Where batch entry z's operand sits in its packed texture (matmul_texture.wgsl): layer
+    // z / tex_div, texels from x = ((z % tex_div) / inner_div) * tex_step on. 1 and 0 for a
+    // texture of one layer per batch entry.
+    a_tex_div: u32,
+    a_tex_step: u32,
+    b_tex_div: u32,
+    b_tex_step: u32,
     _pad1: u32,
 }
 

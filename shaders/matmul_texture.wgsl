@@ -176,9 +176,17 @@ fn matmul_pack_b_vec4(
     }
 }
 
-// Texel (k4, row) of the packed A; rows past M are clamped (their results are never stored).
-fn a_texel(z: u32, k4: u32, row: u32) -> vec4<f32> {
-    return textureLoad(a_packed, vec2<u32>(k4, min(row, dims.m - 1u)), z, 0);
+// Batch entry z's place in a packed texture: (layer, first texel along x). One layer per batch
+// entry, or, where the host copies a two-level batch whose inner entries sit side by side in
+// each row (attention's heads), one layer per outer entry with the inner ones side by side.
+fn texture_place(z: u32, tex_div: u32, inner_div: u32, tex_step: u32) -> vec2<u32> {
+    return vec2<u32>(z / tex_div, ((z % tex_div) / inner_div) * tex_step);
+}
+
+// Texel (k4, row) of the packed A at `at` (texture_place); rows past M are clamped (their
+// results are never stored).
+fn a_texel(at: vec2<u32>, k4: u32, row: u32) -> vec4<f32> {
+    return textureLoad(a_packed, vec2<u32>(at.y + k4, min(row, dims.m - 1u)), at.x, 0);
 }
 
 // op(A)[row + i, 4 k4 .. 4 k4 + 3] as column i, for the four rows from `row` (a multiple of 4).
@@ -186,40 +194,42 @@ fn a_texel(z: u32, k4: u32, row: u32) -> vec4<f32> {
 // 4 k4 .. 4 k4 + 3 at row group row / 4, transposed. A transpose costs nothing where each
 // component is a register of its own (a CPU-backed adapter's SIMD lanes), and the values are
 // the same either way, so the layout never changes a result.
-fn a_rows4(z: u32, k4: u32, row: u32) -> mat4x4<f32> {
+fn a_rows4(at: vec2<u32>, k4: u32, row: u32) -> mat4x4<f32> {
     if A_ALONG_M {
-        let m4 = min(row / 4u, (dims.m + 3u) / 4u - 1u);
+        let m4 = at.y + min(row / 4u, (dims.m + 3u) / 4u - 1u);
         let k = 4u * k4;
         return transpose(mat4x4<f32>(
-            textureLoad(a_packed, vec2<u32>(m4, k), z, 0),
-            textureLoad(a_packed, vec2<u32>(m4, k + 1u), z, 0),
-            textureLoad(a_packed, vec2<u32>(m4, k + 2u), z, 0),
-            textureLoad(a_packed, vec2<u32>(m4, k + 3u), z, 0),
+            textureLoad(a_packed, vec2<u32>(m4, k), at.x, 0),
+            textureLoad(a_packed, vec2<u32>(m4, k + 1u), at.x, 0),
+            textureLoad(a_packed, vec2<u32>(m4, k + 2u), at.x, 0),
+            textureLoad(a_packed, vec2<u32>(m4, k + 3u), at.x, 0),
         ));
     }
-    return mat4x4<f32>(a_texel(z, k4, row), a_texel(z, k4, row + 1u), a_texel(z, k4, row + 2u), a_texel(z, k4, row + 3u));
+    return mat4x4<f32>(a_texel(at, k4, row), a_texel(at, k4, row + 1u), a_texel(at, k4, row + 2u), a_texel(at, k4, row + 3u));
 }
 
 // Columns are op(B)[k, 4cg..4cg+3] for k = kb..kb+3, so  block * (a[kb], .., a[kb+3])  is the
 // step's contribution to four columns of one row.
 // Packed along K (B_ALONG_K) a texel holds 4 k of one column: one texel per column (clamped to
 // the last column past N), transposed.
-fn b_block(z: u32, cg: u32, kb: u32) -> mat4x4<f32> {
+fn b_block(at: vec2<u32>, cg: u32, kb: u32) -> mat4x4<f32> {
     if B_ALONG_K {
         let col = 4u * cg;
         let last = dims.n - 1u;
+        let x = at.y + kb / 4u;
         return transpose(mat4x4<f32>(
-            textureLoad(b_packed, vec2<u32>(kb / 4u, min(col, last)), z, 0),
-            textureLoad(b_packed, vec2<u32>(kb / 4u, min(col + 1u, last)), z, 0),
-            textureLoad(b_packed, vec2<u32>(kb / 4u, min(col + 2u, last)), z, 0),
-            textureLoad(b_packed, vec2<u32>(kb / 4u, min(col + 3u, last)), z, 0),
+            textureLoad(b_packed, vec2<u32>(x, min(col, last)), at.x, 0),
+            textureLoad(b_packed, vec2<u32>(x, min(col + 1u, last)), at.x, 0),
+            textureLoad(b_packed, vec2<u32>(x, min(col + 2u, last)), at.x, 0),
+            textureLoad(b_packed, vec2<u32>(x, min(col + 3u, last)), at.x, 0),
         ));
     }
+    let x = at.y + cg;
     return mat4x4<f32>(
-        textureLoad(b_packed, vec2<u32>(cg, kb), z, 0),
-        textureLoad(b_packed, vec2<u32>(cg, kb + 1u), z, 0),
-        textureLoad(b_packed, vec2<u32>(cg, kb + 2u), z, 0),
-        textureLoad(b_packed, vec2<u32>(cg, kb + 3u), z, 0),
+        textureLoad(b_packed, vec2<u32>(x, kb), at.x, 0),
+        textureLoad(b_packed, vec2<u32>(x, kb + 1u), at.x, 0),
+        textureLoad(b_packed, vec2<u32>(x, kb + 2u), at.x, 0),
+        textureLoad(b_packed, vec2<u32>(x, kb + 3u), at.x, 0),
     );
 }
 
@@ -239,6 +249,8 @@ fn matmul_texture(
     @builtin(subgroup_invocation_id) lane: u32,
 ) {
     let z = wg.z;
+    let a_at = texture_place(z, dims.a_tex_div, dims.a_inner_div, dims.a_tex_step);
+    let b_at = texture_place(z, dims.b_tex_div, dims.b_inner_div, dims.b_tex_step);
     let group = wg.x * ROWS_WG_X + lid.x;
     // Column groups past N are clamped, not returned from: every invocation must reach the
     // subgroup operations.
@@ -274,10 +286,10 @@ fn matmul_texture(
     var acc24 = vec4<f32>(0.0); var acc25 = vec4<f32>(0.0); var acc26 = vec4<f32>(0.0); var acc27 = vec4<f32>(0.0);
     var acc28 = vec4<f32>(0.0); var acc29 = vec4<f32>(0.0); var acc30 = vec4<f32>(0.0); var acc31 = vec4<f32>(0.0);
     for (var k4 = k4_begin; k4 < k4_end; k4 += 8u) {
-        let ma0 = a_rows4(z, k4 + sl, row0 + 0u); let ma1 = a_rows4(z, k4 + sl, row0 + 4u);
-        let ma2 = a_rows4(z, k4 + sl, row0 + 8u); let ma3 = a_rows4(z, k4 + sl, row0 + 12u);
-        let ma4 = a_rows4(z, k4 + sl, row0 + 16u); let ma5 = a_rows4(z, k4 + sl, row0 + 20u);
-        let ma6 = a_rows4(z, k4 + sl, row0 + 24u); let ma7 = a_rows4(z, k4 + sl, row0 + 28u);
+        let ma0 = a_rows4(a_at, k4 + sl, row0 + 0u); let ma1 = a_rows4(a_at, k4 + sl, row0 + 4u);
+        let ma2 = a_rows4(a_at, k4 + sl, row0 + 8u); let ma3 = a_rows4(a_at, k4 + sl, row0 + 12u);
+        let ma4 = a_rows4(a_at, k4 + sl, row0 + 16u); let ma5 = a_rows4(a_at, k4 + sl, row0 + 20u);
+        let ma6 = a_rows4(a_at, k4 + sl, row0 + 24u); let ma7 = a_rows4(a_at, k4 + sl, row0 + 28u);
         let va0 = ma0[0]; let va1 = ma0[1]; let va2 = ma0[2]; let va3 = ma0[3];
         let va4 = ma1[0]; let va5 = ma1[1]; let va6 = ma1[2]; let va7 = ma1[3];
         let va8 = ma2[0]; let va9 = ma2[1]; let va10 = ma2[2]; let va11 = ma2[3];
@@ -287,7 +299,7 @@ fn matmul_texture(
         let va24 = ma6[0]; let va25 = ma6[1]; let va26 = ma6[2]; let va27 = ma6[3];
         let va28 = ma7[0]; let va29 = ma7[1]; let va30 = ma7[2]; let va31 = ma7[3];
         {
-            let bm = b_block(z, cg, (k4 + 0u) * 4u);
+            let bm = b_block(b_at, cg, (k4 + 0u) * 4u);
             acc0 = block_fma(subgroupBroadcast(va0, 0u), bm, acc0); acc1 = block_fma(subgroupBroadcast(va1, 0u), bm, acc1);
             acc2 = block_fma(subgroupBroadcast(va2, 0u), bm, acc2); acc3 = block_fma(subgroupBroadcast(va3, 0u), bm, acc3);
             acc4 = block_fma(subgroupBroadcast(va4, 0u), bm, acc4); acc5 = block_fma(subgroupBroadcast(va5, 0u), bm, acc5);
@@ -306,7 +318,7 @@ fn matmul_texture(
             acc30 = block_fma(subgroupBroadcast(va30, 0u), bm, acc30); acc31 = block_fma(subgroupBroadcast(va31, 0u), bm, acc31);
         }
         {
-            let bm = b_block(z, cg, (k4 + 1u) * 4u);
+            let bm = b_block(b_at, cg, (k4 + 1u) * 4u);
             acc0 = block_fma(subgroupBroadcast(va0, 1u), bm, acc0); acc1 = block_fma(subgroupBroadcast(va1, 1u), bm, acc1);
             acc2 = block_fma(subgroupBroadcast(va2, 1u), bm, acc2); acc3 = block_fma(subgroupBroadcast(va3, 1u), bm, acc3);
             acc4 = block_fma(subgroupBroadcast(va4, 1u), bm, acc4); acc5 = block_fma(subgroupBroadcast(va5, 1u), bm, acc5);
@@ -325,7 +337,7 @@ fn matmul_texture(
             acc30 = block_fma(subgroupBroadcast(va30, 1u), bm, acc30); acc31 = block_fma(subgroupBroadcast(va31, 1u), bm, acc31);
         }
         {
-            let bm = b_block(z, cg, (k4 + 2u) * 4u);
+            let bm = b_block(b_at, cg, (k4 + 2u) * 4u);
             acc0 = block_fma(subgroupBroadcast(va0, 2u), bm, acc0); acc1 = block_fma(subgroupBroadcast(va1, 2u), bm, acc1);
             acc2 = block_fma(subgroupBroadcast(va2, 2u), bm, acc2); acc3 = block_fma(subgroupBroadcast(va3, 2u), bm, acc3);
             acc4 = block_fma(subgroupBroadcast(va4, 2u), bm, acc4); acc5 = block_fma(subgroupBroadcast(va5, 2u), bm, acc5);
@@ -344,7 +356,7 @@ fn matmul_texture(
             acc30 = block_fma(subgroupBroadcast(va30, 2u), bm, acc30); acc31 = block_fma(subgroupBroadcast(va31, 2u), bm, acc31);
         }
         {
-            let bm = b_block(z, cg, (k4 + 3u) * 4u);
+            let bm = b_block(b_at, cg, (k4 + 3u) * 4u);
             acc0 = block_fma(subgroupBroadcast(va0, 3u), bm, acc0); acc1 = block_fma(subgroupBroadcast(va1, 3u), bm, acc1);
             acc2 = block_fma(subgroupBroadcast(va2, 3u), bm, acc2); acc3 = block_fma(subgroupBroadcast(va3, 3u), bm, acc3);
             acc4 = block_fma(subgroupBroadcast(va4, 3u), bm, acc4); acc5 = block_fma(subgroupBroadcast(va5, 3u), bm, acc5);
@@ -363,7 +375,7 @@ fn matmul_texture(
             acc30 = block_fma(subgroupBroadcast(va30, 3u), bm, acc30); acc31 = block_fma(subgroupBroadcast(va31, 3u), bm, acc31);
         }
         {
-            let bm = b_block(z, cg, (k4 + 4u) * 4u);
+            let bm = b_block(b_at, cg, (k4 + 4u) * 4u);
             acc0 = block_fma(subgroupBroadcast(va0, 4u), bm, acc0); acc1 = block_fma(subgroupBroadcast(va1, 4u), bm, acc1);
             acc2 = block_fma(subgroupBroadcast(va2, 4u), bm, acc2); acc3 = block_fma(subgroupBroadcast(va3, 4u), bm, acc3);
             acc4 = block_fma(subgroupBroadcast(va4, 4u), bm, acc4); acc5 = block_fma(subgroupBroadcast(va5, 4u), bm, acc5);
@@ -382,7 +394,7 @@ fn matmul_texture(
             acc30 = block_fma(subgroupBroadcast(va30, 4u), bm, acc30); acc31 = block_fma(subgroupBroadcast(va31, 4u), bm, acc31);
         }
         {
-            let bm = b_block(z, cg, (k4 + 5u) * 4u);
+            let bm = b_block(b_at, cg, (k4 + 5u) * 4u);
             acc0 = block_fma(subgroupBroadcast(va0, 5u), bm, acc0); acc1 = block_fma(subgroupBroadcast(va1, 5u), bm, acc1);
             acc2 = block_fma(subgroupBroadcast(va2, 5u), bm, acc2); acc3 = block_fma(subgroupBroadcast(va3, 5u), bm, acc3);
             acc4 = block_fma(subgroupBroadcast(va4, 5u), bm, acc4); acc5 = block_fma(subgroupBroadcast(va5, 5u), bm, acc5);
@@ -401,7 +413,7 @@ fn matmul_texture(
             acc30 = block_fma(subgroupBroadcast(va30, 5u), bm, acc30); acc31 = block_fma(subgroupBroadcast(va31, 5u), bm, acc31);
         }
         {
-            let bm = b_block(z, cg, (k4 + 6u) * 4u);
+            let bm = b_block(b_at, cg, (k4 + 6u) * 4u);
             acc0 = block_fma(subgroupBroadcast(va0, 6u), bm, acc0); acc1 = block_fma(subgroupBroadcast(va1, 6u), bm, acc1);
             acc2 = block_fma(subgroupBroadcast(va2, 6u), bm, acc2); acc3 = block_fma(subgroupBroadcast(va3, 6u), bm, acc3);
             acc4 = block_fma(subgroupBroadcast(va4, 6u), bm, acc4); acc5 = block_fma(subgroupBroadcast(va5, 6u), bm, acc5);
@@ -420,7 +432,7 @@ fn matmul_texture(
             acc30 = block_fma(subgroupBroadcast(va30, 6u), bm, acc30); acc31 = block_fma(subgroupBroadcast(va31, 6u), bm, acc31);
         }
         {
-            let bm = b_block(z, cg, (k4 + 7u) * 4u);
+            let bm = b_block(b_at, cg, (k4 + 7u) * 4u);
             acc0 = block_fma(subgroupBroadcast(va0, 7u), bm, acc0); acc1 = block_fma(subgroupBroadcast(va1, 7u), bm, acc1);
             acc2 = block_fma(subgroupBroadcast(va2, 7u), bm, acc2); acc3 = block_fma(subgroupBroadcast(va3, 7u), bm, acc3);
             acc4 = block_fma(subgroupBroadcast(va4, 7u), bm, acc4); acc5 = block_fma(subgroupBroadcast(va5, 7u), bm, acc5);

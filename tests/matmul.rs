@@ -964,6 +964,29 @@ fn copied_operands_match_packed_ones() {
             outer: 64 * 96,
             inner: 32,
         };
+        // Attention's scores q·kᵀ with grouped keys: 2 sequences × 4 query heads of 32 in rows
+        // of q, k, v (384 floats), two query heads per key head. Both operands are copied into
+        // textures holding a sequence's heads side by side (one copy each).
+        let mut scores = MatmulSpec::new(Layout::NT, 64, 64, 32);
+        scores.batch = 8;
+        scores.batch_inner = 4;
+        scores.b_inner_div = 2;
+        scores.a = Operand {
+            offset: 0,
+            ld: 384,
+            outer: 64 * 384,
+            inner: 32,
+        };
+        scores.b = Operand {
+            offset: 128,
+            ..scores.a
+        };
+        scores.c = Operand {
+            offset: 0,
+            ld: 64,
+            outer: 4 * 4096,
+            inner: 4096,
+        };
         // (spec, operands copied in f32). Each operand is packed along its memory's rows (A
         // along K or, stored transposed, along M; B along N or, stored transposed, along K) and
         // copied when those rows fill the texture's rows exactly at a 256-byte pitch.
@@ -974,6 +997,7 @@ fn copied_operands_match_packed_ones() {
             (MatmulSpec::new(Layout::TN, 96, 64, 128).accumulate(true), 1),
             (MatmulSpec::new(Layout::TN, 128, 64, 96), 2),
             (strided, 2),
+            (scores, 2),
             // A's rows are 70 floats: packed along M, with a padded last texel.
             (MatmulSpec::new(Layout::TT, 70, 64, 64), 1),
             (MatmulSpec::new(Layout::TT, 64, 70, 64), 2),
@@ -984,6 +1008,7 @@ fn copied_operands_match_packed_ones() {
             // Rows of 32 and 36 floats.
             (MatmulSpec::new(Layout::NN, 70, 36, 32), 0),
         ];
+        let scores_case = cases.iter().position(|(s, _)| *s == scores).unwrap();
         for (i, (spec, copies)) in cases.into_iter().enumerate() {
             let what = format!(
                 "{p} case {i} {:?} {}x{}x{}",
@@ -1004,6 +1029,11 @@ fn copied_operands_match_packed_ones() {
                 }
                 let expected = if p == Precision::F32 { copies } else { 0 };
                 assert_eq!(mm.copyable_operands(), expected, "{what}: copied operands");
+                if i == scores_case && expected > 0 {
+                    // One copy per operand: a texture layer per sequence, its heads side by
+                    // side (one layer per head would take 8 copies each).
+                    assert_eq!(mm.copy_commands(), 2, "{what}: copy commands");
+                }
                 assert_eq!(mm.has_copies(), allow && expected > 0, "{what}: copies");
                 mm.run(gpu).unwrap();
                 gpu.read(&gc).unwrap()

@@ -261,6 +261,122 @@ fn transposed(spec: &MatmulSpec) -> MatmulSpec {
     }
 }
 
+/// How one operand of the texture variant reaches its texture: packed (or copied) as the A
+/// (`as_a`) or B of `product`, which is the spec itself, its transpose for an operand packed
+/// along its other dimension ([`transposed`]), and either of those widened where a two-level
+/// batch's inner entries sit side by side in each row ([`OperandPacking::widened`]).
+struct OperandPacking {
+    product: MatmulSpec,
+    as_a: bool,
+    /// Where the multiply finds batch entry z (`texture_place` in the shader): layer
+    /// z / `tex_div`, from texel ((z % tex_div) / inner_div) · `tex_step` on; 1 and 0 for one
+    /// layer per batch entry.
+    tex_div: usize,
+    tex_step: usize,
+}
+
+impl OperandPacking {
+    /// The packing of op(A) (`role_a`) or op(B) of `spec` in `layout`, stored in `t`: widened
+    /// where a copy can then fill the wide texture, one layer per batch entry otherwise.
+    fn new(spec: &MatmulSpec, role_a: bool, layout: PackedLayout, t: &GpuTensor) -> Self {
+        let other = if role_a {
+            layout.a_along_m
+        } else {
+            layout.b_along_k
+        };
+        let (product, as_a) = if other {
+            (transposed(spec), !role_a)
+        } else {
+            (*spec, role_a)
+        };
+        let plain = OperandPacking {
+            product,
+            as_a,
+            tex_div: 1,
+            tex_step: 0,
+        };
+        match plain.widened() {
+            Some(wide) if wide.copy_plan(t).is_some() => wide,
+            _ => plain,
+        }
+    }
+
+    /// The texture's size, for the operand in the standard layout of its role in `product`.
+    fn texture_size(&self) -> [u32; 3] {
+        packed_sizes(&self.product, PackedLayout::ALONG_K_AND_N)[usize::from(!self.as_a)]
+    }
+
+    /// How a copy fills the texture from `t`, if it can ([`CopyPlan::new`]).
+    fn copy_plan(&self, t: &GpuTensor) -> Option<CopyPlan> {
+        let p = &self.product;
+        let size = self.texture_size();
+        if self.as_a {
+            let transposed = p.layout.trans_a();
+            CopyPlan::new(t, &p.a, transposed, [p.k, p.m], p, p.a_inner_div, size)
+        } else {
+            let transposed = p.layout.trans_b();
+            CopyPlan::new(t, &p.b, transposed, [p.n, p.k], p, p.b_inner_div, size)
+        }
+    }
+
+    /// One texture layer per outer batch entry, holding the inner entries side by side, where
+    /// they sit side by side in memory: attention's heads, whose (T, head_dim) blocks share each
+    /// row of q, k, v and dO. One copy then fills the texture, where a layer per (batch, head)
+    /// took one copy each (48 for the baby's q; 1,552 copy commands per step in all). The
+    /// operand's packed extent along the texture's rows (K for an A, N for a B) must be whole
+    /// texels, and for an A whole rounds of 32 (the multiply reads that far, and a wider
+    /// texture has the next entry there, not zeros).
+    fn widened(&self) -> Option<Self> {
+        let p = &self.product;
+        let (operand, inner_div, extent) = if self.as_a {
+            (p.a, p.a_inner_div, p.k)
+        } else {
+            (p.b, p.b_inner_div, p.n)
+        };
+        let bi = p.batch_inner;
+        let aligned = if self.as_a {
+            extent.is_multiple_of(TEXTURE_K_ROUND)
+        } else {
+            extent.is_multiple_of(4)
+        };
+        if bi < 2
+            || inner_div == 0
+            || !bi.is_multiple_of(inner_div)
+            || !p.batch.is_multiple_of(bi)
+            || operand.inner != extent
+            || !aligned
+        {
+            return None;
+        }
+        let side = bi / inner_div;
+        let flat = Operand {
+            inner: 0,
+            ..operand
+        };
+        let mut wide = MatmulSpec {
+            batch: p.batch / bi,
+            batch_inner: 1,
+            triangle: Triangle::None,
+            ..*p
+        };
+        if self.as_a {
+            wide.a = flat;
+            wide.a_inner_div = 1;
+            wide.k = extent * side;
+        } else {
+            wide.b = flat;
+            wide.b_inner_div = 1;
+            wide.n = extent * side;
+        }
+        Some(OperandPacking {
+            product: wide,
+            as_a: self.as_a,
+            tex_div: bi,
+            tex_step: extent / 4,
+        })
+    }
+}
+
 /// True when every vec4 the vectorised kernel loads lies inside one row of one matrix.
 pub fn vec4_ok(spec: &MatmulSpec) -> bool {
     let a_extent = if spec.layout.trans_a() {
@@ -336,6 +452,10 @@ struct Dims {
     a_inner_div: u32,
     b_inner_div: u32,
     triangle: u32,
+    a_tex_div: u32,
+    a_tex_step: u32,
+    b_tex_div: u32,
+    b_tex_step: u32,
     _pad1: u32,
 }
 
@@ -365,6 +485,10 @@ impl Dims {
             a_inner_div: u(s.a_inner_div),
             b_inner_div: u(s.b_inner_div),
             triangle: s.triangle.code(),
+            a_tex_div: 1,
+            a_tex_step: 0,
+            b_tex_div: 1,
+            b_tex_step: 0,
             _pad1: 0,
         }
     }
@@ -807,17 +931,15 @@ impl Matmul {
         };
         if variant == MatmulVariant::Texture {
             let layout = PackedLayout::for_operands(spec, a, b);
-            let [a_size, b_size] = packed_sizes(spec, layout);
+            let a_pack = OperandPacking::new(spec, true, layout, a);
+            let b_pack = b.map(|b| (b, OperandPacking::new(spec, false, layout, b)));
+            let a_size = a_pack.texture_size();
+            let b_size = b_pack.as_ref().map_or_else(
+                || packed_sizes(spec, PackedLayout::ALONG_K_AND_N)[1],
+                |(_, p)| p.texture_size(),
+            );
             let a_packed = gpu.scratch_texture("matmul a", a_size)?;
             let b_packed = gpu.scratch_texture("matmul b", b_size)?;
-            // An operand packed along its other dimension is packed as the other operand of the
-            // transposed product, by the same entry points (see `transposed`).
-            let flipped = transposed(spec);
-            let flipped_dims = (layout.a_along_m || layout.b_along_k)
-                .then(|| gpu.uniform("matmul dims (transposed)", &Dims::new(&flipped)));
-            // With vec4 loads (the same condition for both products), an operand whose texels
-            // run across its contiguous dimension is packed four texel rows per invocation.
-            let vec4 = vec4_ok(spec);
             // 8 x 8 texels (or 4-row groups) per workgroup, one layer per z.
             let pack_groups = |s: [u32; 3], rows_per_invocation: u32| {
                 [
@@ -826,20 +948,24 @@ impl Matmul {
                     s[2],
                 ]
             };
-            // The pipeline, workgroups and operand slot of the packing dispatch that fills
-            // `texture` with the A (`as_a`) or B of `product`. The batch decomposition's
-            // divisors are constants (see `pack_base` in the shader).
-            let pack = |product: &MatmulSpec,
-                        as_a: bool,
-                        texture: &Arc<ScratchTexture>,
-                        inner_div: usize|
-             -> Result<(Arc<wgpu::ComputePipeline>, [u32; 3], u32)> {
-                let transposed = if as_a {
-                    product.layout.trans_a()
+            // Records the packing dispatch that fills `texture` with `t` as `packing` says, and
+            // the copy that can replace it. The batch decomposition's divisors are constants
+            // (see `pack_base` in the shader).
+            let mut pack = |label: &str,
+                            t: &GpuTensor,
+                            packing: &OperandPacking,
+                            texture: &Arc<ScratchTexture>|
+             -> Result<()> {
+                let product = &packing.product;
+                let (transposed, inner_div) = if packing.as_a {
+                    (product.layout.trans_a(), product.a_inner_div)
                 } else {
-                    product.layout.trans_b()
+                    (product.layout.trans_b(), product.b_inner_div)
                 };
-                let (entry, slot) = match (as_a, vec4) {
+                // With vec4 loads, an operand whose texels run across its contiguous dimension
+                // is packed four texel rows per invocation.
+                let vec4 = vec4_ok(product);
+                let (entry, slot) = match (packing.as_a, vec4) {
                     (true, true) => ("matmul_pack_a_vec4", 5),
                     (true, false) => ("matmul_pack_a", 1),
                     (false, true) => ("matmul_pack_b_vec4", 6),
@@ -849,59 +975,41 @@ impl Matmul {
                 let constants = Specialisation::default()
                     .with("TRANS_A", product.layout.trans_a() as u8)
                     .with("TRANS_B", product.layout.trans_b() as u8)
-                    .with("PACK_BATCH_INNER", spec.batch_inner as u32)
+                    .with("PACK_BATCH_INNER", product.batch_inner as u32)
                     .with("PACK_INNER_DIV", inner_div as u32);
                 let pipeline = gpu.pipeline(&key(entry, constants))?;
-                Ok((pipeline, pack_groups(texture.size(), rows), slot))
-            };
-            let (a_product, a_dims, a_as_a) = match &flipped_dims {
-                Some(d) if layout.a_along_m => (&flipped, d, false),
-                _ => (spec, &dims, true),
-            };
-            let (pipeline, workgroups, slot) =
-                pack(a_product, a_as_a, &a_packed, spec.a_inner_div)?;
-            let a_copy = a_copy_plan(spec, a, layout, a_size).map(|plan| TexelCopy {
-                buffer: a.buffer().clone(),
-                texture: a_packed.clone(),
-                plan,
-            });
-            copied.push(a_copy.is_some());
-            copies.extend(a_copy);
-            push(
-                "matmul pack a",
-                pipeline,
-                &[
-                    (0, Bind::whole(a_dims)),
-                    (slot, a.bind()),
-                    (7, a_packed.bind()),
-                ],
-                workgroups,
-            )?;
-            if let Some(b) = b {
-                let (b_product, b_dims, b_as_a) = match &flipped_dims {
-                    Some(d) if layout.b_along_k => (&flipped, d, true),
-                    _ => (spec, &dims, false),
-                };
-                let (pipeline, workgroups, slot) =
-                    pack(b_product, b_as_a, &b_packed, spec.b_inner_div)?;
-                let b_copy = b_copy_plan(spec, b, layout, b_size).map(|plan| TexelCopy {
-                    buffer: b.buffer().clone(),
-                    texture: b_packed.clone(),
+                let product_dims = gpu.uniform("matmul packing dims", &Dims::new(product));
+                let copy = packing.copy_plan(t).map(|plan| TexelCopy {
+                    buffer: t.buffer().clone(),
+                    texture: texture.clone(),
                     plan,
                 });
-                copied.push(b_copy.is_some());
-                copies.extend(b_copy);
+                copied.push(copy.is_some());
+                copies.extend(copy);
                 push(
-                    "matmul pack b",
+                    label,
                     pipeline,
                     &[
-                        (0, Bind::whole(b_dims)),
-                        (slot, b.bind()),
-                        (7, b_packed.bind()),
+                        (0, Bind::whole(&product_dims)),
+                        (slot, t.bind()),
+                        (7, texture.bind()),
                     ],
-                    workgroups,
-                )?;
+                    pack_groups(texture.size(), rows),
+                )
+            };
+            pack("matmul pack a", a, &a_pack, &a_packed)?;
+            if let Some((b, b_pack)) = &b_pack {
+                pack("matmul pack b", b, b_pack, &b_packed)?;
             }
+            // The multiply finds each batch entry's operands where the packing put them.
+            let mut multiply_dims = Dims::new(spec);
+            multiply_dims.a_tex_div = a_pack.tex_div as u32;
+            multiply_dims.a_tex_step = a_pack.tex_step as u32;
+            if let Some((_, p)) = &b_pack {
+                multiply_dims.b_tex_div = p.tex_div as u32;
+                multiply_dims.b_tex_step = p.tex_step as u32;
+            }
+            let dims = gpu.uniform("matmul dims", &multiply_dims);
             // Skipping C's blocks above the diagonal needs workgroups as wide as the 32-row block.
             let wg_x = if spec.triangle == Triangle::OutputLower {
                 8
@@ -1027,6 +1135,12 @@ impl Matmul {
     /// How many of the packed operands (0 to 2) a copy fills once copies are allowed.
     pub fn copyable_operands(&self) -> usize {
         self.copies.len()
+    }
+
+    /// How many buffer-to-texture copy commands [`Matmul::record_copies`] records: one per run
+    /// of evenly spaced batch entries of each copied operand (see `CopyPlan`).
+    pub fn copy_commands(&self) -> usize {
+        self.copies.iter().map(|c| c.plan.runs.len()).sum()
     }
 
     /// Records the operand copies that replace packing dispatches (see
