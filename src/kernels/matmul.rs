@@ -888,7 +888,6 @@ impl Matmul {
             precision,
             constants,
         };
-        let dims = gpu.uniform("matmul dims", &Dims::new(spec));
         // Unused bias slot: bind A again (read-only either way); HAS_BIAS keeps it unread.
         let bias_buf = bias.unwrap_or(a).bind();
         // Likewise the residual slot, kept unread by HAS_RESIDUAL, and the GELU epilogue's
@@ -1074,6 +1073,7 @@ impl Matmul {
                     .with("TILE_K", TILE_K as u32),
             };
             let pipeline = gpu.pipeline(&key(variant.entry(), constants))?;
+            let dims = gpu.uniform("matmul dims", &Dims::new(spec));
             let mut entries = vec![
                 (0, Bind::whole(&dims)),
                 (3, bias_buf),
