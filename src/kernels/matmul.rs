@@ -173,52 +173,16 @@ impl PackedLayout {
     /// The layouts for `spec`: an operand stored transposed is packed along its memory's rows
     /// where a copy can then fill its texture; `b` is `None` where the caller packs B (along N).
     fn for_operands(spec: &MatmulSpec, a: &GpuTensor, b: Option<&GpuTensor>) -> Self {
-        let other = PackedLayout {
-            a_along_m: true,
-            b_along_k: true,
+        let copyable_along_other = |role_a: bool, t: &GpuTensor| {
+            OperandPacking::one_layer_each(spec, role_a, true)
+                .copy_plan(t)
+                .is_some()
         };
-        let [a_size, b_size] = packed_sizes(spec, other);
         PackedLayout {
-            a_along_m: spec.layout.trans_a() && a_copy_plan(spec, a, other, a_size).is_some(),
-            b_along_k: b.is_some_and(|b| {
-                spec.layout.trans_b() && b_copy_plan(spec, b, other, b_size).is_some()
-            }),
+            a_along_m: spec.layout.trans_a() && copyable_along_other(true, a),
+            b_along_k: b.is_some_and(|b| spec.layout.trans_b() && copyable_along_other(false, b)),
         }
     }
-}
-
-/// How a copy fills op(A)'s texture (of `size`) in `layout`, if it can ([`CopyPlan::new`]).
-fn a_copy_plan(
-    spec: &MatmulSpec,
-    a: &GpuTensor,
-    layout: PackedLayout,
-    size: [u32; 3],
-) -> Option<CopyPlan> {
-    let along_m = layout.a_along_m;
-    let extent = if along_m {
-        [spec.m, spec.k]
-    } else {
-        [spec.k, spec.m]
-    };
-    let transposed = spec.layout.trans_a() != along_m;
-    CopyPlan::new(a, &spec.a, transposed, extent, spec, spec.a_inner_div, size)
-}
-
-/// How a copy fills op(B)'s texture (of `size`) in `layout`, if it can ([`CopyPlan::new`]).
-fn b_copy_plan(
-    spec: &MatmulSpec,
-    b: &GpuTensor,
-    layout: PackedLayout,
-    size: [u32; 3],
-) -> Option<CopyPlan> {
-    let along_k = layout.b_along_k;
-    let extent = if along_k {
-        [spec.k, spec.n]
-    } else {
-        [spec.n, spec.k]
-    };
-    let transposed = spec.layout.trans_b() != along_k;
-    CopyPlan::new(b, &spec.b, transposed, extent, spec, spec.b_inner_div, size)
 }
 
 /// Sizes (width, height, layers in texels) of the packed A and B of the texture variant.
@@ -284,20 +248,26 @@ impl OperandPacking {
         } else {
             layout.b_along_k
         };
+        let plain = Self::one_layer_each(spec, role_a, other);
+        match plain.widened() {
+            Some(wide) if wide.copy_plan(t).is_some() => wide,
+            _ => plain,
+        }
+    }
+
+    /// op(A) (`role_a`) or op(B) of `spec`, one texture layer per batch entry, packed along its
+    /// other dimension (`other`: M for A, K for B) or the standard one.
+    fn one_layer_each(spec: &MatmulSpec, role_a: bool, other: bool) -> Self {
         let (product, as_a) = if other {
             (transposed(spec), !role_a)
         } else {
             (*spec, role_a)
         };
-        let plain = OperandPacking {
+        OperandPacking {
             product,
             as_a,
             tex_div: 1,
             tex_step: 0,
-        };
-        match plain.widened() {
-            Some(wide) if wide.copy_plan(t).is_some() => wide,
-            _ => plain,
         }
     }
 
